@@ -1,0 +1,247 @@
+"""Typed configuration for scene and region runs.
+
+``scene.yaml`` and ``region.yaml`` are parsed with a strict safe loader
+(:mod:`pipeline.yamlio`) into pydantic models that forbid unknown keys. Paths
+are relative to the YAML file that names them. Errors name the file, the line
+and the field, for example::
+
+    scene.yaml:7: dem.path: file not found: /data/dem.tif
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from .errors import ConfigError
+from .yamlio import line_of, load_yaml
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default.safetensors"
+
+
+def _relative_to_config(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    value = value.expanduser()
+    if base is not None and not value.is_absolute():
+        value = Path(base) / value
+    return value
+
+
+RelPath = Annotated[Path, AfterValidator(_relative_to_config)]
+
+
+class Strict(BaseModel):
+    """Base for config sections: unknown keys are errors, values are not coerced loosely."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SceneSection(Strict):
+    """Where the Sentinel-2 bands come from. Exactly one of safe, bands_dir, bands."""
+
+    id: str | None = Field(None, description="scene id used in outputs; default from the product name")
+    safe: RelPath | None = Field(None, description="Sentinel-2 L1C or L2A .SAFE directory")
+    bands_dir: RelPath | None = Field(None, description="folder of per-band GeoTIFF/COG/JP2 files (names contain B02, B8A, ...)")
+    bands: dict[str, RelPath] | None = Field(None, description="explicit mapping band name -> file")
+    scl: RelPath | None = Field(None, description="scene classification layer (L2A SCL) for per-band inputs")
+    dn_offset: float = Field(0.0, description="additive offset of per-band files: reflectance = (DN + offset) / quantification; SAFE products read it from their metadata")
+    quantification: float = Field(10000.0, gt=0, description="quantification value of per-band files")
+    nodata: float | None = Field(0.0, description="DN no-data value of per-band files (JP2/TIFF without a nodata tag)")
+    acquisition_date: dt.date | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SceneSection:
+        given = [k for k in ("safe", "bands_dir", "bands") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of scene.safe, scene.bands_dir or scene.bands"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+
+class DemSection(Strict):
+    """Elevation model in any CRS and resolution, plus an optional precomputed slope."""
+
+    path: RelPath
+    void_values: list[float] = Field(
+        default_factory=lambda: [-9999.0, -32768.0, -32767.0],
+        description="values treated as voids besides the file's nodata and NaN (add 0 for SRTM-style voids)",
+    )
+    slope: RelPath | None = Field(None, description="precomputed slope in degrees; default: Horn's method on the 10 m grid")
+
+
+class AoiSection(Strict):
+    """Area of interest: a bounding box with its CRS, or a vector file."""
+
+    bbox: tuple[float, float, float, float] | None = None
+    crs: str = "EPSG:4326"
+    path: RelPath | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> AoiSection:
+        if (self.bbox is None) == (self.path is None):
+            raise ValueError("give exactly one of aoi.bbox or aoi.path")
+        if self.bbox is not None and not (self.bbox[2] > self.bbox[0] and self.bbox[3] > self.bbox[1]):
+            raise ValueError("aoi.bbox must be [minx, miny, maxx, maxy] with max > min")
+        return self
+
+
+class GridSection(Strict):
+    crs: str = Field("auto", description="'auto' = the scene's UTM zone, or any CRS string (EPSG:32633)")
+    resolution: float = Field(10.0, gt=0)
+    block_size: int = Field(2048, ge=256, le=16384, description="processing block edge in pixels")
+
+
+class MaskSection(Strict):
+    """Which Sentinel-2 L2A scene classes are excluded from the valid-data mask."""
+
+    cloud: bool = True
+    cloud_shadow: bool = True
+    cirrus: bool = True
+    snow: bool = True
+    water: bool = False
+
+    def excluded_scl_classes(self) -> list[int]:
+        classes = [0, 1]  # no data, saturated/defective
+        if self.cloud_shadow:
+            classes.append(3)
+        if self.water:
+            classes.append(6)
+        if self.cloud:
+            classes += [8, 9]
+        if self.cirrus:
+            classes.append(10)
+        if self.snow:
+            classes.append(11)
+        return sorted(classes)
+
+
+class ModelSection(Strict):
+    path: RelPath | list[RelPath] = Field(DEFAULT_MODEL, description="model artefact, or a list for an ensemble")
+    weights: list[float] | None = Field(None, description="ensemble member weights")
+    ensemble: Literal["mean", "vote"] = "mean"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    batch_size: int | Literal["auto"] = "auto"
+    overlap: int = Field(32, ge=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    tta: bool = False
+    uncertainty: bool = False
+
+    @property
+    def paths(self) -> list[Path]:
+        return list(self.path) if isinstance(self.path, list) else [self.path]
+
+
+class PostprocessSection(Strict):
+    threshold: float | None = Field(None, gt=0, lt=1, description="default: the model artefact's threshold")
+    opening_radius_m: float = Field(10.0, ge=0)
+    closing_radius_m: float = Field(10.0, ge=0)
+    min_area_m2: float = Field(500.0, ge=0)
+    max_hole_m2: float = Field(500.0, ge=0)
+    min_mean_slope_deg: float | None = Field(None, ge=0, le=90)
+    max_mean_ndvi: float | None = Field(None, ge=-1, le=1, description="drop detections greener than this (needs B04, B08)")
+    simplify_m: float = Field(0.0, ge=0)
+
+
+class OutputSection(Strict):
+    dir: RelPath = Path("output")
+    crs: Literal["grid", "EPSG:4326"] = "grid"
+    probability_cog: bool = True
+    mask_cog: bool = False
+    quicklook: bool = True
+    report: bool = True
+    save_stack: bool = False
+
+
+class DaskSection(Strict):
+    scheduler: str | None = Field(None, description="address of an existing Dask scheduler; default: a local cluster")
+    n_workers: int = Field(1, ge=1)
+    threads_per_worker: int | None = Field(None, ge=1)
+    memory_limit: str = "auto"
+
+
+class SceneConfig(Strict):
+    scene: SceneSection
+    dem: DemSection
+    aoi: AoiSection | None = None
+    channels: list[str] | None = Field(None, description="channels to stack; default: what the model asks for")
+    grid: GridSection = GridSection()
+    mask: MaskSection = MaskSection()
+    model: ModelSection = ModelSection()
+    postprocess: PostprocessSection = PostprocessSection()
+    output: OutputSection = OutputSection()
+    dask: DaskSection = DaskSection()
+    source: Path | None = Field(None, exclude=True, description="the YAML file this came from")
+
+
+class RegionConfig(Strict):
+    """The nightly job: many scenes, shared defaults, one output tree."""
+
+    name: str = "region"
+    scenes: list[RelPath] = Field(..., min_length=1, description="scene YAML files (globs allowed)")
+    output: OutputSection = OutputSection()
+    dask: DaskSection = DaskSection()
+    retries: int = Field(1, ge=0)
+    source: Path | None = Field(None, exclude=True)
+
+
+def _format_validation(path: Path, data: Any, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        line = line_of(data, loc)
+        where = f"{path}:{line}" if line else str(path)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required field missing"
+        lines.append(f"{where}: {field}: {msg}")
+    return "\n".join(lines)
+
+
+def _load(model: type[Strict], path: Path) -> Any:
+    path = Path(path)
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    if "source" in data:
+        raise ConfigError(f"{path}:{line_of(data, ('source',))}: source: unknown key")
+    try:
+        cfg = model.model_validate(data, context={"base_dir": path.resolve().parent})
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(path, data, exc)) from None
+    return cfg.model_copy(update={"source": path.resolve()})
+
+
+def load_scene_config(path: Path) -> SceneConfig:
+    """Read and validate a scene YAML file."""
+    return _load(SceneConfig, path)  # type: ignore[no-any-return]
+
+
+def load_region_config(path: Path) -> RegionConfig:
+    """Read and validate a region YAML file (scene globs are expanded)."""
+    cfg: RegionConfig = _load(RegionConfig, path)
+    expanded: list[Path] = []
+    for p in cfg.scenes:
+        if any(ch in str(p) for ch in "*?["):
+            matches = sorted(Path(p.anchor).glob(str(p.relative_to(p.anchor))))
+            if not matches:
+                raise ConfigError(f"{path}: scenes: pattern {p} matches no file")
+            expanded += matches
+        else:
+            expanded.append(p)
+    return cfg.model_copy(update={"scenes": expanded})
