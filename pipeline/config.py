@@ -156,7 +156,7 @@ class PostprocessSection(Strict):
 
 
 class OutputSection(Strict):
-    dir: RelPath = Path("output")
+    dir: RelPath = Field(Path("output"), validate_default=True, description="output folder, relative to the YAML file")
     crs: Literal["grid", "EPSG:4326"] = "grid"
     probability_cog: bool = True
     mask_cog: bool = False
@@ -181,7 +181,7 @@ class SceneConfig(Strict):
     mask: MaskSection = MaskSection()
     model: ModelSection = ModelSection()
     postprocess: PostprocessSection = PostprocessSection()
-    output: OutputSection = OutputSection()
+    output: OutputSection = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
     dask: DaskSection = DaskSection()
     source: Path | None = Field(None, exclude=True, description="the YAML file this came from")
 
@@ -191,7 +191,7 @@ class RegionConfig(Strict):
 
     name: str = "region"
     scenes: list[RelPath] = Field(..., min_length=1, description="scene YAML files (globs allowed)")
-    output: OutputSection = OutputSection()
+    output: OutputSection = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
     dask: DaskSection = DaskSection()
     retries: int = Field(1, ge=0)
     source: Path | None = Field(None, exclude=True)

@@ -1,0 +1,92 @@
+"""Command line: ``python -m pipeline <command> ...``.
+
+Commands:
+  run         one scene: stack, infer, stitch, clean, vectorize -> GeoPackage
+  region      the nightly job over many scenes on a Dask cluster (resumable)
+  validate    check a scene config and its inputs without processing
+  stack       stack a scene onto the 10 m grid and write it as a COG
+  demo-data   write a small synthetic Sentinel-2 L2A product and DEM
+  train       train a model from Landslide4Sense-style patches
+  evaluate    pixel/object metrics and model comparison tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+from .errors import PipelineError
+
+log = logging.getLogger("pipeline")
+
+# command -> (module, add-arguments function, handler, help)
+_COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "run": ("pipeline.run", "add_run_arguments", "cli_run", "process one scene end to end"),
+    "region": ("pipeline.region", "add_region_arguments", "cli_region", "process many scenes (nightly job), resumable"),
+    "validate": ("pipeline.run", "add_validate_arguments", "cli_validate", "check a scene config and its inputs"),
+    "stack": ("pipeline.validate", "add_stack_arguments", "cli_stack", "stack a scene and write the 14-channel COG"),
+    "demo-data": ("pipeline.demo", "add_demo_arguments", "cli_demo", "write a synthetic Sentinel-2 L2A product + DEM"),
+    "train": ("pipeline.train", "add_train_arguments", "cli_train", "train a segmentation model"),
+    "evaluate": ("pipeline.evaluate", "add_evaluate_arguments", "cli_evaluate", "evaluate models and outputs"),
+}
+
+
+def _configure_logging(verbosity: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbosity > 0 else logging.INFO)
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("rasterio", "distributed", "fiona", "pyogrio", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="Landslide mapping from Sentinel-2 and a DEM.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, add_args, _handler, help_text) in _COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:  # pragma: no cover - broken install
+            p.set_defaults(_broken=f"{name}: unavailable ({exc})")
+            continue
+        getattr(mod, add_args)(p)
+        p.set_defaults(_handler=(module, _handler))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    if getattr(args, "_broken", None):
+        print(f"error: {args._broken}", file=sys.stderr)
+        return 2
+    module, handler_name = args._handler
+    handler: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), handler_name)
+    try:
+        return int(handler(args) or 0)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no partial outputs were left at their final paths", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

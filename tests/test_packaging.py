@@ -1,0 +1,62 @@
+"""The conda environment and pyproject list the same dependencies."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+import yaml
+
+from conftest import ROOT
+
+# conda-forge spells a few packages differently from PyPI.
+_CONDA_NAMES = {"dask[array,distributed]": "dask"}
+
+
+def _normalize(req: str) -> tuple[str, str]:
+    req = req.replace(" ", "")
+    match = re.match(r"^([A-Za-z0-9_.\-\[\],]+)(.*)$", req)
+    assert match, req
+    name, spec = match.groups()
+    name = _CONDA_NAMES.get(name, name).lower().replace("_", "-")
+    # conda uses a single '=' for exact pins of python; normalize '==' too.
+    return name, spec.replace("==", "=")
+
+
+def _pyproject_requirements() -> dict[str, str]:
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    reqs = data["project"]["dependencies"] + data["project"]["optional-dependencies"]["dev"]
+    return dict(_normalize(r) for r in reqs)
+
+
+def _environment_requirements() -> dict[str, str]:
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    out: dict[str, str] = {}
+    for dep in env["dependencies"]:
+        if isinstance(dep, dict):
+            for pip_req in dep.get("pip", []):
+                if not pip_req.startswith("-"):
+                    out.update([_normalize(pip_req)])
+        elif not dep.startswith(("python=", "pip")) or dep.startswith("pip:"):
+            out.update([_normalize(dep)])
+    return out
+
+
+def test_environment_yml_matches_pyproject() -> None:
+    py = _pyproject_requirements()
+    env = _environment_requirements()
+    assert py == env, (
+        f"only in pyproject: {sorted(set(py.items()) - set(env.items()))}; "
+        f"only in environment.yml: {sorted(set(env.items()) - set(py.items()))}"
+    )
+
+
+def test_torch_pair_is_pinned_exactly() -> None:
+    py = _pyproject_requirements()
+    assert py["torch"] == "=2.14.1"
+    assert py["torchvision"] == "=0.29.1"
+
+
+def test_environment_pins_python_311() -> None:
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert "python=3.11" in env["dependencies"]
