@@ -161,7 +161,6 @@ class OutputSection(Strict):
     probability_cog: bool = True
     mask_cog: bool = False
     quicklook: bool = True
-    report: bool = True
     save_stack: bool = False
 
 
