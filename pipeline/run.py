@@ -1,0 +1,380 @@
+"""One scene, end to end: ``python -m pipeline run scene.yaml``.
+
+Stages and the grid each produces:
+
+1. stack      -> lazy (band, y, x) float32 on the 10 m scene grid + valid mask
+2. infer      -> probability raster on the same grid (windows, batches, blending),
+                 written as a tiled COG; stage boundary on disk so the model runs once
+3. postprocess-> cleaned mask, global object labels, per-object statistics
+4. vectorize  -> polygons with attributes -> GeoPackage (+ mask COG, quicklook)
+5. report     -> report.json: timings per stage, counts, areas, checksums, versions
+
+Outputs go to ``<output.dir>/<scene id>/<run key>/``. The run key is a
+fingerprint of the inputs, models and result-affecting config, so a rerun with
+the same inputs does nothing and says so, and a changed run writes a new
+version beside the old one (never appending to it). ``report.json`` is written
+last and marks a complete run; every file is written under a temporary name
+and renamed, so an interrupted run leaves no partial file at a final path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import SceneConfig, load_scene_config
+from .errors import ChannelError, ModelError, OutputError
+
+log = logging.getLogger(__name__)
+
+REPORT = "report.json"
+LATEST = "LATEST"
+
+
+@dataclass
+class RunResult:
+    scene_id: str
+    status: str  # "completed" or "skipped"
+    run_dir: Path
+    geopackage: Path
+    n_polygons: int
+    total_area_m2: float
+    seconds: float
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+# -- helpers ---------------------------------------------------------------
+def ensure_writable_dir(path: Path, *, field: str, source: Path | None = None) -> None:
+    """Create ``path`` if needed and prove we can write into it, or raise OutputError."""
+    where = f"{source}: " if source else ""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(
+            f"{where}{field}: output directory {path} is not writable ({exc.strerror or exc}); "
+            "choose another output.dir or fix its permissions"
+        ) from None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class StageTimer:
+    """Wall time per stage, logged as it goes."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        log.info("stage %s ...", name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+            log.info("stage %s done in %.1f s", name, self.seconds[name])
+
+
+def _package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"pipeline": __version__, "python": platform.python_version()}
+    for name in ("numpy", "rasterio", "xarray", "rioxarray", "dask", "distributed", "torch",
+                 "segmentation-models-pytorch", "geopandas", "shapely", "pyogrio"):
+        with suppress(md.PackageNotFoundError):
+            out[name] = md.version(name)
+    import rasterio
+
+    out["gdal"] = rasterio.__gdal_version__
+    return out
+
+
+def load_models(cfg: SceneConfig) -> list[Any]:
+    """Load the configured artefacts (metadata + weights), refusing mismatched ensembles."""
+    from .artefact import load_artefact
+
+    models = []
+    for path in cfg.model.paths:
+        if not path.is_file():
+            raise ModelError(f"{cfg.source}: model.path: model artefact not found: {path}")
+        models.append(load_artefact(path))
+    first = models[0]
+    for m in models[1:]:
+        if list(m.channels) != list(first.channels) or m.tile_size != first.tile_size:
+            raise ModelError(
+                f"{cfg.source}: model.path: ensemble members must share channels and tile size; "
+                f"{m.name} has {list(m.channels)}/{m.tile_size}, {first.name} has {list(first.channels)}/{first.tile_size}"
+            )
+    return models
+
+
+# -- the run -----------------------------------------------------------------
+def run_scene(cfg: SceneConfig, *, force: bool = False, client: Any = None) -> RunResult:
+    """Run all stages for one scene; skip if the same run already completed."""
+    from .cluster import dask_client
+    from .fingerprint import run_fingerprint
+
+    t_start = time.perf_counter()
+    timer = StageTimer()
+    ensure_writable_dir(cfg.output.dir, field="output.dir", source=cfg.source)
+    with timer("load-models"):
+        models = load_models(cfg)
+    key = run_fingerprint(cfg, [m.sha256 for m in models])
+
+    from .stack import stack_scene
+
+    channels = list(models[0].channels)
+    with timer("stack-graph"):
+        stack = stack_scene(cfg, channels)
+    scene_dir = cfg.output.dir / _safe_name(stack.scene_id)
+    run_dir = scene_dir / f"run-{key[:12]}"
+    gpkg_path = run_dir / f"{_safe_name(stack.scene_id)}_landslides.gpkg"
+    report_path = run_dir / REPORT
+    if report_path.is_file() and gpkg_path.is_file() and not force:
+        report = json.loads(report_path.read_text())
+        log.info("outputs for this scene, model and config already exist in %s; nothing to do (use --force to recompute)", run_dir)
+        return RunResult(
+            stack.scene_id, "skipped", run_dir, gpkg_path,
+            int(report["counts"]["polygons"]), float(report["counts"]["total_area_m2"]),
+            time.perf_counter() - t_start, report,
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    if client is None:
+        with dask_client(cfg.dask) as own:
+            return _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, own)
+    return _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, client)
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:120] or "scene"
+
+
+def _optional_layers(cfg: SceneConfig, have: list[str], want: list[str]) -> Any:
+    """Stack extra channels for attributes and rules when the inputs have them."""
+    from .stack import stack_scene
+
+    extra = [c for c in want if c not in have]
+    if not extra:
+        return None
+    try:
+        return stack_scene(cfg, extra)
+    except ChannelError:
+        available = []
+        for c in extra:
+            try:
+                stack_scene(cfg, [c])
+                available.append(c)
+            except ChannelError:
+                log.info("channel %s not available: attributes/rules that need it are skipped", c)
+        return stack_scene(cfg, available) if available else None
+
+
+def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, client) -> RunResult:  # noqa: ANN001, PLR0913
+    import numpy as np
+    import xarray as xr
+
+    from postprocess.gpkg import write_geopackage
+    from postprocess.pipeline import polygons_from_probability
+
+    from .cog import write_cog
+    from .inference import InferenceOptions, predict
+
+    first = models[0]
+    run_id = f"{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
+    grid = stack.grid
+    n_valid = None
+
+    if cfg.output.save_stack:
+        with timer("save-stack"):
+            write_cog(stack.data, grid, run_dir / "stack.tif", dtype="float32", nodata=float("nan"),
+                      band_names=list(stack.data.band.values))
+
+    with timer("infer"):
+        options = InferenceOptions.from_config(cfg.model, block_size=cfg.grid.block_size)
+        pred = predict(stack.data, stack.valid, grid, models, options)
+        prob_path = run_dir / "probability.tif"
+        write_cog(pred.probability, grid, prob_path, dtype="float32", nodata=float("nan"))
+        unc_path = None
+        if pred.uncertainty is not None:
+            unc_path = run_dir / "uncertainty.tif"
+            write_cog(pred.uncertainty, grid, unc_path, dtype="float32", nodata=float("nan"))
+
+    # Re-open the probability raster lazily: the model ran once, later stages read blocks from disk.
+    chunks = {"y": cfg.grid.block_size, "x": cfg.grid.block_size}
+    probability = _open_lazy(prob_path, chunks)
+    uncertainty = _open_lazy(unc_path, chunks) if unc_path else None
+    valid = stack.valid
+
+    extra = _optional_layers(cfg, list(stack.data.band.values), ["SLOPE", "DEM", "B04", "B08", "B03", "B02"])
+    layers: dict[str, xr.DataArray] = {}
+    for source in (stack, extra):
+        if source is None:
+            continue
+        for name in source.data.band.values:
+            layers.setdefault(str(name), source.data.sel(band=name))
+
+    threshold = cfg.postprocess.threshold if cfg.postprocess.threshold is not None else float(first.threshold)
+    context = {
+        "scene_id": stack.scene_id,
+        "acq_date": stack.acquisition_date.isoformat() if stack.acquisition_date else None,
+        "model_name": "+".join(m.name for m in models),
+        "model_sha256": ",".join(m.sha256 for m in models),
+        "run_id": run_id,
+    }
+    with timer("postprocess"):
+        gdf, cleaned = polygons_from_probability(
+            probability, valid, grid, cfg.postprocess,
+            slope=layers.get("SLOPE"), dem=layers.get("DEM"),
+            red=layers.get("B04"), nir=layers.get("B08"),
+            uncertainty=uncertainty, threshold=threshold, context=context,
+            block_size=cfg.grid.block_size,
+        )
+
+    with timer("write"):
+        if cfg.output.mask_cog:
+            write_cog(cleaned.astype("uint8"), grid, run_dir / "mask.tif", dtype="uint8", nodata=255)
+        metadata = {
+            "run_id": run_id, "run_key": key, "scene_id": stack.scene_id, "model": context["model_name"],
+            "model_sha256": context["model_sha256"], "threshold": threshold, "grid": grid.to_dict(),
+            "config": str(cfg.source), "pipeline_version": __version__,
+        }
+        out_gdf = gdf.to_crs("EPSG:4326") if cfg.output.crs == "EPSG:4326" else gdf
+        write_geopackage(out_gdf, gpkg_path, layer="landslides", metadata=metadata)
+        if cfg.output.quicklook and all(b in layers for b in ("B04", "B03", "B02")):
+            from postprocess.quicklook import write_quicklook
+
+            rgb = xr.concat([layers["B04"], layers["B03"], layers["B02"]], dim="band")
+            write_quicklook(rgb, valid, gdf, grid, run_dir / "quicklook.png")
+        if not cfg.output.probability_cog:
+            prob_path.unlink(missing_ok=True)
+
+    n_valid = int(np.asarray(valid.sum().compute()))
+    total_area = float(gdf["area_m2"].sum()) if len(gdf) else 0.0
+    seconds = time.perf_counter() - t_start
+    if n_valid == 0:
+        log.warning("scene %s has no valid pixels (cloud, no data or outside the DEM): the GeoPackage is empty", stack.scene_id)
+    report = {
+        "status": "completed",
+        "run_id": run_id,
+        "run_key": key,
+        "scene_id": stack.scene_id,
+        "acquisition_date": context["acq_date"],
+        "config": str(cfg.source),
+        "config_resolved": cfg.model_dump(mode="json"),
+        "models": [{"name": m.name, "path": str(p), "sha256": m.sha256, "threshold": m.threshold}
+                   for m, p in zip(models, cfg.model.paths, strict=True)],
+        "grid": grid.to_dict(),
+        "timings_s": {**timer.seconds, "total": round(seconds, 3)},
+        "counts": {
+            "polygons": len(gdf),
+            "total_area_m2": total_area,
+            "valid_pixels": n_valid,
+            "valid_area_m2": n_valid * grid.pixel_area,
+        },
+        "outputs": sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) + [REPORT],
+        "versions": _package_versions(),
+        "finished": dt.datetime.now(dt.UTC).isoformat(),
+    }
+    write_json_atomic(run_dir / REPORT, report)
+    latest = run_dir.parent / LATEST
+    fd, tmp = tempfile.mkstemp(dir=run_dir.parent, prefix=".latest.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(run_dir.name + "\n")
+    os.replace(tmp, latest)
+    return RunResult(stack.scene_id, "completed", run_dir, gpkg_path, len(gdf), total_area, seconds, report)
+
+
+def _open_lazy(path: Path, chunks: dict[str, int]) -> Any:
+    import rioxarray
+
+    da = rioxarray.open_rasterio(path, chunks={"band": 1, **chunks}, masked=True, lock=False)
+    return da.isel(band=0, drop=True).astype("float32")
+
+
+# -- CLI -----------------------------------------------------------------------
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="scene YAML file")
+    parser.add_argument("--force", action="store_true", help="recompute even if outputs for this run exist")
+    parser.add_argument("--save-stack", action="store_true", help="also write the stacked channels as a COG")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="override model.device")
+    parser.add_argument("--scheduler", help="address of an existing Dask scheduler (overrides dask.scheduler)")
+
+
+def cli_run(args: argparse.Namespace) -> int:
+    cfg = load_scene_config(args.config)
+    updates: dict[str, Any] = {}
+    if args.save_stack:
+        updates["output"] = cfg.output.model_copy(update={"save_stack": True})
+    if args.device:
+        updates["model"] = cfg.model.model_copy(update={"device": args.device})
+    if args.scheduler:
+        updates["dask"] = cfg.dask.model_copy(update={"scheduler": args.scheduler})
+    if updates:
+        cfg = cfg.model_copy(update=updates)
+    res = run_scene(cfg, force=args.force)
+    if res.status == "skipped":
+        print(f"{res.scene_id}: already up to date ({res.run_dir}); nothing to do. Use --force to recompute.")
+    else:
+        print(f"outputs: {res.run_dir}")
+        print(f"  GeoPackage: {res.geopackage}")
+    print(
+        f"{res.scene_id}: {res.n_polygons} landslide polygon(s), "
+        f"{res.total_area_m2 / 1e4:.2f} ha, {res.seconds:.1f} s"
+    )
+    return 0
+
+
+def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="scene YAML file")
+
+
+def cli_validate(args: argparse.Namespace) -> int:
+    from .validate import validate_scene
+
+    cfg = load_scene_config(args.config)
+    problems = list(validate_scene(cfg))
+    try:
+        models = load_models(cfg)
+    except ModelError as exc:
+        problems.append(str(exc))
+        models = []
+    if models:
+        from .stack import stack_scene
+
+        try:
+            stack_scene(cfg, list(models[0].channels))
+        except ChannelError as exc:
+            problems.append(f"model {models[0].name}: {exc}")
+    if problems:
+        for p in problems:
+            print(f"problem: {p}")
+        return 1
+    print(f"{args.config}: OK (inputs readable, grid and channels consistent)")
+    return 0
