@@ -1,0 +1,214 @@
+"""Input normalization: the one place where model inputs are scaled.
+
+Training and inference both call :func:`normalize` with the ``normalization``
+dictionary stored in the model artefact, so a model always sees inputs scaled
+the way it was trained.
+
+Methods (``spec["method"]``):
+
+``patch_robust`` (default)
+    Per patch and per channel, over the valid pixels only::
+
+        (x - median) / max(IQR, 1e-3 * |median|, 1e-6)
+
+    clipped to ``[-clip, clip]`` (default 10); invalid pixels are set to 0.
+    The result does not change when a band is multiplied by a positive
+    constant or shifted by an offset (up to the ``1e-3 * |median|`` floor of
+    nearly constant bands). That is what lets a model trained on
+    Landslide4Sense patches, whose bands are rescaled by undocumented
+    constants, run on reflectance, degrees and metres.
+
+``fixed``
+    ``(x - mean[c]) / std[c]`` with per-channel ``mean`` and ``std`` lists,
+    optionally clipped (``clip``); invalid pixels are set to 0.
+
+``none``
+    Values pass through unchanged, except that invalid and non-finite pixels
+    are set to 0 so that no NaN reaches a model.
+
+Inputs are ``(N, C, H, W)`` float arrays (numpy or torch, any device) and a
+``(N, H, W)`` boolean valid mask; the output has the input's type, device
+and shape and is float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+METHODS: tuple[str, ...] = ("patch_robust", "fixed", "none")
+DEFAULT_SPEC: dict[str, Any] = {"method": "patch_robust", "clip": 10.0}
+
+#: Floors of the robust scale: max(IQR, REL_FLOOR * |median|, ABS_FLOOR).
+REL_FLOOR = 1e-3
+ABS_FLOOR = 1e-6
+_TORCH_QUANTILE_MAX = 2**24
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+
+
+def validate_spec(spec: Mapping[str, Any] | None, n_channels: int | None = None) -> dict[str, Any]:
+    """Return a complete, checked copy of a normalization ``spec``.
+
+    ``None`` gives the default (``patch_robust``). Raises :class:`ModelError`
+    naming the offending key when the spec is malformed, or when ``fixed``
+    statistics do not have ``n_channels`` entries.
+    """
+    if spec is None:
+        return dict(DEFAULT_SPEC)
+    if not isinstance(spec, Mapping):
+        raise ModelError(f"normalization must be a mapping with a 'method' key, got {type(spec).__name__}")
+    method = spec.get("method", "patch_robust")
+    if method not in METHODS:
+        raise ModelError(f"normalization.method: unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    allowed = {"patch_robust": {"method", "clip"}, "fixed": {"method", "mean", "std", "clip"}, "none": {"method"}}
+    extra = sorted(set(spec) - allowed[method])
+    if extra:
+        raise ModelError(f"normalization: unknown key(s) {', '.join(extra)} for method {method!r}")
+    out: dict[str, Any] = {"method": method}
+    if method == "patch_robust":
+        out["clip"] = _clip_value(spec.get("clip", DEFAULT_SPEC["clip"]))
+    elif method == "fixed":
+        for key in ("mean", "std"):
+            if key not in spec:
+                raise ModelError(f"normalization.{key}: required for method 'fixed' (one value per channel)")
+        mean = [float(v) for v in spec["mean"]]
+        std = [float(v) for v in spec["std"]]
+        if len(mean) != len(std):
+            raise ModelError(f"normalization: mean has {len(mean)} values but std has {len(std)}")
+        if any(not (s > 0 and math.isfinite(s)) for s in std):
+            raise ModelError("normalization.std: every value must be positive and finite")
+        if n_channels is not None and len(mean) != n_channels:
+            raise ModelError(
+                f"normalization.mean/std: {len(mean)} values given but the model has {n_channels} channels"
+            )
+        out.update(mean=mean, std=std)
+        if spec.get("clip") is not None:
+            out["clip"] = _clip_value(spec["clip"])
+    return out
+
+
+def _clip_value(value: Any) -> float | None:
+    if value is None:
+        return None
+    clip = float(value)
+    if not clip > 0:
+        raise ModelError(f"normalization.clip: must be positive or null, got {value!r}")
+    return clip
+
+
+def normalize(x: ArrayT, valid: ArrayT | None, spec: Mapping[str, Any] | None = None) -> ArrayT:
+    """Normalize a batch ``x`` of shape (N, C, H, W) with ``valid`` (N, H, W).
+
+    ``valid=None`` means every pixel is valid. Returns float32 of the same
+    type (numpy or torch, same device) and shape; the input is not modified.
+    """
+    full = validate_spec(spec, n_channels=int(x.shape[1]) if x.ndim == 4 else None)
+    if x.ndim != 4:
+        raise ModelError(f"normalize expects (N, C, H, W) input, got shape {tuple(x.shape)}")
+    if valid is not None and tuple(valid.shape) != (x.shape[0], x.shape[2], x.shape[3]):
+        raise ModelError(
+            f"normalize: valid mask shape {tuple(valid.shape)} does not match input {tuple(x.shape)}"
+        )
+    if isinstance(x, torch.Tensor):
+        v = None if valid is None else torch.as_tensor(valid, device=x.device).bool()
+        return _normalize_torch(x, v, full)
+    v_np = None if valid is None else np.asarray(valid, dtype=bool)
+    return _normalize_numpy(np.asarray(x), v_np, full)
+
+
+# -- numpy ------------------------------------------------------------------
+def _normalize_numpy(x: np.ndarray, valid: np.ndarray | None, spec: dict[str, Any]) -> np.ndarray:
+    x = x.astype(np.float32, copy=True)
+    n, c, h, w = x.shape
+    finite = np.isfinite(x).all(axis=1)
+    mask = finite if valid is None else (valid & finite)
+    method = spec["method"]
+    if method == "none":
+        x[~np.broadcast_to(mask[:, None], x.shape)] = 0.0
+        return x
+    if method == "fixed":
+        mean = np.asarray(spec["mean"], np.float32)[None, :, None, None]
+        std = np.asarray(spec["std"], np.float32)[None, :, None, None]
+        x -= mean
+        x /= std
+    else:
+        med = np.zeros((n, c), np.float32)
+        scale = np.ones((n, c), np.float32)
+        full = mask.reshape(n, -1).all(axis=1)
+        if full.any():
+            flat = x[full].reshape(int(full.sum()), c, h * w)
+            q25, q50, q75 = np.percentile(flat, (25.0, 50.0, 75.0), axis=2)
+            med[full], scale[full] = q50, _robust_scale_np(q25, q50, q75)
+        for i in np.flatnonzero(~full):
+            m = mask[i].ravel()
+            if not m.any():
+                continue
+            vals = x[i].reshape(c, h * w)[:, m]
+            q25, q50, q75 = np.percentile(vals, (25.0, 50.0, 75.0), axis=1)
+            med[i], scale[i] = q50, _robust_scale_np(q25, q50, q75)
+        x -= med[:, :, None, None]
+        x /= scale[:, :, None, None]
+    clip = spec.get("clip")
+    if clip is not None:
+        np.clip(x, -clip, clip, out=x)
+    x[~np.broadcast_to(mask[:, None], x.shape)] = 0.0
+    return x
+
+
+def _robust_scale_np(q25: np.ndarray, q50: np.ndarray, q75: np.ndarray) -> np.ndarray:
+    scale = np.maximum(q75 - q25, REL_FLOOR * np.abs(q50))
+    return np.maximum(scale, ABS_FLOOR).astype(np.float32)
+
+
+# -- torch ------------------------------------------------------------------
+def _normalize_torch(x: torch.Tensor, valid: torch.Tensor | None, spec: dict[str, Any]) -> torch.Tensor:
+    x = x.detach().to(torch.float32).clone()
+    n, c, h, w = x.shape
+    finite = torch.isfinite(x).all(dim=1)
+    mask = finite if valid is None else (valid & finite)
+    method = spec["method"]
+    if method == "none":
+        return torch.where(mask[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    if method == "fixed":
+        mean = torch.tensor(spec["mean"], dtype=torch.float32, device=x.device)[None, :, None, None]
+        std = torch.tensor(spec["std"], dtype=torch.float32, device=x.device)[None, :, None, None]
+        x = (x - mean) / std
+    else:
+        q = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float32, device=x.device)
+        med = torch.zeros((n, c), dtype=torch.float32, device=x.device)
+        scale = torch.ones((n, c), dtype=torch.float32, device=x.device)
+        full = mask.reshape(n, -1).all(dim=1)
+        if bool(full.any()):
+            flat = x[full].reshape(-1, h * w)
+            # torch.quantile accepts at most 2**24 elements per call
+            step = max(1, _TORCH_QUANTILE_MAX // (h * w))
+            qs = torch.cat([torch.quantile(flat[k : k + step], q, dim=1) for k in range(0, len(flat), step)], dim=1)
+            qs = qs.reshape(3, -1, c)  # (3, n_full, c)
+            med[full], scale[full] = qs[1], _robust_scale_torch(qs)
+        for i in torch.nonzero(~full).flatten().tolist():
+            m = mask[i].reshape(-1)
+            if not bool(m.any()):
+                continue
+            vals = x[i].reshape(c, h * w)[:, m]
+            qs = torch.quantile(vals, q, dim=1)  # (3, c)
+            med[i], scale[i] = qs[1], _robust_scale_torch(qs)
+        x = (x - med[:, :, None, None]) / scale[:, :, None, None]
+    clip = spec.get("clip")
+    if clip is not None:
+        x = x.clamp(-clip, clip)
+    return torch.where(mask[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _robust_scale_torch(qs: torch.Tensor) -> torch.Tensor:
+    scale = torch.maximum(qs[2] - qs[0], REL_FLOOR * qs[1].abs())
+    return scale.clamp_min(ABS_FLOOR)
