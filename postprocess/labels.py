@@ -1,0 +1,377 @@
+"""Connected components of a 2-D dask array, computed block by block.
+
+Every block is labelled on its own (:func:`scipy.ndimage.label`), each block
+reports per-label statistics and the labels on its four faces, and a
+union-find over the block faces (a sparse graph solved with
+:func:`scipy.sparse.csgraph.connected_components`) joins the pieces of one
+component that lie in several blocks. Nothing of scene size is ever held in
+memory: the driver only sees per-label tables and block faces.
+
+A label is identified by ``(block, local label)``. Local labels are what
+:func:`scipy.ndimage.label` gives for that block, so they can be recomputed at
+any time from the block's data, which is how look-up tables are applied
+(:func:`apply_block_luts`) without storing a label raster.
+
+Connectivity: foreground objects are 4-connected (pixels that only touch at a
+corner are separate objects, which makes every object one simple
+:class:`shapely.Polygon`); background components, used to find holes, are
+8-connected, the dual of 4-connectivity in digital topology.
+
+Global ids are assigned in row-major order of each component's first pixel,
+which is the order :func:`scipy.ndimage.label` uses on a whole array, so ids do
+not depend on the block layout.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import dask
+import dask.array as da
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+log = logging.getLogger(__name__)
+
+Connectivity = Literal[4, 8]
+Reduction = Literal["sum", "min", "max"]
+
+#: Structuring elements by connectivity.
+STRUCTURES: dict[int, np.ndarray] = {
+    4: ndi.generate_binary_structure(2, 1),
+    8: ndi.generate_binary_structure(2, 2),
+}
+
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def label_local(mask: np.ndarray, connectivity: Connectivity) -> tuple[np.ndarray, int]:
+    """Label one block: int32 labels (0 = background) and the number of labels."""
+    lab, n = ndi.label(mask, structure=STRUCTURES[connectivity], output=np.int32)
+    return lab, int(n)
+
+
+# --------------------------------------------------------------------------
+# block layout
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlockLayout:
+    """Chunk boundaries of a 2-D dask array (rows, cols)."""
+
+    row_chunks: tuple[int, ...]
+    col_chunks: tuple[int, ...]
+
+    @classmethod
+    def of(cls, array: da.Array) -> BlockLayout:
+        """Layout of ``array``'s chunks."""
+        if array.ndim != 2:
+            raise ValueError(f"expected a 2-D array, got shape {array.shape}")
+        return cls(tuple(int(c) for c in array.chunks[0]), tuple(int(c) for c in array.chunks[1]))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape of the whole array."""
+        return (sum(self.row_chunks), sum(self.col_chunks))
+
+    @property
+    def nblocks(self) -> tuple[int, int]:
+        """Number of blocks along rows and columns."""
+        return (len(self.row_chunks), len(self.col_chunks))
+
+    @property
+    def row_offsets(self) -> np.ndarray:
+        """First row of each block row."""
+        return np.concatenate([[0], np.cumsum(self.row_chunks)[:-1]]).astype(np.int64)
+
+    @property
+    def col_offsets(self) -> np.ndarray:
+        """First column of each block column."""
+        return np.concatenate([[0], np.cumsum(self.col_chunks)[:-1]]).astype(np.int64)
+
+    def indices(self) -> list[tuple[int, int]]:
+        """Block indices in row-major order."""
+        nr, nc = self.nblocks
+        return [(i, j) for i in range(nr) for j in range(nc)]
+
+    def origin(self, index: tuple[int, int]) -> tuple[int, int]:
+        """(row, col) of a block's first pixel in the whole array."""
+        return int(self.row_offsets[index[0]]), int(self.col_offsets[index[1]])
+
+
+# --------------------------------------------------------------------------
+# per-block statistics
+# --------------------------------------------------------------------------
+@dataclass
+class BlockSummary:
+    """What one block reports about its local labels ``1..n``."""
+
+    index: tuple[int, int]
+    n: int
+    faces: dict[str, np.ndarray]
+    stats: dict[str, np.ndarray]
+    extra: Any = None
+
+
+def faces_of(lab: np.ndarray) -> dict[str, np.ndarray]:
+    """The labels on a block's four faces (copies, so the block can be freed)."""
+    return {
+        "top": lab[0, :].copy(),
+        "bottom": lab[-1, :].copy(),
+        "left": lab[:, 0].copy(),
+        "right": lab[:, -1].copy(),
+    }
+
+
+def pixel_stats(
+    lab: np.ndarray,
+    n: int,
+    values: Mapping[str, np.ndarray] | None = None,
+    *,
+    origin: tuple[int, int] = (0, 0),
+    width: int | None = None,
+    first: bool = False,
+) -> dict[str, np.ndarray]:
+    """Per-label pixel statistics of one block, arrays of length ``n`` (labels 1..n).
+
+    Always ``count``. With ``first``: ``first``, the smallest row-major index
+    ``row * width + col`` of the label's pixels in the whole array. For each
+    value array ``v``: ``v_sum`` and ``v_n`` (sum and number of finite values,
+    float64) and ``v_max`` (``-inf`` when no finite value).
+    Reductions across blocks are given by :func:`reduction_of`.
+    """
+    flat = lab.ravel()
+    idx = np.flatnonzero(flat)
+    keys = flat[idx]
+    out: dict[str, np.ndarray] = {"count": np.bincount(keys, minlength=n + 1)[1:].astype(np.int64)}
+    if first:
+        w = lab.shape[1] if width is None else width
+        rows, cols = np.divmod(idx, lab.shape[1])
+        gidx = (rows + origin[0]) * w + cols + origin[1]
+        fst = np.full(n + 1, _INT64_MAX, dtype=np.int64)
+        np.minimum.at(fst, keys, gidx)
+        out["first"] = fst[1:]
+    for name, arr in (values or {}).items():
+        v = np.asarray(arr).ravel()[idx].astype(np.float64)
+        fin = np.isfinite(v)
+        k, vf = keys[fin], v[fin]
+        out[f"{name}_sum"] = np.bincount(k, weights=vf, minlength=n + 1)[1:]
+        out[f"{name}_n"] = np.bincount(k, minlength=n + 1)[1:].astype(np.int64)
+        mx = np.full(n + 1, -np.inf)
+        np.maximum.at(mx, k, vf)
+        out[f"{name}_max"] = mx[1:]
+    return out
+
+
+def reduction_of(name: str) -> Reduction:
+    """How a statistic named by :func:`pixel_stats` combines across blocks."""
+    if name == "first" or name.endswith("_min"):
+        return "min"
+    if name.endswith("_max") or name.startswith("touches_"):
+        return "max"
+    return "sum"
+
+
+def border_labels(lab: np.ndarray, n: int, origin: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """Boolean per label 1..n: does the label touch the edge of the whole array?"""
+    touches = np.zeros(n + 1, dtype=bool)
+    r0, c0 = origin
+    h, w = lab.shape
+    if r0 == 0:
+        touches[lab[0, :]] = True
+    if r0 + h == shape[0]:
+        touches[lab[-1, :]] = True
+    if c0 == 0:
+        touches[lab[:, 0]] = True
+    if c0 + w == shape[1]:
+        touches[lab[:, -1]] = True
+    return touches[1:]
+
+
+# --------------------------------------------------------------------------
+# union-find across blocks
+# --------------------------------------------------------------------------
+@dataclass
+class Components:
+    """Connected components assembled from block summaries.
+
+    ``component[node]`` is the component of node ``node``; the nodes of block
+    ``b`` are ``start[b] .. start[b] + n[b] - 1`` for local labels ``1..n[b]``.
+    ``stats`` holds per-component reductions of the block statistics.
+    """
+
+    layout: BlockLayout
+    start: dict[tuple[int, int], int]
+    sizes: dict[tuple[int, int], int]
+    component: np.ndarray
+    n_components: int
+    stats: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def block_lut(self, index: tuple[int, int], per_component: np.ndarray, fill: Any = 0) -> np.ndarray:
+        """Look-up table local label -> value for one block (entry 0 = ``fill``)."""
+        s, n = self.start[index], self.sizes[index]
+        lut = np.empty(n + 1, dtype=per_component.dtype)
+        lut[0] = fill
+        lut[1:] = per_component[self.component[s : s + n]]
+        return lut
+
+    def node_block(self) -> np.ndarray:
+        """Block position (row-major linear index) of every node."""
+        nc = self.layout.nblocks[1]
+        out = np.empty(self.component.size, dtype=np.int64)
+        for (i, j), s in self.start.items():
+            out[s : s + self.sizes[(i, j)]] = i * nc + j
+        return out
+
+
+def _seam_pairs(a: np.ndarray, b: np.ndarray, connectivity: Connectivity) -> tuple[np.ndarray, np.ndarray]:
+    """Node pairs across one seam: ``a`` and ``b`` are the two facing pixel lines."""
+    pa, pb = [a], [b]
+    if connectivity == 8 and a.size > 1:
+        pa += [a[:-1], a[1:]]
+        pb += [b[1:], b[:-1]]
+    x, y = np.concatenate(pa), np.concatenate(pb)
+    keep = (x >= 0) & (y >= 0)
+    return x[keep], y[keep]
+
+
+def resolve(
+    summaries: Sequence[BlockSummary],
+    layout: BlockLayout,
+    connectivity: Connectivity,
+) -> Components:
+    """Join block-local labels into components and reduce their statistics."""
+    by_index = {s.index: s for s in summaries}
+    start: dict[tuple[int, int], int] = {}
+    sizes: dict[tuple[int, int], int] = {}
+    total = 0
+    for index in layout.indices():
+        start[index] = total
+        sizes[index] = by_index[index].n
+        total += by_index[index].n
+
+    def to_nodes(index: tuple[int, int], face: str) -> np.ndarray:
+        local = by_index[index].faces[face].astype(np.int64)
+        return np.where(local > 0, local - 1 + start[index], -1)
+
+    nr, nc = layout.nblocks
+    src: list[np.ndarray] = []
+    dst: list[np.ndarray] = []
+    # Seams between block rows: full-width pixel lines, so diagonal contacts
+    # at block corners are seen by 8-connectivity too.
+    for i in range(nr - 1):
+        above = np.concatenate([to_nodes((i, j), "bottom") for j in range(nc)])
+        below = np.concatenate([to_nodes((i + 1, j), "top") for j in range(nc)])
+        x, y = _seam_pairs(above, below, connectivity)
+        src.append(x)
+        dst.append(y)
+    for j in range(nc - 1):
+        left = np.concatenate([to_nodes((i, j), "right") for i in range(nr)])
+        right = np.concatenate([to_nodes((i, j + 1), "left") for i in range(nr)])
+        x, y = _seam_pairs(left, right, connectivity)
+        src.append(x)
+        dst.append(y)
+
+    if total == 0:
+        return Components(layout, start, sizes, np.zeros(0, dtype=np.int64), 0, {})
+    s = np.concatenate(src) if src else np.zeros(0, dtype=np.int64)
+    d = np.concatenate(dst) if dst else np.zeros(0, dtype=np.int64)
+    graph = coo_matrix((np.ones(s.size, dtype=np.int8), (s, d)), shape=(total, total))
+    ncomp, comp = connected_components(graph, directed=False)
+    comp = comp.astype(np.int64)
+
+    names = list(summaries[0].stats) if summaries else []
+    stats = {
+        name: _reduce(comp, ncomp, np.concatenate([by_index[ix].stats[name] for ix in layout.indices()]), name)
+        for name in names
+    }
+    log.debug("resolved %d block labels into %d components", total, ncomp)
+    return Components(layout, start, sizes, comp, int(ncomp), stats)
+
+
+def _reduce(comp: np.ndarray, ncomp: int, values: np.ndarray, name: str) -> np.ndarray:
+    """Reduce node values to components (sum, min or max by :func:`reduction_of`)."""
+    how = reduction_of(name)
+    if values.dtype == bool:
+        return _reduce(comp, ncomp, values.astype(np.int8), name).astype(bool)
+    if how == "sum":
+        if values.dtype.kind == "f":
+            return np.bincount(comp, weights=values, minlength=ncomp)
+        acc = np.zeros(ncomp, dtype=values.dtype)
+        np.add.at(acc, comp, values)
+        return acc
+    if values.dtype.kind == "f":
+        init = np.inf if how == "min" else -np.inf
+    else:
+        info = np.iinfo(values.dtype)
+        init = info.max if how == "min" else info.min
+    acc = np.full(ncomp, init, dtype=values.dtype)
+    (np.minimum if how == "min" else np.maximum).at(acc, comp, values)
+    return acc
+
+
+# --------------------------------------------------------------------------
+# running passes with dask
+# --------------------------------------------------------------------------
+BlockFn = Callable[..., BlockSummary]
+
+
+def run_blocks(
+    fn: BlockFn,
+    arrays: Sequence[da.Array],
+    layout: BlockLayout,
+    **kwargs: Any,
+) -> list[BlockSummary]:
+    """Apply ``fn(*blocks, index=..., origin=..., shape=..., **kwargs)`` to every block and compute.
+
+    All ``arrays`` must share ``layout``'s chunks. One dask compute, so
+    upstream tasks shared by the arrays run once per block.
+    """
+    delayed_blocks = [a.to_delayed() for a in arrays]
+    tasks = []
+    for index in layout.indices():
+        blocks = [d[index] for d in delayed_blocks]
+        tasks.append(
+            dask.delayed(fn, pure=True)(
+                *blocks, index=index, origin=layout.origin(index), shape=layout.shape, **kwargs
+            )
+        )
+    return list(dask.compute(*tasks))
+
+
+def apply_block_luts(
+    fn: Callable[..., np.ndarray],
+    arrays: Sequence[da.Array],
+    luts: Mapping[tuple[int, int], np.ndarray],
+    layout: BlockLayout,
+    dtype: Any,
+) -> da.Array:
+    """A lazy array whose block ``b`` is ``fn(*blocks_b, luts[b])``.
+
+    Each task carries only its own block's look-up table, so graphs stay
+    small under a distributed scheduler too.
+    """
+    delayed_blocks = [a.to_delayed() for a in arrays]
+    nr, nc = layout.nblocks
+    rows = []
+    for i in range(nr):
+        row = []
+        for j in range(nc):
+            blocks = [d[i, j] for d in delayed_blocks]
+            task = dask.delayed(fn, pure=True)(*blocks, luts[(i, j)])
+            row.append(da.from_delayed(task, shape=(layout.row_chunks[i], layout.col_chunks[j]), dtype=dtype))
+        rows.append(row)
+    return da.block(rows)
+
+
+def order_by_first_pixel(first: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Global ids 1..N for kept components in row-major order of their first pixel; 0 elsewhere."""
+    ids = np.zeros(first.size, dtype=np.int32)
+    kept = np.flatnonzero(keep)
+    order = kept[np.argsort(first[kept], kind="stable")]
+    ids[order] = np.arange(1, order.size + 1, dtype=np.int32)
+    return ids

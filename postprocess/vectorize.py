@@ -1,0 +1,156 @@
+"""Polygons from a labelled mask, block by block.
+
+Each block is polygonized on its own with :func:`rasterio.features.shapes`
+(4-connectivity, the connectivity used for labelling objects, see
+:mod:`postprocess.labels`) in *pixel coordinates* of the whole raster
+(x = column, y = row). Those coordinates are small integers, so the pieces of
+one object cut by block edges share their edges exactly and
+:func:`shapely.union_all` joins them into one polygon without slivers. Only
+then are geometries moved to the grid's CRS with its affine transform.
+
+A 4-connected set of pixel squares has a connected interior, so every object
+becomes one :class:`shapely.Polygon` (with holes). Geometries are made valid
+when needed, cleared of the collinear vertices left by block seams and
+normalized, so the output does not depend on the block layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import dask
+import dask.array as da
+import geopandas as gpd
+import numpy as np
+import shapely
+from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.features import shapes
+from shapely.geometry import shape as to_shape
+
+from pipeline.grid import Grid
+
+from .labels import BlockLayout
+
+log = logging.getLogger(__name__)
+
+
+def block_pieces(labels: np.ndarray, origin: tuple[int, int]) -> tuple[np.ndarray, list[shapely.Polygon]]:
+    """Polygons of every label in one block, in pixel coordinates of the whole raster.
+
+    Returns the label of each piece and the pieces. ``labels`` must fit int32
+    (0 = background).
+    """
+    lab = np.ascontiguousarray(labels, dtype=np.int32)
+    transform = Affine.translation(origin[1], origin[0])
+    ids: list[int] = []
+    geoms: list[shapely.Polygon] = []
+    with warnings.catch_warnings():
+        # the block at the raster origin has an identity transform
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        for geojson, value in shapes(lab, mask=lab > 0, connectivity=4, transform=transform):
+            ids.append(int(value))
+            geoms.append(to_shape(geojson))
+    return np.asarray(ids, dtype=np.int64), geoms
+
+
+def _polygonal(geom: shapely.Geometry) -> shapely.Geometry:
+    """Polygonal part of a geometry, as a Polygon when it is a single one."""
+    if geom.geom_type in ("Polygon", "MultiPolygon"):
+        return geom
+    parts = [g for g in shapely.get_parts(geom) if g.geom_type in ("Polygon", "MultiPolygon")]
+    merged = shapely.union_all(parts) if parts else shapely.Polygon()
+    return merged
+
+
+def clean_geometries(geoms: np.ndarray) -> np.ndarray:
+    """Valid, polygonal, collinear-free, normalized geometries (vectorized)."""
+    if geoms.size == 0:
+        return geoms
+    bad = ~shapely.is_valid(geoms)
+    if bad.any():
+        log.debug("repairing %d invalid polygons", int(bad.sum()))
+        geoms = geoms.copy()
+        geoms[bad] = [_polygonal(g) for g in shapely.make_valid(geoms[bad])]
+    # tolerance 0 drops only exactly collinear vertices (block seams)
+    geoms = shapely.simplify(geoms, 0.0, preserve_topology=True)
+    return shapely.normalize(geoms)
+
+
+def merge_pieces(
+    pieces: Mapping[int, Sequence[shapely.Geometry]],
+    transform: Affine,
+    *,
+    simplify_px: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One geometry per label: union of its pieces, cleaned, moved to map coordinates.
+
+    ``pieces`` are in pixel coordinates; ``simplify_px`` is a
+    topology-preserving simplification tolerance in pixels (0 = none).
+    Returns (sorted labels, geometries in the CRS of ``transform``).
+    """
+    keys = np.asarray(sorted(pieces), dtype=np.int64)
+    out = np.empty(keys.size, dtype=object)
+    for k, key in enumerate(keys):
+        parts = pieces[int(key)]
+        out[k] = parts[0] if len(parts) == 1 else shapely.union_all(list(parts))
+    out = clean_geometries(out)
+    if simplify_px > 0 and out.size:
+        out = shapely.simplify(out, simplify_px, preserve_topology=True)
+        out = clean_geometries(out)
+    if out.size:
+        out = to_map(out, transform)
+        bad = ~shapely.is_valid(out)
+        if bad.any():  # rounding after the affine transform, very rare
+            out[bad] = [_polygonal(g) for g in shapely.make_valid(out[bad])]
+        out = shapely.orient_polygons(out, exterior_cw=False)
+    return keys, out
+
+
+def to_map(geoms: np.ndarray, transform: Affine) -> np.ndarray:
+    """Apply a north-up affine transform to pixel-coordinate geometries."""
+    a, b, c, d, e, f = tuple(transform)[:6]
+    matrix = np.array([[a, d], [b, e]])
+    offset = np.array([c, f])
+    return shapely.transform(geoms, lambda xy: xy @ matrix + offset)
+
+
+def _pieces_of_block(labels: np.ndarray, *, origin: tuple[int, int]) -> tuple[np.ndarray, list[Any]]:
+    return block_pieces(labels, origin)
+
+
+def vectorize_labels(
+    labels: Any,
+    grid: Grid,
+    *,
+    simplify_m: float = 0.0,
+) -> gpd.GeoDataFrame:
+    """Polygons of a (global) label raster, one per label, computed per block.
+
+    ``labels`` is a 2-D int array (dask, xarray or numpy; 0 = background) on
+    ``grid``. Returns a GeoDataFrame with columns ``label`` and ``geometry``
+    in the grid's CRS, sorted by label.
+    """
+    data = getattr(labels, "data", labels)
+    if not isinstance(data, da.Array):
+        data = da.from_array(np.asarray(data), chunks=-1)
+    layout = BlockLayout.of(data)
+    blocks = data.to_delayed()
+    tasks = [
+        dask.delayed(_pieces_of_block, pure=True)(blocks[ix], origin=layout.origin(ix)) for ix in layout.indices()
+    ]
+    grouped = group_pieces(dask.compute(*tasks))
+    keys, geoms = merge_pieces(grouped, grid.transform, simplify_px=simplify_m / grid.res[0])
+    return gpd.GeoDataFrame({"label": keys.astype(np.int32)}, geometry=list(geoms), crs=grid.crs)
+
+
+def group_pieces(results: Iterable[tuple[np.ndarray, Sequence[Any]]]) -> dict[int, list[Any]]:
+    """Collect block pieces by label."""
+    grouped: dict[int, list[Any]] = {}
+    for ids, geoms in results:
+        for key, geom in zip(ids, geoms, strict=True):
+            grouped.setdefault(int(key), []).append(geom)
+    return grouped
