@@ -435,6 +435,21 @@ class PatchDataset(Dataset):  # type: ignore[type-arg]
             self._cache[index] = item
         return item
 
+    def label_counts(self) -> tuple[int, int]:
+        """(landslide, background) valid pixel counts over all patches (reads masks only when not cached)."""
+        pos = neg = 0
+        for i, rec in enumerate(self.records):
+            if i in self._cache:
+                _, mask, valid = self._cache[i]
+            elif rec.mask is not None:
+                mask, valid = read_mask(rec.mask)
+            else:
+                continue
+            m = mask.astype(bool) & valid
+            pos += int(m.sum())
+            neg += int(valid.sum()) - int(m.sum())
+        return pos, neg
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All patches stacked, without augmentation: image (N,C,H,W), mask (N,H,W), valid (N,H,W)."""
         items = [self.normalized(i) for i in range(len(self))]
