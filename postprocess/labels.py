@@ -286,18 +286,18 @@ def resolve(
 
     names = list(summaries[0].stats) if summaries else []
     stats = {
-        name: _reduce(comp, ncomp, np.concatenate([by_index[ix].stats[name] for ix in layout.indices()]), name)
+        name: reduce_by(comp, ncomp, np.concatenate([by_index[ix].stats[name] for ix in layout.indices()]), name)
         for name in names
     }
     log.debug("resolved %d block labels into %d components", total, ncomp)
     return Components(layout, start, sizes, comp, int(ncomp), stats)
 
 
-def _reduce(comp: np.ndarray, ncomp: int, values: np.ndarray, name: str) -> np.ndarray:
+def reduce_by(comp: np.ndarray, ncomp: int, values: np.ndarray, name: str) -> np.ndarray:
     """Reduce node values to components (sum, min or max by :func:`reduction_of`)."""
     how = reduction_of(name)
     if values.dtype == bool:
-        return _reduce(comp, ncomp, values.astype(np.int8), name).astype(bool)
+        return reduce_by(comp, ncomp, values.astype(np.int8), name).astype(bool)
     if how == "sum":
         if values.dtype.kind == "f":
             return np.bincount(comp, weights=values, minlength=ncomp)
