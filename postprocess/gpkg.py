@@ -1,0 +1,232 @@
+"""GeoPackage output: atomic, indexed, styled for QGIS, described.
+
+:func:`write_geopackage` writes the layer with pyogrio (GDAL) to a temporary
+file beside the target, adds the QGIS style the way QGIS itself stores it
+(the ``layer_styles`` table, registered in ``gpkg_contents``, with the
+layer's row marked ``useAsDefault``, so QGIS applies it on opening), checks
+the result, then moves it into place with :func:`os.replace`. A failure at
+any step leaves no file at the final path.
+
+Run metadata go three ways: the layer DESCRIPTION (``gpkg_contents``), GDAL
+layer and dataset metadata items (``gpkg_metadata``), and the full run
+description as one JSON blob in the metadata item ``landslide_run``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import geopandas as gpd
+import pyogrio
+import shapely
+
+from pipeline.errors import OutputError
+
+from .style import default_qml, default_sld
+
+log = logging.getLogger(__name__)
+
+#: GDAL metadata item holding the JSON description of the run.
+METADATA_ITEM = "landslide_run"
+
+#: GeoPackage version written: 1.2 opens without warnings in every GDAL/QGIS still in use.
+GPKG_VERSION = "1.2"
+
+#: The ``layer_styles`` table exactly as QGIS creates it in a GeoPackage.
+LAYER_STYLES_DDL = (
+    'CREATE TABLE IF NOT EXISTS "layer_styles" ( "id" INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL, '
+    '"f_table_catalog" TEXT(256), "f_table_schema" TEXT(256), "f_table_name" TEXT(256), '
+    '"f_geometry_column" TEXT(256), "styleName" TEXT(30), "styleQML" TEXT, "styleSLD" TEXT, '
+    '"useAsDefault" BOOLEAN, "description" TEXT, "owner" TEXT(30), "ui" TEXT(30), '
+    "\"update_time\" DATETIME DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))"
+)
+
+_TRIGGERS = (
+    'CREATE TRIGGER "trigger_insert_feature_count_layer_styles" AFTER INSERT ON "layer_styles" BEGIN '
+    "UPDATE gpkg_ogr_contents SET feature_count = feature_count + 1 "
+    "WHERE lower(table_name) = lower('layer_styles'); END",
+    'CREATE TRIGGER "trigger_delete_feature_count_layer_styles" AFTER DELETE ON "layer_styles" BEGIN '
+    "UPDATE gpkg_ogr_contents SET feature_count = feature_count - 1 "
+    "WHERE lower(table_name) = lower('layer_styles'); END",
+)
+
+
+def _output_dir(path: Path) -> Path:
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"output directory {directory} cannot be created: {exc.strerror or exc}") from exc
+    if not directory.is_dir():
+        raise OutputError(f"output directory {directory} is not a directory")
+    return directory
+
+
+def _temporary_path(directory: Path, name: str) -> Path:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp.gpkg", dir=directory)
+    except OSError as exc:
+        raise OutputError(
+            f"output directory {directory} is not writable: {exc.strerror or exc}; "
+            "choose another output.dir or fix its permissions"
+        ) from exc
+    os.close(fd)
+    os.unlink(tmp)  # GDAL creates the file itself
+    return Path(tmp)
+
+
+def _geometry_type(gdf: gpd.GeoDataFrame) -> str:
+    if len(gdf) == 0:
+        return "Polygon"
+    types = set(shapely.get_type_id(gdf.geometry.values))
+    return "Polygon" if types <= {3} else "MultiPolygon"
+
+
+def _description(metadata: Mapping[str, Any], count: int) -> str:
+    if "description" in metadata:
+        return str(metadata["description"])
+    parts = [f"{count} landslide polygons"]
+    for key, label in (("scene_id", "scene"), ("acq_date", "acquired"), ("model_name", "model"), ("run_id", "run")):
+        if metadata.get(key):
+            parts.append(f"{label} {metadata[key]}")
+    return "; ".join(parts)
+
+
+def add_qgis_style(
+    path: Path | str,
+    layer: str,
+    qml: str,
+    *,
+    sld: str = "",
+    name: str | None = None,
+    description: str = "",
+) -> None:
+    """Store ``qml`` as the default QGIS style of ``layer`` in the GeoPackage at ``path``."""
+    con = sqlite3.connect(str(path))
+    try:
+        with con:
+            row = con.execute(
+                "SELECT column_name FROM gpkg_geometry_columns WHERE lower(table_name) = lower(?)", (layer,)
+            ).fetchone()
+            if row is None:
+                raise OutputError(f"{path}: layer {layer!r} has no geometry column to style")
+            geometry_column = row[0]
+            exists = con.execute("SELECT 1 FROM sqlite_master WHERE name = 'layer_styles'").fetchone()
+            if not exists:
+                con.execute(LAYER_STYLES_DDL)
+                con.execute(
+                    "INSERT INTO gpkg_contents (table_name, data_type, identifier, description, last_change, srs_id) "
+                    "VALUES ('layer_styles', 'attributes', 'layer_styles', '', "
+                    "strftime('%Y-%m-%dT%H:%M:%fZ','now'), 0)"
+                )
+                has_counts = con.execute(
+                    "SELECT 1 FROM sqlite_master WHERE name = 'gpkg_ogr_contents'"
+                ).fetchone()
+                if has_counts:
+                    con.execute("INSERT INTO gpkg_ogr_contents (table_name, feature_count) VALUES ('layer_styles', 0)")
+                    for trigger in _TRIGGERS:
+                        con.execute(trigger)
+            con.execute(
+                "UPDATE layer_styles SET useAsDefault = 0 WHERE f_table_name = ? AND f_geometry_column = ?",
+                (layer, geometry_column),
+            )
+            con.execute(
+                "INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, f_geometry_column, "
+                "styleName, styleQML, styleSLD, useAsDefault, description, owner, ui) "
+                "VALUES ('', '', ?, ?, ?, ?, ?, 1, ?, '', NULL)",
+                (layer, geometry_column, name or layer, qml, sld, description),
+            )
+    finally:
+        con.close()
+
+
+def write_geopackage(
+    gdf: gpd.GeoDataFrame,
+    path: Path | str,
+    *,
+    layer: str = "landslides",
+    style_qml: str | None = None,
+    style_sld: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    crs: Literal["grid", "EPSG:4326"] = "grid",
+) -> Path:
+    """Write ``gdf`` as a styled, indexed GeoPackage layer, atomically.
+
+    ``crs="grid"`` keeps the frame's CRS, ``"EPSG:4326"`` reprojects.
+    ``style_qml`` defaults to :func:`postprocess.style.default_qml`.
+    ``metadata`` describes the run (JSON-serializable values; others are
+    written with ``str``). An empty frame gives a valid layer with its
+    schema and no features. Raises :class:`OutputError` naming the directory
+    when it cannot be created or written.
+    """
+    path = Path(path)
+    if crs not in ("grid", "EPSG:4326"):
+        raise OutputError(f"output.crs: expected 'grid' or 'EPSG:4326', got {crs!r}")
+    if gdf.crs is None:
+        raise OutputError(f"{path}: the polygons have no CRS")
+    meta = dict(metadata or {})
+    directory = _output_dir(path)
+    tmp = _temporary_path(directory, path.name)
+    frame = gdf.to_crs("EPSG:4326") if crs == "EPSG:4326" else gdf
+    blob = json.dumps(meta, default=str, sort_keys=True)
+    description = _description(meta, len(frame))
+    try:
+        pyogrio.write_dataframe(
+            frame,
+            tmp,
+            layer=layer,
+            driver="GPKG",
+            geometry_type=_geometry_type(frame),
+            promote_to_multi=_geometry_type(frame) == "MultiPolygon",
+            layer_options={"SPATIAL_INDEX": "YES", "DESCRIPTION": description, "IDENTIFIER": layer},
+            layer_metadata={METADATA_ITEM: blob, "DESCRIPTION": description},
+            dataset_metadata={METADATA_ITEM: blob},
+            dataset_options={"VERSION": GPKG_VERSION},
+        )
+        add_qgis_style(
+            tmp,
+            layer,
+            style_qml if style_qml is not None else default_qml(),
+            sld=style_sld if style_sld is not None else default_sld(name=layer),
+            name=f"{layer} (probability classes)",
+            description="Landslide polygons by mean probability",
+        )
+        info = pyogrio.read_info(tmp, layer=layer)
+        if info["features"] != len(frame):
+            raise OutputError(f"{tmp}: wrote {info['features']} features, expected {len(frame)}")
+        os.replace(tmp, path)
+    except OutputError:
+        _remove(tmp)
+        raise
+    except OSError as exc:
+        _remove(tmp)
+        raise OutputError(f"cannot write {path} in {directory}: {exc}") from exc
+    except BaseException:
+        _remove(tmp)
+        raise
+    log.info("wrote %d features to %s (layer %s)", len(frame), path, layer)
+    return path
+
+
+def _remove(path: Path) -> None:
+    for p in (path, Path(f"{path}-journal"), Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # pragma: no cover - best effort cleanup
+            log.warning("could not remove temporary file %s: %s", p, exc)
+
+
+def read_run_metadata(path: Path | str, layer: str = "landslides") -> dict[str, Any]:
+    """The run description stored by :func:`write_geopackage`."""
+    info = pyogrio.read_info(path, layer=layer)
+    items = info.get("layer_metadata") or {}
+    return json.loads(items[METADATA_ITEM]) if METADATA_ITEM in items else {}
