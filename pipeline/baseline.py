@@ -22,6 +22,7 @@ pixels (pooled F1), never on the evaluation patches.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,9 +135,13 @@ class RandomForestBaseline:
             n_jobs=cfg.n_jobs,
             random_state=cfg.seed,
         )
-        self.model.fit(x, y)
-        oob = np.nan_to_num(self.model.oob_decision_function_[:, 1], nan=0.0)
-        self.threshold, self.oob_f1 = select_threshold(oob, y)
+        with warnings.catch_warnings():
+            # few trees leave some pixels without out-of-bag votes; they are skipped below
+            warnings.filterwarnings("ignore", message="Some inputs do not have OOB scores")
+            self.model.fit(x, y)
+        oob = self.model.oob_decision_function_[:, 1]
+        scored = np.isfinite(oob)
+        self.threshold, self.oob_f1 = select_threshold(oob[scored], y[scored])
         log.info("random forest: %d pixels, %d features, OOB threshold %.3f (F1 %.3f)",
                  x.shape[0], x.shape[1], self.threshold, self.oob_f1)
         return self

@@ -125,7 +125,7 @@ def f1_by_threshold(
     if valid is not None:
         keep = np.asarray(valid, dtype=bool).ravel()
         prob, target = prob[keep], target[keep]
-    ts = np.asarray(thresholds if thresholds is not None else np.round(np.arange(0.05, 0.951, 0.025), 4))
+    ts = np.asarray(thresholds if thresholds is not None else np.round(np.arange(0.02, 0.981, 0.02), 4))
     pos = np.sort(prob[target])
     neg = np.sort(prob[~target])
     tp = pos.size - np.searchsorted(pos, ts, side="left")

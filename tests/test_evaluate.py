@@ -1,0 +1,166 @@
+"""Evaluation: artefact pixel metrics, Random Forest baseline, object metrics, comparison tables."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import torch
+from shapely.affinity import translate
+from shapely.geometry import box
+
+from pipeline.artefact import ModelArtefact, save_artefact
+from pipeline.baseline import RandomForestConfig, feature_names, pixel_features
+from pipeline.datasets import data_checksum, find_patches, read_mask
+from pipeline.errors import InputError
+from pipeline.evaluate import (
+    Row,
+    add_evaluate_arguments,
+    cli_evaluate,
+    csv_table,
+    evaluate_artefact,
+    evaluate_objects,
+    markdown_table,
+    random_forest_row,
+    read_polygons,
+    shared_folds,
+)
+from pipeline.models import build_model
+
+CHANNELS = ["B02", "B03", "B04", "SLOPE", "DEM"]
+
+
+def _constant_artefact(path: Path, bias: float, threshold: float = 0.5) -> Path:
+    """A tiny PlainUnet whose output is the constant logit ``bias`` everywhere."""
+    module = build_model("PlainUnet", None, len(CHANNELS), base_channels=2, depth=1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+        module.head.bias.fill_(bias)
+    meta = ModelArtefact(
+        architecture="PlainUnet", encoder=None, channels=CHANNELS, threshold=threshold,
+        arch_kwargs={"base_channels": 2, "depth": 1}, name=f"constant{bias:+.0f}", version="test",
+    )
+    save_artefact(path, module, meta)
+    return path
+
+
+def test_constant_models_give_hand_computed_pixel_metrics(shared_data: Path, tmp_path: Path) -> None:
+    records = find_patches(shared_data / "l4s" / "train")[:5]
+    positives = sum(int(read_mask(r.mask)[0].sum()) for r in records)  # type: ignore[arg-type]
+    total = 5 * 128 * 128
+    everything = evaluate_artefact(_constant_artefact(tmp_path / "all.safetensors", 10.0), records, "x")
+    assert everything.micro["tp"] == positives and everything.micro["fp"] == total - positives
+    assert everything.micro["precision"] == pytest.approx(positives / total)
+    assert everything.micro["recall"] == 1.0
+    assert everything.micro["f1"] == pytest.approx(2 * positives / (positives + total))
+    assert everything.micro["iou"] == pytest.approx(positives / total)
+    nothing = evaluate_artefact(_constant_artefact(tmp_path / "none.safetensors", -10.0), records, "x")
+    assert nothing.micro["tp"] == 0 and nothing.micro["fn"] == positives and nothing.micro["f1"] == 0.0
+    # the artefact's own threshold is used: sigmoid(-10) is above a threshold of 1e-5
+    low = evaluate_artefact(_constant_artefact(tmp_path / "low.safetensors", -10.0, 1e-5), records, "x")
+    assert low.micro["recall"] == 1.0
+
+
+def test_evaluation_flags_an_artefact_scored_on_its_training_patches(shared_data: Path, tmp_path: Path) -> None:
+    records = find_patches(shared_data / "l4s" / "train")[:2]
+    path = tmp_path / "m.safetensors"
+    module = build_model("PlainUnet", None, len(CHANNELS), base_channels=2, depth=1)
+    checksum = data_checksum(records)
+    meta = ModelArtefact(
+        architecture="PlainUnet", encoder=None, channels=CHANNELS, arch_kwargs={"base_channels": 2, "depth": 1},
+        training={"data": {"checksum_sha256": checksum}}, metrics={"cv": {"micro": {"f1": 0.25}}}, version="t",
+    )
+    save_artefact(path, module, meta)
+    row = evaluate_artefact(path, records, checksum)
+    assert "own training patches" in row.note and "CV F1 0.250" in row.note
+    assert "own training" not in evaluate_artefact(path, records, "other").note
+
+
+def test_ndvi_feature_by_hand() -> None:
+    raw = np.zeros((5, 2, 2), np.float32)
+    raw[2] = 0.1  # B04
+    names = ["B02", "B03", "B04", "B08", "DEM"]
+    raw[3] = np.array([[0.3, 0.1], [0.0, 0.5]])  # B08
+    feats = pixel_features(np.zeros_like(raw), raw, names)
+    assert feature_names(names) == [f"{n}_norm" for n in names] + ["NDVI"]
+    np.testing.assert_allclose(feats[-1], [[0.5, 0.0], [-1.0, 0.4 / 0.6]], rtol=1e-6)
+    assert pixel_features(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), ["B02", "DEM"]).shape == (2, 2, 2)
+
+
+def test_random_forest_baseline_beats_predicting_everything(shared_data: Path) -> None:
+    records = find_patches(shared_data / "l4s" / "train")
+    records = [r for r in records if r.id in {"1", "2", "28", "461", "512", "600"}]
+    folds = shared_folds(records, 2, seed=0)
+    assert sorted(i for f in folds for i in f) == list(range(len(records)))
+    row = random_forest_row(records, CHANNELS, folds, config=RandomForestConfig(n_estimators=15, seed=0))
+    positives = sum(int(read_mask(r.mask)[0].sum()) for r in records)  # type: ignore[arg-type]
+    trivial_f1 = 2 * positives / (positives + len(records) * 128 * 128)
+    assert row.kind == "baseline" and row.patches == len(records)
+    assert row.micro["f1"] > trivial_f1 + 0.05
+    # with a separate training set the same patches are scored by one model
+    held = random_forest_row(records[:2], CHANNELS, train_records=records[2:],
+                             config=RandomForestConfig(n_estimators=15, seed=0))
+    assert held.protocol == "trained on the training set" and held.patches == 2
+
+
+def test_comparison_table_markdown_and_csv() -> None:
+    micro = {"precision": 0.5, "recall": 0.25, "f1": 1 / 3, "iou": 0.2}
+    rows = [
+        Row("a", "model", "artefact", "B02,B03", 0.4, micro, float("nan"), 3, note="x|y"),
+        Row("b", "baseline", "cv", "B02", 0.5, {**micro, "f1": 0.1}, 0.2, 3),
+    ]
+    md = markdown_table(rows).splitlines()
+    assert md[0].startswith("| name | kind |") and len(md) == 4
+    assert md[2] == "| a | model | artefact | B02,B03 | 0.400 | 0.500 | 0.250 | 0.333 | 0.200 | n/a | 3 | x/y |"
+    parsed = list(csv.DictReader(io.StringIO(csv_table(rows))))
+    assert [p["name"] for p in parsed] == ["a", "b"]
+    assert float(parsed[0]["f1"]) == pytest.approx(1 / 3) and float(parsed[1]["f1"]) == 0.1
+
+
+def test_object_metrics_on_a_real_inventory(shared_data: Path, tmp_path: Path) -> None:
+    inv_path = shared_data / "inventories" / "bhuyan_predicted_png.zip" / "PNG" / "2017.shp"
+    inv = read_polygons(inv_path)
+    assert len(inv) > 50 and inv.crs.to_epsg() == 32754
+    # detections: every second polygon, shifted by 2 m, plus one false alarm
+    shifted = [translate(g, 2.0, 0.0) for g in inv.geometry.iloc[::2]]
+    x0, y0 = inv.total_bounds[:2]
+    det = gpd.GeoDataFrame(geometry=[*shifted, box(x0 - 1000, y0 - 1000, x0 - 900, y0 - 900)], crs=inv.crs)
+    det_path = tmp_path / "det.gpkg"
+    det.to_crs("EPSG:4326").to_file(det_path, layer="landslides")
+    expected = sum(
+        g.intersection(translate(g, 2.0, 0.0)).area / g.union(translate(g, 2.0, 0.0)).area >= 0.5
+        for g in inv.geometry.iloc[::2]
+    )
+    s = evaluate_objects(det_path, inv_path, 0.5)
+    assert s["matched"] == expected
+    assert s["precision"] == pytest.approx(expected / len(det))
+    assert s["recall"] == pytest.approx(expected / len(inv))
+    with pytest.raises(InputError, match="4 vector files"):
+        read_polygons(shared_data / "inventories" / "bhuyan_predicted_png.zip")
+
+
+def test_cli_writes_tables_for_models_and_baseline(shared_data: Path, tmp_path: Path) -> None:
+    model = _constant_artefact(tmp_path / "all.safetensors", 10.0)
+    parser = argparse.ArgumentParser()
+    add_evaluate_arguments(parser)
+    args = parser.parse_args([
+        "--patches", str(shared_data / "l4s" / "train"), "--model", str(model), "--folds", "3",
+        "--rf-trees", "5", "--out-dir", str(tmp_path / "out"),
+    ])
+    assert cli_evaluate(args) == 0
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "comparison.csv").read_text())))
+    assert [r["kind"] for r in rows] == ["model", "baseline"]
+    assert float(rows[0]["recall"]) == 1.0
+    assert rows[1]["channels"] == ",".join(CHANNELS)
+    assert "| random forest |" in (tmp_path / "out" / "comparison.md").read_text()
+    payload = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert len(payload["rows"][0]["details"]["metrics"]["per_patch"]) == 15
+    with pytest.raises(InputError, match="nothing to evaluate"):
+        cli_evaluate(parser.parse_args([]))
