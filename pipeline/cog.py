@@ -1,0 +1,184 @@
+"""Cloud-optimised GeoTIFF writer that streams dask arrays block by block.
+
+:func:`write_cog` never holds the whole raster: blocks are computed by dask
+and written as they arrive into a temporary tiled GeoTIFF (window writes
+under a lock), which GDAL's COG driver then copies into COG layout with
+overviews. Both temporary files live beside the target and the result is
+moved into place with :func:`os.replace`, so readers see either the old file
+or the complete new one, and a failure leaves no output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import rasterio
+import rasterio.shutil
+import xarray as xr
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+
+from .errors import OutputError
+from .grid import Grid
+
+log = logging.getLogger(__name__)
+
+TILE = 512
+
+
+class _WindowWriter:
+    """``da.store`` target: ``target[region] = block`` writes a window of a GeoTIFF.
+
+    Holds only the path, so it can be sent to distributed workers on the same
+    file system; each write reopens the file in update mode under the lock.
+    """
+
+    def __init__(self, path: Path, ndim: int) -> None:
+        self.path = str(path)
+        self.ndim = ndim
+
+    def __setitem__(self, key: tuple[slice, ...], value: np.ndarray) -> None:
+        rows, cols = key[-2], key[-1]
+        window = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
+        with rasterio.open(self.path, "r+") as dst:
+            if self.ndim == 2:
+                dst.write(value, 1, window=window)
+            else:
+                bands = key[0]
+                indexes = list(range(bands.start + 1, bands.stop + 1))
+                dst.write(value, indexes, window=window)
+
+
+def _lock() -> Any:
+    """A lock valid for the active scheduler (distributed lock when a client is running)."""
+    try:
+        from distributed import Lock, get_client
+
+        get_client()
+        return Lock(f"cog-writer-{uuid.uuid4().hex}")
+    except (ImportError, ValueError):
+        return threading.Lock()
+
+
+def _as_dask(arr: xr.DataArray | da.Array | np.ndarray, grid: Grid) -> da.Array:
+    data = arr.data if isinstance(arr, xr.DataArray) else arr
+    if not isinstance(data, da.Array):
+        data = da.from_array(np.asarray(data), chunks=(-1,) * (np.ndim(data) - 2) + (2048, 2048))
+    if data.ndim not in (2, 3):
+        raise OutputError(f"write_cog expects (band, y, x) or (y, x), got {data.ndim} dimensions")
+    if tuple(data.shape[-2:]) != grid.shape:
+        raise OutputError(f"array shape {data.shape[-2:]} does not match grid shape {grid.shape}")
+    return data
+
+
+def _prepare(data: da.Array, dtype: np.dtype[Any], nodata: float | None) -> da.Array:
+    if np.issubdtype(dtype, np.integer):
+        if data.dtype.kind == "f":
+            fill = nodata if nodata is not None else 0
+            data = da.where(da.isnan(data), fill, data)
+            info = np.iinfo(dtype)
+            data = da.clip(da.round(data), info.min, info.max)
+        elif data.dtype == bool:
+            data = data.astype(np.uint8)
+    return data.astype(dtype)
+
+
+def write_cog(
+    arr: xr.DataArray | da.Array | np.ndarray,
+    grid: Grid,
+    path: str | os.PathLike[str],
+    *,
+    dtype: str | np.dtype[Any],
+    nodata: float | None,
+    band_names: Sequence[str] | None = None,
+    overview: bool = True,
+    overview_resampling: str = "average",
+    compress: str = "DEFLATE",
+    tags: dict[str, str] | None = None,
+) -> Path:
+    """Write ``arr`` ((band, y, x) or (y, x), lazy or not) on ``grid`` as a COG at ``path``.
+
+    Blocks are computed with the active dask scheduler and written as they
+    finish; memory is bounded by a few chunks. Float NaN become ``nodata``
+    when ``dtype`` is an integer type. ``overview_resampling`` is a GDAL
+    name: ``average`` for continuous data, ``nearest`` or ``mode`` for
+    classes. Returns the path. Raises :class:`OutputError` when the file
+    cannot be written; errors raised while computing blocks (for example an
+    :class:`~pipeline.errors.InputError` for a corrupt input) propagate
+    unchanged. Either way no partial file is left.
+    """
+    path = Path(path)
+    np_dtype = np.dtype(dtype)
+    data = _prepare(_as_dask(arr, grid), np_dtype, nodata)
+    count = 1 if data.ndim == 2 else data.shape[0]
+    if band_names is not None and len(band_names) != count:
+        raise OutputError(f"{path}: {len(band_names)} band names for {count} bands")
+    if data.ndim == 3:
+        data = data.rechunk({0: -1})
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create the output folder ({exc})") from exc
+    stem = f".{path.name}.{uuid.uuid4().hex[:8]}"
+    tmp_tiff = path.parent / f"{stem}.tiles.tif"
+    tmp_cog = path.parent / f"{stem}.cog.tif"
+    predictor = 3 if np_dtype.kind == "f" else 2
+    profile = {
+        "driver": "GTiff", "width": grid.width, "height": grid.height, "count": count,
+        "dtype": np_dtype.name, "crs": grid.crs, "transform": grid.transform, "nodata": nodata,
+        "tiled": True, "blockxsize": TILE, "blockysize": TILE, "compress": "ZSTD", "zstd_level": 1,
+        "predictor": predictor, "bigtiff": "IF_SAFER", "interleave": "pixel" if count <= 4 else "band",
+    }
+    try:
+        try:
+            with rasterio.open(tmp_tiff, "w", **profile) as dst:
+                if band_names is not None:
+                    for i, name in enumerate(band_names, start=1):
+                        dst.set_band_description(i, str(name))
+                if tags:
+                    dst.update_tags(**tags)
+        except (RasterioError, OSError) as exc:
+            raise OutputError(f"{path}: cannot create a temporary GeoTIFF beside it ({exc})") from exc
+        da.store(data, _WindowWriter(tmp_tiff, data.ndim), lock=_lock(), compute=True)
+        options = {
+            "COMPRESS": compress, "PREDICTOR": "YES", "BLOCKSIZE": str(TILE), "BIGTIFF": "IF_SAFER",
+            "OVERVIEWS": "AUTO" if overview else "NONE", "RESAMPLING": overview_resampling.upper(),
+            "NUM_THREADS": str(max(1, min(4, os.cpu_count() or 1))),
+        }
+        if compress.upper() == "DEFLATE":
+            options["LEVEL"] = "6"
+        try:
+            rasterio.shutil.copy(tmp_tiff, tmp_cog, driver="COG", **options)
+        except (RasterioError, OSError) as exc:
+            raise OutputError(f"{path}: cannot write the COG ({exc})") from exc
+        try:
+            os.replace(tmp_cog, path)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot move the finished COG into place ({exc})") from exc
+    except BaseException:
+        _cleanup(tmp_tiff, tmp_cog)
+        raise
+    _cleanup(tmp_tiff)
+    log.info("wrote %s (%d band(s), %s, %d x %d)", path, count, np_dtype.name, grid.width, grid.height)
+    return path
+
+
+def _cleanup(*paths: Path) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{p}.aux.xml").unlink()
+
+
+__all__ = ["write_cog"]

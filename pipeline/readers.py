@@ -1,0 +1,654 @@
+"""Input readers: Sentinel-2 products (SAFE or per-band files), DEM and slope.
+
+Readers are lazy. Opening a scene finds the band files and parses product
+metadata; opening a raster (:func:`open_raster`) checks that the file exists,
+opens with GDAL, is georeferenced and is not visibly truncated, without reading
+pixels. Pixels are read later, one destination block at a time, by
+:meth:`RasterSource.read_onto`, which reads only the source window that block
+needs and reprojects it.
+
+Value conventions of :meth:`RasterSource.read_onto`: float32, no-data as NaN,
+physical value = (stored value + ``offset``) * ``scale``. For Sentinel-2 bands
+that gives reflectance = (DN + offset) / quantification, with DN 0 (or the
+file's no-data value) masked before the offset is applied.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import re
+import struct
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
+from rasterio.io import MemoryFile
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
+from rasterio.windows import Window
+
+from .channels import S2_BANDS, canonical
+from .config import DemSection, SceneSection
+from .errors import ConfigError, InputError
+from .grid import Bounds, Grid
+
+log = logging.getLogger(__name__)
+
+#: Maximum error of GDAL's approximate coordinate transformer, in source pixels.
+#: GDAL's default (0.125) shifts pixels by up to 1/8 source pixel depending on
+#: where a block starts, which would leave seams between blocks; 1e-4 is exact
+#: for practical purposes and costs about 30 % more than the default (0 is not
+#: accepted by rasterio's WarpedVRT).
+WARP_TOLERANCE = 1e-4
+
+#: Extensions of per-band raster files recognised in a folder.
+RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt")
+
+#: Band order of ``band_id`` attributes in Sentinel-2 product metadata.
+_SAFE_BAND_ORDER = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A",
+                    "B09", "B10", "B11", "B12")
+
+_BAND_TOKEN = re.compile(r"(?<![A-Za-z0-9])(B(?:8A|0?[1-9]|1[0-2])|SCL)(?![A-Za-z0-9])", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------------------
+# single rasters
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RasterSource:
+    """One band of a raster file plus how to turn stored values into physical units.
+
+    Attributes are plain values (no open handles), so a source can be pickled
+    into dask tasks; every read opens the file in the calling thread.
+    """
+
+    path: Path
+    role: str
+    crs: CRS
+    transform: Affine
+    width: int
+    height: int
+    dtype: str
+    band: int = 1
+    nodata: tuple[float, ...] = ()
+    offset: float = 0.0
+    scale: float = 1.0
+
+    @property
+    def bounds(self) -> Bounds:
+        """(left, bottom, right, top) in the source CRS."""
+        t = self.transform
+        return (t.c, t.f + self.height * t.e, t.c + self.width * t.a, t.f)
+
+    @property
+    def res(self) -> tuple[float, float]:
+        """(x, y) pixel size, positive."""
+        return (self.transform.a, -self.transform.e)
+
+    def bounds_in(self, crs: CRS) -> Bounds:
+        """Bounds transformed to ``crs`` (densified edges)."""
+        if crs == self.crs:
+            return self.bounds
+        return transform_bounds(self.crs, crs, *self.bounds, densify_pts=21)
+
+    # -- pixel access ------------------------------------------------------
+    def to_physical(self, raw: np.ndarray) -> np.ndarray:
+        """Stored values -> float32 physical values with NaN for no-data."""
+        out = raw.astype(np.float32, copy=True)
+        bad = np.isnan(out) if out.dtype.kind == "f" else np.zeros(out.shape, bool)
+        for value in self.nodata:
+            if math.isnan(value):
+                continue
+            bad |= raw == value
+        if self.offset != 0.0:
+            out += np.float32(self.offset)
+        if self.scale != 1.0:
+            out *= np.float32(self.scale)
+        out[bad] = np.nan
+        return out
+
+    def read_onto(self, grid: Grid, resampling: Resampling = Resampling.bilinear) -> np.ndarray:
+        """Read the part of this raster that ``grid`` needs and resample it onto ``grid``.
+
+        Only the source window covering the destination bounds (plus a margin
+        for the resampling kernel) is read, so memory depends on the size of
+        ``grid``, not of the file. Returns float32 (rows, cols), NaN where
+        the source has no data or does not reach.
+        """
+        out = np.full(grid.shape, np.nan, dtype=np.float32)
+        try:
+            with rasterio.open(self.path) as ds:
+                direct = self._aligned_offsets(grid)
+                if direct is not None:
+                    self._read_direct(ds, grid, direct, out)
+                else:
+                    self._read_warped(ds, grid, resampling, out)
+        except InputError:
+            raise
+        except (RasterioError, OSError) as exc:
+            raise InputError(
+                f"{self.path}: cannot read pixels of the {self.role} ({exc}); "
+                "the file may be truncated or corrupt"
+            ) from exc
+        return out
+
+    def _aligned_offsets(self, grid: Grid) -> tuple[int, int] | None:
+        """(row, col) offset of ``grid`` in this raster if both share one pixel grid."""
+        if grid.crs != self.crs:
+            return None
+        (sx, sy), (gx, gy) = self.res, grid.res
+        if not (math.isclose(sx, gx, rel_tol=1e-9) and math.isclose(sy, gy, rel_tol=1e-9)):
+            return None
+        col = (grid.transform.c - self.transform.c) / sx
+        row = (self.transform.f - grid.transform.f) / sy
+        if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
+            return None
+        return round(row), round(col)
+
+    def _read_direct(self, ds: rasterio.io.DatasetReader, grid: Grid, offsets: tuple[int, int],
+                     out: np.ndarray) -> None:
+        row0, col0 = offsets
+        r0, c0 = max(row0, 0), max(col0, 0)
+        r1, c1 = min(row0 + grid.height, self.height), min(col0 + grid.width, self.width)
+        if r1 <= r0 or c1 <= c0:
+            return
+        raw = ds.read(self.band, window=Window(c0, r0, c1 - c0, r1 - r0))
+        out[r0 - row0:r1 - row0, c0 - col0:c1 - col0] = self.to_physical(raw)
+
+    def _source_window(self, grid: Grid) -> Window | None:
+        """Window of this raster that covers ``grid``, with a resampling margin."""
+        try:
+            left, bottom, right, top = transform_bounds(grid.crs, self.crs, *grid.bounds, densify_pts=21)
+        except RasterioError:
+            return Window(0, 0, self.width, self.height)
+        if not all(map(math.isfinite, (left, bottom, right, top))):
+            return Window(0, 0, self.width, self.height)
+        inv = ~self.transform
+        c0, r0 = inv * (left, top)
+        c1, r1 = inv * (right, bottom)
+        c0, c1 = sorted((c0, c1))
+        r0, r1 = sorted((r0, r1))
+        # source pixels per destination pixel: kernels widen when downsampling
+        ratio = max((c1 - c0) / grid.width, (r1 - r0) / grid.height, 1.0)
+        margin = math.ceil(2 * ratio) + 2
+        col0 = max(math.floor(c0) - margin, 0)
+        row0 = max(math.floor(r0) - margin, 0)
+        col1 = min(math.ceil(c1) + margin, self.width)
+        row1 = min(math.ceil(r1) + margin, self.height)
+        if col1 <= col0 or row1 <= row0:
+            return None
+        return Window(col0, row0, col1 - col0, row1 - row0)
+
+    def _read_warped(self, ds: rasterio.io.DatasetReader, grid: Grid, resampling: Resampling,
+                     out: np.ndarray) -> None:
+        window = self._source_window(grid)
+        if window is None:
+            return
+        src = self.to_physical(ds.read(self.band, window=window))
+        if np.isnan(src).all():
+            return
+        out[:] = warp_array(src, ds.window_transform(window), self.crs, grid, resampling)
+
+
+def warp_array(src: np.ndarray, src_transform: Affine, src_crs: CRS, grid: Grid,
+               resampling: Resampling = Resampling.bilinear) -> np.ndarray:
+    """Resample a float32 array (NaN = no data) onto ``grid`` with GDAL's warper.
+
+    The array goes into an in-memory GeoTIFF and is read through a
+    :class:`~rasterio.vrt.WarpedVRT` for ``grid``. The coordinate transformer
+    is practically exact (:data:`WARP_TOLERANCE`), so a destination pixel gets
+    the same value whichever block it is computed in.
+    """
+    rows, cols = src.shape
+    with MemoryFile() as mem:
+        with mem.open(driver="GTiff", width=cols, height=rows, count=1, dtype="float32",
+                      crs=src_crs, transform=src_transform, nodata=np.nan) as tmp:
+            tmp.write(src.astype(np.float32, copy=False), 1)
+        with mem.open() as tmp, WarpedVRT(
+            tmp, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
+            resampling=resampling, src_nodata=np.nan, nodata=np.nan, dtype="float32",
+            tolerance=WARP_TOLERANCE,
+        ) as vrt:
+            return vrt.read(1)
+
+
+def open_raster(path: Path, role: str, *, band: int = 1, nodata: Sequence[float] = (),
+                use_file_nodata: bool = True, offset: float = 0.0, scale: float = 1.0) -> RasterSource:
+    """Open ``path`` for metadata only and check it can be used as ``role``.
+
+    Checks: the file exists, GDAL opens it, it has a CRS and a north-up
+    geotransform, the band exists and (GeoTIFF, JPEG 2000) the file is not
+    shorter than its own index says. No pixels are read. Raises
+    :class:`InputError` naming the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: {role} file not found")
+    if path.is_dir():
+        raise InputError(f"{path}: {role} must be a raster file, found a directory")
+    try:
+        with rasterio.open(path) as ds:
+            crs, transform = ds.crs, ds.transform
+            width, height, count = ds.width, ds.height, ds.count
+            driver = ds.driver
+            file_nodata = ds.nodatavals[band - 1] if 0 < band <= count else None
+            dtype = ds.dtypes[band - 1] if 0 < band <= count else ds.dtypes[0]
+            if driver == "GTiff":
+                _check_tiff_blocks(ds, path, role)
+    except InputError:
+        raise
+    except (RasterioError, OSError) as exc:
+        raise InputError(f"{path}: {role} cannot be opened as a raster by GDAL ({exc})") from exc
+    if not 0 < band <= count:
+        raise InputError(f"{path}: {role} has {count} band(s), band {band} was asked for")
+    if crs is None:
+        raise InputError(
+            f"{path}: {role} has no CRS (coordinate reference system); assign the right one, "
+            f"for example: gdal_edit.py -a_srs EPSG:32633 {path}"
+        )
+    if transform.is_identity:
+        raise InputError(f"{path}: {role} has no geotransform (pixel positions unknown)")
+    if transform.b != 0 or transform.d != 0 or transform.a <= 0 or transform.e >= 0:
+        raise InputError(
+            f"{path}: {role} must be a north-up raster without rotation, got geotransform "
+            f"{tuple(transform)[:6]}; warp it first (gdalwarp)"
+        )
+    if driver == "JP2OpenJPEG":
+        _check_jp2_boxes(path, role)
+    values = [float(v) for v in nodata]
+    if use_file_nodata and file_nodata is not None:
+        values.append(float(file_nodata))
+    unique = tuple(dict.fromkeys(v for v in values if not math.isnan(v)))
+    return RasterSource(path=path, role=role, crs=CRS.from_user_input(crs), transform=transform,
+                        width=width, height=height, dtype=str(dtype), band=band, nodata=unique,
+                        offset=offset, scale=scale)
+
+
+def _check_tiff_blocks(ds: rasterio.io.DatasetReader, path: Path, role: str) -> None:
+    """Fail when a GeoTIFF's block index points past the end of the file."""
+    size = path.stat().st_size
+    bh, bw = ds.block_shapes[0]
+    nrow, ncol = math.ceil(ds.height / bh), math.ceil(ds.width / bw)
+    bands = range(1, ds.count + 1) if ds.interleaving and ds.interleaving.name == "BAND" else (1,)
+    if nrow * ncol * len(bands) > 500_000:
+        return
+    for bidx in bands:
+        for r in range(nrow):
+            for c in range(ncol):
+                off = ds.get_tag_item(f"BLOCK_OFFSET_{c}_{r}", "TIFF", bidx=bidx)
+                nbytes = ds.get_tag_item(f"BLOCK_SIZE_{c}_{r}", "TIFF", bidx=bidx)
+                if off is None or nbytes is None:
+                    return
+                if int(off) + int(nbytes) > size:
+                    raise InputError(
+                        f"{path}: {role} is truncated or corrupt: block ({r}, {c}) of band {bidx} "
+                        f"ends at byte {int(off) + int(nbytes)} but the file has {size} bytes"
+                    )
+
+
+def _check_jp2_boxes(path: Path, role: str) -> None:
+    """Fail when a JPEG 2000 file is shorter than its boxes say or its codestream lacks an end."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+        if len(head) < 12 or head[4:8] != b"jP  ":
+            return  # raw codestream (.j2k) or unusual layout: GDAL opened it, let reads decide
+        pos = 0
+        while pos < size:
+            fh.seek(pos)
+            header = fh.read(16)
+            if len(header) < 8:
+                break
+            length, kind = struct.unpack(">I4s", header[:8])
+            if length == 1:
+                length = struct.unpack(">Q", header[8:16])[0]
+            elif length == 0:
+                length = size - pos
+            if length < 8 or pos + length > size:
+                raise InputError(
+                    f"{path}: {role} is truncated or corrupt: JPEG 2000 box {kind!r} at byte {pos} "
+                    f"needs {length} bytes, the file has {size - pos} left"
+                )
+            if kind == b"jp2c":
+                fh.seek(pos + length - 2)
+                if fh.read(2) != b"\xff\xd9":
+                    raise InputError(
+                        f"{path}: {role} is truncated or corrupt: JPEG 2000 codestream has no end marker"
+                    )
+            pos += length
+
+
+# ---------------------------------------------------------------------------
+# Sentinel-2 products
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BandFile:
+    """Where one Sentinel-2 band lives and how its DN become reflectance."""
+
+    path: Path
+    offset: float = 0.0
+    quantification: float = 10000.0
+    nodata: tuple[float, ...] = (0.0,)
+    use_file_nodata: bool = True
+
+
+@dataclass(frozen=True)
+class SafeMetadata:
+    """What the stacking stage needs from MTD_MSIL1C.xml / MTD_MSIL2A.xml."""
+
+    level: str                        # "L1C" or "L2A"
+    product_type: str | None          # e.g. "S2MSI2A"
+    product_uri: str | None
+    processing_baseline: str | None   # e.g. "04.00"
+    start_time: dt.datetime | None
+    quantification: float
+    offsets: dict[str, float] = field(default_factory=dict)
+    image_files: tuple[str, ...] = ()
+
+    @property
+    def acquisition_date(self) -> dt.date | None:
+        return self.start_time.date() if self.start_time else None
+
+
+@dataclass(frozen=True)
+class SceneInputs:
+    """The bands a scene can supply (found, not yet opened) plus product facts."""
+
+    product: str                      # "S2_L2A", "S2_L1C" or "bands"
+    scene_id: str
+    acquisition_date: dt.date | None
+    bands: dict[str, BandFile]
+    scl: Path | None = None
+    metadata: SafeMetadata | None = None
+    origin: Path | None = None        # SAFE or folder the bands came from
+
+    def describe(self) -> str:
+        """Human-readable origin for messages."""
+        where = str(self.origin) if self.origin else "the band mapping"
+        return f"{self.product} input {where}"
+
+    def open_band(self, name: str) -> RasterSource:
+        """Open (metadata only) and validate the file of band ``name``."""
+        bf = self.bands[name]
+        return open_raster(bf.path, f"band {name}", nodata=bf.nodata, use_file_nodata=bf.use_file_nodata,
+                           offset=bf.offset, scale=1.0 / bf.quantification)
+
+    def open_scl(self) -> RasterSource | None:
+        """Open the scene classification layer, if the scene has one."""
+        if self.scl is None:
+            return None
+        return open_raster(self.scl, "scene classification layer (SCL)", use_file_nodata=False)
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _find_text(root: ET.Element, *names: str) -> str | None:
+    for el in root.iter():
+        if _local(el.tag) in names and el.text and el.text.strip():
+            return el.text.strip()
+    return None
+
+
+def parse_safe_metadata(xml_path: Path) -> SafeMetadata:
+    """Parse the product metadata file of an L1C or L2A SAFE product.
+
+    Reads the product type, processing baseline, start time, the quantification
+    value and the per-band additive offsets (``BOA_ADD_OFFSET`` for L2A,
+    ``RADIO_ADD_OFFSET`` for L1C; products from baselines before 04.00 have
+    none, which means 0).
+    """
+    level = "L2A" if "L2A" in xml_path.name.upper() else "L1C"
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (ET.ParseError, OSError) as exc:
+        raise InputError(f"{xml_path}: cannot parse product metadata ({exc})") from exc
+
+    # bandId -> band name, from the spectral information list when present
+    band_of_id: dict[str, str] = {str(i): b for i, b in enumerate(_SAFE_BAND_ORDER)}
+    for el in root.iter():
+        if _local(el.tag) == "Spectral_Information":
+            bid, phys = el.get("bandId"), el.get("physicalBand")
+            if bid is not None and phys:
+                try:
+                    band_of_id[bid] = canonical(phys)
+                except ValueError:
+                    log.warning("%s: unknown physicalBand %r ignored", xml_path, phys)
+
+    offset_tag = "BOA_ADD_OFFSET" if level == "L2A" else "RADIO_ADD_OFFSET"
+    offsets: dict[str, float] = {}
+    for el in root.iter():
+        if _local(el.tag) == offset_tag and el.text:
+            bid = el.get("band_id")
+            if bid not in band_of_id:
+                raise InputError(f"{xml_path}: {offset_tag} has unknown band_id {bid!r}")
+            try:
+                offsets[band_of_id[bid]] = float(el.text)
+            except ValueError:
+                raise InputError(f"{xml_path}: {offset_tag} band_id={bid}: not a number: {el.text!r}") from None
+
+    q_tag = ("BOA_QUANTIFICATION_VALUE",) if level == "L2A" else ("QUANTIFICATION_VALUE",)
+    q_text = _find_text(root, *q_tag)
+    if q_text is None:
+        log.warning("%s: no %s, assuming 10000", xml_path, q_tag[0])
+        quantification = 10000.0
+    else:
+        try:
+            quantification = float(q_text)
+        except ValueError:
+            raise InputError(f"{xml_path}: {q_tag[0]}: not a number: {q_text!r}") from None
+        if quantification <= 0:
+            raise InputError(f"{xml_path}: {q_tag[0]} must be positive, got {quantification}")
+
+    start_text = _find_text(root, "PRODUCT_START_TIME", "DATATAKE_SENSING_START")
+    start: dt.datetime | None = None
+    if start_text:
+        try:
+            start = dt.datetime.fromisoformat(start_text.replace("Z", "+00:00"))
+        except ValueError:
+            log.warning("%s: cannot parse PRODUCT_START_TIME %r", xml_path, start_text)
+
+    images = tuple(el.text.strip() for el in root.iter()
+                   if _local(el.tag) in ("IMAGE_FILE", "IMAGE_FILE_2A") and el.text and el.text.strip())
+    return SafeMetadata(
+        level=level,
+        product_type=_find_text(root, "PRODUCT_TYPE"),
+        product_uri=_find_text(root, "PRODUCT_URI"),
+        processing_baseline=_find_text(root, "PROCESSING_BASELINE"),
+        start_time=start,
+        quantification=quantification,
+        offsets=offsets,
+        image_files=images,
+    )
+
+
+def _band_token(name: str) -> str | None:
+    """``B02``/``B8A``/``SCL`` named in a Sentinel-2 file name, or None."""
+    tokens = {m.group(1).upper() for m in _BAND_TOKEN.finditer(Path(name).stem)}
+    if len(tokens) != 1:
+        return None
+    token = tokens.pop()
+    return token if token == "SCL" else canonical(token)
+
+
+def _pick_l2a_file(candidates: dict[str, dict[int, Path]], band: str) -> Path | None:
+    by_res = candidates.get(band, {})
+    if not by_res:
+        return None
+    native = S2_BANDS.get(band, 20)
+    return by_res[native] if native in by_res else by_res[min(by_res)]
+
+
+def read_safe(safe: Path, scene_id: str | None = None) -> SceneInputs:
+    """Find the band files and metadata of a Sentinel-2 L1C or L2A SAFE directory.
+
+    Bands are taken at their native resolution (L2A offers several). Files
+    listed in the metadata but missing on disk are an error naming them.
+    """
+    safe = Path(safe)
+    if not safe.exists():
+        raise InputError(f"{safe}: Sentinel-2 SAFE directory not found")
+    if not safe.is_dir():
+        raise InputError(f"{safe}: expected a Sentinel-2 .SAFE directory, found a file")
+    mtd = [p for p in (safe / "MTD_MSIL2A.xml", safe / "MTD_MSIL1C.xml") if p.is_file()]
+    if not mtd:
+        raise InputError(
+            f"{safe}: not a Sentinel-2 SAFE product: no MTD_MSIL2A.xml or MTD_MSIL1C.xml "
+            "(products in the pre-2017 multi-granule format are not supported)"
+        )
+    meta = parse_safe_metadata(mtd[0])
+    granules = sorted(p for p in (safe / "GRANULE").glob("*") if p.is_dir()) if (safe / "GRANULE").is_dir() else []
+    if not granules:
+        raise InputError(f"{safe}: no GRANULE/<id> directory with band files")
+    if len(granules) > 1:
+        raise InputError(f"{safe}: {len(granules)} granules found; only single-tile products are supported")
+    img = granules[0] / "IMG_DATA"
+
+    # candidate files: band -> resolution -> path
+    candidates: dict[str, dict[int, Path]] = {}
+    if meta.image_files:
+        listed = [safe / f"{rel}.jp2" for rel in meta.image_files]
+        for path in listed:
+            token = _band_token(path.name)
+            if token is None:
+                continue
+            if not path.is_file():
+                raise InputError(f"{path}: band file listed in {mtd[0].name} is missing from the product")
+            res = _res_of(path, img)
+            candidates.setdefault(token, {})[res] = path
+    else:
+        pattern = "R*m/*.jp2" if meta.level == "L2A" else "*.jp2"
+        for path in sorted(img.glob(pattern)):
+            token = _band_token(path.name)
+            if token is not None:
+                candidates.setdefault(token, {})[_res_of(path, img)] = path
+
+    bands: dict[str, BandFile] = {}
+    for band in S2_BANDS:
+        path = _pick_l2a_file(candidates, band)
+        if path is not None:
+            bands[band] = BandFile(path=path, offset=meta.offsets.get(band, 0.0),
+                                   quantification=meta.quantification, nodata=(0.0,), use_file_nodata=False)
+    if not bands:
+        raise InputError(f"{safe}: no band files found under {img}")
+    scl = None
+    if meta.level == "L2A":
+        scl_candidates = candidates.get("SCL", {})
+        scl = scl_candidates.get(20) or (scl_candidates[min(scl_candidates)] if scl_candidates else None)
+        if scl is None:
+            log.warning("%s: L2A product without SCL; the valid mask ignores scene classes", safe)
+
+    product_id = scene_id or (meta.product_uri or safe.name)
+    product_id = product_id.removesuffix(".SAFE")
+    log.info("SAFE %s: %s, baseline %s, %d bands, offsets %s", safe.name, meta.level,
+             meta.processing_baseline, len(bands), sorted(set(meta.offsets.values())) or [0])
+    return SceneInputs(product=f"S2_{meta.level}", scene_id=product_id,
+                       acquisition_date=meta.acquisition_date, bands=bands, scl=scl,
+                       metadata=meta, origin=safe)
+
+
+def _res_of(path: Path, img: Path) -> int:
+    """Resolution of a SAFE band file: from its R10m/R20m/R60m folder or name, else native."""
+    m = re.search(r"_(10|20|60)m$", path.stem) or re.fullmatch(r"R(10|20|60)m", path.parent.name)
+    if m:
+        return int(m.group(1))
+    token = _band_token(path.name)
+    return S2_BANDS.get(token or "", 10)
+
+
+def read_band_folder(folder: Path, section: SceneSection) -> SceneInputs:
+    """Find per-band files in ``folder`` by the band token in their names (B02, b8a, ...).
+
+    Two files naming the same band make the folder ambiguous: an error.
+    A file named with ``SCL`` is used as the scene classification layer.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: scene.bands_dir: folder not found")
+    found: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix.lower() not in RASTER_SUFFIXES:
+            continue
+        token = _band_token(path.name)
+        if token is not None:
+            found.setdefault(token, []).append(path)
+    clashes = {k: v for k, v in found.items() if len(v) > 1}
+    if clashes:
+        detail = "; ".join(f"{k}: {', '.join(p.name for p in v)}" for k, v in sorted(clashes.items()))
+        raise InputError(
+            f"{folder}: scene.bands_dir is ambiguous, several files per band ({detail}); "
+            "keep one file per band or list them under scene.bands"
+        )
+    bands = {k: _band_file(v[0], section) for k, v in found.items() if k != "SCL"}
+    if not bands:
+        raise InputError(
+            f"{folder}: scene.bands_dir holds no band files (expected names containing B01..B12 or B8A "
+            f"with one of {', '.join(RASTER_SUFFIXES)})"
+        )
+    scl = section.scl or (found["SCL"][0] if "SCL" in found else None)
+    return SceneInputs(product="bands", scene_id=section.id or folder.name,
+                       acquisition_date=section.acquisition_date, bands=bands, scl=scl, origin=folder)
+
+
+def read_band_mapping(mapping: Mapping[str, Path], section: SceneSection) -> SceneInputs:
+    """Per-band files given explicitly (band name -> file). Files are checked when opened."""
+    bands: dict[str, BandFile] = {}
+    for name, path in mapping.items():
+        try:
+            band = canonical(name)
+        except ValueError:
+            raise ConfigError(f"scene.bands.{name}: unknown band; expected one of {', '.join(S2_BANDS)}") from None
+        if band not in S2_BANDS:
+            raise ConfigError(f"scene.bands.{name}: not a Sentinel-2 band; expected one of {', '.join(S2_BANDS)}")
+        if band in bands:
+            raise ConfigError(f"scene.bands: band {band} given twice")
+        bands[band] = _band_file(Path(path), section)
+    if not bands:
+        raise ConfigError("scene.bands: empty mapping; give at least one band file")
+    first = next(iter(bands.values())).path
+    return SceneInputs(product="bands", scene_id=section.id or first.parent.name,
+                       acquisition_date=section.acquisition_date, bands=bands, scl=section.scl, origin=None)
+
+
+def _band_file(path: Path, section: SceneSection) -> BandFile:
+    nodata = () if section.nodata is None else (float(section.nodata),)
+    return BandFile(path=path, offset=section.dn_offset, quantification=section.quantification,
+                    nodata=nodata, use_file_nodata=True)
+
+
+def read_scene(section: SceneSection) -> SceneInputs:
+    """Find the bands of the scene described by ``section`` (SAFE, folder or mapping)."""
+    if section.safe is not None:
+        inputs = read_safe(section.safe, section.id)
+        if section.scl is not None:
+            inputs = replace(inputs, scl=section.scl)
+        return inputs
+    if section.bands_dir is not None:
+        return read_band_folder(section.bands_dir, section)
+    assert section.bands is not None
+    return read_band_mapping(section.bands, section)
+
+
+# ---------------------------------------------------------------------------
+# terrain
+# ---------------------------------------------------------------------------
+def open_dem(section: DemSection) -> RasterSource:
+    """Open the DEM (any CRS); voids are its nodata, ``void_values`` and NaN."""
+    return open_raster(section.path, "DEM", nodata=section.void_values, use_file_nodata=True)
+
+
+def open_slope(section: DemSection) -> RasterSource | None:
+    """Open the precomputed slope layer (degrees), if one is configured."""
+    if section.slope is None:
+        return None
+    return open_raster(section.slope, "slope layer", use_file_nodata=True)

@@ -1,0 +1,418 @@
+"""The stacking stage: every input layer on one lazy 10 m grid.
+
+:func:`stack_scene` turns a scene configuration into a :class:`Stack`: a
+dask-backed ``(band, y, x)`` float32 DataArray with the channels in the order
+asked for (Landslide4Sense order by default), plus a valid-data mask.
+
+Grid
+    The target CRS (default: the UTM zone of the scene centre) at the target
+    resolution, with pixel edges on multiples of the resolution (the
+    Sentinel-2 pixel grid). Extent: the footprint the requested bands share,
+    cut to the area of interest when one is given.
+
+Laziness
+    Each layer is a :func:`dask.array.from_array` over an array-like whose
+    ``__getitem__`` reads only the source window a destination block needs and
+    reprojects it (:meth:`pipeline.readers.RasterSource.read_onto`). Files are
+    opened inside the task, in the thread that runs it (GDAL handles are not
+    shared between threads). Memory depends on the block size, never on the
+    scene size. Slope is Horn's method on the reprojected DEM, block by block
+    with a one-pixel halo.
+
+Compute ``data`` and ``valid`` in the same dask graph (for example with
+:func:`dask.compute` or one ``map_blocks`` over both): ``valid`` is derived
+from the same blocks, so computing them separately reads the inputs twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+from dask.base import tokenize
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.errors import CRSError
+from rasterio.features import geometry_mask
+from rasterio.warp import transform_bounds
+from rasterio.windows import Window
+
+from .channels import DEM, L4S_CHANNELS, S2_BANDS, SLOPE, canonical
+from .config import AoiSection, SceneConfig
+from .errors import ChannelError, ConfigError, GridError, InputError
+from .grid import Bounds, Grid, intersect_bounds, utm_crs_for
+from .readers import RasterSource, SceneInputs, open_dem, open_slope, read_scene
+from .slope import horn_slope_dask
+
+log = logging.getLogger(__name__)
+
+#: Resampling of continuous layers (reflectance, DEM, precomputed slope).
+CONTINUOUS_RESAMPLING = Resampling.bilinear
+#: Resampling of class layers (SCL).
+CLASS_RESAMPLING = Resampling.nearest
+
+UNITS = {SLOPE: "degree", DEM: "metre"}
+
+
+@dataclass(frozen=True)
+class Stack:
+    """All channels of one scene on one grid, lazily."""
+
+    data: xr.DataArray      # dims ("band","y","x"), float32, dask-backed
+    valid: xr.DataArray     # dims ("y","x"), bool, dask-backed, same y/x chunks
+    grid: Grid
+    scene_id: str
+    acquisition_date: dt.date | None
+    product: str            # "S2_L2A", "S2_L1C" or "bands"
+
+
+# ---------------------------------------------------------------------------
+# channels
+# ---------------------------------------------------------------------------
+def resolve_channels(channels: Sequence[str]) -> tuple[str, ...]:
+    """Canonical channel names in the given order; unknown or repeated names are errors."""
+    out: list[str] = []
+    for name in channels:
+        try:
+            key = canonical(name)
+        except ValueError as exc:
+            raise ChannelError(str(exc)) from None
+        if key in out:
+            raise ChannelError(f"channel {key} asked for twice in {list(channels)}")
+        out.append(key)
+    if not out:
+        raise ChannelError("no channels asked for; give at least one channel")
+    return tuple(out)
+
+
+def available_channels(scene: SceneInputs) -> tuple[str, ...]:
+    """Channels the scene's inputs can supply (bands present, plus SLOPE and DEM from the DEM)."""
+    return (*[b for b in S2_BANDS if b in scene.bands], SLOPE, DEM)
+
+
+def check_channels(channels: Sequence[str], scene: SceneInputs) -> None:
+    """Raise :class:`ChannelError` naming every channel the scene cannot supply."""
+    have = available_channels(scene)
+    missing = [c for c in channels if c not in have]
+    if not missing:
+        return
+    note = " (L2A products have no B10)" if "B10" in missing and scene.product == "S2_L2A" else ""
+    raise ChannelError(
+        f"{scene.describe()} cannot supply channel(s) {', '.join(missing)}{note}; "
+        f"it has {', '.join(have)}. Ask for a subset of these channels (channels: in the scene "
+        "config) or use a model trained on them."
+    )
+
+
+# ---------------------------------------------------------------------------
+# grid
+# ---------------------------------------------------------------------------
+def _fmt_bounds(b: Bounds, digits: int = 4) -> str:
+    return "[" + ", ".join(f"{v:.{digits}f}" for v in b) + "]"
+
+
+def _lonlat_bounds(bounds: Bounds, crs: CRS) -> Bounds:
+    return transform_bounds(crs, "EPSG:4326", *bounds, densify_pts=21)
+
+
+def target_crs(setting: str, sources: Sequence[RasterSource]) -> CRS:
+    """The CRS asked for, or for ``'auto'`` the UTM zone of the centre of the sources' common footprint."""
+    if setting.strip().lower() != "auto":
+        try:
+            return CRS.from_user_input(setting)
+        except CRSError as exc:
+            raise ConfigError(f"grid.crs: not a valid CRS: {setting!r} ({exc})") from None
+    boxes = [_lonlat_bounds(s.bounds, s.crs) for s in sources]
+    common = boxes[0]
+    for box in boxes[1:]:
+        common = intersect_bounds(common, box) or common
+    return utm_crs_for((common[0] + common[2]) / 2, (common[1] + common[3]) / 2)
+
+
+def scene_footprint(sources: Sequence[RasterSource], crs: CRS) -> Bounds:
+    """Bounds in ``crs`` covered by every source."""
+    footprint: Bounds | None = None
+    for src in sources:
+        b = src.bounds_in(crs)
+        footprint = b if footprint is None else intersect_bounds(footprint, b)
+        if footprint is None:
+            names = ", ".join(f"{s.path.name} {_fmt_bounds(_lonlat_bounds(s.bounds, s.crs))}" for s in sources)
+            raise GridError(f"the scene's band files do not overlap each other (lon/lat bounds: {names})")
+    assert footprint is not None
+    return footprint
+
+
+def aoi_bounds(aoi: AoiSection, crs: CRS) -> tuple[Bounds, list[Any] | None, str]:
+    """AOI bounds in ``crs``, its geometries (vector AOIs) and a description for messages."""
+    if aoi.bbox is not None:
+        try:
+            bounds = transform_bounds(aoi.crs, crs, *aoi.bbox, densify_pts=21)
+        except (CRSError, ValueError) as exc:
+            raise ConfigError(f"aoi.crs: cannot use {aoi.crs!r} ({exc})") from None
+        return bounds, None, f"aoi.bbox {list(aoi.bbox)} ({aoi.crs})"
+    assert aoi.path is not None
+    path = Path(aoi.path)
+    if not path.exists():
+        raise InputError(f"{path}: aoi.path: file not found")
+    import geopandas as gpd
+
+    try:
+        gdf = gpd.read_file(path)
+    except Exception as exc:  # pyogrio raises several unrelated types
+        raise InputError(f"{path}: aoi.path cannot be read as a vector file ({exc})") from exc
+    if gdf.empty:
+        raise InputError(f"{path}: aoi.path holds no features")
+    if gdf.crs is None:
+        raise InputError(f"{path}: aoi.path has no CRS; save it with one (EPSG:4326 for lon/lat)")
+    gdf = gdf.to_crs(crs)
+    geoms = [g for g in gdf.geometry if g is not None and not g.is_empty]
+    if not geoms:
+        raise InputError(f"{path}: aoi.path holds only empty geometries")
+    return tuple(gdf.total_bounds), geoms, f"aoi.path {path}"
+
+
+def check_overlap(source: RasterSource, grid: Grid, what: str) -> float:
+    """Fraction of ``grid`` covered by ``source``; :class:`GridError` when they do not overlap."""
+    scene = grid.bounds_in(source.crs)
+    common = intersect_bounds(scene, source.bounds)
+    if common is None:
+        raise GridError(
+            f"{source.path}: {what} does not overlap the scene: it covers lon/lat "
+            f"{_fmt_bounds(_lonlat_bounds(source.bounds, source.crs))}, the scene covers "
+            f"{_fmt_bounds(grid.bounds_in('EPSG:4326'))}; give a {what} that covers the scene"
+        )
+    area = (scene[2] - scene[0]) * (scene[3] - scene[1])
+    frac = (common[2] - common[0]) * (common[3] - common[1]) / area if area > 0 else 1.0
+    if frac < 0.999:
+        log.warning("%s covers only %.0f %% of the scene; uncovered pixels are invalid", source.path, 100 * frac)
+    return frac
+
+
+def build_grid(cfg: SceneConfig, sources: Sequence[RasterSource]) -> tuple[Grid, list[Any] | None]:
+    """The output grid for ``cfg`` given the band sources that define the footprint."""
+    crs = target_crs(cfg.grid.crs, sources)
+    extent = scene_footprint(sources, crs)
+    geoms = None
+    if cfg.aoi is not None:
+        aoi, geoms, desc = aoi_bounds(cfg.aoi, crs)
+        inside = intersect_bounds(extent, aoi)
+        if inside is None:
+            raise GridError(
+                f"{desc} lies outside the scene: the scene covers lon/lat "
+                f"{_fmt_bounds(_lonlat_bounds(extent, crs))}; give an AOI inside the scene"
+            )
+        if inside != tuple(aoi):
+            log.warning("%s extends beyond the scene; cut to the scene footprint", desc)
+        extent = inside
+    grid = Grid.from_bounds(extent, crs, cfg.grid.resolution)
+    log.info("grid: %s, %d x %d px at %g", crs.to_string(), grid.width, grid.height, cfg.grid.resolution)
+    return grid, geoms
+
+
+# ---------------------------------------------------------------------------
+# lazy layers
+# ---------------------------------------------------------------------------
+def _axis_index(key: Any, n: int) -> tuple[int, int, Any]:
+    """(start, stop, index relative to start) covering ``key`` on an axis of length ``n``."""
+    if isinstance(key, slice):
+        start, stop, step = key.indices(n)
+        if step == 1:
+            return start, max(start, stop), slice(None)
+        idx = np.arange(start, stop, step)
+    elif isinstance(key, (int, np.integer)):
+        i = int(key) + (n if key < 0 else 0)
+        if not 0 <= i < n:
+            raise IndexError(f"index {key} out of range for axis of length {n}")
+        return i, i + 1, 0
+    else:
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        idx = np.where(idx < 0, idx + n, idx)
+    if idx.size == 0:
+        return 0, 0, slice(None)
+    lo, hi = int(idx.min()), int(idx.max()) + 1
+    return lo, hi, idx - lo
+
+
+def _split_key(key: Any, shape: tuple[int, int]) -> tuple[tuple[int, int, Any], tuple[int, int, Any]]:
+    if not isinstance(key, tuple):
+        key = (key,)
+    if any(k is Ellipsis for k in key):
+        i = key.index(Ellipsis)
+        key = key[:i] + (slice(None),) * (2 - len(key) + 1) + key[i + 1:]
+    key = key + (slice(None),) * (2 - len(key))
+    if len(key) != 2:
+        raise IndexError(f"too many indices for a 2-D layer: {key}")
+    return _axis_index(key[0], shape[0]), _axis_index(key[1], shape[1])
+
+
+class _GridLayer:
+    """Array-like (rows, cols) view of something computed per window of a grid."""
+
+    ndim = 2
+
+    def __init__(self, grid: Grid, dtype: np.dtype[Any]) -> None:
+        self.grid = grid
+        self.shape = grid.shape
+        self.dtype = dtype
+
+    def read(self, window: Grid) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        (r0, r1, ri), (c0, c1, ci) = _split_key(key, self.shape)
+        if r1 <= r0 or c1 <= c0:
+            block = np.empty((max(r1 - r0, 0), max(c1 - c0, 0)), self.dtype)
+        else:
+            block = self.read(self.grid.window(Window(c0, r0, c1 - c0, r1 - r0)))
+        if isinstance(ri, int) or isinstance(ci, int):
+            return block[ri, ci]
+        return block[ri][:, ci]
+
+
+class WarpedLayer(_GridLayer):
+    """One raster source resampled onto a grid, read window by window."""
+
+    def __init__(self, source: RasterSource, grid: Grid, resampling: Resampling) -> None:
+        super().__init__(grid, np.dtype(np.float32))
+        self.source = source
+        self.resampling = resampling
+
+    def read(self, window: Grid) -> np.ndarray:
+        return self.source.read_onto(window, self.resampling)
+
+
+class GeometryLayer(_GridLayer):
+    """True inside the given geometries (pixel centres), rasterised window by window."""
+
+    def __init__(self, geoms: Sequence[Any], grid: Grid) -> None:
+        super().__init__(grid, np.dtype(bool))
+        self.geoms = list(geoms)
+
+    def read(self, window: Grid) -> np.ndarray:
+        return geometry_mask(self.geoms, out_shape=window.shape, transform=window.transform, invert=True)
+
+
+def _file_token(path: Path) -> tuple[str, int, int]:
+    try:
+        st = os.stat(path)
+        return (str(path), st.st_mtime_ns, st.st_size)
+    except OSError:
+        return (str(path), 0, 0)
+
+
+def lazy_layer(source: RasterSource, grid: Grid, block: int, resampling: Resampling, label: str) -> da.Array:
+    """A dask array of ``source`` on ``grid`` in ``block`` x ``block`` chunks."""
+    layer = WarpedLayer(source, grid, resampling)
+    token = tokenize(_file_token(source.path), source.band, source.nodata, source.offset, source.scale,
+                     grid.to_dict(), block, resampling.name)
+    return da.from_array(layer, chunks=(block, block), name=f"{label.lower()}-{token}", asarray=False,
+                         lock=False, meta=np.empty((0, 0), np.float32))
+
+
+def _coords(grid: Grid) -> dict[str, np.ndarray]:
+    t = grid.transform
+    return {
+        "y": t.f + (np.arange(grid.height) + 0.5) * t.e,
+        "x": t.c + (np.arange(grid.width) + 0.5) * t.a,
+    }
+
+
+def _georeference(arr: xr.DataArray, grid: Grid) -> xr.DataArray:
+    arr = arr.rio.write_crs(grid.crs)
+    return arr.rio.write_transform(grid.transform)
+
+
+# ---------------------------------------------------------------------------
+# the stage
+# ---------------------------------------------------------------------------
+def stack_scene(cfg: SceneConfig, channels: Sequence[str] | None = None) -> Stack:
+    """Stack the scene of ``cfg`` onto one grid, lazily.
+
+    ``channels`` defaults to ``cfg.channels``, then to the Landslide4Sense
+    order. Raises :class:`ChannelError` when the inputs cannot supply a
+    channel, :class:`InputError` for missing or unusable files and
+    :class:`GridError` when layers or the AOI do not overlap the scene. No
+    pixel is read here.
+    """
+    names = resolve_channels(channels if channels is not None else (cfg.channels or L4S_CHANNELS))
+    scene = read_scene(cfg.scene)
+    check_channels(names, scene)
+
+    bands = {n: scene.open_band(n) for n in names if n in S2_BANDS}
+    dem = open_dem(cfg.dem)
+    slope_src = open_slope(cfg.dem) if SLOPE in names else None
+    scl = scene.open_scl()
+
+    footprint_sources = list(bands.values())
+    if not footprint_sources:  # only terrain asked for: the finest band defines the footprint
+        finest = min(scene.bands, key=lambda b: (S2_BANDS[b], b))
+        footprint_sources = [scene.open_band(finest)]
+    grid, aoi_geoms = build_grid(cfg, footprint_sources)
+    check_overlap(dem, grid, "DEM")
+    if slope_src is not None:
+        check_overlap(slope_src, grid, "slope layer")
+    if scl is not None:
+        check_overlap(scl, grid, "scene classification layer")
+
+    block = cfg.grid.block_size
+    dem_arr = lazy_layer(dem, grid, block, CONTINUOUS_RESAMPLING, "dem")
+    layers: dict[str, da.Array] = {}
+    for name in names:
+        if name in bands:
+            layers[name] = lazy_layer(bands[name], grid, block, CONTINUOUS_RESAMPLING, name)
+        elif name == DEM:
+            layers[name] = dem_arr
+        elif name == SLOPE:
+            if slope_src is not None:
+                layers[name] = lazy_layer(slope_src, grid, block, CONTINUOUS_RESAMPLING, "slope")
+            else:
+                layers[name] = horn_slope_dask(dem_arr, *grid.res)
+    data = da.stack([layers[n] for n in names], axis=0).rechunk((len(names), block, block))
+
+    valid = ~da.isnan(data).any(axis=0) & ~da.isnan(dem_arr)
+    if scl is not None:
+        excluded = cfg.mask.excluded_scl_classes()
+        scl_arr = lazy_layer(scl, grid, block, CLASS_RESAMPLING, "scl")
+        valid = valid & ~da.isnan(scl_arr) & ~da.isin(scl_arr, np.asarray(excluded, np.float32))
+        log.info("valid mask excludes SCL classes %s", excluded)
+    if aoi_geoms is not None:
+        inside = GeometryLayer(aoi_geoms, grid)
+        valid = valid & da.from_array(inside, chunks=(block, block), asarray=False, lock=False,
+                                      name=f"aoi-{tokenize(grid.to_dict(), block, [g.wkb for g in aoi_geoms])}",
+                                      meta=np.empty((0, 0), bool))
+
+    coords = _coords(grid)
+    data_xr = xr.DataArray(
+        data,
+        dims=("band", "y", "x"),
+        coords={"band": list(names), **coords},
+        name="stack",
+        attrs={"units": [UNITS.get(n, "reflectance") for n in names], "long_name": list(names)},
+    )
+    data_xr = _georeference(data_xr, grid).rio.write_nodata(np.nan, encoded=False)
+    valid_xr = _georeference(xr.DataArray(valid, dims=("y", "x"), coords=coords, name="valid"), grid)
+    log.info("stack %s: %s, %d channels (%s), blocks of %d px", scene.scene_id, scene.product,
+             len(names), ", ".join(names), block)
+    return Stack(data=data_xr, valid=valid_xr, grid=grid, scene_id=scene.scene_id,
+                 acquisition_date=scene.acquisition_date, product=scene.product)
+
+
+def save_stack(stack: Stack, path: Path, *, overview: bool = True) -> Path:
+    """Write the stack as a float32 COG (NaN where invalid), block by block and atomically."""
+    from .cog import write_cog
+
+    masked = stack.data.where(stack.valid)
+    return write_cog(masked, stack.grid, path, dtype="float32", nodata=math.nan,
+                     band_names=[str(b) for b in stack.data["band"].values], overview=overview)

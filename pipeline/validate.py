@@ -1,0 +1,134 @@
+"""Check a scene's inputs without processing pixels, and the ``stack`` command.
+
+:func:`validate_scene` opens every input the configuration names (metadata
+only), checks the channels, builds the output grid and checks that the DEM,
+slope, SCL and AOI overlap the scene. It returns every problem it finds
+rather than stopping at the first, so one run tells the user all that is
+wrong.
+
+:func:`cli_stack` stacks a scene and writes the stack as a COG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .channels import L4S_CHANNELS, S2_BANDS, SLOPE
+from .config import SceneConfig, load_scene_config
+from .errors import PipelineError
+from .readers import RasterSource, open_dem, open_slope, read_scene
+from .stack import build_grid, check_channels, check_overlap, resolve_channels, save_stack, stack_scene
+
+log = logging.getLogger(__name__)
+
+
+def validate_scene(cfg: SceneConfig, channels: Sequence[str] | None = None) -> list[str]:
+    """Problems with the inputs of ``cfg`` (empty list: all good). Reads no pixels.
+
+    Checks that every file exists, opens with GDAL, has a CRS and is not
+    visibly truncated; that the inputs supply the requested channels
+    (``channels``, else ``cfg.channels``, else the Landslide4Sense order);
+    that the bands share a footprint; that the AOI lies inside the scene; and
+    that the DEM (and slope / SCL layers) overlap it.
+    """
+    problems: list[str] = []
+
+    def attempt(fn, *args):  # type: ignore[no-untyped-def]
+        try:
+            return fn(*args)
+        except PipelineError as exc:
+            problems.append(str(exc))
+            return None
+
+    names = attempt(resolve_channels, channels if channels is not None else (cfg.channels or L4S_CHANNELS))
+    scene = attempt(read_scene, cfg.scene)
+    dem = attempt(open_dem, cfg.dem)
+    slope = attempt(open_slope, cfg.dem) if cfg.dem.slope is not None else None
+    if scene is None:
+        return problems
+    if names is not None:
+        attempt(check_channels, names, scene)
+    wanted = [n for n in (names or ()) if n in scene.bands and n in S2_BANDS]
+    bands: list[RasterSource] = []
+    for name in wanted:
+        src = attempt(scene.open_band, name)
+        if src is not None:
+            bands.append(src)
+    scl = attempt(scene.open_scl)
+    if not wanted and scene.bands:
+        finest = min(scene.bands, key=lambda b: (S2_BANDS[b], b))
+        src = attempt(scene.open_band, finest)
+        if src is not None:
+            bands.append(src)
+    if not bands or len(bands) < len(wanted):
+        return problems
+    built = attempt(build_grid, cfg, bands)
+    if built is None:
+        return problems
+    grid, _ = built
+    if dem is not None:
+        attempt(check_overlap, dem, grid, "DEM")
+    if slope is not None and (names is None or SLOPE in names):
+        attempt(check_overlap, slope, grid, "slope layer")
+    if scl is not None:
+        attempt(check_overlap, scl, grid, "scene classification layer")
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------
+def _channel_list(text: str) -> list[str]:
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
+def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``validate``: the scene config and an optional channel list."""
+    parser.add_argument("config", type=Path, help="scene YAML file")
+    parser.add_argument("--channels", type=_channel_list, default=None,
+                        help="comma-separated channels to check (default: channels: in the config, "
+                             "else the Landslide4Sense 14 channels)")
+
+
+def cli_validate(args: argparse.Namespace) -> int:
+    """Check a scene config and its inputs; print the problems. Exit code 0 when all is well."""
+    try:
+        cfg = load_scene_config(args.config)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    problems = validate_scene(cfg, args.channels)
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"{args.config}: OK")
+    return 0
+
+
+def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``stack``: the scene config, the output COG and the channels."""
+    parser.add_argument("config", type=Path, help="scene YAML file")
+    parser.add_argument("--out", "-o", type=Path, default=None,
+                        help="output COG (default: <output.dir>/<scene id>_stack.tif)")
+    parser.add_argument("--channels", type=_channel_list, default=None,
+                        help="comma-separated channels in output order (default: channels: in the "
+                             "config, else the Landslide4Sense 14 channels)")
+
+
+def cli_stack(args: argparse.Namespace) -> int:
+    """Stack a scene onto its 10 m grid and write it as a float32 COG (NaN = invalid)."""
+    try:
+        cfg = load_scene_config(args.config)
+        stack = stack_scene(cfg, args.channels)
+        out = args.out or cfg.output.dir / f"{stack.scene_id}_stack.tif"
+        save_stack(stack, out)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
