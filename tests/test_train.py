@@ -1,0 +1,148 @@
+"""Training config, k-fold protocol, reproducibility and artefact metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from pipeline.artefact import load_artefact
+from pipeline.datasets import data_checksum, find_patches
+from pipeline.errors import ConfigError
+from pipeline.train import TrainConfig, _lr_at, kfold_indices, load_train_config, train
+
+PATCH_IDS = ("1", "28", "461", "512")
+
+
+def _four_patches(shared_data: Path, root: Path, split_dir: str | None = None, ids: tuple[str, ...] = PATCH_IDS) -> Path:
+    """Link four real patches into ``root`` (flat, or ``root/split_dir``)."""
+    src = shared_data / "l4s" / "train"
+    base = root / split_dir if split_dir else root
+    for sub, prefix in (("img", "image"), ("mask", "mask")):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+        for i in ids:
+            (base / sub / f"{prefix}_{i}.h5").symlink_to(src / sub / f"{prefix}_{i}.h5")
+    return root
+
+
+def _yaml(path: Path, body: str) -> Path:
+    path.write_text(body)
+    return path
+
+
+TINY = """
+data:
+  root: {root}
+  {extra_data}
+model:
+  architecture: PlainUnet
+  encoder: null
+  options: {{base_channels: 4, depth: 2}}
+  channels: [B02, B03, B04, B08, SLOPE, DEM]
+epochs: 2
+batch_size: 2
+cv: {{folds: 2}}
+seed: {seed}
+augment: {{noise_std: 0.05}}
+output:
+  artefact: {out}
+"""
+
+
+def _tiny(tmp_path: Path, name: str, root: Path, seed: int = 7, extra_data: str = "") -> TrainConfig:
+    cfg_path = _yaml(tmp_path / f"{name}.yaml", TINY.format(root=root, out=f"out/{name}.safetensors", seed=seed,
+                                                            extra_data=extra_data))
+    return load_train_config(cfg_path)
+
+
+def test_config_paths_are_relative_to_the_yaml_file(tmp_path: Path) -> None:
+    cfg = load_train_config(_yaml(tmp_path / "t.yaml", "data: {root: patches}\noutput: {artefact: m.safetensors}\n"))
+    assert cfg.data.root == tmp_path / "patches"
+    assert cfg.output.artefact == tmp_path / "m.safetensors"
+    assert cfg.model.normalization["method"] == "patch_robust"
+
+
+def test_config_refuses_unknown_keys_duplicates_and_bad_channels(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"t1.yaml:3: optimizer.lrate: unknown key"):
+        load_train_config(_yaml(tmp_path / "t1.yaml", "data: {root: p}\noutput: {artefact: m.safetensors}\n"
+                                                      "optimizer: {lrate: 0.1}\n"))
+    with pytest.raises(ConfigError, match="duplicate key 'epochs'"):
+        load_train_config(_yaml(tmp_path / "t2.yaml", "epochs: 1\nepochs: 2\n"))
+    with pytest.raises(ConfigError, match="model.channels"):
+        load_train_config(_yaml(tmp_path / "t3.yaml", "data: {root: p}\noutput: {artefact: m.safetensors}\n"
+                                                      "model: {channels: [B02, B99]}\n"))
+    with pytest.raises(ConfigError, match="loss.name"):
+        load_train_config(_yaml(tmp_path / "t4.yaml", "data: {root: p}\noutput: {artefact: m.safetensors}\n"
+                                                      "loss: {name: hinge}\n"))
+
+
+def test_folds_partition_the_patches_and_spread_landslides() -> None:
+    fractions = [0.0, 0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.0, 0.04]
+    folds = kfold_indices(fractions, 5, seed=3)
+    assert sorted(i for f in folds for i in f) == list(range(10))
+    assert all(len(f) == 2 for f in folds)
+    # stratified: the two richest patches never share a fold
+    assert not any({6, 7} <= set(f) for f in folds)
+    assert folds == kfold_indices(fractions, 5, seed=3)
+    with pytest.raises(ConfigError, match="folds"):
+        kfold_indices([0.1, 0.2], 3, 0)
+
+
+def test_cosine_schedule_with_warmup() -> None:
+    cfg = TrainConfig.model_validate({
+        "data": {"root": "x"}, "output": {"artefact": "m.safetensors"},
+        "optimizer": {"lr": 1e-3, "min_lr": 0.0, "warmup_epochs": 2, "schedule": "cosine"},
+    })
+    assert _lr_at(cfg, 0, 12) == pytest.approx(5e-4)
+    assert _lr_at(cfg, 2, 12) == pytest.approx(1e-3)
+    assert _lr_at(cfg, 7, 12) == pytest.approx(5e-4)
+    assert _lr_at(cfg, 12, 12) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_two_epoch_cv_run_is_reproducible_and_fills_the_metadata(shared_data: Path, tmp_path: Path) -> None:
+    root = _four_patches(shared_data, tmp_path / "patches")
+    a = train(_tiny(tmp_path, "a", root))
+    b = train(_tiny(tmp_path, "b", root))
+    c = train(_tiny(tmp_path, "c", root, seed=8))
+    wa, wb, wc = (load_file(str(r.artefact)) for r in (a, b, c))
+    assert wa.keys() == wb.keys()
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert any(not np.array_equal(wa[k], wc[k]) for k in wa if wa[k].dtype.kind == "f")
+    assert a.metrics["cv"]["micro"] == b.metrics["cv"]["micro"]
+
+    art = load_artefact(a.artefact)
+    assert art.channels == ["B02", "B03", "B04", "B08", "SLOPE", "DEM"]
+    assert art.normalization["method"] == "patch_robust"
+    assert 0 < art.threshold < 1 and art.threshold == a.threshold == art.metrics["cv"]["threshold"]
+    cv = art.metrics["cv"]
+    assert cv["patches"] == 4 and len(cv["folds"]) == 2
+    assert {"precision", "recall", "f1", "iou", "tp", "fp", "fn", "tn"} <= set(cv["micro"])
+    assert cv["micro"]["tp"] + cv["micro"]["fp"] + cv["micro"]["fn"] + cv["micro"]["tn"] == 4 * 128 * 128
+    assert "caveat" in art.metrics and "4 Landslide4Sense patches" in art.metrics["caveat"]
+    data = art.training["data"]
+    assert data["checksum_sha256"] == data_checksum(find_patches(root))
+    assert data["patch_ids"] == list(PATCH_IDS)
+    assert art.training["config"]["model"]["architecture"] == "PlainUnet"
+    assert art.training["config"]["augment"]["noise_std"] == 0.05
+    assert art.training["epochs"] >= 1 and art.training["versions"]["torch"]
+    assert art.arch_kwargs == {"base_channels": 4, "depth": 2}
+
+    log = [json.loads(line) for line in Path(art.training["log"]).read_text().splitlines()]
+    assert [r["run"] for r in log[:2]] == ["fold 1/2", "fold 1/2"]
+    assert all("val_f1" in r for r in log if r["run"].startswith("fold"))
+    assert log[-1]["run"] == "final"
+
+
+def test_validation_split_chooses_checkpoint_and_threshold_on_validation(shared_data: Path, tmp_path: Path) -> None:
+    root = _four_patches(shared_data, tmp_path / "l4s", "TrainData", ids=("1", "28", "461"))
+    _four_patches(shared_data, tmp_path / "l4s", "ValidData", ids=("512",))
+    cfg = _tiny(tmp_path, "v", root, extra_data="train_split: train\n  valid_split: valid")
+    result = train(cfg)
+    art = load_artefact(result.artefact)
+    assert art.metrics["patches"] == 1
+    assert "validation" in art.metrics["protocol"]
+    assert art.training["data"]["valid_patches"] == 1 and art.training["data"]["patches"] == 3
+    assert 1 <= art.training["best_epoch"] <= 2
