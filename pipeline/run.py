@@ -36,7 +36,7 @@ from typing import Any
 
 from . import __version__
 from .config import SceneConfig, load_scene_config
-from .errors import ChannelError, ModelError, OutputError
+from .errors import ModelError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +149,8 @@ def run_scene(cfg: SceneConfig, *, force: bool = False, client: Any = None) -> R
 
     from .stack import stack_scene
 
-    channels = list(models[0].channels)
     with timer("stack-graph"):
-        stack = stack_scene(cfg, channels)
+        stack = stack_scene(cfg, stack_channels(cfg, list(models[0].channels)))
     scene_dir = cfg.output.dir / _safe_name(stack.scene_id)
     run_dir = scene_dir / f"run-{key[:12]}"
     gpkg_path = run_dir / f"{_safe_name(stack.scene_id)}_landslides.gpkg"
@@ -176,29 +175,21 @@ def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:120] or "scene"
 
 
-def _optional_layers(cfg: SceneConfig, have: list[str], want: list[str]) -> Any:
-    """Stack extra channels for attributes and rules when the inputs have them."""
-    from .stack import stack_scene
+#: Channels used by attributes, terrain/NDVI rules and the quicklook, stacked when the inputs have them.
+EXTRA_CHANNELS = ("SLOPE", "DEM", "B04", "B03", "B02", "B08")
 
-    extra = [c for c in want if c not in have]
-    if not extra:
-        return None
-    try:
-        return stack_scene(cfg, extra)
-    except ChannelError:
-        available = []
-        for c in extra:
-            try:
-                stack_scene(cfg, [c])
-                available.append(c)
-            except ChannelError:
-                log.info("channel %s not available: attributes/rules that need it are skipped", c)
-        return stack_scene(cfg, available) if available else None
+
+def stack_channels(cfg: SceneConfig, model_channels: list[str]) -> list[str]:
+    """The model's channels, then the extras the inputs can supply (one stack for everything)."""
+    from .readers import read_scene
+    from .stack import available_channels
+
+    have = set(available_channels(read_scene(cfg.scene)))
+    return model_channels + [c for c in EXTRA_CHANNELS if c in have and c not in model_channels]
 
 
 def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, client) -> RunResult:  # noqa: ANN001, PLR0913
     import numpy as np
-    import xarray as xr
 
     from postprocess.gpkg import write_geopackage
     from postprocess.pipeline import polygons_from_probability
@@ -212,13 +203,15 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
     n_valid = None
 
     if cfg.output.save_stack:
+        from .stack import save_stack
+
         with timer("save-stack"):
-            write_cog(stack.data, grid, run_dir / "stack.tif", dtype="float32", nodata=float("nan"),
-                      band_names=list(stack.data.band.values))
+            save_stack(stack, run_dir / "stack.tif")
 
     with timer("infer"):
         options = InferenceOptions.from_config(cfg.model, block_size=cfg.grid.block_size)
-        pred = predict(stack.data, stack.valid, grid, models, options)
+        model_data = stack.data.sel(band=list(first.channels))
+        pred = predict(model_data, stack.valid, grid, models, options)
         prob_path = run_dir / "probability.tif"
         write_cog(pred.probability, grid, prob_path, dtype="float32", nodata=float("nan"))
         unc_path = None
@@ -232,13 +225,7 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
     uncertainty = _open_lazy(unc_path, chunks) if unc_path else None
     valid = stack.valid
 
-    extra = _optional_layers(cfg, list(stack.data.band.values), ["SLOPE", "DEM", "B04", "B08", "B03", "B02"])
-    layers: dict[str, xr.DataArray] = {}
-    for source in (stack, extra):
-        if source is None:
-            continue
-        for name in source.data.band.values:
-            layers.setdefault(str(name), source.data.sel(band=name))
+    layers = {str(name): stack.data.sel(band=name) for name in stack.data.band.values}
 
     threshold = cfg.postprocess.threshold if cfg.postprocess.threshold is not None else float(first.threshold)
     context = {
@@ -265,13 +252,11 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
             "model_sha256": context["model_sha256"], "threshold": threshold, "grid": grid.to_dict(),
             "config": str(cfg.source), "pipeline_version": __version__,
         }
-        out_gdf = gdf.to_crs("EPSG:4326") if cfg.output.crs == "EPSG:4326" else gdf
-        write_geopackage(out_gdf, gpkg_path, layer="landslides", metadata=metadata)
+        write_geopackage(gdf, gpkg_path, layer="landslides", metadata=metadata, crs=cfg.output.crs)
         if cfg.output.quicklook and all(b in layers for b in ("B04", "B03", "B02")):
             from postprocess.quicklook import write_quicklook
 
-            rgb = xr.concat([layers["B04"], layers["B03"], layers["B02"]], dim="band")
-            write_quicklook(rgb, valid, gdf, grid, run_dir / "quicklook.png")
+            write_quicklook(stack.data, grid, gdf, run_dir / "quicklook.png", valid=valid)
         if not cfg.output.probability_cog:
             prob_path.unlink(missing_ok=True)
 
@@ -359,22 +344,20 @@ def cli_validate(args: argparse.Namespace) -> int:
     from .validate import validate_scene
 
     cfg = load_scene_config(args.config)
-    problems = list(validate_scene(cfg))
+    problems: list[str] = []
+    channels = cfg.channels
     try:
         models = load_models(cfg)
+        channels = channels or list(models[0].channels)
+        names = ", ".join(f"{m.name} ({len(m.channels)} channels)" for m in models)
     except ModelError as exc:
         problems.append(str(exc))
-        models = []
-    if models:
-        from .stack import stack_scene
-
-        try:
-            stack_scene(cfg, list(models[0].channels))
-        except ChannelError as exc:
-            problems.append(f"model {models[0].name}: {exc}")
+        names = None
+    problems += validate_scene(cfg, channels)
     if problems:
+        print(f"{args.config}: {len(problems)} problem(s):")
         for p in problems:
-            print(f"problem: {p}")
+            print(f"  - {p}")
         return 1
-    print(f"{args.config}: OK (inputs readable, grid and channels consistent)")
+    print(f"{args.config}: OK - inputs readable, georeferenced and overlapping; model {names} can run on them")
     return 0
