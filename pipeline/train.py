@@ -581,7 +581,7 @@ def train(cfg: TrainConfig, source: Path | None = None) -> TrainResult:
     log_path = cfg.output.log or cfg.output.artefact.with_name(cfg.output.artefact.stem + ".log.jsonl")
     jlog = _JsonLog(log_path)
     data_info: dict[str, Any] = {
-        "root": str(d.root),
+        "root": str(Path(d.root).resolve()),
         "train_split": d.train_split,
         "patches": len(records),
         "patch_ids": [r.id for r in records],

@@ -1,0 +1,157 @@
+"""Our training recipe vs the Landslide4Sense official baseline recipe, same patches, same folds.
+
+    python benchmarks/bench_recipes.py            # full: 5 folds, epochs of configs/train_default.yaml
+    python benchmarks/bench_recipes.py --quick    # 3 folds, 12 epochs (a smoke run, minutes)
+
+Both recipes are cross-validated on the labelled patches (default
+../shared/data/l4s/train) with the same stratified folds and the same epoch
+budget and batch size; a Random Forest baseline runs on the same folds.
+
+* ours: configs/train_default.yaml as shipped (architecture, loss,
+  augmentation, AdamW + cosine schedule, per-patch robust normalization,
+  threshold chosen on the pooled out-of-fold predictions);
+* official: the Landslide4Sense 2022 baseline (iarai/Landslide4Sense-2022,
+  Train.py): plain U-Net (16-256 features), two-class cross-entropy (one
+  logit + BCE is the same loss), no augmentation, Adam lr 1e-3 with weight
+  decay 5e-4 and no schedule, the official per-band mean/std normalization,
+  argmax decision (threshold 0.5), checkpoint kept at the best held-out F1.
+
+Printed: pooled out-of-fold F1 (the competition metric) at each recipe's
+own decision rule, plus F1 at 0.5 and at the out-of-fold best threshold for
+both, and the median over ``--seeds`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.channels import L4S_CHANNELS  # noqa: E402
+
+#: Per-band mean/std of the official baseline (dataset/landslide_dataset.py).
+OFFICIAL_MEAN = [-0.4914, -0.3074, -0.1277, -0.0625, 0.0439, 0.0803, 0.0644, 0.0802, 0.3000, 0.4082, 0.0823,
+                 0.0516, 0.3338, 0.7819]
+OFFICIAL_STD = [0.9325, 0.8775, 0.8860, 0.8869, 0.8857, 0.8418, 0.8354, 0.8491, 0.9061, 1.6072, 0.8848, 0.9232,
+                0.9018, 1.2913]
+
+
+def recipes(data: Path, epochs: int | None, folds: int, seed: int, threads: int) -> dict[str, Any]:
+    """The two TrainConfigs, built on the same data, budget and seed."""
+    from pipeline.train import TrainConfig, load_train_config
+
+    ours = load_train_config(ROOT / "configs" / "train_default.yaml")
+    common = {
+        "data": {"root": str(data)},
+        "epochs": epochs or ours.epochs,
+        "batch_size": ours.batch_size,
+        "cv": {"folds": folds},
+        "seed": seed,
+        "threads": threads,
+        "output": {"artefact": "/dev/null/unused.safetensors"},
+    }
+    ours_d = ours.model_dump(mode="json")
+    ours_d.update(common)
+    official = {
+        **common,
+        "model": {
+            "architecture": "PlainUnet", "encoder": None, "options": {"base_channels": 16, "depth": 4},
+            "channels": list(L4S_CHANNELS),
+            "normalization": {"method": "fixed", "mean": OFFICIAL_MEAN, "std": OFFICIAL_STD},
+            "name": "official-baseline",
+        },
+        "loss": {"name": "ce"},
+        "optimizer": {"name": "adam", "lr": 1e-3, "weight_decay": 5e-4, "schedule": "none"},
+        "augment": {"hflip": False, "vflip": False, "rot90": False, "noise_std": 0.0},
+        # checkpoint at the best held-out F1 of the argmax decision, no early stop
+        "early_stopping": {"enabled": False, "monitor": "f1"},
+    }
+    return {"ours": TrainConfig.model_validate(ours_d), "official": TrainConfig.model_validate(official)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from pipeline.datasets import find_patches
+    from pipeline.evaluate import random_forest_row, shared_folds
+    from pipeline.metrics import pixel_metrics
+    from pipeline.train import cross_validate, make_dataset
+
+    torch.set_num_threads(args.threads)
+    records = find_patches(args.data, require_masks=True)
+    results: dict[str, list[dict[str, float]]] = {"ours": [], "official": [], "random forest": []}
+    for seed in args.seeds:
+        folds = shared_folds(records, args.folds, seed)
+        cfgs = recipes(args.data, args.epochs, args.folds, seed, args.threads)
+        for name, cfg in cfgs.items():
+            t0 = time.perf_counter()
+            cv = cross_validate(cfg, make_dataset(cfg, records), folds)
+            at05 = pixel_metrics(cv.oof_prob, cv.masks, cv.valid, 0.5)["micro"]
+            own = cv.metrics["micro"] if name == "ours" else at05
+            results[name].append({
+                "f1": own["f1"], "precision": own["precision"], "recall": own["recall"], "iou": own["iou"],
+                "f1_at_0.5": at05["f1"], "f1_best_threshold": cv.metrics["micro"]["f1"],
+                "threshold": cv.threshold if name == "ours" else 0.5,
+                "seconds": time.perf_counter() - t0, "seed": seed,
+            })
+            print(f"seed {seed} {name:9s} F1 {own['f1']:.3f} (P {own['precision']:.3f} R {own['recall']:.3f}) "
+                  f"F1@0.5 {at05['f1']:.3f} F1@best {cv.metrics['micro']['f1']:.3f} "
+                  f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+        t0 = time.perf_counter()
+        from pipeline.baseline import RandomForestConfig
+
+        rf = random_forest_row(records, list(L4S_CHANNELS), folds, config=RandomForestConfig(seed=seed))
+        results["random forest"].append({
+            "f1": rf.micro["f1"], "precision": rf.micro["precision"], "recall": rf.micro["recall"],
+            "iou": rf.micro["iou"], "seconds": time.perf_counter() - t0, "seed": seed,
+        })
+        print(f"seed {seed} rf        F1 {rf.micro['f1']:.3f} (P {rf.micro['precision']:.3f} "
+              f"R {rf.micro['recall']:.3f}) [{time.perf_counter() - t0:.0f} s]", flush=True)
+    summary = {
+        name: {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "seed"}
+        for name, runs in results.items()
+    }
+    return {"patches": len(records), "folds": args.folds, "seeds": args.seeds, "summary": summary, "runs": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "l4s" / "train")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=None, help="epoch budget of both recipes (default: ours)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", "--small", action="store_true", help="3 folds, 12 epochs")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.folds, args.epochs = 3, args.epochs or 12
+    if not args.data.is_dir():
+        print(f"patches not found: {args.data}", file=sys.stderr)
+        return 2
+    out = run(args)
+    print(f"\nmedian over seeds {args.seeds}, {out['patches']} patches, {args.folds} folds "
+          f"(pooled out-of-fold F1, each recipe's own decision rule):")
+    print("| recipe | F1 | precision | recall | IoU | F1@0.5 | F1@best threshold | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, s in out["summary"].items():
+        print(f"| {name} | {s['f1']:.3f} | {s['precision']:.3f} | {s['recall']:.3f} | {s['iou']:.3f} | "
+              f"{s.get('f1_at_0.5', float('nan')):.3f} | {s.get('f1_best_threshold', float('nan')):.3f} | "
+              f"{s['seconds']:.0f} |")
+    s = out["summary"]
+    verdict = "wins" if s["ours"]["f1"] > s["official"]["f1"] else "does NOT win"
+    print(f"\nour recipe {verdict}: F1 {s['ours']['f1']:.3f} vs official {s['official']['f1']:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
