@@ -331,7 +331,7 @@ def run_blocks(
     All ``arrays`` must share ``layout``'s chunks. One dask compute, so
     upstream tasks shared by the arrays run once per block.
     """
-    delayed_blocks = [a.to_delayed() for a in arrays]
+    delayed_blocks = [a.to_delayed(optimize_graph=False) for a in arrays]
     tasks = []
     for index in layout.indices():
         blocks = [d[index] for d in delayed_blocks]
@@ -355,7 +355,7 @@ def apply_block_luts(
     Each task carries only its own block's look-up table, so graphs stay
     small under a distributed scheduler too.
     """
-    delayed_blocks = [a.to_delayed() for a in arrays]
+    delayed_blocks = [a.to_delayed(optimize_graph=False) for a in arrays]
     nr, nc = layout.nblocks
     rows = []
     for i in range(nr):

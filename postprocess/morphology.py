@@ -138,7 +138,7 @@ def open_close(
     small = min(min(mask.chunks[0]), min(mask.chunks[1]))
     if depth > small:
         log.debug("halo %d px exceeds the smallest block (%d px); dask enlarges blocks", depth, small)
-    return da.map_overlap(
+    out = da.map_overlap(
         open_close_array,
         mask,
         known,
@@ -149,6 +149,8 @@ def open_close(
         opening=opening,
         closing=closing,
     )
+    # dask enlarges blocks smaller than the halo; later passes need the input layout
+    return out if out.chunks == mask.chunks else out.rechunk(mask.chunks)
 
 
 # --------------------------------------------------------------------------
