@@ -47,7 +47,12 @@ def _configure_logging(verbosity: int, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; only ``command``'s module is imported (keeps ``--help`` fast)."""
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
         description="Landslide mapping from Sentinel-2 and a DEM.",
@@ -59,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (module, add_args, _handler, help_text) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if name != command:
+            continue
         try:
             mod = importlib.import_module(module)
         except ImportError as exc:  # pragma: no cover - broken install
@@ -70,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_chosen_command(argv))
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
     if getattr(args, "_broken", None):
