@@ -1,0 +1,166 @@
+"""The main job end to end on the built-in demo scene: outputs, reruns, faults."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+
+from conftest import ROOT
+from pipeline.config import load_scene_config
+from pipeline.errors import OutputError
+from pipeline.run import REPORT, run_scene
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeline.demo import write_demo_data
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    paths = write_demo_data(out, size=320, seed=3)
+    return Path(paths.scene_yaml)
+
+
+def _config(scene_yaml: Path, tmp_path: Path, **updates):
+    cfg = load_scene_config(scene_yaml)
+    out = cfg.output.model_copy(update={"dir": tmp_path / "out", "mask_cog": True})
+    cfg = cfg.model_copy(update={"output": out})
+    for section, values in updates.items():
+        cfg = cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=values)})
+    return cfg
+
+
+def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Path, client) -> None:
+    cfg = _config(demo, tmp_path)
+    res = run_scene(cfg, client=client)
+    assert res.status == "completed"
+    report = json.loads((res.run_dir / REPORT).read_text())
+    for stage in ("stack-graph", "infer", "postprocess", "write"):
+        assert stage in report["timings_s"]
+    for name in ("probability.tif", "mask.tif", "quicklook.png", res.geopackage.name):
+        assert (res.run_dir / name).is_file(), name
+
+    info = pyogrio.read_info(res.geopackage, layer="landslides")
+    assert info["features"] == res.n_polygons == report["counts"]["polygons"]
+    with rasterio.open(res.run_dir / "probability.tif") as src:
+        assert src.crs.to_string() == report["grid"]["crs"]
+        assert src.is_tiled
+        prob = src.read(1, masked=True)
+        assert float(prob.min()) >= 0.0 and float(prob.max()) <= 1.0
+    if res.n_polygons:
+        gdf = pyogrio.read_dataframe(res.geopackage)
+        assert gdf.geometry.is_valid.all()
+        assert gdf["id"].is_unique
+        assert (gdf["area_m2"] >= cfg.postprocess.min_area_m2).all()
+
+    stamp = res.geopackage.stat().st_mtime_ns
+    again = run_scene(cfg, client=client)
+    assert again.status == "skipped"
+    assert again.run_dir == res.run_dir
+    assert res.geopackage.stat().st_mtime_ns == stamp
+
+    forced = run_scene(cfg, force=True, client=client)
+    assert forced.status == "completed"
+    assert forced.n_polygons == res.n_polygons  # recomputed in place, never appended
+    assert pyogrio.read_info(forced.geopackage, layer="landslides")["features"] == res.n_polygons
+
+    changed = run_scene(_config(demo, tmp_path, postprocess={"min_area_m2": 2000.0}), client=client)
+    assert changed.status == "completed"
+    assert changed.run_dir != res.run_dir and res.geopackage.is_file()
+    assert (res.run_dir.parent / "LATEST").read_text().strip() == changed.run_dir.name
+
+
+def test_cli_run_prints_outputs_and_summary(demo: Path, tmp_path: Path) -> None:
+    text = demo.read_text()
+    cfg_path = demo.parent / "cli_scene.yaml"
+    cfg_path.write_text(text.replace("dir: output", f"dir: {tmp_path / 'cli_out'}") if "dir: output" in text
+                        else text + f"\noutput:\n  dir: {tmp_path / 'cli_out'}\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(cfg_path)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert "GeoPackage:" in proc.stdout
+    assert "landslide polygon(s)" in proc.stdout
+    proc2 = subprocess.run([sys.executable, "-m", "pipeline", "run", str(cfg_path)], capture_output=True,
+                           text=True, cwd=ROOT, timeout=900)
+    assert proc2.returncode == 0
+    assert "nothing to do" in proc2.stdout
+
+
+def test_unwritable_output_dir_is_a_clear_error(demo: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    cfg = _config(demo, tmp_path)
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": blocker / "out"})})
+    with pytest.raises(OutputError, match=r"output.dir: output directory .*a_file/out is not writable"):
+        run_scene(cfg)
+
+
+def test_interrupted_run_leaves_no_partial_geopackage_and_rerun_completes(
+    demo: Path, tmp_path: Path, client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import postprocess.gpkg as gpkg
+
+    real = gpkg.write_geopackage
+
+    def crash(gdf, path, **kwargs):
+        # write the real file under the temporary name, then die before the rename
+        def boom(*a, **k):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(gpkg.os, "replace", boom)
+        try:
+            return real(gdf, path, **kwargs)
+        finally:
+            monkeypatch.undo()
+
+    monkeypatch.setattr(gpkg, "write_geopackage", crash)
+    cfg = _config(demo, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run_scene(cfg, client=client)
+    run_dirs = list((cfg.output.dir).rglob("run-*"))
+    assert run_dirs
+    assert not list(cfg.output.dir.rglob("*.gpkg"))
+    assert not list(cfg.output.dir.rglob(REPORT))
+
+    monkeypatch.undo()
+    res = run_scene(cfg, client=client)
+    assert res.status == "completed"
+    assert res.geopackage.is_file()
+
+
+def test_fully_cloudy_scene_gives_valid_empty_geopackage(demo: Path, tmp_path: Path, client, caplog) -> None:
+    import shutil
+
+    cloudy = tmp_path / "cloudy"
+    shutil.copytree(demo.parent, cloudy)
+    scl = next(cloudy.rglob("*_SCL_20m.jp2"))
+    with rasterio.open(scl) as src:
+        profile = src.profile
+        data = np.full((src.height, src.width), 9, dtype=src.dtypes[0])  # cloud, high probability
+    scl.unlink()
+    with rasterio.open(scl, "w", **profile) as dst:
+        dst.write(data, 1)
+    cfg = _config(cloudy / demo.name, tmp_path)
+    with caplog.at_level("WARNING"):
+        res = run_scene(cfg, client=client)
+    assert res.status == "completed"
+    assert res.n_polygons == 0
+    assert pyogrio.read_info(res.geopackage, layer="landslides")["features"] == 0
+    assert "no valid pixels" in caplog.text
