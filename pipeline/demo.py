@@ -946,15 +946,17 @@ class DemoScene:
     # -- scars --------------------------------------------------------------
     def _paint_scars(self, rng: np.random.Generator) -> None:
         size = self.size
-        margin = 25
+        margin = min(25, size // 12)
+        spacing = min(400.0, 2.0 * size)  # metres between scar heads
         blocked = (self.cloud > 0.01) | (self.shadow > 0.01) | ~self.valid10
         blocked |= self.fractions["water"] > 0
-        blocked = ndimage.maximum_filter(blocked, size=41)
+        blocked = ndimage.maximum_filter(blocked, size=min(41, size // 6 * 2 + 1))
         candidates = (self.slope >= 32.0) & ~blocked
         candidates[:margin] = candidates[-margin:] = False
         candidates[:, :margin] = candidates[:, -margin:] = False
         idx = np.flatnonzero(candidates)
-        n_target = int(rng.integers(6, 13))
+        # 6-12 scars on scenes of about 5 km and more, proportionally fewer on smaller ones.
+        n_target = max(1, round(int(rng.integers(6, 13)) * min(1.0, (size / 480.0) ** 2)))
         if idx.size == 0:
             log.warning("demo scene: no steep slope free of clouds for landslide scars")
             return
@@ -965,7 +967,7 @@ class DemoScene:
                 break
             r, c = divmod(int(flat), size)
             head = np.array([self.x[c], self.y[r]])
-            if any(np.hypot(*(head - s.path[0])) < 400.0 for s in self.scars):
+            if any(np.hypot(*(head - s.path[0])) < spacing for s in self.scars):
                 continue
             scar = self._trace(rng, head, len(self.scars) + 1)
             if scar is None:
@@ -985,7 +987,7 @@ class DemoScene:
             self.scar_labels[ws][mask] = scar.scar_id
             self.scar_brightness[ws][frac > 0] = rng.uniform(0.88, 1.12)
             self.scar_moisture[ws][frac > 0] = rng.uniform(0.0, 0.12)
-        if len(self.scars) < 6:
+        if len(self.scars) < n_target:
             log.warning("demo scene: painted %d landslide scars (wanted %d); the scene has few steep slopes",
                         len(self.scars), n_target)
 
@@ -1019,7 +1021,8 @@ class DemoScene:
             if g == 0:
                 break
             p = p - step * np.array([gx, gy]) / g
-            if not (left + 200 < p[0] < right - 200 and bottom + 200 < p[1] < top - 200):
+            inset = min(200.0, 1.5 * self.size)
+            if not (left + inset < p[0] < right - inset and bottom + inset < p[1] < top - inset):
                 break
             points.append(p)
             travelled += step
@@ -1250,10 +1253,14 @@ def _write_truth(scene: DemoScene, mask_path: Path, gpkg_path: Path) -> None:
             "mean_slope_deg": round(float(scene.slope[sel].mean()), 2),
             "geometry": geom,
         })
-    gdf = gpd.GeoDataFrame(rows, geometry="geometry", crs=scene.crs.to_wkt())
-    if gdf.empty:
-        gdf = gpd.GeoDataFrame({"scar_id": [], "area_m2": [], "length_m": [], "mean_slope_deg": []},
-                               geometry=[], crs=scene.crs.to_wkt())
+    if rows:
+        gdf = gpd.GeoDataFrame(rows, geometry="geometry", crs=scene.crs.to_wkt())
+    else:
+        gdf = gpd.GeoDataFrame(
+            {"scar_id": np.array([], np.int64), "area_m2": np.array([], float),
+             "length_m": np.array([], float), "mean_slope_deg": np.array([], float)},
+            geometry=gpd.GeoSeries([], crs=scene.crs.to_wkt()),
+        )
     gdf.to_file(gpkg_path, layer="truth_scars", driver="GPKG")
 
 
