@@ -112,13 +112,14 @@ def draw_outlines(
     if polygons is None or len(polygons) == 0:
         return
     geoms = polygons.to_crs(grid.crs).geometry.values if polygons.crs != grid.crs else polygons.geometry.values
-    inverse = ~grid.transform
+    t = grid.transform
     draw = ImageDraw.Draw(image)
     rings = shapely.get_rings(shapely.get_parts(np.asarray(geoms, dtype=object)))
     for ring in rings:
         xy = shapely.get_coordinates(ring)
-        cols, rows = inverse * (xy[:, 0], xy[:, 1])
-        pts = list(zip((np.asarray(cols) / factor).tolist(), (np.asarray(rows) / factor).tolist(), strict=True))
+        cols = (xy[:, 0] - t.c) / t.a / factor
+        rows = (xy[:, 1] - t.f) / t.e / factor
+        pts = list(zip(cols.tolist(), rows.tolist(), strict=True))
         if len(pts) >= 2:
             draw.line(pts, fill=colour, width=width)
 
