@@ -48,7 +48,6 @@ import re
 import shutil
 import sys
 import tempfile
-import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -1373,12 +1372,10 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 def cli_demo(args: argparse.Namespace) -> int:
     """Run ``demo-data``: write the demo input and print what was written."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=rasterio.errors.NotGeoreferencedWarning)
-            paths = write_demo_data(
-                args.out_dir, size=args.size, seed=args.seed, product=args.product,
-                baseline=args.baseline, force=args.force,
-            )
+        paths = write_demo_data(
+            args.out_dir, size=args.size, seed=args.seed, product=args.product,
+            baseline=args.baseline, force=args.force,
+        )
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -24,7 +24,15 @@ from scipy import ndimage
 
 from pipeline.channels import S2_BANDS
 from pipeline.config import load_scene_config
-from pipeline.demo import DemoPaths, add_demo_arguments, cli_demo, make_scene, write_demo_data
+from pipeline.demo import (
+    BAND_IDS,
+    DemoPaths,
+    DemoScene,
+    add_demo_arguments,
+    cli_demo,
+    make_scene,
+    write_demo_data,
+)
 from pipeline.errors import ConfigError, OutputError
 
 SIZE = 480  # 4.8 km: room for the scars, fast to write
@@ -43,7 +51,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoPaths:
 
 
 @pytest.fixture(scope="module")
-def scene():  # type: ignore[no-untyped-def]
+def scene() -> DemoScene:
     return make_scene(SIZE, SEED)
 
 
@@ -190,11 +198,9 @@ def test_demo_metadata_describes_the_scene(demo: DemoPaths) -> None:
 
 
 @pytest.mark.parametrize("band", ["B04", "B08", "B11", "B09"])
-def test_dn_decode_to_the_intended_reflectance(demo: DemoPaths, scene, band: str) -> None:  # type: ignore[no-untyped-def]
+def test_dn_decode_to_the_intended_reflectance(demo: DemoPaths, scene: DemoScene, band: str) -> None:
     dn, _, _ = read(band_file(demo.safe, band))
     q, offsets = offsets_from_xml(demo.safe / "MTD_MSIL2A.xml")
-    from pipeline.demo import BAND_IDS
-
     refl = (dn.astype(np.float64) + offsets[BAND_IDS[band]]) / q
     intended = scene.reflectance(band)
     nodata = dn == 0
@@ -267,7 +273,7 @@ def test_scl_has_clouds_shadows_water_and_matches_the_no_data_corner(demo: DemoP
 # -- DEM and terrain -------------------------------------------------------------
 
 
-def test_dem_is_geographic_int16_with_voids_and_the_same_terrain(demo: DemoPaths, scene) -> None:  # type: ignore[no-untyped-def]
+def test_dem_is_geographic_int16_with_voids_and_the_same_terrain(demo: DemoPaths, scene: DemoScene) -> None:
     with rasterio.open(demo.dem) as ds:
         assert ds.crs.to_epsg() == 4326
         assert ds.dtypes[0] == "int16" and ds.nodata == -32768
