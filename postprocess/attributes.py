@@ -6,6 +6,12 @@ run context, into the fixed attribute schema :data:`COLUMNS`. The schema does
 not depend on which layers were available: missing ones give nulls, so every
 GeoPackage of a region has the same columns.
 
+``area_m2`` is the object's pixel count times the pixel area (the area the
+min-area rule used; equal to the polygon's area unless ``simplify_m`` > 0);
+``perimeter_m`` is the length of the written polygon's rings, holes included;
+the centroid is the polygon's, transformed to EPSG:4326; means ignore
+non-finite pixels (DEM voids) and are null when an object has none.
+
 The id of a landslide is stable across reruns: a hash of the scene id, the
 grid CRS and the map coordinates of the object's first pixel in row-major
 order. It does not depend on block size, on the order of processing, nor on
