@@ -1,0 +1,474 @@
+"""Tiled inference: a stacked scene -> a landslide probability raster.
+
+:func:`predict` builds a lazy Dask graph with one task per output block.
+A block task reads its pixels plus a halo, runs every window of the global
+window grid (:class:`tiling.windows.WindowGrid`) that intersects the block,
+and blends the window predictions with :mod:`tiling.stitch`. Because the
+window grid is global and each window is computed from the same pixels in
+every block, the result does not depend on the block layout; memory depends
+on the block size, not the scene size.
+
+Per window: the model's channels are picked by name, normalized with the
+artefact's own spec (:func:`pipeline.normalization.normalize`), batched
+through the network (optionally with test-time augmentation: flips and 90
+degree rotations, averaged), and turned into probabilities with a sigmoid.
+Ensembles combine members by weighted mean or weighted vote
+(:func:`pipeline.artefact.ensemble_probability`). Windows without a single
+valid pixel are never sent to a model. The output is float32 in [0, 1],
+NaN where the input is not valid.
+
+Model instances are cached per process (keyed by the artefact's SHA-256 and
+the device): the threaded scheduler shares one instance, and each
+distributed worker process loads the artefact from its path once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+import xarray as xr
+
+from tiling.stitch import add_window, default_margin, finalize, window_weights
+from tiling.windows import WindowGrid, block_spans, round_block_size, valid_counts
+
+from .artefact import (
+    ModelArtefact,
+    check_ensemble,
+    ensemble_probability,
+    ensemble_threshold,
+    load_artefact,
+)
+from .device import (
+    BatchLimit,
+    Precision,
+    auto_batch_size,
+    autocast,
+    resolve_device,
+    resolve_precision,
+    run_batched,
+    use_channels_last,
+)
+from .errors import ConfigError, GridError, InputError, ModelError
+from .grid import Grid
+from .normalization import normalize
+
+if TYPE_CHECKING:
+    from .config import ModelSection
+
+log = logging.getLogger(__name__)
+
+#: Test-time augmentations: name -> (forward, inverse) on (..., H, W) tensors.
+TTA_TRANSFORMS: dict[str, tuple[Any, Any]] = {
+    "identity": (lambda t: t, lambda t: t),
+    "hflip": (lambda t: t.flip(-1), lambda t: t.flip(-1)),
+    "vflip": (lambda t: t.flip(-2), lambda t: t.flip(-2)),
+    "rot90": (lambda t: t.rot90(1, (-2, -1)), lambda t: t.rot90(-1, (-2, -1))),
+    "rot180": (lambda t: t.rot90(2, (-2, -1)), lambda t: t.rot90(-2, (-2, -1))),
+    "rot270": (lambda t: t.rot90(3, (-2, -1)), lambda t: t.rot90(-3, (-2, -1))),
+    "transpose": (lambda t: t.transpose(-2, -1), lambda t: t.transpose(-2, -1)),
+}
+DEFAULT_TTA: tuple[str, ...] = ("identity", "hflip", "vflip", "rot90")
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How :func:`predict` runs. Build it from the YAML with :meth:`from_config`."""
+
+    device: str = "auto"
+    batch_size: int | Literal["auto"] = "auto"
+    overlap: int = 32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"
+    tta: bool = False
+    tta_transforms: tuple[str, ...] = DEFAULT_TTA
+    uncertainty: bool = False
+    ensemble: Literal["mean", "vote"] = "mean"
+    weights: tuple[float, ...] | None = None
+    block_size: int = 2048
+    blend_margin: int | None = None
+    torch_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.overlap < 0:
+            raise ConfigError(f"model.overlap must be >= 0, got {self.overlap}")
+        if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ConfigError(f"model.batch_size must be a positive integer or 'auto', got {self.batch_size!r}")
+        if self.block_size < 1:
+            raise ConfigError(f"grid.block_size must be positive, got {self.block_size}")
+        unknown = [t for t in self.tta_transforms if t not in TTA_TRANSFORMS]
+        if unknown or not self.tta_transforms:
+            raise ConfigError(
+                f"test-time augmentations {unknown or '(none)'} are not known; use {', '.join(TTA_TRANSFORMS)}"
+            )
+        if self.ensemble not in ("mean", "vote"):
+            raise ConfigError(f"model.ensemble must be mean or vote, got {self.ensemble!r}")
+
+    @classmethod
+    def from_config(cls, section: ModelSection, block_size: int = 2048, **overrides: Any) -> InferenceOptions:
+        """Options from the ``model`` section of a scene YAML (and ``grid.block_size``)."""
+        values: dict[str, Any] = {
+            "device": section.device,
+            "batch_size": section.batch_size,
+            "overlap": section.overlap,
+            "precision": section.precision,
+            "tta": section.tta,
+            "uncertainty": section.uncertainty,
+            "ensemble": section.ensemble,
+            "weights": tuple(section.weights) if section.weights is not None else None,
+            "block_size": block_size,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The inference stage's output on ``grid``."""
+
+    probability: xr.DataArray  # (y, x) float32 dask, [0, 1], NaN where no valid input
+    uncertainty: xr.DataArray | None  # (y, x) float32 std across members/augmentations
+    grid: Grid
+    threshold: float = 0.5  # decision threshold of the (combined) model
+    windows: int = 0  # windows in the global grid (including skipped ones)
+
+
+# -- model cache (one instance per process) -------------------------------------
+@dataclass
+class _ModelRef:
+    """What a block task needs to find or load one model; cheap to pickle when saved to a file."""
+
+    key: str
+    path: str | None
+    channel_index: tuple[int, ...]
+    normalization: dict[str, Any]
+    threshold: float
+    module: torch.nn.Module | None = field(default=None, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if state["path"] is not None:
+            state["module"] = None  # workers load the file; weights never travel in the graph
+        return state
+
+
+@dataclass
+class _Runtime:
+    device: torch.device
+    precision: Precision
+    channels_last: bool
+    limit: BatchLimit
+
+
+_CACHE: dict[tuple[str, str, bool], torch.nn.Module] = {}
+_RUNTIMES: dict[tuple[Any, ...], _Runtime] = {}
+_LOCK = threading.Lock()
+_THREADS_SET: set[int] = set()
+
+
+def clear_model_cache() -> None:
+    """Forget cached model instances in this process."""
+    with _LOCK:
+        _CACHE.clear()
+        _RUNTIMES.clear()
+
+
+def _prepare(module: torch.nn.Module, rt: _Runtime) -> torch.nn.Module:
+    module = module.eval().to(rt.device)
+    if rt.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+def _module_for(ref: _ModelRef, rt: _Runtime) -> torch.nn.Module:
+    cache_key = (ref.key, str(rt.device), rt.channels_last)
+    with _LOCK:
+        module = _CACHE.get(cache_key)
+        if module is not None:
+            return module
+        if ref.module is not None:
+            module = ref.module
+        elif ref.path is not None:
+            art = load_artefact(ref.path, device=rt.device)
+            if art.sha256 != ref.key:
+                raise ModelError(f"{ref.path}: file changed since the run started (checksum differs)")
+            module = art.module
+            log.info("worker pid %d loaded model %s", os.getpid(), ref.path)
+        if module is None:
+            raise ModelError(f"model {ref.key}: neither a loaded module nor a file to load")
+        module = _prepare(module, rt)
+        _CACHE[cache_key] = module
+        return module
+
+
+def _runtime(opts: InferenceOptions, tile: int) -> _Runtime:
+    key = (opts.device, opts.precision, opts.channels_last, opts.batch_size, tile)
+    with _LOCK:
+        rt = _RUNTIMES.get(key)
+        if rt is None:
+            device = resolve_device(opts.device)
+            precision = resolve_precision(opts.precision, device)
+            cl = use_channels_last(device, precision) if opts.channels_last == "auto" else bool(opts.channels_last)
+            size = opts.batch_size if opts.batch_size != "auto" else auto_batch_size(device, tile)
+            rt = _Runtime(device, precision, cl, BatchLimit(int(size)))
+            _RUNTIMES[key] = rt
+        if opts.torch_threads and os.getpid() not in _THREADS_SET:
+            torch.set_num_threads(opts.torch_threads)
+            _THREADS_SET.add(os.getpid())
+        return rt
+
+
+# -- the block task ------------------------------------------------------------
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a block task needs besides its pixels (shared by all blocks)."""
+
+    windows: WindowGrid
+    margin: int
+    refs: tuple[_ModelRef, ...]
+    weights: tuple[float, ...]
+    options: InferenceOptions
+    with_uncertainty: bool
+
+
+def _forward_probs(
+    module: torch.nn.Module, x: np.ndarray, rt: _Runtime, transforms: Sequence[str]
+) -> np.ndarray:
+    """Probabilities (T, B, H, W) of ``module`` on normalized ``x`` (B, C, H, W) for each transform."""
+    xt = torch.from_numpy(x)
+    batch = torch.cat([TTA_TRANSFORMS[name][0](xt) for name in transforms], dim=0) if len(transforms) > 1 else xt
+
+    def fwd(chunk: torch.Tensor) -> torch.Tensor:
+        chunk = chunk.to(rt.device, non_blocking=True)
+        if rt.channels_last:
+            chunk = chunk.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(rt.device, rt.precision):
+            logits = module(chunk)
+        return torch.sigmoid(logits[:, 0].float()).cpu()
+
+    probs = run_batched(fwd, batch, rt.limit)
+    n = x.shape[0]
+    out = [TTA_TRANSFORMS[name][1](probs[i * n : (i + 1) * n]) for i, name in enumerate(transforms)]
+    return torch.stack(out).numpy()
+
+
+def _predict_windows(plan: _Plan, x: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Combined probability (B, t, t) and optional uncertainty for a batch of windows."""
+    transforms = plan.options.tta_transforms if plan.options.tta else ("identity",)
+    per_model = []
+    members = []
+    for ref in plan.refs:
+        rt = _runtime(plan.options, plan.windows.tile)
+        module = _module_for(ref, rt)
+        xm = x[:, list(ref.channel_index)] if ref.channel_index != tuple(range(x.shape[1])) else x
+        xn = normalize(xm, v, ref.normalization)
+        probs = _forward_probs(module, xn, rt, transforms)  # (T, B, t, t)
+        per_model.append(probs.mean(axis=0))
+        members.append(probs)
+    thresholds = [r.threshold for r in plan.refs]
+    combined = ensemble_probability(np.stack(per_model), plan.weights, thresholds, plan.options.ensemble)
+    unc = np.concatenate(members).std(axis=0) if plan.with_uncertainty else None
+    return combined, unc
+
+
+def _predict_block(
+    data: np.ndarray,
+    valid: np.ndarray,
+    origin: tuple[int, int],
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    plan: _Plan,
+) -> np.ndarray:
+    """Output (k, rows, cols) for one block; ``data``/``valid`` start at ``origin`` (the halo included)."""
+    wg = plan.windows
+    tile = wg.tile
+    n_out = 2 if plan.with_uncertainty else 1
+    bh, bw = rows[1] - rows[0], cols[1] - cols[0]
+    oy, ox = origin
+    valid = np.asarray(valid, dtype=bool)
+    block_valid = valid[rows[0] - oy : rows[1] - oy, cols[0] - ox : cols[1] - ox]
+    if not block_valid.any():
+        return np.full((n_out, bh, bw), np.nan, np.float32)
+
+    wr, wc = wg.block_windows(rows, cols)
+    rr, cc = wr - oy, wc - ox  # window origins in the slice
+    counts = valid_counts(valid, rr, cc, tile)
+    todo = [(int(r), int(c)) for i, r in enumerate(wr) for j, c in enumerate(wc) if counts[i, j] > 0]
+    # windows reach past the slice only where the scene is smaller than a tile: pad with invalid pixels
+    need_h = int(rr.max()) + tile if len(rr) else 0
+    need_w = int(cc.max()) + tile if len(cc) else 0
+    if need_h > valid.shape[0] or need_w > valid.shape[1]:
+        ph, pw = max(0, need_h - valid.shape[0]), max(0, need_w - valid.shape[1])
+        data = np.pad(data, ((0, 0), (0, ph), (0, pw)))
+        valid = np.pad(valid, ((0, ph), (0, pw)))
+
+    acc = np.zeros((n_out, bh, bw), np.float64)
+    wsum = np.zeros((bh, bw), np.float64)
+    chunk = max(1, _runtime(plan.options, tile).limit.size)
+    for start in range(0, len(todo), chunk):
+        group = todo[start : start + chunk]
+        x = np.stack([data[:, r - oy : r - oy + tile, c - ox : c - ox + tile] for r, c in group])
+        v = np.stack([valid[r - oy : r - oy + tile, c - ox : c - ox + tile] for r, c in group])
+        prob, unc = _predict_windows(plan, np.asarray(x, np.float32), v)
+        values = prob[:, None] if unc is None else np.stack([prob, unc], axis=1)
+        for k, (r, c) in enumerate(group):
+            w = window_weights(tile, wg.overlap, plan.margin, r, c, wg.height, wg.width)
+            add_window(acc, wsum, values[k], w, r - rows[0], c - cols[0])
+    return finalize(acc, wsum, block_valid)
+
+
+# -- the graph -------------------------------------------------------------------
+def _as_dask(arr: xr.DataArray, chunks: tuple[int, ...]) -> da.Array:
+    data = arr.data
+    if isinstance(data, da.Array):
+        return data
+    return da.from_array(np.asarray(data), chunks=chunks)
+
+
+def _model_refs(models: Sequence[ModelArtefact], bands: Sequence[str]) -> tuple[_ModelRef, ...]:
+    refs = []
+    for m in models:
+        index = m.check_channels(bands)
+        path = str(m.path) if m.path is not None and m.sha256 else None
+        if path is None and m.module is None:
+            raise ModelError(f"model {m.name or m.architecture!r} is neither loaded nor saved to a file")
+        refs.append(_ModelRef(m.key, path, tuple(index), dict(m.normalization), float(m.threshold), m.module))
+    return tuple(refs)
+
+
+def predict(
+    data: xr.DataArray,
+    valid: xr.DataArray,
+    grid: Grid,
+    models: Sequence[ModelArtefact],
+    options: InferenceOptions | None = None,
+) -> Prediction:
+    """Lazy probability raster of ``models`` on a stacked scene.
+
+    ``data`` is (band, y, x) float with channel names in its ``band``
+    coordinate (any order, extra bands ignored), ``valid`` is (y, x) bool,
+    both on ``grid`` (dask-backed or in memory). ``models`` are loaded
+    artefacts (an ensemble when several). Nothing is computed here: the
+    returned arrays are dask-backed with chunks of the (stride-rounded) block
+    size. Raises :class:`MissingChannelsError` when ``data`` lacks a model
+    channel, :class:`GridError` when shapes disagree.
+    """
+    opts = options or InferenceOptions()
+    if tuple(data.dims) != ("band", "y", "x"):
+        raise InputError(f"inference input must have dims (band, y, x), got {tuple(data.dims)}")
+    if tuple(valid.dims) != ("y", "x"):
+        raise InputError(f"valid mask must have dims (y, x), got {tuple(valid.dims)}")
+    if tuple(data.shape[1:]) != grid.shape or tuple(valid.shape) != grid.shape:
+        raise GridError(
+            f"scene arrays {tuple(data.shape[1:])} / mask {tuple(valid.shape)} do not match the grid {grid.shape}"
+        )
+    weights = check_ensemble(models, opts.weights)
+    bands = [str(b) for b in data.coords["band"].values] if "band" in data.coords else []
+    refs = _model_refs(models, bands)
+    tile = models[0].tile_size
+    if opts.overlap >= tile:
+        raise ConfigError(f"model.overlap ({opts.overlap}) must be smaller than the tile size ({tile})")
+    wg = WindowGrid(grid.height, grid.width, tile, opts.overlap)
+    margin = default_margin(opts.overlap) if opts.blend_margin is None else opts.blend_margin
+    with_unc = bool(opts.uncertainty and (opts.tta or len(models) > 1))
+    if opts.uncertainty and not with_unc:
+        log.warning("uncertainty needs test-time augmentation or an ensemble; none is produced")
+    # Only the bands some model uses travel through the graph.
+    used = sorted({i for r in refs for i in r.channel_index})
+    remap = {old: new for new, old in enumerate(used)}
+    refs = tuple(_with_index(r, tuple(remap[i] for i in r.channel_index)) for r in refs)
+    plan = _Plan(wg, margin, refs, tuple(float(w) for w in weights), opts, with_unc)
+
+    block = round_block_size(opts.block_size, wg.stride)
+    x = _as_dask(data, (-1, block, block))
+    x = x[used] if used != list(range(x.shape[0])) else x
+    v = _as_dask(valid, (block, block))
+    if v.dtype != bool:
+        v = v.astype(bool)
+
+    token = _token(plan, data, valid)
+    plan_d = dask.delayed(plan, pure=False, name=f"inference-plan-{token}")
+    n_out = 2 if with_unc else 1
+    rows_spans, cols_spans = block_spans(grid.height, block), block_spans(grid.width, block)
+    grid_of_blocks = []
+    for rows in rows_spans:
+        row_blocks = []
+        for cols in cols_spans:
+            (ry0, ry1), (rx0, rx1) = wg.block_read_extent(rows, cols)
+            task = dask.delayed(_predict_block, pure=True)(
+                x[:, ry0:ry1, rx0:rx1], v[ry0:ry1, rx0:rx1], (ry0, rx0), rows, cols, plan_d,
+                dask_key_name=f"predict-block-{token}-{rows[0]}-{cols[0]}",
+            )
+            shape = (n_out, rows[1] - rows[0], cols[1] - cols[0])
+            row_blocks.append(da.from_delayed(task, shape=shape, dtype=np.float32))
+        grid_of_blocks.append(row_blocks)
+    out = da.block(grid_of_blocks)
+
+    coords = {k: data.coords[k] for k in ("y", "x") if k in data.coords}
+    probability = _raster(out[0], coords, grid, "landslide probability")
+    uncertainty = _raster(out[1], coords, grid, "landslide probability standard deviation") if with_unc else None
+    threshold = ensemble_threshold(models, opts.weights, opts.ensemble)
+    log.info(
+        "inference graph: %d x %d px, %d windows of %d px (overlap %d), %d block(s) of %d px, %d model(s)%s",
+        grid.height, grid.width, len(wg), tile, opts.overlap, len(rows_spans) * len(cols_spans), block,
+        len(models), " with TTA" if opts.tta else "",
+    )
+    return Prediction(probability, uncertainty, grid, threshold, len(wg))
+
+
+def _with_index(ref: _ModelRef, index: tuple[int, ...]) -> _ModelRef:
+    return _ModelRef(ref.key, ref.path, index, ref.normalization, ref.threshold, ref.module)
+
+
+def _token(plan: _Plan, data: xr.DataArray, valid: xr.DataArray) -> str:
+    from dask.base import tokenize
+
+    opts = plan.options
+    return tokenize(
+        getattr(data.data, "name", id(data)), getattr(valid.data, "name", id(valid)),
+        [r.key for r in plan.refs], [r.channel_index for r in plan.refs], plan.weights, plan.margin,
+        plan.windows, opts,
+    )
+
+
+def _raster(arr: da.Array, coords: dict[str, Any], grid: Grid, name: str) -> xr.DataArray:
+    out = xr.DataArray(arr, dims=("y", "x"), coords=coords, name=name.replace(" ", "_"))
+    out.attrs["long_name"] = name
+    try:
+        import rioxarray  # noqa: F401
+
+        out = out.rio.write_crs(grid.crs).rio.write_transform(grid.transform)
+    except ImportError:  # pragma: no cover - rioxarray is a dependency
+        pass
+    return out
+
+
+def write_probability(
+    prediction: Prediction,
+    path: str | os.PathLike[str],
+    dtype: Literal["uint8", "float16", "float32"] = "uint8",
+) -> Path:
+    """Write the probability raster as a tiled COG (via :func:`pipeline.cog.write_cog`).
+
+    ``uint8`` scales [0, 1] to 0..254 with 255 as nodata; float types keep
+    NaN as nodata.
+    """
+    from .cog import write_cog
+
+    prob = prediction.probability
+    if dtype == "uint8":
+        scaled = xr.where(np.isnan(prob), 255.0, np.round(prob * 254.0))
+        return write_cog(scaled, prediction.grid, path, dtype="uint8", nodata=255,
+                         tags={"scale": str(1 / 254), "offset": "0"})
+    if dtype in ("float16", "float32"):
+        return write_cog(prob, prediction.grid, path, dtype=dtype, nodata=float("nan"))
+    raise ConfigError(f"probability dtype must be uint8, float16 or float32, got {dtype!r}")

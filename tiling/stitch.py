@@ -1,0 +1,128 @@
+"""Stitching: blend overlapping window predictions into one raster.
+
+Each window's prediction is multiplied by a weight image, summed into an
+accumulator, and the sum is divided by the summed weights. The weight is the
+outer product of two 1-D profiles. Along an axis, a profile over an overlap
+of ``o`` pixels with a ``margin`` ``m``::
+
+    0 for the first m pixels            (window edge: padding artefacts)
+    sin^2 ramp over the next o - 2m     (cosine taper, Tukey-like)
+    1 in the middle
+    mirrored at the other end
+
+At a side that touches the scene border the profile is 1 instead (full weight,
+no dark edges). On a regular lattice the rising ramp of one window and the
+falling ramp of its neighbour sum to exactly one (sin^2 + cos^2), so the
+blend is seamless; the division by the summed weights makes any other layout
+(the last, end-aligned window) exact too. The zero margin removes the pixels
+nearest to interior window edges, where zero padding changes a network's
+output: with ``margin`` at least a model's receptive-field radius the
+stitched raster equals a whole-scene prediction.
+
+Pure numpy; accumulators are float64 so the result does not depend on how
+many windows were added.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from pipeline.errors import GridError
+
+
+def default_margin(overlap: int) -> int:
+    """Zero-weight margin used when none is given: a quarter of the overlap."""
+    return overlap // 4
+
+
+def axis_profile(tile: int, overlap: int, margin: int, lead_border: bool, trail_border: bool) -> np.ndarray:
+    """1-D blend weights (float64, length ``tile``) along one axis of a window.
+
+    ``lead_border``/``trail_border`` say that the window's first/last pixel
+    lies on the scene border, where the weight stays 1.
+    """
+    if not 0 <= overlap < tile:
+        raise GridError(f"overlap must be in [0, {tile}), got {overlap}")
+    prof = np.ones(tile, np.float64)
+    if overlap == 0 and margin == 0:
+        return prof
+    if not (margin >= 0 and 2 * margin < overlap):
+        raise GridError(f"blend margin must be in [0, overlap / 2) = [0, {overlap / 2}), got {margin}")
+    ramp_len = overlap - 2 * margin
+    k = np.arange(ramp_len, dtype=np.float64)
+    up = np.sin(0.5 * np.pi * (k + 0.5) / ramp_len) ** 2
+    lead = np.concatenate([np.zeros(margin), up, np.ones(margin)])
+    if not lead_border:
+        prof[: lead.size] = np.minimum(prof[: lead.size], lead)
+    if not trail_border:
+        prof[tile - lead.size :] = np.minimum(prof[tile - lead.size :], lead[::-1])
+    return prof
+
+
+@lru_cache(maxsize=64)
+def _window_weights(
+    tile: int, overlap: int, margin: int, top: bool, bottom: bool, left: bool, right: bool
+) -> np.ndarray:
+    w = np.outer(
+        axis_profile(tile, overlap, margin, top, bottom), axis_profile(tile, overlap, margin, left, right)
+    )
+    w.setflags(write=False)
+    return w
+
+
+def window_weights(
+    tile: int,
+    overlap: int,
+    margin: int,
+    row: int,
+    col: int,
+    height: int,
+    width: int,
+) -> np.ndarray:
+    """Weights (tile, tile) for the window at (row, col) of a ``height`` x ``width`` scene.
+
+    Sides on the scene border keep full weight. The array is cached and read-only.
+    """
+    return _window_weights(
+        tile, overlap, margin, row <= 0, row + tile >= height, col <= 0, col + tile >= width
+    )
+
+
+def add_window(
+    acc: np.ndarray,
+    wsum: np.ndarray | None,
+    values: np.ndarray,
+    weights: np.ndarray,
+    row: int,
+    col: int,
+) -> None:
+    """Add ``weights * values`` into ``acc`` (and ``weights`` into ``wsum``) at (row, col).
+
+    (row, col) is the window origin in the accumulator's coordinates; the
+    window may reach outside the accumulator, only the overlap is added.
+    ``values`` may carry leading dimensions (e.g. (k, tile, tile)) matching ``acc``.
+    """
+    h, w = acc.shape[-2:]
+    th, tw = weights.shape
+    r0, c0 = max(row, 0), max(col, 0)
+    r1, c1 = min(row + th, h), min(col + tw, w)
+    if r0 >= r1 or c0 >= c1:
+        return
+    wr = slice(r0 - row, r1 - row)
+    wc = slice(c0 - col, c1 - col)
+    wt = weights[wr, wc]
+    acc[..., r0:r1, c0:c1] += values[..., wr, wc] * wt
+    if wsum is not None:
+        wsum[r0:r1, c0:c1] += wt
+
+
+def finalize(acc: np.ndarray, wsum: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """``acc / wsum`` as float32; NaN where ``wsum`` is 0 or ``valid`` is False."""
+    out = np.full(acc.shape, np.nan, np.float32)
+    ok = wsum > 0
+    if valid is not None:
+        ok &= valid
+    np.divide(acc, wsum, out=out, where=np.broadcast_to(ok, acc.shape), casting="unsafe")
+    return out
