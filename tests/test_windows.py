@@ -1,0 +1,130 @@
+"""Window grid arithmetic (property tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.errors import GridError
+from tiling.windows import (
+    WindowGrid,
+    axis_starts,
+    block_spans,
+    intersecting,
+    round_block_size,
+    valid_counts,
+)
+
+lengths = st.integers(1, 3000)
+tiles = st.integers(1, 256)
+
+
+@st.composite
+def grids(draw: st.DrawFn) -> WindowGrid:
+    tile = draw(st.integers(1, 64))
+    overlap = draw(st.integers(0, tile - 1))
+    return WindowGrid(draw(st.integers(1, 400)), draw(st.integers(1, 400)), tile, overlap)
+
+
+@given(length=lengths, tile=tiles, data=st.data())
+def test_axis_starts_cover_every_pixel_within_bounds(length: int, tile: int, data: st.DataObject) -> None:
+    stride = data.draw(st.integers(1, tile))
+    starts = axis_starts(length, tile, stride)
+    covered = np.zeros(length, bool)
+    for s in starts:
+        covered[s : s + tile] = True
+    assert covered.all()
+    assert starts[0] == 0
+    assert np.all(np.diff(starts) > 0)
+    assert np.all(np.diff(starts) <= stride)
+    assert starts[-1] == max(0, length - tile)  # last window aligned to the end (or one padded window)
+    # no window more than needed: all but the last sit on the stride lattice
+    assert np.all(starts[:-1] % stride == 0)
+
+
+@given(length=lengths, tile=tiles, data=st.data())
+def test_intersecting_matches_brute_force(length: int, tile: int, data: st.DataObject) -> None:
+    stride = data.draw(st.integers(1, tile))
+    starts = axis_starts(length, tile, stride)
+    lo = data.draw(st.integers(0, length - 1))
+    hi = data.draw(st.integers(lo + 1, length))
+    expected = [s for s in starts if s < hi and s + tile > lo]
+    assert intersecting(starts, tile, (lo, hi)).tolist() == expected
+
+
+@given(length=lengths, block=st.integers(1, 5000))
+def test_block_spans_partition_the_axis(length: int, block: int) -> None:
+    spans = block_spans(length, block)
+    assert spans[0][0] == 0 and spans[-1][1] == length
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert all(0 < hi - lo <= block for lo, hi in spans)
+
+
+@given(block=st.integers(1, 10000), stride=st.integers(1, 512))
+def test_round_block_size_is_a_positive_multiple_of_the_stride(block: int, stride: int) -> None:
+    b = round_block_size(block, stride)
+    assert b % stride == 0 and b >= stride
+    assert b <= max(block, stride)
+
+
+@settings(max_examples=60, deadline=None)
+@given(wg=grids(), data=st.data())
+def test_block_windows_and_read_extent_contain_every_window_touching_the_block(
+    wg: WindowGrid, data: st.DataObject
+) -> None:
+    r0 = data.draw(st.integers(0, wg.height - 1))
+    r1 = data.draw(st.integers(r0 + 1, wg.height))
+    c0 = data.draw(st.integers(0, wg.width - 1))
+    c1 = data.draw(st.integers(c0 + 1, wg.width))
+    rows, cols = wg.block_windows((r0, r1), (c0, c1))
+    brute = [(r, c) for r, c in wg.windows() if r < r1 and r + wg.tile > r0 and c < c1 and c + wg.tile > c0]
+    assert [(int(r), int(c)) for r in rows for c in cols] == brute
+    (y0, y1), (x0, x1) = wg.block_read_extent((r0, r1), (c0, c1))
+    assert 0 <= y0 <= r0 and r1 <= y1 <= wg.height
+    assert 0 <= x0 <= c0 and c1 <= x1 <= wg.width
+    for r, c in brute:
+        assert y0 <= r and min(r + wg.tile, wg.height) <= y1
+        assert x0 <= c and min(c + wg.tile, wg.width) <= x1
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    valid=st.integers(1, 40).flatmap(
+        lambda h: st.integers(1, 40).flatmap(
+            lambda w: st.lists(st.booleans(), min_size=h * w, max_size=h * w).map(
+                lambda v: np.array(v, bool).reshape(h, w)
+            )
+        )
+    ),
+    tile=st.integers(1, 16),
+)
+def test_valid_counts_match_a_direct_count(valid: np.ndarray, tile: int) -> None:
+    rows = axis_starts(valid.shape[0], tile, max(1, tile // 2))
+    cols = axis_starts(valid.shape[1], tile, max(1, tile // 2))
+    counts = valid_counts(valid, rows, cols, tile)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            assert counts[i, j] == valid[r : r + tile, c : c + tile].sum()
+
+
+def test_scene_smaller_than_a_tile_gets_one_window() -> None:
+    wg = WindowGrid(1, 1, 128, 32)
+    assert wg.windows() == [(0, 0)]
+    wg = WindowGrid(100, 300, 128, 32)
+    assert wg.row_starts.tolist() == [0]
+    assert wg.col_starts.tolist() == [0, 96, 172]
+
+
+def test_full_sentinel2_tile_window_count() -> None:
+    wg = WindowGrid(10980, 10980, 128, 32)
+    per_axis = len(range(0, 10980 - 128, 96)) + 1
+    assert len(wg) == per_axis**2
+    assert wg.row_starts[-1] == 10980 - 128
+
+
+@pytest.mark.parametrize(("tile", "overlap"), [(128, 128), (128, -1), (0, 0)])
+def test_invalid_window_grids_are_refused(tile: int, overlap: int) -> None:
+    with pytest.raises(GridError):
+        WindowGrid(100, 100, tile, overlap)
