@@ -58,6 +58,15 @@ class _WindowWriter:
                 dst.write(value, indexes, window=window)
 
 
+def _tile_for(chunks: tuple[tuple[int, ...], ...]) -> int:
+    """Largest tile edge (<= 512) that every chunk border falls on, so no tile is written twice."""
+    inner = [c for axis in chunks for c in axis[:-1]]
+    for size in (512, 256, 128, 64, 32, 16):
+        if all(c % size == 0 for c in inner):
+            return size
+    return 16
+
+
 def _lock() -> Any:
     """A lock valid for the active scheduler (distributed lock when a client is running)."""
     try:
@@ -133,10 +142,11 @@ def write_cog(
     tmp_tiff = path.parent / f"{stem}.tiles.tif"
     tmp_cog = path.parent / f"{stem}.cog.tif"
     predictor = 3 if np_dtype.kind == "f" else 2
+    tile = _tile_for(data.chunks[-2:])
     profile = {
         "driver": "GTiff", "width": grid.width, "height": grid.height, "count": count,
         "dtype": np_dtype.name, "crs": grid.crs, "transform": grid.transform, "nodata": nodata,
-        "tiled": True, "blockxsize": TILE, "blockysize": TILE, "compress": "ZSTD", "zstd_level": 1,
+        "tiled": True, "blockxsize": tile, "blockysize": tile, "compress": "ZSTD", "zstd_level": 1,
         "predictor": predictor, "bigtiff": "IF_SAFER", "interleave": "pixel" if count <= 4 else "band",
     }
     try:

@@ -116,13 +116,31 @@ class RasterSource:
         out[bad] = np.nan
         return out
 
-    def read_onto(self, grid: Grid, resampling: Resampling = Resampling.bilinear) -> np.ndarray:
+    def warp_scale(self, crs: CRS, resolution: tuple[float, float]) -> tuple[float, float]:
+        """Destination pixels per source pixel (x, y) when warping to ``crs`` at ``resolution``.
+
+        GDAL widens interpolation kernels when downsampling by this factor and
+        otherwise estimates it for each block from the block's own window.
+        Passing one value, derived from the whole source, keeps blocks (and
+        grids cut to different areas of interest) consistent.
+        """
+        try:
+            left, bottom, right, top = self.bounds_in(crs)
+        except RasterioError:
+            return (1.0, 1.0)
+        if not all(map(math.isfinite, (left, bottom, right, top))) or right <= left or top <= bottom:
+            return (1.0, 1.0)
+        return ((right - left) / resolution[0] / self.width, (top - bottom) / resolution[1] / self.height)
+
+    def read_onto(self, grid: Grid, resampling: Resampling = Resampling.bilinear,
+                  scale: tuple[float, float] | None = None) -> np.ndarray:
         """Read the part of this raster that ``grid`` needs and resample it onto ``grid``.
 
         Only the source window covering the destination bounds (plus a margin
         for the resampling kernel) is read, so memory depends on the size of
         ``grid``, not of the file. Returns float32 (rows, cols), NaN where
-        the source has no data or does not reach.
+        the source has no data or does not reach. ``scale`` is
+        :meth:`warp_scale` of the full grid when ``grid`` is one block of it.
         """
         out = np.full(grid.shape, np.nan, dtype=np.float32)
         try:
@@ -130,8 +148,10 @@ class RasterSource:
                 direct = self._aligned_offsets(grid)
                 if direct is not None:
                     self._read_direct(ds, grid, direct, out)
+                elif self._separable(grid, resampling):
+                    self._read_upsampled(ds, grid, resampling, out)
                 else:
-                    self._read_warped(ds, grid, resampling, out)
+                    self._read_warped(ds, grid, resampling, out, scale or self.warp_scale(grid.crs, grid.res))
         except InputError:
             raise
         except (RasterioError, OSError) as exc:
@@ -164,6 +184,67 @@ class RasterSource:
         raw = ds.read(self.band, window=Window(c0, r0, c1 - c0, r1 - r0))
         out[r0 - row0:r1 - row0, c0 - col0:c1 - col0] = self.to_physical(raw)
 
+    def _separable(self, grid: Grid, resampling: Resampling) -> bool:
+        """True when ``grid`` upsamples this raster in its own CRS (20 m / 60 m bands to 10 m)."""
+        if grid.crs != self.crs or resampling not in (Resampling.bilinear, Resampling.nearest):
+            return False
+        (sx, sy), (gx, gy) = self.res, grid.res
+        return sx >= gx * (1 - 1e-9) and sy >= gy * (1 - 1e-9)
+
+    def _read_upsampled(self, ds: rasterio.io.DatasetReader, grid: Grid, resampling: Resampling,
+                        out: np.ndarray) -> None:
+        """Same-CRS upsampling with separable weights, matching GDAL's warper.
+
+        Same rules as GDAL: a destination pixel whose centre falls outside the
+        source, or on a no-data source pixel, is no data; bilinear weights of
+        no-data or missing neighbours are dropped and the rest renormalised.
+        """
+        t, g = self.transform, grid.transform
+        # destination pixel centres in continuous source pixel coordinates
+        px = (g.c - t.c) / t.a + (np.arange(grid.width) + 0.5) * (g.a / t.a)
+        py = (t.f - g.f) / -t.e + (np.arange(grid.height) + 0.5) * (g.e / t.e)
+        cx, cy = np.floor(px).astype(np.int64), np.floor(py).astype(np.int64)
+        inside_x = (cx >= 0) & (cx < self.width)
+        inside_y = (cy >= 0) & (cy < self.height)
+        if not inside_x.any() or not inside_y.any():
+            return
+        if resampling == Resampling.nearest:
+            lo = (int(cy[inside_y].min()), int(cx[inside_x].min()))
+            hi = (int(cy[inside_y].max()) + 1, int(cx[inside_x].max()) + 1)
+        else:
+            x0, y0 = np.floor(px - 0.5).astype(np.int64), np.floor(py - 0.5).astype(np.int64)
+            lo = (max(int(y0[inside_y].min()), 0), max(int(x0[inside_x].min()), 0))
+            hi = (min(int(y0[inside_y].max()) + 2, self.height), min(int(x0[inside_x].max()) + 2, self.width))
+        window = Window(lo[1], lo[0], hi[1] - lo[1], hi[0] - lo[0])
+        src = self.to_physical(ds.read(self.band, window=window))
+        rows, cols = np.flatnonzero(inside_y), np.flatnonzero(inside_x)
+        centre = src[np.ix_(cy[rows] - lo[0], cx[cols] - lo[1])]
+        if resampling == Resampling.nearest:
+            out[np.ix_(rows, cols)] = centre
+            return
+        valid = ~np.isnan(src)
+        filled = np.where(valid, src, np.float32(0))
+        weights = valid.astype(np.float32)
+
+        def along(arr: np.ndarray, pos: np.ndarray, start: int, size: int, axis: int) -> np.ndarray:
+            i0 = np.floor(pos - 0.5).astype(np.int64)
+            w1 = (pos - 0.5 - i0).astype(np.float32)
+            w0 = np.float32(1) - w1
+            w0 = np.where((i0 >= 0) & (i0 < size), w0, 0).astype(np.float32)
+            w1 = np.where((i0 + 1 >= 0) & (i0 + 1 < size), w1, 0).astype(np.float32)
+            j0 = np.clip(i0 - start, 0, arr.shape[axis] - 1)
+            j1 = np.clip(i0 + 1 - start, 0, arr.shape[axis] - 1)
+            shape = (-1, 1) if axis == 0 else (1, -1)
+            return (np.take(arr, j0, axis=axis) * w0.reshape(shape)
+                    + np.take(arr, j1, axis=axis) * w1.reshape(shape))
+
+        num = along(along(filled, py[rows], lo[0], self.height, 0), px[cols], lo[1], self.width, 1)
+        den = along(along(weights, py[rows], lo[0], self.height, 0), px[cols], lo[1], self.width, 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            value = np.where(den >= 1e-5, num / den, np.nan).astype(np.float32)
+        value[np.isnan(centre)] = np.nan
+        out[np.ix_(rows, cols)] = value
+
     def _source_window(self, grid: Grid) -> Window | None:
         """Window of this raster that covers ``grid``, with a resampling margin."""
         try:
@@ -173,8 +254,8 @@ class RasterSource:
         if not all(map(math.isfinite, (left, bottom, right, top))):
             return Window(0, 0, self.width, self.height)
         inv = ~self.transform
-        c0, r0 = inv * (left, top)
-        c1, r1 = inv * (right, bottom)
+        c0, r0 = inv @ (left, top)
+        c1, r1 = inv @ (right, bottom)
         c0, c1 = sorted((c0, c1))
         r0, r1 = sorted((r0, r1))
         # source pixels per destination pixel: kernels widen when downsampling
@@ -189,25 +270,29 @@ class RasterSource:
         return Window(col0, row0, col1 - col0, row1 - row0)
 
     def _read_warped(self, ds: rasterio.io.DatasetReader, grid: Grid, resampling: Resampling,
-                     out: np.ndarray) -> None:
+                     out: np.ndarray, scale: tuple[float, float]) -> None:
         window = self._source_window(grid)
         if window is None:
             return
         src = self.to_physical(ds.read(self.band, window=window))
         if np.isnan(src).all():
             return
-        out[:] = warp_array(src, ds.window_transform(window), self.crs, grid, resampling)
+        out[:] = warp_array(src, ds.window_transform(window), self.crs, grid, resampling, scale)
 
 
 def warp_array(src: np.ndarray, src_transform: Affine, src_crs: CRS, grid: Grid,
-               resampling: Resampling = Resampling.bilinear) -> np.ndarray:
+               resampling: Resampling = Resampling.bilinear,
+               scale: tuple[float, float] | None = None) -> np.ndarray:
     """Resample a float32 array (NaN = no data) onto ``grid`` with GDAL's warper.
 
     The array goes into an in-memory GeoTIFF and is read through a
     :class:`~rasterio.vrt.WarpedVRT` for ``grid``. The coordinate transformer
     is practically exact (:data:`WARP_TOLERANCE`), so a destination pixel gets
-    the same value whichever block it is computed in.
+    the same value whichever block it is computed in; so does ``scale``
+    (destination pixels per source pixel, see :meth:`RasterSource.warp_scale`),
+    which fixes the kernel width GDAL uses when downsampling.
     """
+    extras = {} if scale is None else {"XSCALE": f"{scale[0]:.12g}", "YSCALE": f"{scale[1]:.12g}"}
     rows, cols = src.shape
     with MemoryFile() as mem:
         with mem.open(driver="GTiff", width=cols, height=rows, count=1, dtype="float32",
@@ -216,7 +301,7 @@ def warp_array(src: np.ndarray, src_transform: Affine, src_crs: CRS, grid: Grid,
         with mem.open() as tmp, WarpedVRT(
             tmp, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
             resampling=resampling, src_nodata=np.nan, nodata=np.nan, dtype="float32",
-            tolerance=WARP_TOLERANCE,
+            tolerance=WARP_TOLERANCE, **extras,
         ) as vrt:
             return vrt.read(1)
 

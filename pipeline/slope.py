@@ -34,20 +34,31 @@ def horn_slope_padded(padded: np.ndarray, xres: float, yres: float) -> np.ndarra
         raise ValueError(f"pixel sizes must be positive, got {xres}, {yres}")
     p = padded.astype(np.float32, copy=False)
     rows, cols = p.shape[0] - 2, p.shape[1] - 2
+    # fast path: plain slices; NaN propagates to pixels next to voids and edges
+    out = _horn(*(p[1 + dr:1 + dr + rows, 1 + dc:1 + dc + cols] for dr, dc in _OFFSETS), xres, yres)
     centre = p[1:-1, 1:-1]
+    fix_r, fix_c = np.nonzero(np.isnan(out) & ~np.isnan(centre))
+    if fix_r.size:
+        # pixels next to a void or the edge: missing neighbours take the centre value
+        c = centre[fix_r, fix_c]
+        nbs = []
+        for dr, dc in _OFFSETS:
+            v = p[fix_r + 1 + dr, fix_c + 1 + dc]
+            nbs.append(np.where(np.isnan(v), c, v))
+        out[fix_r, fix_c] = _horn(*nbs, xres, yres)
+    out[np.isnan(centre)] = np.nan  # the Horn window ignores its centre: voids must be set here
+    return out
 
-    def nb(dr: int, dc: int) -> np.ndarray:
-        v = p[1 + dr:1 + dr + rows, 1 + dc:1 + dc + cols]
-        return np.where(np.isnan(v), centre, v)
 
-    a, b, c = nb(-1, -1), nb(-1, 0), nb(-1, 1)
-    d, f = nb(0, -1), nb(0, 1)
-    g, h, i = nb(1, -1), nb(1, 0), nb(1, 1)
+#: (row, col) offsets of the Horn window in the order a, b, c, d, f, g, h, i.
+_OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def _horn(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray, f: np.ndarray, g: np.ndarray,
+          h: np.ndarray, i: np.ndarray, xres: float, yres: float) -> np.ndarray:
     dzdx = ((c + 2 * f + i) - (a + 2 * d + g)) / np.float32(8 * xres)
     dzdy = ((g + 2 * h + i) - (a + 2 * b + c)) / np.float32(8 * yres)
-    out = np.degrees(np.arctan(np.hypot(dzdx, dzdy))).astype(np.float32, copy=False)
-    out[np.isnan(centre)] = np.nan
-    return out
+    return np.degrees(np.arctan(np.hypot(dzdx, dzdy))).astype(np.float32, copy=False)
 
 
 def horn_slope(dem: np.ndarray, xres: float, yres: float) -> np.ndarray:

@@ -288,9 +288,10 @@ class WarpedLayer(_GridLayer):
         super().__init__(grid, np.dtype(np.float32))
         self.source = source
         self.resampling = resampling
+        self.scale = source.warp_scale(grid.crs, grid.res)
 
     def read(self, window: Grid) -> np.ndarray:
-        return self.source.read_onto(window, self.resampling)
+        return self.source.read_onto(window, self.resampling, self.scale)
 
 
 class GeometryLayer(_GridLayer):
