@@ -34,7 +34,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pipeline.demo import write_demo_data
 
     out = tmp_path_factory.mktemp("demo") / "demo"
-    paths = write_demo_data(out, size=320, seed=3)
+    paths = write_demo_data(out, size=318, seed=3)
     return Path(paths.scene_yaml)
 
 
