@@ -114,7 +114,12 @@ class OptimizerSection(_Strict):
 
 
 class EarlyStoppingSection(_Strict):
+    """Checkpoint selection and early stopping on validation F1."""
+
     enabled: bool = True
+    checkpoint: Literal["best", "last"] = Field(
+        "best", description="keep the epoch with the best validation F1, or the last epoch (fixed-length training)"
+    )
     patience: int = Field(20, ge=1, description="epochs without improvement of validation F1 before stopping")
     min_delta: float = Field(0.0, ge=0)
     min_epochs: int = Field(1, ge=1)
@@ -354,6 +359,8 @@ def fit(
     seed_everything(seed)
     device = resolve_device(cfg.device)
     epochs = epochs or cfg.epochs
+    # the learning-rate schedule always spans cfg.epochs, so a shorter final run follows the folds' trajectory
+    schedule_epochs = max(cfg.epochs, epochs)
     module = _build(cfg).to(device)
     optimizer = _optimizer(cfg, module)
     plateau = None
@@ -386,7 +393,7 @@ def fit(
     epoch = 0
     for epoch in bar:
         t0 = time.perf_counter()
-        lr = _lr_at(cfg, epoch, epochs)
+        lr = _lr_at(cfg, epoch, schedule_epochs)
         if lr is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -423,7 +430,7 @@ def fit(
             score = record["val_f1_best" if es.monitor == "f1_best" else "val_f1"]
             if plateau is not None:
                 plateau.step(score)
-            if score > best_score + es.min_delta or best_state is None:
+            if es.checkpoint == "last" or score > best_score + es.min_delta or best_state is None:
                 best_score, best_epoch, best_prob = score, epoch + 1, prob
                 best_state = copy.deepcopy(module.state_dict())
                 stale = 0
@@ -434,7 +441,8 @@ def fit(
         if log_file is not None:
             log_file.write(record)
         bar.set_postfix({k: round(v, 3) for k, v in record.items() if k in ("train_loss", "val_f1_best")})
-        if val_ds is not None and es.enabled and epoch + 1 >= es.min_epochs and stale >= es.patience:
+        if (val_ds is not None and es.enabled and es.checkpoint == "best" and epoch + 1 >= es.min_epochs
+                and stale >= es.patience):
             log.info("%s: early stop after epoch %d (best %d, %s %.3f)", label, epoch + 1, best_epoch, es.monitor, best_score)
             break
     bar.close()
