@@ -190,21 +190,25 @@ def _prepare(module: torch.nn.Module, rt: _Runtime) -> torch.nn.Module:
 
 
 def _module_for(ref: _ModelRef, rt: _Runtime) -> torch.nn.Module:
+    if ref.path is None:
+        # in-memory module (not saved): used as given, never cached under a reusable id
+        if ref.module is None:
+            raise ModelError(f"model {ref.key}: neither a loaded module nor a file to load")
+        return _prepare(ref.module, rt)
     cache_key = (ref.key, str(rt.device), rt.channels_last)
     with _LOCK:
         module = _CACHE.get(cache_key)
         if module is not None:
             return module
-        if ref.module is not None:
+        if ref.module is not None:  # already loaded in this process
             module = ref.module
-        elif ref.path is not None:
+        else:
             art = load_artefact(ref.path, device=rt.device)
             if art.sha256 != ref.key:
                 raise ModelError(f"{ref.path}: file changed since the run started (checksum differs)")
             module = art.module
+            assert module is not None
             log.info("worker pid %d loaded model %s", os.getpid(), ref.path)
-        if module is None:
-            raise ModelError(f"model {ref.key}: neither a loaded module nor a file to load")
         module = _prepare(module, rt)
         _CACHE[cache_key] = module
         return module

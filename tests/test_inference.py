@@ -1,0 +1,352 @@
+"""Tiled inference: seamless stitching, skipped windows, block layout, schedulers, ensembles."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import rasterio
+import torch
+import xarray as xr
+from affine import Affine
+from rasterio.crs import CRS
+
+from pipeline.artefact import MissingChannelsError, ModelArtefact, save_artefact
+from pipeline.channels import L4S_CHANNELS
+from pipeline.errors import ChannelError, ConfigError, GridError
+from pipeline.grid import Grid
+from pipeline.inference import (
+    TTA_TRANSFORMS,
+    InferenceOptions,
+    clear_model_cache,
+    predict,
+    write_probability,
+)
+from pipeline.models import build_model
+from tiling.windows import WindowGrid
+
+CHANNELS = list(L4S_CHANNELS)
+NONE = {"method": "none"}
+
+
+# -- helpers ---------------------------------------------------------------------
+def _grid(height: int, width: int) -> Grid:
+    return Grid(CRS.from_epsg(32633), Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0), width, height)
+
+
+def _scene(
+    height: int,
+    width: int,
+    valid: np.ndarray | None = None,
+    seed: int = 0,
+    chunks: int = 256,
+    bands: list[str] | None = None,
+) -> tuple[xr.DataArray, xr.DataArray, Grid]:
+    bands = bands or CHANNELS
+    rng = np.random.default_rng(seed)
+    arr = rng.random((len(bands), height, width), dtype=np.float32) + 0.5
+    mask = np.ones((height, width), bool) if valid is None else valid
+    arr[:, ~mask] = np.nan
+    data = xr.DataArray(
+        da.from_array(arr, chunks=(-1, chunks, chunks)), dims=("band", "y", "x"), coords={"band": bands}
+    )
+    vmask = xr.DataArray(da.from_array(mask, chunks=(chunks, chunks)), dims=("y", "x"))
+    return data, vmask, _grid(height, width)
+
+
+def _art(module: torch.nn.Module, tile: int = 64, normalization: dict | None = None, **kw: object) -> ModelArtefact:
+    return ModelArtefact(
+        "PlainUnet", None, CHANNELS, normalization=normalization or dict(NONE), tile_size=tile,
+        module=module.eval(), **kw,  # type: ignore[arg-type]
+    )
+
+
+def _logit(p: float) -> float:
+    return float(np.log(p / (1 - p)))
+
+
+class Constant(torch.nn.Module):
+    """Predicts the same probability everywhere."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.logit = _logit(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 1, *x.shape[-2:]), self.logit)
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a module and records every input batch."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.batches: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            self.batches.append(x.detach().clone())
+        return self.inner(x)
+
+    @property
+    def samples(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+
+def _fixed_conv() -> torch.nn.Conv2d:
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(14, 1, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(0.5)
+    return conv
+
+
+def _tiny_unet() -> torch.nn.Module:
+    torch.manual_seed(3)
+    return build_model("PlainUnet", None, 14, base_channels=4, depth=2)
+
+
+def _compute(arr: xr.DataArray) -> np.ndarray:
+    with dask.config.set(scheduler="threads"):
+        return np.asarray(arr.compute())
+
+
+# -- stitching -------------------------------------------------------------------
+@pytest.mark.parametrize("overlap", [0, 9, 32])
+def test_constant_model_gives_constant_raster_without_seams_or_dark_edges(overlap: int) -> None:
+    data, valid, grid = _scene(300, 500)
+    pred = predict(data, valid, grid, [_art(Constant(0.3))], InferenceOptions(overlap=overlap, block_size=128))
+    out = _compute(pred.probability)
+    assert out.shape == (300, 500) and out.dtype == np.float32
+    assert not np.isnan(out).any()
+    np.testing.assert_allclose(out, 0.3, atol=1e-6)
+
+
+def test_translation_equivariant_model_matches_whole_scene_prediction() -> None:
+    data, valid, grid = _scene(300, 410, seed=4)
+    conv = _fixed_conv().eval()
+    with torch.no_grad():
+        whole = torch.sigmoid(conv(torch.from_numpy(np.asarray(data.values))[None]))[0, 0].numpy()
+    # receptive field radius 1 < blend margin (overlap 12 -> margin 3)
+    opts = InferenceOptions(overlap=12, block_size=100, batch_size=7)
+    out = _compute(predict(data, valid, grid, [_art(conv)], opts).probability)
+    np.testing.assert_allclose(out[1:-1, 1:-1], whole[1:-1, 1:-1], atol=1e-5)
+    # without overlap, window edges show zero-padding seams: the comparison above can fail
+    seams = _compute(predict(data, valid, grid, [_art(conv)], InferenceOptions(overlap=0)).probability)
+    assert np.abs(seams[1:-1, 1:-1] - whole[1:-1, 1:-1]).max() > 1e-3
+
+
+def test_invalid_pixels_are_nan_and_valid_ones_are_probabilities() -> None:
+    mask = np.ones((200, 260), bool)
+    mask[50:90, 30:200] = False
+    data, valid, grid = _scene(200, 260, valid=mask)
+    out = _compute(predict(data, valid, grid, [_art(_tiny_unet(), normalization=None)]).probability)
+    assert np.array_equal(np.isnan(out), ~mask)
+    assert np.all((out[mask] >= 0) & (out[mask] <= 1))
+
+
+# -- skipped windows -------------------------------------------------------------------
+def test_windows_without_valid_pixels_are_never_sent_to_the_model() -> None:
+    mask = np.zeros((256, 384), bool)
+    mask[10:40, 300:330] = True
+    mask[200, 5] = True
+    data, valid, grid = _scene(256, 384, valid=mask)
+    rec = Recorder(Constant(0.7))
+    opts = InferenceOptions(overlap=16, block_size=96)
+    out = _compute(predict(data, valid, grid, [_art(rec)], opts).probability)
+    wg = WindowGrid(256, 384, 64, 16)
+    expected = sum(mask[r : r + 64, c : c + 64].any() for r, c in wg.windows())
+    assert 0 < expected < len(wg)
+    # each window with valid pixels is computed by every block it touches; none without valid pixels
+    assert rec.samples >= expected
+    for batch in rec.batches:
+        assert torch.all(batch.flatten(1).abs().amax(dim=1) > 0)  # invalid pixels arrive as 0
+    rec.batches.clear()
+    single_block = InferenceOptions(overlap=16, block_size=4096)
+    _compute(predict(data, valid, grid, [_art(rec)], single_block).probability)
+    assert rec.samples == expected
+    np.testing.assert_allclose(out[mask], 0.7, atol=1e-6)
+    assert np.isnan(out[~mask]).all()
+
+
+def test_scene_without_valid_pixels_never_calls_the_model() -> None:
+    data, valid, grid = _scene(150, 150, valid=np.zeros((150, 150), bool))
+    rec = Recorder(Constant(0.5))
+    out = _compute(predict(data, valid, grid, [_art(rec)]).probability)
+    assert rec.samples == 0 and np.isnan(out).all()
+
+
+# -- scene shapes --------------------------------------------------------------------
+@pytest.mark.parametrize(("height", "width"), [(1, 1), (100, 300), (64, 65), (129, 63)])
+def test_small_and_odd_scenes_are_fully_covered(height: int, width: int) -> None:
+    data, valid, grid = _scene(height, width)
+    out = _compute(predict(data, valid, grid, [_art(_tiny_unet(), normalization=None)]).probability)
+    assert out.shape == (height, width)
+    assert np.all(np.isfinite(out)) and np.all((out >= 0) & (out <= 1))
+
+
+def test_full_sentinel2_tile_builds_lazily_and_computes_a_few_blocks() -> None:
+    n = 10980
+    data = xr.DataArray(
+        da.random.default_rng(0).random((14, n, n), chunks=(14, 2048, 2048), dtype=np.float32),
+        dims=("band", "y", "x"), coords={"band": CHANNELS},
+    )
+    valid = xr.DataArray(da.ones((n, n), bool, chunks=2048), dims=("y", "x"))
+    rec = Recorder(Constant(0.25))
+    pred = predict(data, valid, _grid(n, n), [_art(rec, tile=128)], InferenceOptions(overlap=32, block_size=512))
+    assert pred.probability.shape == (n, n)
+    assert rec.samples == 0  # nothing computed yet
+    assert pred.windows == WindowGrid(n, n, 128, 32).__len__()
+    corner = _compute(pred.probability[:40, :40])
+    last = _compute(pred.probability[-3:, -5:])
+    np.testing.assert_allclose(corner, 0.25, atol=1e-6)
+    np.testing.assert_allclose(last, 0.25, atol=1e-6)
+    assert 0 < rec.samples <= 2 * 7 * 7  # two 480 px blocks (stride 96), a handful of windows each
+
+
+# -- layout and scheduler independence ----------------------------------------------------
+def test_results_do_not_depend_on_block_size() -> None:
+    data, valid, grid = _scene(300, 330, seed=7)
+    art = _art(_tiny_unet(), normalization={"method": "patch_robust"})
+    outs = [
+        _compute(predict(data, valid, grid, [art], InferenceOptions(overlap=24, block_size=b)).probability)
+        for b in (80, 200, 4096)
+    ]
+    assert np.isfinite(outs[0]).all()
+    for other in outs[1:]:
+        np.testing.assert_allclose(other, outs[0], rtol=0, atol=1e-6)
+
+
+def test_band_order_and_extra_bands_do_not_matter() -> None:
+    data, valid, grid = _scene(120, 140, seed=2)
+    art = _art(_tiny_unet(), normalization=None)
+    ref = _compute(predict(data, valid, grid, [art]).probability)
+    shuffled = xr.concat([data.isel(band=slice(None, None, -1)), data.isel(band=[0]).assign_coords(band=["B8A"])],
+                         dim="band")
+    out = _compute(predict(shuffled, valid, grid, [art]).probability)
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_threaded_and_multiprocess_cluster_give_the_same_raster(tmp_path: Path) -> None:
+    from distributed import Client, LocalCluster
+
+    import pipeline.inference as inference
+
+    saved = save_artefact(
+        tmp_path / "tiny.safetensors", _tiny_unet(),
+        {"architecture": "PlainUnet", "encoder": None, "arch_kwargs": {"base_channels": 4, "depth": 2},
+         "channels": CHANNELS, "normalization": {"method": "patch_robust"}, "tile_size": 64,
+         "threshold": 0.5, "version": "1"},
+    )
+    data, valid, grid = _scene(200, 230, seed=5, chunks=100)
+    pred = predict(data, valid, grid, [saved], InferenceOptions(overlap=16, block_size=96))
+    threaded = _compute(pred.probability)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        distributed = np.asarray(client.compute(pred.probability.data).result())
+        cached = client.run(lambda: len(inference._CACHE))
+    np.testing.assert_allclose(distributed, threaded, rtol=0, atol=1e-6)
+    assert set(cached.values()) == {1}  # each worker process loaded the model once
+
+
+# -- models, channels, options -----------------------------------------------------------
+def test_missing_channels_are_refused_by_name() -> None:
+    bands = [c for c in CHANNELS if c not in ("SLOPE", "DEM")]
+    data, valid, grid = _scene(64, 64, bands=bands)
+    with pytest.raises(MissingChannelsError, match="SLOPE, DEM") as info:
+        predict(data, valid, grid, [_art(Constant(0.5))])
+    assert isinstance(info.value, ChannelError)
+
+
+def test_shape_mismatch_and_bad_overlap_are_refused() -> None:
+    data, valid, grid = _scene(64, 64)
+    with pytest.raises(GridError):
+        predict(data, valid, _grid(64, 65), [_art(Constant(0.5))])
+    with pytest.raises(ConfigError, match="overlap"):
+        predict(data, valid, grid, [_art(Constant(0.5))], InferenceOptions(overlap=64))
+
+
+def test_tta_averages_transformed_predictions_and_reports_spread() -> None:
+    data, valid, grid = _scene(64, 64, seed=9)  # one window: no blending involved
+    conv = _fixed_conv().eval()
+    opts = InferenceOptions(tta=True, uncertainty=True)
+    pred = predict(data, valid, grid, [_art(conv)], opts)
+    x = torch.from_numpy(np.asarray(data.values))[None]
+    with torch.no_grad():
+        members = [inv(torch.sigmoid(conv(fwd(x))))[0, 0].numpy() for fwd, inv in
+                   (TTA_TRANSFORMS[name] for name in opts.tta_transforms)]
+    np.testing.assert_allclose(_compute(pred.probability), np.mean(members, axis=0), atol=1e-6)
+    assert pred.uncertainty is not None
+    np.testing.assert_allclose(_compute(pred.uncertainty), np.std(members, axis=0), atol=1e-6)
+    assert float(np.std(members, axis=0).max()) > 1e-3  # the conv is not symmetric: spread is real
+
+
+def test_ensemble_mean_vote_and_uncertainty() -> None:
+    data, valid, grid = _scene(100, 90)
+    members = [_art(Constant(0.2), threshold=0.5), _art(Constant(0.8), threshold=0.5)]
+    mean = predict(data, valid, grid, members, InferenceOptions(weights=(1.0, 3.0), uncertainty=True))
+    np.testing.assert_allclose(_compute(mean.probability), 0.65, atol=1e-6)
+    assert mean.uncertainty is not None
+    np.testing.assert_allclose(_compute(mean.uncertainty), 0.3, atol=1e-6)
+    vote = predict(data, valid, grid, members, InferenceOptions(ensemble="vote", weights=(1.0, 3.0)))
+    np.testing.assert_allclose(_compute(vote.probability), 0.75, atol=1e-6)
+    assert vote.uncertainty is None and vote.threshold == 0.5
+
+
+def test_out_of_memory_in_inference_halves_batch_with_identical_result() -> None:
+    class OomAbove(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module, limit: int) -> None:
+            super().__init__()
+            self.inner, self.limit = inner, limit
+
+            self.failures = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > self.limit:
+                self.failures += 1
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+            return self.inner(x)
+
+    clear_model_cache()
+    data, valid, grid = _scene(200, 200, seed=11)
+    conv = _fixed_conv()
+    opts = InferenceOptions(overlap=16, batch_size=16)
+    ref = _compute(predict(data, valid, grid, [_art(conv)], opts).probability)
+    clear_model_cache()
+    oom = OomAbove(conv, 3)
+    out = _compute(predict(data, valid, grid, [_art(oom)], opts).probability)
+    assert oom.failures >= 3  # 16 -> 8 -> 4 -> 2
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
+    clear_model_cache()
+
+
+def test_options_from_config_section() -> None:
+    from pipeline.config import ModelSection
+
+    section = ModelSection(path=[Path("a.safetensors"), Path("b.safetensors")], weights=[1.0, 2.0],
+                           ensemble="vote", overlap=16, batch_size=8, tta=True, uncertainty=True)
+    opts = InferenceOptions.from_config(section, block_size=1024)
+    assert (opts.overlap, opts.batch_size, opts.ensemble, opts.weights) == (16, 8, "vote", (1.0, 2.0))
+    assert opts.tta and opts.uncertainty and opts.block_size == 1024 and opts.device == "auto"
+
+
+def test_prediction_is_georeferenced_and_written_as_cog(tmp_path: Path) -> None:
+    mask = np.ones((100, 120), bool)
+    mask[:10] = False
+    data, valid, grid = _scene(100, 120, valid=mask)
+    pred = predict(data, valid, grid, [_art(Constant(0.4))])
+    assert pred.probability.rio.crs == grid.crs
+    assert pred.grid == grid and pred.threshold == 0.5
+    path = write_probability(pred, tmp_path / "prob.tif", dtype="uint8")
+    with rasterio.open(path) as src:
+        arr = src.read(1)
+        assert src.nodata == 255 and src.crs == grid.crs and src.transform == grid.transform
+    assert np.all(arr[:10] == 255)
+    assert np.all(arr[10:] == round(0.4 * 254))
