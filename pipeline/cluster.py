@@ -27,10 +27,20 @@ def _worker_env() -> dict[str, str]:
     return {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
+def _quiet_distributed() -> None:
+    """Distributed logs every connection at INFO; keep its chatter out of run logs unless -v."""
+    level = logging.DEBUG if logging.getLogger().level <= logging.DEBUG else logging.WARNING
+    for name in list(logging.root.manager.loggerDict):
+        if name == "distributed" or name.startswith("distributed."):
+            logging.getLogger(name).setLevel(level)
+
+
 @contextmanager
 def dask_client(section: DaskSection) -> Iterator[object]:
     """Yield a ``distributed.Client`` for ``section``; closes what it started."""
     from distributed import Client, LocalCluster
+
+    _quiet_distributed()
 
     if section.scheduler:
         log.info("connecting to Dask scheduler at %s", section.scheduler)
