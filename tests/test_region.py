@@ -1,0 +1,94 @@
+"""The nightly regional job on a real local Dask cluster (worker processes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyogrio
+import pytest
+import torch
+
+from conftest import ROOT
+from pipeline.artefact import save_artefact
+from pipeline.channels import L4S_CHANNELS
+from pipeline.config import load_region_config
+from pipeline.models import build_model
+from pipeline.region import STATE_FILE, run_region
+
+pytestmark = pytest.mark.slow
+
+
+def _bias_model(path: Path, bias: float) -> Path:
+    """A small real artefact whose output is dominated by a bias (predictable detections)."""
+    torch.manual_seed(0)
+    module = build_model("PlainUnet", None, len(L4S_CHANNELS), base_channels=4, depth=2)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(0.01)
+        last = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        last.bias.fill_(bias)
+    save_artefact(path, module, {
+        "architecture": "PlainUnet", "encoder": None, "channels": list(L4S_CHANNELS),
+        "arch_kwargs": {"base_channels": 4, "depth": 2},
+        "normalization": {"method": "patch_robust", "clip": 10.0}, "tile_size": 128,
+        "threshold": 0.5, "version": "test",
+    })
+    return path
+
+
+@pytest.fixture(scope="module")
+def region(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeline.demo import write_demo_data
+
+    root = tmp_path_factory.mktemp("region")
+    model = _bias_model(root / "always.safetensors", bias=5.0)  # every valid pixel is "landslide"
+    scenes = []
+    for seed in (1, 2):
+        paths = write_demo_data(root / f"scene{seed}", size=186, seed=seed, product="L1C")
+        text = Path(paths.scene_yaml).read_text()
+        cfg = paths.scene_yaml.parent / "scene.yaml"
+        cfg.write_text(text.replace("scene:\n", f"scene:\n  id: demo{seed}\n", 1)
+                       + f"\nmodel:\n  path: {model}\npostprocess:\n  min_area_m2: 0\n  max_hole_m2: 0\n")
+        scenes.append(cfg)
+    bad = root / "bad.yaml"
+    bad.write_text(f"scene:\n  bands_dir: does_not_exist\ndem:\n  path: nope.tif\nmodel:\n  path: {model}\n")
+    (root / "region.yaml").write_text(
+        "name: test_region\nscenes:\n"
+        + "".join(f"  - {p}\n" for p in [*scenes, bad])
+        + f"output:\n  dir: {root / 'out'}\n  quicklook: false\ndask:\n  n_workers: 2\n  threads_per_worker: 1\n"
+    )
+    return root / "region.yaml"
+
+
+def test_region_runs_scenes_records_failures_and_merges_without_duplicates(region: Path) -> None:
+    cfg = load_region_config(region)
+    result = run_region(cfg)
+    statuses = [o.status for o in result.outcomes]
+    assert statuses == ["completed", "completed", "failed"]
+    assert "does_not_exist" in result.outcomes[2].error
+    state = json.loads((cfg.output.dir / STATE_FILE).read_text())
+    assert set(state["scenes"]) == {str(p) for p in cfg.scenes}
+
+    # Both demo scenes cover the same tile area: their polygons overlap and merge.
+    per_scene = [pyogrio.read_info(o.geopackage, layer="landslides")["features"] for o in result.outcomes[:2]]
+    assert all(n >= 1 for n in per_scene)
+    merged = pyogrio.read_dataframe(result.merged)
+    assert len(merged) == result.n_merged
+    assert len(merged) < sum(per_scene)
+    assert (merged["scene_ids"] == "demo1,demo2").any()
+
+    # Rerun: nothing recomputed, the merged layer rebuilt to the same content (no appended duplicates).
+    again = run_region(cfg)
+    assert [o.status for o in again.outcomes] == ["skipped", "skipped", "failed"]
+    assert len(pyogrio.read_dataframe(again.merged)) == len(merged)
+
+
+def test_cli_region_exit_code_reflects_failures(region: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "region", str(region)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 1
+    assert "1 failed" in proc.stdout
+    assert "failed: " in proc.stdout and "bad.yaml" in proc.stdout
