@@ -29,6 +29,7 @@ from rasterio.windows import Window
 
 from .errors import OutputError
 from .grid import Grid
+from .readers import error_detail as _detail
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,19 @@ class _WindowWriter:
     def __setitem__(self, key: tuple[slice, ...], value: np.ndarray) -> None:
         rows, cols = key[-2], key[-1]
         window = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
-        with rasterio.open(self.path, "r+") as dst:
-            if self.ndim == 2:
-                dst.write(value, 1, window=window)
-            else:
-                bands = key[0]
-                indexes = list(range(bands.start + 1, bands.stop + 1))
-                dst.write(value, indexes, window=window)
+        failure: str | None = None
+        try:
+            with rasterio.open(self.path, "r+") as dst:
+                if self.ndim == 2:
+                    dst.write(value, 1, window=window)
+                else:
+                    bands = key[0]
+                    indexes = list(range(bands.start + 1, bands.stop + 1))
+                    dst.write(value, indexes, window=window)
+        except (RasterioError, OSError) as exc:
+            failure = _detail(exc)
+        if failure is not None:  # raised outside the except block so it pickles from workers
+            raise OutputError(f"{self.path}: cannot write block {window} ({failure})")
 
 
 def _tile_for(chunks: tuple[tuple[int, ...], ...]) -> int:
@@ -137,7 +144,7 @@ def write_cog(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot create the output folder ({exc})") from exc
+        raise OutputError(f"{path}: cannot create the output folder ({_detail(exc)})") from None
     stem = f".{path.name}.{uuid.uuid4().hex[:8]}"
     tmp_tiff = path.parent / f"{stem}.tiles.tif"
     tmp_cog = path.parent / f"{stem}.cog.tif"
@@ -158,7 +165,7 @@ def write_cog(
                 if tags:
                     dst.update_tags(**tags)
         except (RasterioError, OSError) as exc:
-            raise OutputError(f"{path}: cannot create a temporary GeoTIFF beside it ({exc})") from exc
+            raise OutputError(f"{path}: cannot create a temporary GeoTIFF beside it ({_detail(exc)})") from None
         da.store(data, _WindowWriter(tmp_tiff, data.ndim), lock=_lock(), compute=True)
         options = {
             "COMPRESS": compress, "PREDICTOR": "YES", "BLOCKSIZE": str(TILE), "BIGTIFF": "IF_SAFER",
@@ -170,11 +177,11 @@ def write_cog(
         try:
             rasterio.shutil.copy(tmp_tiff, tmp_cog, driver="COG", **options)
         except (RasterioError, OSError) as exc:
-            raise OutputError(f"{path}: cannot write the COG ({exc})") from exc
+            raise OutputError(f"{path}: cannot write the COG ({_detail(exc)})") from None
         try:
             os.replace(tmp_cog, path)
         except OSError as exc:
-            raise OutputError(f"{path}: cannot move the finished COG into place ({exc})") from exc
+            raise OutputError(f"{path}: cannot move the finished COG into place ({_detail(exc)})") from None
     except BaseException:
         _cleanup(tmp_tiff, tmp_cog)
         raise

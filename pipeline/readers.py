@@ -60,6 +60,27 @@ _SAFE_BAND_ORDER = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A
 _BAND_TOKEN = re.compile(r"(?<![A-Za-z0-9])(B(?:8A|0?[1-9]|1[0-2])|SCL)(?![A-Za-z0-9])", re.IGNORECASE)
 
 
+def error_detail(exc: BaseException) -> str:
+    """The message of ``exc`` and of the errors that caused it (GDAL puts the useful part there).
+
+    Pipeline errors are raised ``from None`` with this text, because GDAL's
+    exception objects do not survive pickling to and from dask workers.
+    """
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current).replace("See previous exception for details.", "").strip().rstrip(".")
+        if text and text not in parts:
+            parts.append(text)
+        current = current.__cause__ or current.__context__
+    return ": ".join(parts) or type(exc).__name__
+
+
+_detail = error_detail
+
+
 # ---------------------------------------------------------------------------
 # single rasters
 # ---------------------------------------------------------------------------
@@ -143,6 +164,7 @@ class RasterSource:
         :meth:`warp_scale` of the full grid when ``grid`` is one block of it.
         """
         out = np.full(grid.shape, np.nan, dtype=np.float32)
+        failure: str | None = None
         try:
             with rasterio.open(self.path) as ds:
                 direct = self._aligned_offsets(grid)
@@ -152,13 +174,15 @@ class RasterSource:
                     self._read_upsampled(ds, grid, resampling, out)
                 else:
                     self._read_warped(ds, grid, resampling, out, scale or self.warp_scale(grid.crs, grid.res))
-        except InputError:
-            raise
         except (RasterioError, OSError) as exc:
+            failure = _detail(exc)
+        if failure is not None:
+            # raised outside the except block: no GDAL exception in the context chain,
+            # so the error pickles back from dask worker processes with its type
             raise InputError(
-                f"{self.path}: cannot read pixels of the {self.role} ({exc}); "
+                f"{self.path}: cannot read pixels of the {self.role} ({failure}); "
                 "the file may be truncated or corrupt"
-            ) from exc
+            )
         return out
 
     def _aligned_offsets(self, grid: Grid) -> tuple[int, int] | None:
@@ -332,7 +356,7 @@ def open_raster(path: Path, role: str, *, band: int = 1, nodata: Sequence[float]
     except InputError:
         raise
     except (RasterioError, OSError) as exc:
-        raise InputError(f"{path}: {role} cannot be opened as a raster by GDAL ({exc})") from exc
+        raise InputError(f"{path}: {role} cannot be opened as a raster by GDAL ({_detail(exc)})") from None
     if not 0 < band <= count:
         raise InputError(f"{path}: {role} has {count} band(s), band {band} was asked for")
     if crs is None:
@@ -497,7 +521,7 @@ def parse_safe_metadata(xml_path: Path) -> SafeMetadata:
     try:
         root = ET.parse(xml_path).getroot()
     except (ET.ParseError, OSError) as exc:
-        raise InputError(f"{xml_path}: cannot parse product metadata ({exc})") from exc
+        raise InputError(f"{xml_path}: cannot parse product metadata ({_detail(exc)})") from None
 
     # bandId -> band name, from the spectral information list when present
     band_of_id: dict[str, str] = {str(i): b for i, b in enumerate(_SAFE_BAND_ORDER)}

@@ -52,6 +52,7 @@ from .config import AoiSection, SceneConfig
 from .errors import ChannelError, ConfigError, GridError, InputError
 from .grid import Bounds, Grid, intersect_bounds, utm_crs_for
 from .readers import RasterSource, SceneInputs, open_dem, open_slope, read_scene
+from .readers import error_detail as _detail
 from .slope import horn_slope_dask
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def target_crs(setting: str, sources: Sequence[RasterSource]) -> CRS:
         try:
             return CRS.from_user_input(setting)
         except CRSError as exc:
-            raise ConfigError(f"grid.crs: not a valid CRS: {setting!r} ({exc})") from None
+            raise ConfigError(f"grid.crs: not a valid CRS: {setting!r} ({_detail(exc)})") from None
     boxes = [_lonlat_bounds(s.bounds, s.crs) for s in sources]
     common = boxes[0]
     for box in boxes[1:]:
@@ -158,7 +159,7 @@ def aoi_bounds(aoi: AoiSection, crs: CRS) -> tuple[Bounds, list[Any] | None, str
         try:
             bounds = transform_bounds(aoi.crs, crs, *aoi.bbox, densify_pts=21)
         except (CRSError, ValueError) as exc:
-            raise ConfigError(f"aoi.crs: cannot use {aoi.crs!r} ({exc})") from None
+            raise ConfigError(f"aoi.crs: cannot use {aoi.crs!r} ({_detail(exc)})") from None
         return bounds, None, f"aoi.bbox {list(aoi.bbox)} ({aoi.crs})"
     assert aoi.path is not None
     path = Path(aoi.path)
@@ -169,7 +170,7 @@ def aoi_bounds(aoi: AoiSection, crs: CRS) -> tuple[Bounds, list[Any] | None, str
     try:
         gdf = gpd.read_file(path)
     except Exception as exc:  # pyogrio raises several unrelated types
-        raise InputError(f"{path}: aoi.path cannot be read as a vector file ({exc})") from exc
+        raise InputError(f"{path}: aoi.path cannot be read as a vector file ({_detail(exc)})") from None
     if gdf.empty:
         raise InputError(f"{path}: aoi.path holds no features")
     if gdf.crs is None:

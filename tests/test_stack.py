@@ -25,7 +25,7 @@ from shapely.geometry import box
 
 from pipeline.channels import L4S_CHANNELS
 from pipeline.config import SceneConfig
-from pipeline.errors import ChannelError
+from pipeline.errors import ChannelError, InputError
 from pipeline.grid import Grid
 from pipeline.stack import Stack, save_stack, stack_scene
 from pipeline.validate import add_stack_arguments, cli_stack, validate_scene
@@ -326,3 +326,32 @@ def test_cli_stack_and_validate_on_a_yaml_config(iburi: Path, tmp_path: Path) ->
     assert cli_stack(parser.parse_args([str(config), "--channels", "B02,SLOPE", "-o", str(tmp_path / "x.tif")])) == 0
     with rasterio.open(tmp_path / "x.tif") as ds:
         assert ds.descriptions == ("B02", "SLOPE")
+
+
+@pytest.mark.slow
+def test_stack_and_cog_on_a_distributed_process_cluster(iburi: Path, tmp_path: Path) -> None:
+    """Tasks pickle to worker processes, the COG writer locks across them, errors keep their type."""
+    distributed = pytest.importorskip("distributed")
+    stack = stack_scene(iburi_cfg(iburi, "pre", block=512), IBURI_CHANNELS)
+    expected = stack.data.where(stack.valid).compute(scheduler="threads").values
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    for band in ("B02", "B03", "B04"):
+        shutil.copy(iburi / "pre" / f"{band}.tif", bad_dir / f"{band}.tif")
+    victim = bad_dir / "B03.tif"
+    with rasterio.open(victim) as ds:
+        offset = int(ds.get_tag_item("BLOCK_OFFSET_2_2", "TIFF", bidx=1))
+        size = int(ds.get_tag_item("BLOCK_SIZE_2_2", "TIFF", bidx=1))
+    raw = bytearray(victim.read_bytes())
+    raw[offset:offset + size] = b"\xff" * size
+    victim.write_bytes(bytes(raw))
+    bad = stack_scene(scene_cfg({"bands_dir": str(bad_dir)}, iburi / "dem" / "aw3d30_dsm.tif",
+                                grid={"block_size": 512}), IBURI_CHANNELS)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster):
+        out = save_stack(stack, tmp_path / "stack.tif")
+        with pytest.raises(InputError, match="B03.tif"):
+            save_stack(bad, tmp_path / "bad.tif")
+    with rasterio.open(out) as ds:
+        np.testing.assert_array_equal(ds.read(), expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "stack.tif"]

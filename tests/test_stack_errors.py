@@ -189,7 +189,7 @@ def test_unknown_and_repeated_channels(scene: Path) -> None:
     _assert_refused(_config(scene, channels=["B02", "b2"]), ChannelError, "B02 asked for twice")
 
 
-def test_error_while_writing_leaves_no_partial_file(scene: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_error_while_writing_leaves_no_partial_file(scene: Path) -> None:
     """A failure in the middle of the stream removes the temporary files; an old output survives."""
     config = _config(scene)
     cfg = load_scene_config(config)
