@@ -355,3 +355,43 @@ def test_stack_and_cog_on_a_distributed_process_cluster(iburi: Path, tmp_path: P
     with rasterio.open(out) as ds:
         np.testing.assert_array_equal(ds.read(), expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "stack.tif"]
+
+
+def test_precomputed_slope_layer_is_reprojected_not_recomputed(iburi: Path) -> None:
+    base = iburi_cfg(iburi, block=512)
+    given = base.model_copy(update={"dem": base.dem.model_copy(
+        update={"slope": iburi / "dem" / "aw3d30_slope.tif"})})
+    computed = stack_scene(base, ["SLOPE"]).data.values[0]
+    from_file = stack_scene(given, ["SLOPE"]).data.values[0]
+    raw = read_raw(iburi / "dem" / "aw3d30_slope.tif")
+    finite = np.isfinite(from_file)
+    assert finite.mean() > 0.9
+    assert raw.min() <= from_file[finite].min() and from_file[finite].max() <= raw.max()
+    # 30 m slopes are gentler than 10 m Horn slopes of the interpolated surface: different layers
+    assert not np.allclose(from_file[finite], computed[finite], atol=0.5)
+    assert np.corrcoef(from_file[finite], np.nan_to_num(computed[finite]))[0, 1] > 0.5
+
+
+def test_write_cog_masks_and_integer_rasters(tmp_path: Path) -> None:
+    """The writer is general: (y, x) numpy input, float NaN to integer nodata, categorical overviews."""
+    from pipeline.cog import write_cog
+
+    grid = Grid.from_bounds((500000, 4000000, 500000 + 7000, 4000000 + 5000), "EPSG:32633", 10)
+    rng = np.random.default_rng(0)
+    prob = rng.random(grid.shape).astype(np.float32)
+    prob[:50, :70] = np.nan
+    mask = np.where(np.isnan(prob), np.nan, (prob > 0.5).astype(np.float32))
+    lazy = dask.array.from_array(mask, chunks=(256, 256))
+    out = write_cog(lazy, grid, tmp_path / "mask.tif", dtype="uint8", nodata=255,
+                    overview_resampling="nearest", tags={"threshold": "0.5"})
+    with rasterio.open(out) as ds:
+        assert ds.count == 1 and ds.dtypes[0] == "uint8" and ds.nodata == 255
+        assert ds.tags()["threshold"] == "0.5"
+        assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        got = ds.read(1)
+        assert set(np.unique(ds.read(1, out_shape=(grid.height // 4, grid.width // 4)))) <= {0, 1, 255}
+    np.testing.assert_array_equal(got, np.where(np.isnan(mask), 255, mask).astype(np.uint8))
+    plain = write_cog(prob, grid, tmp_path / "prob.tif", dtype="float32", nodata=float("nan"), overview=False)
+    with rasterio.open(plain) as ds:
+        np.testing.assert_array_equal(ds.read(1), prob)
+        assert ds.overviews(1) == []
