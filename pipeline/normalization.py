@@ -146,15 +146,15 @@ def _normalize_numpy(x: np.ndarray, valid: np.ndarray | None, spec: dict[str, An
         scale = np.ones((n, c), np.float32)
         full = mask.reshape(n, -1).all(axis=1)
         if full.any():
-            flat = x[full].reshape(int(full.sum()), c, h * w)
-            q25, q50, q75 = np.percentile(flat, (25.0, 50.0, 75.0), axis=2)
+            flat = x[full].reshape(-1, h * w)
+            q25, q50, q75 = (q.reshape(-1, c) for q in _quartiles_np(flat))
             med[full], scale[full] = q50, _robust_scale_np(q25, q50, q75)
         for i in np.flatnonzero(~full):
             m = mask[i].ravel()
             if not m.any():
                 continue
             vals = x[i].reshape(c, h * w)[:, m]
-            q25, q50, q75 = np.percentile(vals, (25.0, 50.0, 75.0), axis=1)
+            q25, q50, q75 = _quartiles_np(vals)
             med[i], scale[i] = q50, _robust_scale_np(q25, q50, q75)
         x -= med[:, :, None, None]
         x /= scale[:, :, None, None]
@@ -163,6 +163,25 @@ def _normalize_numpy(x: np.ndarray, valid: np.ndarray | None, spec: dict[str, An
         np.clip(x, -clip, clip, out=x)
     x[~np.broadcast_to(mask[:, None], x.shape)] = 0.0
     return x
+
+
+def _quartiles_np(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """25th, 50th and 75th percentiles of each row (linear interpolation, as numpy's default).
+
+    One sort per row is several times faster than ``np.percentile`` with
+    three quantiles, which partitions once per requested index.
+    """
+    srt = np.sort(rows, axis=1)
+    n = srt.shape[1]
+    out = []
+    for q in (0.25, 0.5, 0.75):
+        pos = q * (n - 1)
+        lo = int(np.floor(pos))
+        hi = min(lo + 1, n - 1)
+        frac = np.float32(pos - lo)
+        a, b = srt[:, lo], srt[:, hi]
+        out.append(a + frac * (b - a))
+    return out[0], out[1], out[2]
 
 
 def _robust_scale_np(q25: np.ndarray, q50: np.ndarray, q75: np.ndarray) -> np.ndarray:

@@ -1,0 +1,306 @@
+"""Inference benchmark: stage throughput vs the raw model, peak memory, CPU precision.
+
+Three measurements, all printed as medians:
+
+1. Throughput: windows per second of the whole inference stage
+   (:func:`pipeline.inference.predict` computed with the Dask threaded
+   scheduler: slicing, normalization, batching, forward pass, blending) on a
+   synthetic 14-band scene at overlap 0, against the raw forward pass of the
+   same model on random batches of the same size and count, with the same
+   total number of threads, measured alternately in one run.
+2. Peak memory (max RSS of a fresh process) of the stage on a
+   10980 x 10980 scene generated lazily block by block, with the probability
+   raster written as a COG. A small PlainUnet is used here to keep the run
+   short: memory depends on the block size, not on the network.
+3. CPU precision: float32 vs float32 + channels_last vs bfloat16 autocast
+   (with and without channels_last): speed of one batch and agreement of the
+   probabilities with float32 (on Landslide4Sense patches when
+   ../shared/data is present, on the given artefact when ``--artefact`` is
+   set, otherwise on the untrained network).
+
+Usage::
+
+    python benchmarks/bench_inference.py            # full (slow on 2 cores)
+    python benchmarks/bench_inference.py --quick    # small scene, one repeat
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+import xarray as xr
+from affine import Affine
+from rasterio.crs import CRS
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.artefact import ModelArtefact, load_artefact  # noqa: E402
+from pipeline.channels import L4S_CHANNELS  # noqa: E402
+from pipeline.grid import Grid  # noqa: E402
+from pipeline.inference import InferenceOptions, clear_model_cache, predict  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
+from pipeline.normalization import normalize  # noqa: E402
+from tiling.windows import WindowGrid  # noqa: E402
+
+TILE = 128
+CHANNELS = list(L4S_CHANNELS)
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def _grid(n: int) -> Grid:
+    return Grid(CRS.from_epsg(32633), Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0), n, n)
+
+
+def _artefact(arch: str, encoder: str | None, **kwargs: object) -> ModelArtefact:
+    torch.manual_seed(0)
+    module = build_model(arch, encoder, len(CHANNELS), **kwargs).eval()
+    return ModelArtefact(arch, encoder, CHANNELS, tile_size=TILE, module=module, arch_kwargs=dict(kwargs))
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# -- 1. throughput ---------------------------------------------------------------
+def bench_throughput(args: argparse.Namespace) -> dict[str, object]:
+    arch, _, enc = args.model.partition(":")
+    art = _artefact(arch, enc or None)
+    module = art.module
+    assert module is not None
+    n = args.size
+    rng = np.random.default_rng(0)
+    scene = rng.random((len(CHANNELS), n, n), dtype=np.float32)
+    data = xr.DataArray(da.from_array(scene, chunks=(-1, 2048, 2048)), dims=("band", "y", "x"),
+                        coords={"band": CHANNELS})
+    valid = xr.DataArray(da.ones((n, n), bool, chunks=2048), dims=("y", "x"))
+    grid = _grid(n)
+    n_windows = len(WindowGrid(n, n, TILE, 0))
+    batch = args.batch
+    n_batches = -(-n_windows // batch)
+    x = torch.randn(batch, len(CHANNELS), TILE, TILE)
+
+    def raw_single() -> None:
+        with torch.inference_mode():
+            for _ in range(n_batches):
+                torch.sigmoid(module(x))
+
+    def raw_parallel() -> None:  # two Python threads, one torch thread each
+        import threading
+
+        def work(k: int) -> None:
+            with torch.inference_mode():
+                for _ in range(k):
+                    torch.sigmoid(module(x))
+
+        threads = [threading.Thread(target=work, args=(k,))
+                   for k in (n_batches // 2, n_batches - n_batches // 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def stage(workers: int) -> None:
+        opts = InferenceOptions(device="cpu", precision="fp32", batch_size=batch, overlap=0, block_size=2048)
+        pred = predict(data, valid, grid, [art], opts)
+        with dask.config.set(scheduler="threads", num_workers=workers):
+            out = pred.probability.data.compute()
+        assert np.isfinite(out).all()
+
+    configs: dict[str, tuple[int, Callable[[], None]]] = {
+        "raw 1x2 (1 stream, 2 torch threads)": (args.threads, raw_single),
+        "raw 2x1 (2 streams, 1 torch thread each)": (1, raw_parallel),
+        "stage 1x2 (1 dask thread, 2 torch threads)": (args.threads, lambda: stage(1)),
+        "stage 2x1 (2 dask threads, 1 torch thread each)": (1, lambda: stage(2)),
+    }
+    # warm-up (allocators, oneDNN kernels)
+    torch.set_num_threads(args.threads)
+    with torch.inference_mode():
+        module(x)
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for rep in range(args.repeats):
+        for name, (threads, fn) in configs.items():
+            torch.set_num_threads(threads)
+            clear_model_cache()
+            times[name].append(_timed(fn))
+            print(f"  rep {rep + 1}: {name}: {n_windows / times[name][-1]:.1f} windows/s", flush=True)
+    torch.set_num_threads(args.threads)
+    rates = {k: n_windows / statistics.median(v) for k, v in times.items()}
+    best_raw = max(v for k, v in rates.items() if k.startswith("raw"))
+    best_stage = max(v for k, v in rates.items() if k.startswith("stage"))
+    return {
+        "model": args.model, "scene": f"{n}x{n}x{len(CHANNELS)}", "windows": n_windows, "batch": batch,
+        "repeats": args.repeats, "windows_per_s": {k: round(v, 2) for k, v in rates.items()},
+        "stage_vs_raw_best": round(best_stage / best_raw, 3),
+        "stage_vs_raw_same_config": {
+            "1x2": round(rates["stage 1x2 (1 dask thread, 2 torch threads)"]
+                         / rates["raw 1x2 (1 stream, 2 torch threads)"], 3),
+            "2x1": round(rates["stage 2x1 (2 dask threads, 1 torch thread each)"]
+                         / rates["raw 2x1 (2 streams, 1 torch thread each)"], 3),
+        },
+    }
+
+
+# -- 2. memory -------------------------------------------------------------------
+def run_memory(args: argparse.Namespace) -> dict[str, object]:
+    """Runs in a fresh process (see bench_memory): the stage on a lazily generated scene, written as a COG."""
+    from pipeline.cog import write_cog
+
+    n = args.mem_size
+    torch.set_num_threads(1)
+    art = _artefact("PlainUnet", None, base_channels=4, depth=2)
+    data = xr.DataArray(
+        da.random.default_rng(0).random((len(CHANNELS), n, n), chunks=(len(CHANNELS), 2048, 2048),
+                                        dtype=np.float32),
+        dims=("band", "y", "x"), coords={"band": CHANNELS},
+    )
+    valid = xr.DataArray(da.ones((n, n), bool, chunks=2048), dims=("y", "x"))
+    grid = _grid(n)
+    opts = InferenceOptions(device="cpu", overlap=32, block_size=2048, batch_size=args.batch)
+    pred = predict(data, valid, grid, [art], opts)
+    with tempfile.TemporaryDirectory() as tmp, dask.config.set(scheduler="threads", num_workers=2):
+        t = _timed(lambda: write_cog(pred.probability, grid, Path(tmp) / "p.tif", dtype="float32",
+                                     nodata=float("nan")))
+        size = (Path(tmp) / "p.tif").stat().st_size
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
+    return {"scene": f"{n}x{n}x{len(CHANNELS)}", "model": "PlainUnet(base_channels=4, depth=2)",
+            "overlap": 32, "block_size": 2048, "windows": pred.windows, "seconds": round(t, 1),
+            "windows_per_s": round(pred.windows / t, 1), "peak_rss_gib": round(peak, 2),
+            "cog_mib": round(size / 1024**2, 1)}
+
+
+def bench_memory(args: argparse.Namespace) -> dict[str, object]:
+    cmd = [sys.executable, __file__, "--memory-only", "--mem-size", str(args.mem_size), "--batch", str(args.batch)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -- 3. precision ------------------------------------------------------------------
+def _l4s_batch(count: int) -> tuple[np.ndarray, str]:
+    try:
+        import h5py
+    except ImportError:  # pragma: no cover
+        h5py = None
+    files = sorted((SHARED / "l4s").glob("*/img/*.h5")) if h5py else []
+    if not files:
+        return np.random.default_rng(1).random((count, 14, TILE, TILE), dtype=np.float32), "random inputs"
+    imgs = []
+    for f in files[:count]:
+        with h5py.File(f, "r") as h:
+            imgs.append(np.asarray(h["img"], np.float32).transpose(2, 0, 1))
+    while len(imgs) < count:
+        imgs.append(imgs[len(imgs) % len(files)])
+    return np.stack(imgs), f"{min(count, len(files))} Landslide4Sense patches"
+
+
+def bench_precision(args: argparse.Namespace) -> dict[str, object]:
+    torch.set_num_threads(args.threads)
+    if args.artefact:
+        art = load_artefact(args.artefact)
+        model_name = f"{art.name} ({args.artefact})"
+    else:
+        arch, _, enc = args.model.partition(":")
+        art = _artefact(arch, enc or None)
+        model_name = f"{args.model} (untrained)"
+    module = art.module
+    assert module is not None
+    raw, source = _l4s_batch(args.precision_batch)
+    x = torch.from_numpy(normalize(raw, None, art.normalization))
+    modes = {"fp32": (False, False), "fp32+channels_last": (False, True),
+             "bf16": (True, False), "bf16+channels_last": (True, True)}
+    results: dict[str, dict[str, float]] = {}
+    ref = None
+    for name, (bf16, cl) in modes.items():
+        m = copy.deepcopy(module)
+        xx = x
+        if cl:
+            m = m.to(memory_format=torch.channels_last)
+            xx = x.contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+        def run(m: torch.nn.Module = m, xx: torch.Tensor = xx, ctx: object = ctx) -> torch.Tensor:
+            with torch.inference_mode(), ctx:  # type: ignore[attr-defined]
+                return torch.sigmoid(m(xx).float())
+
+        run()  # warm-up
+        reps = 1 if bf16 else args.repeats
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            p = run()
+            ts.append(time.perf_counter() - t0)
+        if ref is None:
+            ref = p
+        diff = (p - ref).abs()
+        results[name] = {
+            "windows_per_s": round(len(x) / statistics.median(ts), 2),
+            "max_abs_diff": float(diff.max()),
+            "mean_abs_diff": float(diff.mean()),
+            "mask_agreement_at_0.5": float(((p >= 0.5) == (ref >= 0.5)).float().mean()),
+        }
+        print(f"  {name}: {results[name]}", flush=True)
+    base = results["fp32"]["windows_per_s"]
+    for r in results.values():
+        r["speedup_vs_fp32"] = round(r["windows_per_s"] / base, 3)
+    return {"model": model_name, "inputs": source, "batch": len(x), "threads": args.threads, "modes": results}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", "--small", action="store_true", help="small scene, one repeat (about a minute)")
+    p.add_argument("--model", default="Unet:mobilenet_v2", help="architecture:encoder for throughput/precision")
+    p.add_argument("--artefact", type=Path, help="trained artefact for the precision agreement")
+    p.add_argument("--size", type=int, help="throughput scene edge (default 4096; quick 1024)")
+    p.add_argument("--mem-size", type=int, help="memory scene edge (default 10980; quick 4096)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2, help="total CPU threads")
+    p.add_argument("--repeats", type=int, help="repeats per measurement (default 3; quick 1)")
+    p.add_argument("--precision-batch", type=int, default=16)
+    p.add_argument("--skip", nargs="*", default=[], choices=["throughput", "memory", "precision"])
+    p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.size = args.size or (1024 if args.quick else 4096)
+    args.mem_size = args.mem_size or (4096 if args.quick else 10980)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    if args.quick:
+        args.precision_batch = min(args.precision_batch, 4)
+    if args.memory_only:
+        print(json.dumps(run_memory(args)))
+        return 0
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {args.threads}", flush=True)
+    report: dict[str, object] = {}
+    if "throughput" not in args.skip:
+        print("throughput (overlap 0):", flush=True)
+        report["throughput"] = bench_throughput(args)
+        print(json.dumps(report["throughput"], indent=2), flush=True)
+    if "memory" not in args.skip:
+        print("peak memory:", flush=True)
+        report["memory"] = bench_memory(args)
+        print(json.dumps(report["memory"], indent=2), flush=True)
+    if "precision" not in args.skip:
+        print("CPU precision:", flush=True)
+        report["precision"] = bench_precision(args)
+        print(json.dumps(report["precision"], indent=2), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
