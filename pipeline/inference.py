@@ -172,6 +172,7 @@ class _Runtime:
 _CACHE: dict[tuple[str, str, bool], torch.nn.Module] = {}
 _RUNTIMES: dict[tuple[Any, ...], _Runtime] = {}
 _LOCK = threading.Lock()
+_PREPARE_LOCK = threading.Lock()
 _THREADS_SET: set[int] = set()
 
 
@@ -183,9 +184,16 @@ def clear_model_cache() -> None:
 
 
 def _prepare(module: torch.nn.Module, rt: _Runtime) -> torch.nn.Module:
-    module = module.eval().to(rt.device)
-    if rt.channels_last:
-        module = module.to(memory_format=torch.channels_last)
+    """Eval mode on the runtime's device and memory format (done once per module and runtime)."""
+    tag = (str(rt.device), rt.channels_last)
+    if getattr(module, "_inference_prepared", None) == tag:
+        return module
+    with _PREPARE_LOCK:
+        if getattr(module, "_inference_prepared", None) != tag:
+            module = module.eval().to(rt.device)
+            if rt.channels_last:
+                module = module.to(memory_format=torch.channels_last)
+            object.__setattr__(module, "_inference_prepared", tag)
     return module
 
 
