@@ -29,7 +29,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,7 +150,7 @@ def run_scene(cfg: SceneConfig, *, force: bool = False, client: Any = None) -> R
     from .stack import stack_scene
 
     with timer("stack-graph"):
-        stack = stack_scene(cfg, stack_channels(cfg, list(models[0].channels)))
+        stack = stack_scene(cfg, list(models[0].channels))
     scene_dir = cfg.output.dir / _safe_name(stack.scene_id)
     run_dir = scene_dir / f"run-{key[:12]}"
     gpkg_path = run_dir / f"{_safe_name(stack.scene_id)}_landslides.gpkg"
@@ -165,27 +165,36 @@ def run_scene(cfg: SceneConfig, *, force: bool = False, client: Any = None) -> R
         )
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    if client is None:
-        with dask_client(cfg.dask) as own:
-            return _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, own)
-    return _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, client)
+    with ExitStack() as resources:
+        if client is None:
+            with timer("start-cluster"):
+                client = resources.enter_context(dask_client(cfg.dask))
+        return _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, client)
 
 
 def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:120] or "scene"
 
 
-#: Channels used by attributes, terrain/NDVI rules and the quicklook, stacked when the inputs have them.
-EXTRA_CHANNELS = ("SLOPE", "DEM", "B04", "B03", "B02", "B08")
+def aux_layers(cfg: SceneConfig, stack: Any, wanted: list[str]) -> dict[str, Any]:
+    """(y, x) layers for attributes, rules and the quicklook, as far as the inputs have them.
 
-
-def stack_channels(cfg: SceneConfig, model_channels: list[str]) -> list[str]:
-    """The model's channels, then the extras the inputs can supply (one stack for everything)."""
+    They come from their own small stack (only these channels), so reading one
+    does not warp all model channels again; the model stack is used only if the
+    grids would differ.
+    """
     from .readers import read_scene
-    from .stack import available_channels
+    from .stack import available_channels, stack_scene
 
     have = set(available_channels(read_scene(cfg.scene)))
-    return model_channels + [c for c in EXTRA_CHANNELS if c in have and c not in model_channels]
+    names = [c for c in wanted if c in have]
+    if not names:
+        return {}
+    aux = stack_scene(cfg, names)
+    if aux.grid != stack.grid:
+        log.debug("auxiliary layers on a different footprint; selecting them from the model stack")
+        aux = stack_scene(cfg, list(dict.fromkeys([*map(str, stack.data.band.values), *names])))
+    return {n: aux.data.sel(band=n) for n in names}
 
 
 def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, client) -> RunResult:  # noqa: ANN001, PLR0913
@@ -210,8 +219,7 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
 
     with timer("infer"):
         options = InferenceOptions.from_config(cfg.model, block_size=cfg.grid.block_size)
-        model_data = stack.data.sel(band=list(first.channels))
-        pred = predict(model_data, stack.valid, grid, models, options)
+        pred = predict(stack.data, stack.valid, grid, models, options)
         prob_path = run_dir / "probability.tif"
         write_cog(pred.probability, grid, prob_path, dtype="float32", nodata=float("nan"))
         unc_path = None
@@ -223,9 +231,13 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
     chunks = {"y": cfg.grid.block_size, "x": cfg.grid.block_size}
     probability = _open_lazy(prob_path, chunks)
     uncertainty = _open_lazy(unc_path, chunks) if unc_path else None
-    valid = stack.valid
-
-    layers = {str(name): stack.data.sel(band=name) for name in stack.data.band.values}
+    # The probability is NaN exactly where the input was not valid: later stages
+    # take the mask from it instead of re-reading every band of the stack.
+    valid = ~probability.isnull()
+    wanted = ["SLOPE", "DEM"]
+    if cfg.postprocess.max_mean_ndvi is not None:
+        wanted += ["B04", "B08"]
+    layers = aux_layers(cfg, stack, wanted)
 
     threshold = cfg.postprocess.threshold if cfg.postprocess.threshold is not None else float(first.threshold)
     context = {
@@ -253,14 +265,18 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
             "config": str(cfg.source), "pipeline_version": __version__,
         }
         write_geopackage(gdf, gpkg_path, layer="landslides", metadata=metadata, crs=cfg.output.crs)
-        if cfg.output.quicklook and all(b in layers for b in ("B04", "B03", "B02")):
+        rgb = aux_layers(cfg, stack, ["B04", "B03", "B02"]) if cfg.output.quicklook else {}
+        if len(rgb) == 3:
+            import xarray as xr
+
             from postprocess.quicklook import write_quicklook
 
-            write_quicklook(stack.data, grid, gdf, run_dir / "quicklook.png", valid=valid)
+            rgb_stack = xr.concat(list(rgb.values()), dim="band")
+            write_quicklook(rgb_stack, grid, gdf, run_dir / "quicklook.png", valid=valid)
+        n_valid = int(np.asarray(valid.sum().compute()))
         if not cfg.output.probability_cog:
             prob_path.unlink(missing_ok=True)
 
-    n_valid = int(np.asarray(valid.sum().compute()))
     total_area = float(gdf["area_m2"].sum()) if len(gdf) else 0.0
     seconds = time.perf_counter() - t_start
     if n_valid == 0:

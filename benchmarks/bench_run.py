@@ -1,0 +1,141 @@
+"""Benchmark: the whole ``run`` on a synthetic full-size Sentinel-2 tile.
+
+Builds (once, cached in the work directory) a 10980 x 10980 px scene with the
+stacking benchmark's generator: 13 bands at native 10/20/60 m and a ~30 m DEM
+in EPSG:4326. Runs :func:`pipeline.run.run_scene` on a local Dask cluster
+(worker processes) with the given model and reports:
+
+- wall time per stage, from the run's own report.json;
+- peak resident memory of the whole process tree (this process + Dask
+  workers), sampled every 0.2 s;
+- the share of wall time that is *not* model inference: the raw forward time
+  of the same model for the same number of windows is measured in the same
+  run (random batches, same batch size, same threads) and subtracted.
+
+    python benchmarks/bench_run.py                   # full 10980 px tile
+    python benchmarks/bench_run.py --size 2046       # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_stack import build_inputs  # noqa: E402
+
+from pipeline.artefact import load_artefact  # noqa: E402
+from pipeline.config import DEFAULT_MODEL, SceneConfig  # noqa: E402
+from pipeline.device import auto_batch_size  # noqa: E402
+from pipeline.run import run_scene  # noqa: E402
+from tiling.windows import WindowGrid  # noqa: E402
+
+
+class PeakRSS:
+    """Sample the RSS of a process and all its children in a background thread."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def raw_forward_seconds(model_path: Path, n_windows: int, batch: int, threads: int, sample: int) -> float:
+    """Seconds the bare model needs for ``n_windows`` (median batch time x batches)."""
+    art = load_artefact(model_path)
+    module = art.module.eval()
+    torch.set_num_threads(threads)
+    x = torch.randn(batch, art.in_channels, art.tile_size, art.tile_size)
+    times = []
+    with torch.inference_mode():
+        module(x)  # warm-up
+        for _ in range(sample):
+            t0 = time.perf_counter()
+            module(x)
+            times.append(time.perf_counter() - t0)
+    per_window = statistics.median(times) / batch
+    return per_window * n_windows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=10980, help="tile edge in 10 m pixels (multiple of 6)")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model artefact")
+    parser.add_argument("--overlap", type=int, default=32)
+    parser.add_argument("--block", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "landslide-bench")
+    parser.add_argument("--raw-batches", type=int, default=10, help="batches timed for the raw model")
+    args = parser.parse_args(argv)
+
+    inputs = build_inputs(args.workdir / f"scene_{args.size}", args.size)
+    out = args.workdir / f"run_{args.size}"
+    art = load_artefact(args.model)
+    cfg = SceneConfig.model_validate({
+        **inputs,
+        "channels": None,
+        "grid": {"block_size": args.block},
+        "model": {"path": str(args.model), "overlap": args.overlap},
+        "output": {"dir": str(out), "quicklook": True, "mask_cog": True},
+        "dask": {"n_workers": 1, "threads_per_worker": args.threads},
+    })
+    t0 = time.perf_counter()
+    with PeakRSS() as rss:
+        res = run_scene(cfg, force=True)
+    wall = time.perf_counter() - t0
+    report = json.loads((res.run_dir / "report.json").read_text())
+    grid = report["grid"]
+    n_windows = len(WindowGrid(grid["height"], grid["width"], art.tile_size, args.overlap))
+    batch = auto_batch_size(torch.device("cpu"), art.tile_size, art.in_channels)
+    raw = raw_forward_seconds(args.model, n_windows, batch, args.threads, args.raw_batches)
+    result = {
+        "scene": f"{grid['width']} x {grid['height']} px",
+        "model": f"{art.architecture}/{art.encoder} ({art.in_channels} ch)",
+        "overlap": args.overlap,
+        "windows": n_windows,
+        "stage_seconds": report["timings_s"],
+        "wall_seconds": round(wall, 1),
+        "raw_model_forward_seconds": round(raw, 1),
+        "non_inference_share": round(max(0.0, wall - raw) / wall, 3),
+        "peak_rss_gib_process_tree": round(rss.peak / 1024**3, 2),
+        "polygons": res.n_polygons,
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
