@@ -1,0 +1,54 @@
+"""The shipped example configs parse, validate and run as they are on the real scenes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyogrio
+import pytest
+
+from conftest import ROOT
+from pipeline.config import load_region_config, load_scene_config
+from pipeline.run import run_scene
+
+SCENE_CONFIGS = ["slovenia.yaml", "iburi_2018.yaml"]
+
+
+@pytest.mark.parametrize("name", SCENE_CONFIGS)
+def test_scene_config_validates(name: str, shared_data: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "validate", str(ROOT / "configs" / name)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout
+
+
+def test_region_config_lists_the_scene_configs() -> None:
+    cfg = load_region_config(ROOT / "configs" / "region.yaml")
+    assert [p.name for p in cfg.scenes] == SCENE_CONFIGS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SCENE_CONFIGS)
+def test_scene_config_runs_end_to_end(name: str, shared_data: Path, tmp_path: Path) -> None:
+    cfg = load_scene_config(ROOT / "configs" / name)
+    # as shipped, except that outputs go to a temporary folder
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": tmp_path})})
+    res = run_scene(cfg)
+    assert res.status == "completed"
+    info = pyogrio.read_info(res.geopackage, layer="landslides")
+    assert info["features"] == res.n_polygons
+    assert info["crs"].startswith("EPSG:326")  # the scene's UTM zone
+    assert (res.run_dir / "probability.tif").is_file()
+    assert (res.run_dir / "quicklook.png").is_file()
+
+
+def test_fourteen_channel_model_is_refused_on_iburi_naming_the_missing_bands(shared_data: Path) -> None:
+    cfg = load_scene_config(ROOT / "configs" / "iburi_2018.yaml")
+    from pipeline.config import DEFAULT_MODEL
+    from pipeline.validate import validate_scene
+
+    assert DEFAULT_MODEL.is_file()
+    problems = validate_scene(cfg, ["B01", "B02", "B03", "B04", "B05", "B08", "SLOPE", "DEM"])
+    assert any("B01" in p and "B05" in p and "B08" in p for p in problems), problems
