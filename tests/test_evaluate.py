@@ -164,3 +164,22 @@ def test_cli_writes_tables_for_models_and_baseline(shared_data: Path, tmp_path: 
     assert len(payload["rows"][0]["details"]["metrics"]["per_patch"]) == 15
     with pytest.raises(InputError, match="nothing to evaluate"):
         cli_evaluate(parser.parse_args([]))
+
+
+def test_recipes_are_cross_validated_on_the_shared_folds(shared_data: Path, tmp_path: Path) -> None:
+    from pipeline.evaluate import cross_validate_config
+    from pipeline.train import load_train_config
+
+    records = [r for r in find_patches(shared_data / "l4s" / "train") if r.id in {"1", "28", "461", "512"}]
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(
+        "data: {root: unused}\noutput: {artefact: unused.safetensors}\nepochs: 1\nbatch_size: 2\n"
+        "model: {architecture: PlainUnet, encoder: null, options: {base_channels: 4, depth: 2}, "
+        f"channels: {CHANNELS}}}\n".replace("'", "")
+    )
+    folds = shared_folds(records, 2, seed=0)
+    row = cross_validate_config(load_train_config(cfg_path), records, folds, name="tiny")
+    assert row.kind == "recipe" and row.patches == 4 and row.protocol == "2-fold CV (same folds)"
+    oof = row.extra["oof_prob"]
+    assert oof.shape == (4, 128, 128) and np.isfinite(oof).all() and (oof > 0).all()
+    assert row.micro["tp"] + row.micro["fn"] == sum(int(read_mask(r.mask)[0].sum()) for r in records)  # type: ignore[arg-type]
