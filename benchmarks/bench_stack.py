@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import dask
-import dask.array as da
 import numpy as np
 import psutil
 import rasterio
@@ -147,6 +146,15 @@ def build_inputs(root: Path, size: int) -> dict[str, object]:
             "dem": {"path": str(root / "dem_4326.tif")}}
 
 
+def _block_sums(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(channel, [sum, count]) over the valid pixels of one block."""
+    out = np.zeros((data.shape[0], 2))
+    for i, band in enumerate(data):
+        values = band[valid]
+        out[i] = (values.sum(dtype=np.float64), values.size)
+    return out
+
+
 def run_once(cfg: SceneConfig, out: Path | None) -> dict[str, object]:
     t0 = time.perf_counter()
     stack = stack_scene(cfg, L4S_CHANNELS)
@@ -154,10 +162,16 @@ def run_once(cfg: SceneConfig, out: Path | None) -> dict[str, object]:
         save_stack(stack, out)
         summary: dict[str, object] = {"cog_bytes": out.stat().st_size}
     else:
-        masked = da.where(stack.valid.data[None], stack.data.data, np.nan)
-        means, valid_frac = dask.compute(da.nanmean(masked, axis=(1, 2)), stack.valid.data.mean())
-        summary = {"valid_fraction": round(float(valid_frac), 4),
-                   "channel_means": {c: round(float(m), 4) for c, m in zip(L4S_CHANNELS, means, strict=True)}}
+        # a streaming consumer: per-block sums over valid pixels, one block at a time
+        # (optimize_graph=False keeps data and valid on shared keys: each block is read once)
+        blocks = zip(stack.data.data.to_delayed(optimize_graph=False).ravel(),
+                     stack.valid.data.to_delayed(optimize_graph=False).ravel(), strict=True)
+        parts = dask.compute(*[dask.delayed(_block_sums)(d, v) for d, v in blocks])
+        sums = np.sum(parts, axis=0)
+        n_valid = float(sums[0, 1])
+        summary = {"valid_fraction": round(n_valid / (stack.grid.width * stack.grid.height), 4),
+                   "channel_means": {c: round(float(s / n_valid), 4)
+                                     for c, s in zip(L4S_CHANNELS, sums[:, 0], strict=True)}}
     summary["seconds"] = time.perf_counter() - t0
     summary["grid"] = f"{stack.grid.width} x {stack.grid.height} {stack.grid.crs.to_string()}"
     return summary

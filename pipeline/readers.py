@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 #: accepted by rasterio's WarpedVRT).
 WARP_TOLERANCE = 1e-4
 
+#: Output rows resampled at a time by the same-CRS upsampling path.
+_STRIP = 256
+
 #: Extensions of per-band raster files recognised in a folder.
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".vrt")
 
@@ -241,10 +244,11 @@ class RasterSource:
             hi = (min(int(y0[inside_y].max()) + 2, self.height), min(int(x0[inside_x].max()) + 2, self.width))
         window = Window(lo[1], lo[0], hi[1] - lo[1], hi[0] - lo[0])
         src = self.to_physical(ds.read(self.band, window=window))
+        # inside pixels form one run of rows and one of columns (positions grow monotonically)
         rows, cols = np.flatnonzero(inside_y), np.flatnonzero(inside_x)
-        centre = src[np.ix_(cy[rows] - lo[0], cx[cols] - lo[1])]
+        cslice = slice(int(cols[0]), int(cols[-1]) + 1)
         if resampling == Resampling.nearest:
-            out[np.ix_(rows, cols)] = centre
+            out[int(rows[0]):int(rows[-1]) + 1, cslice] = src[np.ix_(cy[rows] - lo[0], cx[cols] - lo[1])]
             return
         valid = ~np.isnan(src)
         filled = np.where(valid, src, np.float32(0))
@@ -262,12 +266,15 @@ class RasterSource:
             return (np.take(arr, j0, axis=axis) * w0.reshape(shape)
                     + np.take(arr, j1, axis=axis) * w1.reshape(shape))
 
-        num = along(along(filled, py[rows], lo[0], self.height, 0), px[cols], lo[1], self.width, 1)
-        den = along(along(weights, py[rows], lo[0], self.height, 0), px[cols], lo[1], self.width, 1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            value = np.where(den >= 1e-5, num / den, np.nan).astype(np.float32)
-        value[np.isnan(centre)] = np.nan
-        out[np.ix_(rows, cols)] = value
+        for k in range(0, rows.size, _STRIP):  # strips of output rows keep temporaries small
+            rs = rows[k:k + _STRIP]
+            num = along(along(filled, py[rs], lo[0], self.height, 0), px[cols], lo[1], self.width, 1)
+            den = along(along(weights, py[rs], lo[0], self.height, 0), px[cols], lo[1], self.width, 1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                value = np.where(den >= 1e-5, num / den, np.float32(np.nan)).astype(np.float32, copy=False)
+            # like GDAL: no value where the source pixel under the centre is no data
+            value[~valid[np.ix_(cy[rs] - lo[0], cx[cols] - lo[1])]] = np.nan
+            out[int(rs[0]):int(rs[-1]) + 1, cslice] = value
 
     def _source_window(self, grid: Grid) -> Window | None:
         """Window of this raster that covers ``grid``, with a resampling margin."""

@@ -33,6 +33,9 @@ def horn_slope_padded(padded: np.ndarray, xres: float, yres: float) -> np.ndarra
     if xres <= 0 or yres <= 0:
         raise ValueError(f"pixel sizes must be positive, got {xres}, {yres}")
     p = padded.astype(np.float32, copy=False)
+    if p.shape[0] - 2 > _STRIP:  # strips of rows keep the temporaries small
+        return np.concatenate([horn_slope_padded(p[r:r + _STRIP + 2], xres, yres)
+                               for r in range(0, p.shape[0] - 2, _STRIP)])
     rows, cols = p.shape[0] - 2, p.shape[1] - 2
     # fast path: plain slices; NaN propagates to pixels next to voids and edges
     out = _horn(*(p[1 + dr:1 + dr + rows, 1 + dc:1 + dc + cols] for dr, dc in _OFFSETS), xres, yres)
@@ -49,6 +52,9 @@ def horn_slope_padded(padded: np.ndarray, xres: float, yres: float) -> np.ndarra
     out[np.isnan(centre)] = np.nan  # the Horn window ignores its centre: voids must be set here
     return out
 
+
+#: Rows computed at a time.
+_STRIP = 256
 
 #: (row, col) offsets of the Horn window in the order a, b, c, d, f, g, h, i.
 _OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))

@@ -11,17 +11,20 @@ Grid
     cut to the area of interest when one is given.
 
 Laziness
-    Each layer is a :func:`dask.array.from_array` over an array-like whose
-    ``__getitem__`` reads only the source window a destination block needs and
-    reprojects it (:meth:`pipeline.readers.RasterSource.read_onto`). Files are
-    opened inside the task, in the thread that runs it (GDAL handles are not
-    shared between threads). Memory depends on the block size, never on the
-    scene size. Slope is Horn's method on the reprojected DEM, block by block
-    with a one-pixel halo.
+    The stack is a :func:`dask.array.from_array` over an array-like
+    (:class:`StackLayer`) whose ``__getitem__`` fills one block: for each
+    channel it reads only the source window the block needs and resamples it
+    (:meth:`pipeline.readers.RasterSource.read_onto`). Files are opened inside
+    the task, in the thread that runs it (GDAL handles are not shared between
+    threads). Memory depends on the block size, never on the scene size.
+    Slope is Horn's method on the reprojected DEM, block by block with a
+    one-pixel halo; blocks are independent tasks.
 
-Compute ``data`` and ``valid`` in the same dask graph (for example with
-:func:`dask.compute` or one ``map_blocks`` over both): ``valid`` is derived
-from the same blocks, so computing them separately reads the inputs twice.
+Compute ``data`` and ``valid`` in the same dask graph (``dask.compute(data,
+valid)`` or one ``map_blocks`` over both): ``valid`` is derived from the same
+blocks, so computing them separately reads the inputs twice. The same holds
+for ``to_delayed()``, which optimises each array on its own; use
+``to_delayed(optimize_graph=False)`` on both.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from .errors import ChannelError, ConfigError, GridError, InputError
 from .grid import Bounds, Grid, intersect_bounds, utm_crs_for
 from .readers import RasterSource, SceneInputs, open_dem, open_slope, read_scene
 from .readers import error_detail as _detail
-from .slope import horn_slope_dask
+from .slope import horn_slope_padded
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +309,84 @@ class GeometryLayer(_GridLayer):
         return geometry_mask(self.geoms, out_shape=window.shape, transform=window.transform, invert=True)
 
 
+class StackLayer:
+    """Array-like (channel, rows, cols) view of all channels; one read fills one block.
+
+    Each channel of a window is resampled straight into the output array, so
+    a block costs its own size plus one channel in memory. SLOPE (unless a
+    slope layer is given) is Horn's method on the DEM resampled onto the
+    window grown by one pixel: the halo holds exactly the values the
+    neighbouring blocks compute (the warp is exact and its kernel scale fixed),
+    and halo pixels outside the grid are treated as missing, so the result
+    equals the whole-grid computation (:func:`pipeline.slope.horn_slope`) and
+    blocks do not depend on each other.
+    """
+
+    ndim = 3
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, names: Sequence[str], sources: dict[str, RasterSource], dem: RasterSource,
+                 grid: Grid) -> None:
+        self.names = tuple(names)
+        self.sources = sources            # channel -> source; SLOPE absent when computed from the DEM
+        self.dem = WarpedLayer(dem, grid, CONTINUOUS_RESAMPLING)
+        self.layers = {n: WarpedLayer(src, grid, CONTINUOUS_RESAMPLING) for n, src in sources.items()}
+        self.grid = grid
+        self.shape = (len(self.names), grid.height, grid.width)
+
+    def _dem_with_halo(self, window: Window) -> np.ndarray:
+        grown = self.grid.window(Window(window.col_off - 1, window.row_off - 1,
+                                        window.width + 2, window.height + 2))
+        dem = self.dem.read(grown)
+        r0, c0 = int(window.row_off), int(window.col_off)
+        if r0 == 0:
+            dem[0, :] = np.nan
+        if c0 == 0:
+            dem[:, 0] = np.nan
+        if r0 + window.height == self.grid.height:
+            dem[-1, :] = np.nan
+        if c0 + window.width == self.grid.width:
+            dem[:, -1] = np.nan
+        return dem
+
+    def read(self, bands: Sequence[int], window: Window) -> np.ndarray:
+        sub = self.grid.window(window)
+        out = np.empty((len(bands), sub.height, sub.width), np.float32)
+        names = [self.names[b] for b in bands]
+        padded = None
+        if SLOPE in names and SLOPE not in self.layers:
+            padded = self._dem_with_halo(window)
+        for i, name in enumerate(names):
+            if name in self.layers:
+                out[i] = self.layers[name].read(sub)
+            elif name == SLOPE:
+                assert padded is not None
+                out[i] = horn_slope_padded(padded, *self.grid.res)
+            elif name == DEM and padded is not None:
+                out[i] = padded[1:-1, 1:-1]
+            else:
+                out[i] = self.dem.read(sub)
+        return out
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        key = key + (slice(None),) * (3 - len(key))
+        b0, b1, bi = _axis_index(key[0], self.shape[0])
+        (r0, r1, ri), (c0, c1, ci) = _split_key(key[1:], self.shape[1:])
+        if b1 <= b0 or r1 <= r0 or c1 <= c0:
+            block = np.empty((max(b1 - b0, 0), max(r1 - r0, 0), max(c1 - c0, 0)), self.dtype)
+        else:
+            block = self.read(range(b0, b1), Window(c0, r0, c1 - c0, r1 - r0))
+        if isinstance(bi, int):
+            block = block[bi]
+            return block[ri, ci] if isinstance(ri, int) or isinstance(ci, int) else block[ri][:, ci]
+        block = block[bi]
+        if isinstance(ri, int) or isinstance(ci, int):
+            return block[:, ri, ci]
+        return block[:, ri][:, :, ci]
+
+
 def _file_token(path: Path) -> tuple[str, int, int]:
     try:
         st = os.stat(path)
@@ -369,21 +450,21 @@ def stack_scene(cfg: SceneConfig, channels: Sequence[str] | None = None) -> Stac
         check_overlap(scl, grid, "scene classification layer")
 
     block = cfg.grid.block_size
-    dem_arr = lazy_layer(dem, grid, block, CONTINUOUS_RESAMPLING, "dem")
-    layers: dict[str, da.Array] = {}
-    for name in names:
-        if name in bands:
-            layers[name] = lazy_layer(bands[name], grid, block, CONTINUOUS_RESAMPLING, name)
-        elif name == DEM:
-            layers[name] = dem_arr
-        elif name == SLOPE:
-            if slope_src is not None:
-                layers[name] = lazy_layer(slope_src, grid, block, CONTINUOUS_RESAMPLING, "slope")
-            else:
-                layers[name] = horn_slope_dask(dem_arr, *grid.res)
-    data = da.stack([layers[n] for n in names], axis=0).rechunk((len(names), block, block))
+    sources = {n: bands[n] for n in names if n in bands}
+    if DEM in names:
+        sources[DEM] = dem
+    if slope_src is not None:
+        sources[SLOPE] = slope_src
+    layer = StackLayer(names, sources, dem, grid)
+    token = tokenize(names, {n: (_file_token(s.path), s.band, s.nodata, s.offset, s.scale)
+                             for n, s in sources.items()}, _file_token(dem.path), dem.nodata,
+                     grid.to_dict(), block)
+    data = da.from_array(layer, chunks=(len(names), block, block), name=f"stack-{token}", asarray=False,
+                         lock=False, meta=np.empty((0, 0, 0), np.float32))
 
-    valid = ~da.isnan(data).any(axis=0) & ~da.isnan(dem_arr)
+    valid = ~da.isnan(data).any(axis=0)
+    if DEM not in names and not (SLOPE in names and slope_src is None):
+        valid = valid & ~da.isnan(lazy_layer(dem, grid, block, CONTINUOUS_RESAMPLING, "dem"))
     if scl is not None:
         excluded = cfg.mask.excluded_scl_classes()
         scl_arr = lazy_layer(scl, grid, block, CLASS_RESAMPLING, "scl")

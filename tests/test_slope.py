@@ -92,3 +92,12 @@ def test_matches_gdaldem_on_synthetic_terrain(tmp_path: Path) -> None:
     diff = np.abs(ref[interior] - ours[interior])
     assert np.isfinite(diff).all()
     assert diff.mean() < 0.01 and diff.max() < 0.05
+
+
+def test_long_blocks_computed_in_strips_equal_short_blocks() -> None:
+    z = _terrain(700, 60, seed=5)
+    z[250:262, 10:20] = np.nan  # a void across a strip border
+    one_block = horn_slope(z, 10, 10)
+    small_blocks = horn_slope_dask(da.from_array(z, chunks=(100, 60)), 10, 10).compute()
+    np.testing.assert_array_equal(np.isnan(one_block), np.isnan(small_blocks))
+    np.testing.assert_allclose(one_block, small_blocks, atol=1e-5, equal_nan=True)
