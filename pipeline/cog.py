@@ -148,13 +148,12 @@ def write_cog(
     stem = f".{path.name}.{uuid.uuid4().hex[:8]}"
     tmp_tiff = path.parent / f"{stem}.tiles.tif"
     tmp_cog = path.parent / f"{stem}.cog.tif"
-    predictor = 3 if np_dtype.kind == "f" else 2
     tile = _tile_for(data.chunks[-2:])
     profile = {
         "driver": "GTiff", "width": grid.width, "height": grid.height, "count": count,
         "dtype": np_dtype.name, "crs": grid.crs, "transform": grid.transform, "nodata": nodata,
         "tiled": True, "blockxsize": tile, "blockysize": tile, "compress": "ZSTD", "zstd_level": 1,
-        "predictor": predictor, "bigtiff": "IF_SAFER", "interleave": "pixel" if count <= 4 else "band",
+        "bigtiff": "IF_SAFER", "interleave": "pixel" if count <= 4 else "band",
     }
     try:
         try:

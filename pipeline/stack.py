@@ -328,7 +328,7 @@ class StackLayer:
     def __init__(self, names: Sequence[str], sources: dict[str, RasterSource], dem: RasterSource,
                  grid: Grid) -> None:
         self.names = tuple(names)
-        self.sources = sources            # channel -> source; SLOPE absent when computed from the DEM
+        self.sources = sources            # band (and given slope layer) -> source; DEM/SLOPE come from ``dem``
         self.dem = WarpedLayer(dem, grid, CONTINUOUS_RESAMPLING)
         self.layers = {n: WarpedLayer(src, grid, CONTINUOUS_RESAMPLING) for n, src in sources.items()}
         self.grid = grid
@@ -450,9 +450,7 @@ def stack_scene(cfg: SceneConfig, channels: Sequence[str] | None = None) -> Stac
         check_overlap(scl, grid, "scene classification layer")
 
     block = cfg.grid.block_size
-    sources = {n: bands[n] for n in names if n in bands}
-    if DEM in names:
-        sources[DEM] = dem
+    sources = {n: bands[n] for n in names if n in bands}  # DEM comes from StackLayer.dem
     if slope_src is not None:
         sources[SLOPE] = slope_src
     layer = StackLayer(names, sources, dem, grid)
