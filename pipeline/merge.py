@@ -84,7 +84,7 @@ def merge_frames(frames: Sequence[gpd.GeoDataFrame]) -> gpd.GeoDataFrame:
         row["geometry"] = geom
         rows.append(row)
     out = gpd.GeoDataFrame(rows, geometry="geometry", crs="EPSG:4326")
-    return out.sort_values(by=[c for c in ("scene_ids", "id") if c in out.columns], kind="stable").reset_index(drop=True)
+    return out.sort_values(by=[c for c in ("scene_ids", "landslide_id") if c in out.columns], kind="stable").reset_index(drop=True)
 
 
 def merge_scene_layers(paths: Sequence[Path], out_path: Path, *, region: str) -> int:

@@ -10,7 +10,7 @@ from pipeline.merge import merge_frames
 
 def _frame(geoms, crs, scene, probs):
     return gpd.GeoDataFrame(
-        {"id": [f"{scene}-{i}" for i in range(len(geoms))], "scene_id": scene, "mean_prob": probs},
+        {"landslide_id": [f"{scene}-{i}" for i in range(len(geoms))], "scene_id": scene, "mean_prob": probs},
         geometry=geoms,
         crs=crs,
     )
@@ -28,7 +28,7 @@ def test_same_landslide_in_two_overlapping_scenes_is_one_feature() -> None:
     assert merged.crs.to_epsg() == 4326
     row = merged[merged["n_merged"] == 2].iloc[0]
     assert row["scene_ids"] == "A,B"
-    assert row["id"] == "B-0"  # attributes of the most confident member
+    assert row["landslide_id"] == "B-0"  # attributes of the most confident member
     assert abs(row["area_m2"] - 200 * 100) / (200 * 100) < 0.01  # geodesic area of the union
 
 

@@ -67,7 +67,8 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
     if res.n_polygons:
         gdf = pyogrio.read_dataframe(res.geopackage)
         assert gdf.geometry.is_valid.all()
-        assert gdf["id"].is_unique
+        assert gdf["landslide_id"].is_unique
+        assert sorted(gdf["label"]) == list(range(1, len(gdf) + 1))
         assert (gdf["area_m2"] >= cfg.postprocess.min_area_m2).all()
 
     stamp = res.geopackage.stat().st_mtime_ns
