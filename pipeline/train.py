@@ -133,6 +133,14 @@ class CVSection(_Strict):
     final_epochs: int | Literal["median"] = Field(
         "median", description="epochs of the final all-patch model: a number, or the median best epoch of the folds"
     )
+    final_threshold: Literal["oof", "match_share"] = Field(
+        "match_share",
+        description=(
+            "oof: the threshold chosen on the out-of-fold predictions; match_share: the final model's threshold "
+            "that flags the same share of pixels as the out-of-fold threshold does (labels are not used, so "
+            "the choice stays honest; it corrects the calibration drift between fold models and the final model)"
+        ),
+    )
 
 
 class OutputSection(_Strict):
@@ -258,6 +266,15 @@ def predict_probabilities(
             logits = module(x.to(dtype)).float()[:, 0, :h, :w]
             out.append(torch.sigmoid(logits).cpu().numpy())
     return np.concatenate(out).astype(np.float32)
+
+
+def share_threshold(prob: np.ndarray, share: float, lo: float = 0.02, hi: float = 0.98) -> float:
+    """Threshold at which a fraction ``share`` of ``prob`` is flagged (prob >= t), limited to [lo, hi]."""
+    values = np.sort(np.asarray(prob, dtype=np.float64).ravel())
+    if values.size == 0 or share <= 0:
+        return hi
+    k = min(values.size - 1, max(0, int(round(values.size * (1.0 - share)))))
+    return float(np.clip(values[k], lo, hi))
 
 
 def _build(cfg: TrainConfig) -> nn.Module:
@@ -634,7 +651,19 @@ def train(cfg: TrainConfig, source: Path | None = None) -> TrainResult:
             module = _build(cfg)
             module.load_state_dict(state)
             x, y, v = dataset.subset(range(len(dataset)), NO_AUGMENT).arrays()
-            metrics["train_fit"] = pixel_metrics(predict_probabilities(module, x), y, v, threshold)["micro"]
+            final_prob = predict_probabilities(module, x)
+            share = float((cv.oof_prob[cv.valid] >= cv.threshold).mean())
+            if cfg.cv.final_threshold == "match_share":
+                threshold = share_threshold(final_prob[v], share)
+            metrics["threshold_policy"] = {
+                "policy": cfg.cv.final_threshold,
+                "oof_threshold": cv.threshold,
+                "oof_landslide_share": share,
+                "final_threshold": threshold,
+            }
+            log.info("threshold %.3f (%s; out-of-fold threshold %.3f flags %.2f%% of pixels)",
+                     threshold, cfg.cv.final_threshold, cv.threshold, 100 * share)
+            metrics["train_fit"] = pixel_metrics(final_prob, y, v, threshold)["micro"]
             del dataset  # release the cache
     finally:
         jlog.close()

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 from pipeline.artefact import load_artefact
 from pipeline.datasets import data_checksum, find_patches
 from pipeline.errors import ConfigError
-from pipeline.train import TrainConfig, _lr_at, kfold_indices, load_train_config, train
+from pipeline.train import TrainConfig, _lr_at, kfold_indices, load_train_config, share_threshold, train
 
 PATCH_IDS = ("1", "28", "461", "512")
 
@@ -116,7 +116,9 @@ def test_two_epoch_cv_run_is_reproducible_and_fills_the_metadata(shared_data: Pa
     art = load_artefact(a.artefact)
     assert art.channels == ["B02", "B03", "B04", "B08", "SLOPE", "DEM"]
     assert art.normalization["method"] == "patch_robust"
-    assert 0 < art.threshold < 1 and art.threshold == a.threshold == art.metrics["cv"]["threshold"]
+    policy = art.metrics["threshold_policy"]
+    assert 0 < art.threshold < 1 and art.threshold == a.threshold == policy["final_threshold"]
+    assert policy["oof_threshold"] == art.metrics["cv"]["threshold"]
     cv = art.metrics["cv"]
     assert cv["patches"] == 4 and len(cv["folds"]) == 2
     assert {"precision", "recall", "f1", "iou", "tp", "fp", "fn", "tn"} <= set(cv["micro"])
@@ -146,3 +148,11 @@ def test_validation_split_chooses_checkpoint_and_threshold_on_validation(shared_
     assert "validation" in art.metrics["protocol"]
     assert art.training["data"]["valid_patches"] == 1 and art.training["data"]["patches"] == 3
     assert 1 <= art.training["best_epoch"] <= 2
+
+
+def test_share_threshold_flags_the_requested_share() -> None:
+    prob = np.random.default_rng(0).random(10_000)
+    t = share_threshold(prob, 0.05)
+    assert (prob >= t).mean() == pytest.approx(0.05, abs=1e-3)
+    assert share_threshold(prob, 0.0) == 0.98
+    assert share_threshold(np.full(100, 0.999), 0.5) == 0.98  # limited to [0.02, 0.98]
