@@ -29,6 +29,7 @@ from rasterio.windows import Window
 
 from .errors import OutputError
 from .grid import Grid
+from .progress import compute
 from .readers import error_detail as _detail
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,8 @@ def write_cog(
                     dst.update_tags(**tags)
         except (RasterioError, OSError) as exc:
             raise OutputError(f"{path}: cannot create a temporary GeoTIFF beside it ({_detail(exc)})") from None
-        da.store(data, _WindowWriter(tmp_tiff, data.ndim), lock=_lock(), compute=True)
+        store = da.store(data, _WindowWriter(tmp_tiff, data.ndim), lock=_lock(), compute=False)
+        compute(store, f"computing {path.name} ({data.npartitions} block(s))")
         options = {
             "COMPRESS": compress, "PREDICTOR": "YES", "BLOCKSIZE": str(TILE), "BIGTIFF": "IF_SAFER",
             "OVERVIEWS": "AUTO" if overview else "NONE", "RESAMPLING": overview_resampling.upper(),

@@ -1,0 +1,56 @@
+"""Progress for long Dask computations.
+
+On a terminal a progress bar is shown (Dask's own: the distributed text bar
+when a client is active, the local-scheduler bar otherwise). In logs (nightly
+jobs, no terminal) a start line and an end line with the elapsed time are
+written instead, so log files stay readable.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import dask
+
+log = logging.getLogger(__name__)
+
+
+def _client() -> Any:
+    try:
+        from distributed import get_client
+
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _interactive() -> bool:
+    return sys.stderr.isatty() and logging.getLogger().level <= logging.INFO
+
+
+def compute(obj: Any, label: str) -> Any:
+    """Compute a Dask collection with progress reporting; returns its result."""
+    t0 = time.perf_counter()
+    log.info("%s ...", label)
+    client = _client()
+    if client is not None:
+        future = client.compute(obj)
+        if _interactive():
+            from distributed import progress
+
+            print(label, file=sys.stderr)
+            progress(future, notebook=False)
+            print(file=sys.stderr)
+        result = future.result()
+    elif _interactive():
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar(out=sys.stderr):
+            (result,) = dask.compute(obj)
+    else:
+        (result,) = dask.compute(obj)
+    log.info("%s done in %.1f s", label, time.perf_counter() - t0)
+    return result

@@ -1,0 +1,24 @@
+"""Progress reporting for long computations."""
+
+from __future__ import annotations
+
+import logging
+
+import dask.array as da
+
+from pipeline import progress
+
+
+def test_compute_returns_the_result_and_logs_start_and_end(caplog) -> None:
+    arr = da.ones((64, 64), chunks=16)
+    with caplog.at_level(logging.INFO, logger="pipeline.progress"):
+        assert progress.compute(arr.sum(), "summing") == 64 * 64
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == "summing ..."
+    assert messages[-1].startswith("summing done in ")
+
+
+def test_terminal_gets_a_progress_bar(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(progress, "_interactive", lambda: True)
+    assert progress.compute(da.arange(10, chunks=2).sum(), "bar") == 45
+    assert "100% Completed" in capsys.readouterr().err
