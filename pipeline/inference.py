@@ -282,7 +282,8 @@ def _predict_windows(plan: _Plan, x: np.ndarray, v: np.ndarray) -> tuple[np.ndar
         rt = _runtime(plan.options, plan.windows.tile)
         module = _module_for(ref, rt)
         xm = x[:, list(ref.channel_index)] if ref.channel_index != tuple(range(x.shape[1])) else x
-        xn = normalize(xm, v, ref.normalization)
+        # normalize in place when this batch is ours alone (a channel subset copy, or a single model)
+        xn = normalize(xm, v, ref.normalization, copy=not (xm is not x or len(plan.refs) == 1))
         probs = _forward_probs(module, xn, rt, transforms)  # (T, B, t, t)
         per_model.append(probs.mean(axis=0))
         members.append(probs)
@@ -417,7 +418,7 @@ def predict(
         for cols in cols_spans:
             (ry0, ry1), (rx0, rx1) = wg.block_read_extent(rows, cols)
             task = dask.delayed(_predict_block, pure=True)(
-                x[:, ry0:ry1, rx0:rx1], v[ry0:ry1, rx0:rx1], (ry0, rx0), rows, cols, plan_d,
+                _owned(x[:, ry0:ry1, rx0:rx1]), _owned(v[ry0:ry1, rx0:rx1]), (ry0, rx0), rows, cols, plan_d,
                 dask_key_name=f"predict-block-{token}-{rows[0]}-{cols[0]}",
             )
             shape = (n_out, rows[1] - rows[0], cols[1] - cols[0])
@@ -435,6 +436,17 @@ def predict(
         len(models), " with TTA" if opts.tta else "",
     )
     return Prediction(probability, uncertainty, grid, threshold, len(wg))
+
+
+def _owned(arr: da.Array) -> da.Array:
+    """The slice with every chunk copied out of its source chunk.
+
+    Dask slices are numpy views: a thin halo strip would keep its whole
+    source chunk (14 bands x block x block) alive until the block that needs
+    it runs, so a full row of input chunks could stay in memory. Copies let
+    each source chunk go as soon as its pieces are cut.
+    """
+    return arr.map_blocks(np.ascontiguousarray, dtype=arr.dtype)
 
 
 def _with_index(ref: _ModelRef, index: tuple[int, ...]) -> _ModelRef:

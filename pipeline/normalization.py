@@ -106,11 +106,15 @@ def _clip_value(value: Any) -> float | None:
     return clip
 
 
-def normalize(x: ArrayT, valid: ArrayT | None, spec: Mapping[str, Any] | None = None) -> ArrayT:
+def normalize(
+    x: ArrayT, valid: ArrayT | None, spec: Mapping[str, Any] | None = None, *, copy: bool = True
+) -> ArrayT:
     """Normalize a batch ``x`` of shape (N, C, H, W) with ``valid`` (N, H, W).
 
     ``valid=None`` means every pixel is valid. Returns float32 of the same
-    type (numpy or torch, same device) and shape; the input is not modified.
+    type (numpy or torch, same device) and shape; the input is not modified
+    unless ``copy=False`` is given for a float32 numpy array (then it is
+    normalized in place, saving a copy in the inference hot path).
     """
     full = validate_spec(spec, n_channels=int(x.shape[1]) if x.ndim == 4 else None)
     if x.ndim != 4:
@@ -123,18 +127,23 @@ def normalize(x: ArrayT, valid: ArrayT | None, spec: Mapping[str, Any] | None = 
         v = None if valid is None else torch.as_tensor(valid, device=x.device).bool()
         return _normalize_torch(x, v, full)
     v_np = None if valid is None else np.asarray(valid, dtype=bool)
-    return _normalize_numpy(np.asarray(x), v_np, full)
+    return _normalize_numpy(np.asarray(x), v_np, full, copy=copy)
 
 
 # -- numpy ------------------------------------------------------------------
-def _normalize_numpy(x: np.ndarray, valid: np.ndarray | None, spec: dict[str, Any]) -> np.ndarray:
-    x = x.astype(np.float32, copy=True)
+def _zero_invalid(x: np.ndarray, mask: np.ndarray) -> None:
+    if not mask.all():
+        np.copyto(x, np.float32(0.0), where=~mask[:, None])
+
+
+def _normalize_numpy(x: np.ndarray, valid: np.ndarray | None, spec: dict[str, Any], copy: bool) -> np.ndarray:
+    x = x.astype(np.float32, copy=copy)
     n, c, h, w = x.shape
     finite = np.isfinite(x).all(axis=1)
     mask = finite if valid is None else (valid & finite)
     method = spec["method"]
     if method == "none":
-        x[~np.broadcast_to(mask[:, None], x.shape)] = 0.0
+        _zero_invalid(x, mask)
         return x
     if method == "fixed":
         mean = np.asarray(spec["mean"], np.float32)[None, :, None, None]
@@ -146,7 +155,7 @@ def _normalize_numpy(x: np.ndarray, valid: np.ndarray | None, spec: dict[str, An
         scale = np.ones((n, c), np.float32)
         full = mask.reshape(n, -1).all(axis=1)
         if full.any():
-            flat = x[full].reshape(-1, h * w)
+            flat = (x if full.all() else x[full]).reshape(-1, h * w)
             q25, q50, q75 = (q.reshape(-1, c) for q in _quartiles_np(flat))
             med[full], scale[full] = q50, _robust_scale_np(q25, q50, q75)
         for i in np.flatnonzero(~full):
@@ -161,7 +170,7 @@ def _normalize_numpy(x: np.ndarray, valid: np.ndarray | None, spec: dict[str, An
     clip = spec.get("clip")
     if clip is not None:
         np.clip(x, -clip, clip, out=x)
-    x[~np.broadcast_to(mask[:, None], x.shape)] = 0.0
+    _zero_invalid(x, mask)
     return x
 
 
