@@ -112,6 +112,15 @@ class MaskSection(Strict):
     cirrus: bool = True
     snow: bool = True
     water: bool = False
+    cloud_buffer_m: float = Field(
+        40.0, ge=0, le=1000,
+        description="grow excluded cloud, cloud shadow and cirrus areas by this distance: cloud edges "
+        "are bright and hazy and are otherwise mistaken for fresh scars",
+    )
+
+    def buffered_scl_classes(self) -> list[int]:
+        """Excluded classes whose areas are grown by ``cloud_buffer_m`` (clouds, shadows, cirrus)."""
+        return [c for c in self.excluded_scl_classes() if c in (3, 8, 9, 10)]
 
     def excluded_scl_classes(self) -> list[int]:
         classes = [0, 1]  # no data, saturated/defective

@@ -404,6 +404,34 @@ def lazy_layer(source: RasterSource, grid: Grid, block: int, resampling: Resampl
                          lock=False, meta=np.empty((0, 0), np.float32))
 
 
+def _disk(radius_px: float) -> np.ndarray:
+    r = int(np.floor(radius_px))
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    return (yy * yy + xx * xx) <= radius_px * radius_px
+
+
+def _dilate(block: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import binary_dilation
+
+    return binary_dilation(block, structure=footprint)
+
+
+def scl_exclusion(scl: da.Array, excluded: Sequence[int], buffered: Sequence[int], buffer_px: float) -> da.Array:
+    """Pixels the SCL excludes: no SCL value, an excluded class, or within ``buffer_px`` of a buffered class.
+
+    The buffer is a disk dilation computed per block with a halo of its radius,
+    so it is the same as on the whole array.
+    """
+    unbuffered = [c for c in excluded if c not in buffered]
+    out = da.isnan(scl) | da.isin(scl, np.asarray(unbuffered, np.float32))
+    cloud = da.isin(scl, np.asarray(list(buffered), np.float32))
+    radius = int(np.floor(buffer_px))
+    if buffered and radius >= 1:
+        cloud = cloud.map_overlap(_dilate, depth=radius, boundary=False, footprint=_disk(buffer_px),
+                                  dtype=bool, meta=np.empty((0, 0), bool))
+    return out | cloud
+
+
 def _coords(grid: Grid) -> dict[str, np.ndarray]:
     t = grid.transform
     return {
@@ -466,8 +494,9 @@ def stack_scene(cfg: SceneConfig, channels: Sequence[str] | None = None) -> Stac
     if scl is not None:
         excluded = cfg.mask.excluded_scl_classes()
         scl_arr = lazy_layer(scl, grid, block, CLASS_RESAMPLING, "scl")
-        valid = valid & ~da.isnan(scl_arr) & ~da.isin(scl_arr, np.asarray(excluded, np.float32))
-        log.info("valid mask excludes SCL classes %s", excluded)
+        valid = valid & ~scl_exclusion(scl_arr, excluded, cfg.mask.buffered_scl_classes(),
+                                       cfg.mask.cloud_buffer_m / grid.res[0])
+        log.info("valid mask excludes SCL classes %s (clouds grown by %g m)", excluded, cfg.mask.cloud_buffer_m)
     if aoi_geoms is not None:
         inside = GeometryLayer(aoi_geoms, grid)
         valid = valid & da.from_array(inside, chunks=(block, block), asarray=False, lock=False,

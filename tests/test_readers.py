@@ -262,7 +262,7 @@ def test_l2a_scl_classes_make_pixels_invalid(tmp_path: Path, dn: dict[str, np.nd
     def valid_for(mask: dict[str, bool]) -> np.ndarray:
         cfg = SceneConfig.model_validate(
             {"scene": {"safe": str(safe)}, "dem": {"path": str(_dem(tmp_path / "dem.tif"))},
-             "mask": mask, "grid": {"block_size": 256}})
+             "mask": {"cloud_buffer_m": 0, **mask}, "grid": {"block_size": 256}})
         return stack_scene(cfg, ["B02", "B04"]).valid.values
 
     default = valid_for({})
@@ -342,3 +342,34 @@ def test_open_raster_reads_no_pixels_and_reports_metadata(tmp_path: Path) -> Non
     assert src.nodata == (0.0,)
     raw = np.array([[0, 1000, 3000]], np.uint16)
     np.testing.assert_allclose(src.to_physical(raw), [[np.nan, 0.0, 0.2]], atol=1e-7)
+
+
+def test_cloud_buffer_grows_clouds_and_shadows_but_not_water(tmp_path: Path, dn: dict[str, np.ndarray]) -> None:
+    scl = np.full((SIZE, SIZE), 4, np.uint8)
+    scl[40:50, 40:50] = 8                      # cloud medium probability
+    scl[0:10, 0:10] = 6                        # water
+    dn = {k: np.where(v == 0, 1000, v) for k, v in dn.items()}
+    safe = make_safe(tmp_path, dn, scl=scl)
+    cfg = SceneConfig.model_validate(
+        {"scene": {"safe": str(safe)}, "dem": {"path": str(_dem(tmp_path / "dem.tif"))},
+         "mask": {"cloud_buffer_m": 40, "water": True}, "grid": {"block_size": 256}})
+    valid = stack_scene(cfg, ["B02"]).valid.values
+    assert not valid[36:54, 40:50].any()       # 4 px (40 m) around the cloud, along rows
+    assert not valid[40:50, 36:54].any()
+    assert valid[34, 45] and valid[55, 45]     # 5 px away: kept
+    assert not valid[0:10, 0:10].any()
+    assert valid[11, 5] and valid[5, 11]       # water is not buffered
+
+
+def test_cloud_buffer_per_block_equals_whole_array() -> None:
+    import dask.array as da
+
+    from pipeline.stack import scl_exclusion
+
+    rng = np.random.default_rng(0)
+    scl = rng.choice(np.array([4, 4, 4, 4, 8, 3, 6], np.float32), size=(90, 70))
+    scl[rng.random(scl.shape) < 0.01] = np.nan
+    whole = scl_exclusion(da.from_array(scl, chunks=-1), [0, 1, 3, 8, 9], [3, 8, 9], 3.5).compute()
+    tiled = scl_exclusion(da.from_array(scl, chunks=(13, 17)), [0, 1, 3, 8, 9], [3, 8, 9], 3.5).compute()
+    assert np.array_equal(whole, tiled)
+    assert whole.mean() > (np.isin(scl, [3, 8]) | np.isnan(scl)).mean()  # the buffer grew something
