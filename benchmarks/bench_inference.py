@@ -5,18 +5,21 @@ Three measurements, all printed as medians:
 1. Throughput: windows per second of the whole inference stage
    (:func:`pipeline.inference.predict` computed with the Dask threaded
    scheduler: slicing, normalization, batching, forward pass, blending) on a
-   synthetic 14-band scene at overlap 0, against the raw forward pass of the
-   same model on random batches of the same size and count, with the same
-   total number of threads, measured alternately in one run.
+   synthetic scene at overlap 0, against the raw forward pass of the same
+   model (same memory format, batch size and total threads) on random
+   batches of the same count, measured alternately in one run.
 2. Peak memory (max RSS of a fresh process) of the stage on a
-   10980 x 10980 scene generated lazily block by block, with the probability
-   raster written as a COG. A small PlainUnet is used here to keep the run
-   short: memory depends on the block size, not on the network.
+   10980 x 10980 x 14 scene generated lazily block by block, with the
+   probability raster written as a COG. A tiny PlainUnet is used here to keep
+   the run short: memory depends on the block size, not on the network.
 3. CPU precision: float32 vs float32 + channels_last vs bfloat16 autocast
    (with and without channels_last): speed of one batch and agreement of the
-   probabilities with float32 (on Landslide4Sense patches when
-   ../shared/data is present, on the given artefact when ``--artefact`` is
-   set, otherwise on the untrained network).
+   probabilities and masks (at the model's threshold) with float32, on
+   Landslide4Sense patches when ../shared/data is present.
+
+The model is the shipped trained artefact (``--artefact``, default
+pipeline/models/default.safetensors) or, when absent, an untrained
+``--model`` (default Unet:mobilenet_v2).
 
 Usage::
 
@@ -53,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.artefact import ModelArtefact, load_artefact  # noqa: E402
 from pipeline.channels import L4S_CHANNELS  # noqa: E402
+from pipeline.device import use_channels_last  # noqa: E402
 from pipeline.grid import Grid  # noqa: E402
 from pipeline.inference import InferenceOptions, clear_model_cache, predict  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
@@ -74,6 +78,15 @@ def _artefact(arch: str, encoder: str | None, **kwargs: object) -> ModelArtefact
     return ModelArtefact(arch, encoder, CHANNELS, tile_size=TILE, module=module, arch_kwargs=dict(kwargs))
 
 
+def _bench_model(args: argparse.Namespace) -> tuple[ModelArtefact, str]:
+    """The artefact given with --artefact (default: the shipped model), else an untrained --model."""
+    if args.artefact and Path(args.artefact).is_file():
+        art = load_artefact(args.artefact)
+        return art, f"{art.architecture}/{art.encoder} '{art.name}' (trained, {args.artefact})"
+    arch, _, enc = args.model.partition(":")
+    return _artefact(arch, enc or None), f"{args.model} (untrained)"
+
+
 def _timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -82,21 +95,26 @@ def _timed(fn: Callable[[], object]) -> float:
 
 # -- 1. throughput ---------------------------------------------------------------
 def bench_throughput(args: argparse.Namespace) -> dict[str, object]:
-    arch, _, enc = args.model.partition(":")
-    art = _artefact(arch, enc or None)
+    art, model_name = _bench_model(args)
     module = art.module
     assert module is not None
+    bands = list(art.channels)
     n = args.size
     rng = np.random.default_rng(0)
-    scene = rng.random((len(CHANNELS), n, n), dtype=np.float32)
+    scene = rng.random((len(bands), n, n), dtype=np.float32)
     data = xr.DataArray(da.from_array(scene, chunks=(-1, 2048, 2048)), dims=("band", "y", "x"),
-                        coords={"band": CHANNELS})
+                        coords={"band": bands})
     valid = xr.DataArray(da.ones((n, n), bool, chunks=2048), dims=("y", "x"))
     grid = _grid(n)
     n_windows = len(WindowGrid(n, n, TILE, 0))
     batch = args.batch
     n_batches = -(-n_windows // batch)
-    x = torch.randn(batch, len(CHANNELS), TILE, TILE)
+    x = torch.randn(batch, len(bands), TILE, TILE)
+    # the raw pass uses the memory format the stage's device policy picks
+    channels_last = use_channels_last(torch.device("cpu"), "fp32")
+    if channels_last:
+        module = copy.deepcopy(module).to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def raw_single() -> None:
         with torch.inference_mode():
@@ -131,10 +149,12 @@ def bench_throughput(args: argparse.Namespace) -> dict[str, object]:
         "stage 1x2 (1 dask thread, 2 torch threads)": (args.threads, lambda: stage(1)),
         "stage 2x1 (2 dask threads, 1 torch thread each)": (1, lambda: stage(2)),
     }
-    # warm-up (allocators, oneDNN kernels)
-    torch.set_num_threads(args.threads)
-    with torch.inference_mode():
-        module(x)
+    # warm-up per thread setting (thread pools, allocators, oneDNN kernels)
+    for threads in sorted({t for t, _ in configs.values()}):
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            module(x)
+            module(x)
     times: dict[str, list[float]] = {k: [] for k in configs}
     for rep in range(args.repeats):
         for name, (threads, fn) in configs.items():
@@ -146,9 +166,16 @@ def bench_throughput(args: argparse.Namespace) -> dict[str, object]:
     rates = {k: n_windows / statistics.median(v) for k, v in times.items()}
     best_raw = max(v for k, v in rates.items() if k.startswith("raw"))
     best_stage = max(v for k, v in rates.items() if k.startswith("stage"))
+    pairs: dict[str, float] = {}  # median over repeats of raw time / stage time (same repeat)
+    for cfg in ("1x2", "2x1"):
+        raw_t = next(v for k, v in times.items() if k.startswith(f"raw {cfg}"))
+        stage_t = next(v for k, v in times.items() if k.startswith(f"stage {cfg}"))
+        pairs[cfg] = round(statistics.median(r / s for r, s in zip(raw_t, stage_t, strict=True)), 3)
     return {
-        "model": args.model, "scene": f"{n}x{n}x{len(CHANNELS)}", "windows": n_windows, "batch": batch,
-        "repeats": args.repeats, "windows_per_s": {k: round(v, 2) for k, v in rates.items()},
+        "model": model_name, "scene": f"{n}x{n}x{len(bands)}", "windows": n_windows, "batch": batch,
+        "channels_last": channels_last, "repeats": args.repeats,
+        "windows_per_s": {k: round(v, 2) for k, v in rates.items()},
+        "stage_vs_raw_paired_median": pairs,
         "stage_vs_raw_best": round(best_stage / best_raw, 3),
         "stage_vs_raw_same_config": {
             "1x2": round(rates["stage 1x2 (1 dask thread, 2 torch threads)"]
@@ -213,61 +240,63 @@ def _l4s_batch(count: int) -> tuple[np.ndarray, str]:
 
 def bench_precision(args: argparse.Namespace) -> dict[str, object]:
     torch.set_num_threads(args.threads)
-    if args.artefact:
-        art = load_artefact(args.artefact)
-        model_name = f"{art.name} ({args.artefact})"
-    else:
-        arch, _, enc = args.model.partition(":")
-        art = _artefact(arch, enc or None)
-        model_name = f"{args.model} (untrained)"
+    art, model_name = _bench_model(args)
     module = art.module
     assert module is not None
     raw, source = _l4s_batch(args.precision_batch)
+    raw = raw[:, art.check_channels(L4S_CHANNELS)]
     x = torch.from_numpy(normalize(raw, None, art.normalization))
+    thr = art.threshold
     modes = {"fp32": (False, False), "fp32+channels_last": (False, True),
              "bf16": (True, False), "bf16+channels_last": (True, True)}
-    results: dict[str, dict[str, float]] = {}
-    ref = None
+    runners: dict[str, Callable[[], torch.Tensor]] = {}
     for name, (bf16, cl) in modes.items():
         m = copy.deepcopy(module)
         xx = x
         if cl:
             m = m.to(memory_format=torch.channels_last)
             xx = x.contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
-        def run(m: torch.nn.Module = m, xx: torch.Tensor = xx, ctx: object = ctx) -> torch.Tensor:
-            with torch.inference_mode(), ctx:  # type: ignore[attr-defined]
+        def run(m: torch.nn.Module = m, xx: torch.Tensor = xx, bf16: bool = bf16) -> torch.Tensor:
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+            with torch.inference_mode(), ctx:
                 return torch.sigmoid(m(xx).float())
 
-        run()  # warm-up
-        reps = 1 if bf16 else args.repeats
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            p = run()
-            ts.append(time.perf_counter() - t0)
-        if ref is None:
-            ref = p
+        runners[name] = run
+    outputs = {name: run() for name, run in runners.items()}  # warm-up, and the compared outputs
+    # float32 modes alternate over the repeats (the machine may be shared); bf16 is slow here: one run
+    ts: dict[str, list[float]] = {name: [] for name in runners}
+    for rep in range(max(args.repeats, 3)):
+        for name, run in runners.items():
+            if rep and name.startswith("bf16"):
+                continue
+            ts[name].append(_timed(run))
+    ref = outputs["fp32"]
+    results: dict[str, dict[str, float]] = {}
+    for name, p in outputs.items():
         diff = (p - ref).abs()
         results[name] = {
-            "windows_per_s": round(len(x) / statistics.median(ts), 2),
+            "windows_per_s": round(len(x) / statistics.median(ts[name]), 2),
+            "runs": len(ts[name]),
             "max_abs_diff": float(diff.max()),
             "mean_abs_diff": float(diff.mean()),
-            "mask_agreement_at_0.5": float(((p >= 0.5) == (ref >= 0.5)).float().mean()),
+            "mask_agreement_at_threshold": float(((p >= thr) == (ref >= thr)).float().mean()),
         }
         print(f"  {name}: {results[name]}", flush=True)
     base = results["fp32"]["windows_per_s"]
     for r in results.values():
         r["speedup_vs_fp32"] = round(r["windows_per_s"] / base, 3)
-    return {"model": model_name, "inputs": source, "batch": len(x), "threads": args.threads, "modes": results}
+    return {"model": model_name, "threshold": thr, "inputs": source, "batch": len(x), "threads": args.threads,
+            "modes": results}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", "--small", action="store_true", help="small scene, one repeat (about a minute)")
-    p.add_argument("--model", default="Unet:mobilenet_v2", help="architecture:encoder for throughput/precision")
-    p.add_argument("--artefact", type=Path, help="trained artefact for the precision agreement")
+    p.add_argument("--model", default="Unet:mobilenet_v2", help="architecture:encoder when no artefact is used")
+    p.add_argument("--artefact", type=Path, default=ROOT / "pipeline" / "models" / "default.safetensors",
+                   help="trained artefact for throughput and precision (default: the shipped model; "
+                        "falls back to an untrained --model when absent)")
     p.add_argument("--size", type=int, help="throughput scene edge (default 4096; quick 1024)")
     p.add_argument("--mem-size", type=int, help="memory scene edge (default 10980; quick 4096)")
     p.add_argument("--batch", type=int, default=16)

@@ -54,8 +54,8 @@ def test_precision_policy() -> None:
     assert resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         resolve_precision("fp16", cpu)
-    assert not use_channels_last(cpu, "fp32")
-    assert use_channels_last(cuda, "fp16")
+    assert use_channels_last(cpu, "fp32")  # measured faster on the CPU, same results
+    assert use_channels_last(cuda, "fp16") and not use_channels_last(cuda, "fp32")
 
 
 def test_bf16_autocast_changes_compute_dtype_on_cpu() -> None:
