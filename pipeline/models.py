@@ -10,13 +10,16 @@ Notes on smp 0.6 (checked with 14 input channels and 128 x 128 inputs):
 - All encoders of the seed papers build with ``Unet`` and 14 channels:
   resnet34, vgg16, mobilenet_v2, efficientnet-b0, mit_b1, inceptionv4,
   densenet121, resnext50_32x4d, se_resnet50, se_resnext50_32x4d,
-  inceptionresnetv2. smp replaces the first convolution for
-  ``in_channels != 3``; for the Mix Transformer (``mit_b*``) it rebuilds the
-  first patch embedding, so 14 channels work too.
+  inceptionresnetv2. For ``in_channels != 3`` smp replaces the first
+  convolution with a freshly initialised one; for the Mix Transformer
+  (``mit_b*``) that is the 7 x 7, stride 4 convolution of the first patch
+  embedding, so 14 channels work there too.
 - smp encoders need H and W divisible by 32 (``output_stride``); 128 px tiles
-  give a 4 x 4 deepest feature map. ``mit_b*`` encoders downsample by 4 in the
-  first stage, so 128 px inputs yield 32/16/8/4 px feature maps; fine for
-  inference, but their attention sees little context at this tile size.
+  give a 4 x 4 deepest feature map. ``mit_b*`` encoders start at stride 4
+  (the stride-2 skip is an empty placeholder), so a U-Net decoder on
+  ``mit_b1`` gets its finest skip at 32 x 32 for 128 px inputs, and the
+  attention in the last stage sees only 4 x 4 tokens: it runs, but the
+  seed papers' transformer results came from larger inputs.
 - ``UnetPlusPlus`` and ``Linknet`` refuse ``mit_b*`` encoders; ``DPT`` accepts
   only timm encoders (``tu-...`` names). These combinations raise
   :class:`ModelError` with smp's reason.
