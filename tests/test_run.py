@@ -65,7 +65,7 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
         prob = src.read(1, masked=True)
         assert float(prob.min()) >= 0.0 and float(prob.max()) <= 1.0
     if res.n_polygons:
-        gdf = pyogrio.read_dataframe(res.geopackage)
+        gdf = pyogrio.read_dataframe(res.geopackage, layer="landslides")
         assert gdf.geometry.is_valid.all()
         assert gdf["landslide_id"].is_unique
         assert sorted(gdf["label"]) == list(range(1, len(gdf) + 1))
