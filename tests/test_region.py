@@ -75,7 +75,7 @@ def test_region_runs_scenes_records_failures_and_merges_without_duplicates(regio
     # Both demo scenes cover the same tile area: their polygons overlap and merge.
     per_scene = [pyogrio.read_info(o.geopackage, layer="landslides")["features"] for o in result.outcomes[:2]]
     assert all(n >= 1 for n in per_scene)
-    merged = pyogrio.read_dataframe(result.merged)
+    merged = pyogrio.read_dataframe(result.merged, layer="landslides")
     assert len(merged) == result.n_merged
     assert len(merged) < sum(per_scene)
     assert (merged["scene_ids"] == "demo1,demo2").any()
@@ -83,7 +83,7 @@ def test_region_runs_scenes_records_failures_and_merges_without_duplicates(regio
     # Rerun: nothing recomputed, the merged layer rebuilt to the same content (no appended duplicates).
     again = run_region(cfg)
     assert [o.status for o in again.outcomes] == ["skipped", "skipped", "failed"]
-    assert len(pyogrio.read_dataframe(again.merged)) == len(merged)
+    assert len(pyogrio.read_dataframe(again.merged, layer="landslides")) == len(merged)
 
 
 def test_cli_region_exit_code_reflects_failures(region: Path) -> None:
