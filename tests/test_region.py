@@ -92,3 +92,31 @@ def test_cli_region_exit_code_reflects_failures(region: Path) -> None:
     assert proc.returncode == 1
     assert "1 failed" in proc.stdout
     assert "failed: " in proc.stdout and "bad.yaml" in proc.stdout
+
+
+def test_region_uses_an_existing_scheduler_when_configured(region: Path, tmp_path: Path) -> None:
+    from distributed import LocalCluster
+
+    cfg = load_region_config(region)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
+        cfg = cfg.model_copy(update={
+            "scenes": cfg.scenes[:1],
+            "output": cfg.output.model_copy(update={"dir": tmp_path / "out"}),
+            "dask": cfg.dask.model_copy(update={"scheduler": cluster.scheduler_address}),
+        })
+        result = run_region(cfg)
+        assert [o.status for o in result.outcomes] == ["completed"]
+        # the work ran on the external cluster's worker
+        assert cluster.scheduler.transition_counter > 0, "no task reached the configured scheduler"
+
+
+def test_unreachable_scheduler_is_a_clear_error(region: Path, tmp_path: Path) -> None:
+    from pipeline.cluster import ClusterError
+
+    cfg = load_region_config(region)
+    cfg = cfg.model_copy(update={
+        "output": cfg.output.model_copy(update={"dir": tmp_path / "out"}),
+        "dask": cfg.dask.model_copy(update={"scheduler": "tcp://127.0.0.1:9"}),
+    })
+    with pytest.raises(ClusterError, match=r"cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
+        run_region(cfg)
