@@ -285,10 +285,13 @@ def _predict_windows(plan: _Plan, x: np.ndarray, v: np.ndarray) -> tuple[np.ndar
         # normalize in place when this batch is ours alone (a channel subset copy, or a single model)
         xn = normalize(xm, v, ref.normalization, copy=not (xm is not x or len(plan.refs) == 1))
         probs = _forward_probs(module, xn, rt, transforms)  # (T, B, t, t)
-        per_model.append(probs.mean(axis=0))
+        per_model.append(probs[0] if len(probs) == 1 else probs.mean(axis=0))
         members.append(probs)
-    thresholds = [r.threshold for r in plan.refs]
-    combined = ensemble_probability(np.stack(per_model), plan.weights, thresholds, plan.options.ensemble)
+    if len(per_model) == 1:
+        combined = per_model[0]
+    else:
+        thresholds = [r.threshold for r in plan.refs]
+        combined = ensemble_probability(np.stack(per_model), plan.weights, thresholds, plan.options.ensemble)
     unc = np.concatenate(members).std(axis=0) if plan.with_uncertainty else None
     return combined, unc
 

@@ -163,7 +163,7 @@ def _normalize_numpy(x: np.ndarray, valid: np.ndarray | None, spec: dict[str, An
             if not m.any():
                 continue
             vals = x[i].reshape(c, h * w)[:, m]
-            q25, q50, q75 = _quartiles_np(vals)
+            q25, q50, q75 = _quartiles_np(vals, overwrite=True)
             med[i], scale[i] = q50, _robust_scale_np(q25, q50, q75)
         x -= med[:, :, None, None]
         x /= scale[:, :, None, None]
@@ -174,22 +174,41 @@ def _normalize_numpy(x: np.ndarray, valid: np.ndarray | None, spec: dict[str, An
     return x
 
 
-def _quartiles_np(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """25th, 50th and 75th percentiles of each row (linear interpolation, as numpy's default).
+def _quartiles_np(rows: np.ndarray, overwrite: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """25th, 50th and 75th percentiles of each row, as ``np.percentile`` (linear interpolation).
 
-    One sort per row is several times faster than ``np.percentile`` with
-    three quantiles, which partitions once per requested index.
+    Selection instead of sorting: one in-place partition at the median, then
+    one in each half; the upper neighbour needed for the interpolation is
+    the minimum of the part to the right. About twice as fast as a full
+    sort and several times faster than ``np.percentile`` with three
+    quantiles. ``overwrite=True`` lets it reorder ``rows`` in place.
     """
-    srt = np.sort(rows, axis=1)
-    n = srt.shape[1]
+    a = rows if overwrite else np.array(rows, dtype=np.float32, copy=True)
+    n = a.shape[1]
+    pos = [q * (n - 1) for q in (0.25, 0.5, 0.75)]
+    k25, k50, k75 = (int(np.floor(p)) for p in pos)
+    a.partition(k50, axis=1)
+    v50 = a[:, k50]
+    v50n = a[:, k50 + 1 :].min(axis=1) if k50 + 1 < n else v50
+    if k25 < k50:
+        low = a[:, :k50]
+        low.partition(k25, axis=1)
+        v25 = low[:, k25]
+        v25n = low[:, k25 + 1 :].min(axis=1) if k25 + 1 < k50 else v50
+    else:
+        v25, v25n = v50, v50n
+    if k75 > k50:
+        up = a[:, k50 + 1 :]
+        kk = k75 - k50 - 1
+        up.partition(kk, axis=1)
+        v75 = up[:, kk]
+        v75n = up[:, kk + 1 :].min(axis=1) if kk + 1 < up.shape[1] else v75
+    else:
+        v75, v75n = v50, v50n
     out = []
-    for q in (0.25, 0.5, 0.75):
-        pos = q * (n - 1)
-        lo = int(np.floor(pos))
-        hi = min(lo + 1, n - 1)
-        frac = np.float32(pos - lo)
-        a, b = srt[:, lo], srt[:, hi]
-        out.append(a + frac * (b - a))
+    for (lo, hi), p in zip(((v25, v25n), (v50, v50n), (v75, v75n)), pos, strict=True):
+        frac = np.float32(p - np.floor(p))
+        out.append(lo + frac * (hi - lo))
     return out[0], out[1], out[2]
 
 

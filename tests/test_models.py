@@ -185,3 +185,16 @@ def test_none_normalization_passes_values_but_zeroes_nan() -> None:
 def test_bad_normalization_specs_are_refused(spec: dict, match: str) -> None:
     with pytest.raises(ModelError, match=match):
         validate_spec(spec, n_channels=N_CHANNELS)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 13, 1000, 16384])
+def test_robust_statistics_match_numpy_percentile_including_ties(n: int) -> None:
+    from pipeline.normalization import _quartiles_np
+
+    rng = np.random.default_rng(n)
+    rows = rng.random((6, n), dtype=np.float32)
+    rows[:3, : n // 3] = 0.5  # ties
+    before = rows.copy()
+    got = _quartiles_np(rows)
+    np.testing.assert_allclose(got, np.percentile(rows, [25, 50, 75], axis=1), atol=1e-6)
+    np.testing.assert_array_equal(rows, before)  # the input is not reordered
