@@ -27,7 +27,7 @@ log = logging.getLogger("pipeline")
 _COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "run": ("pipeline.run", "add_run_arguments", "cli_run", "process one scene end to end"),
     "region": ("pipeline.region", "add_region_arguments", "cli_region", "process many scenes (nightly job), resumable"),
-    "validate": ("pipeline.run", "add_validate_arguments", "cli_validate", "check a scene config and its inputs"),
+    "validate": ("pipeline.validate", "add_validate_arguments", "cli_validate", "check a scene config and its inputs"),
     "stack": ("pipeline.validate", "add_stack_arguments", "cli_stack", "stack a scene and write the 14-channel COG"),
     "demo-data": ("pipeline.demo", "add_demo_arguments", "cli_demo", "write a synthetic Sentinel-2 L2A product + DEM"),
     "train": ("pipeline.train", "add_train_arguments", "cli_train", "train a segmentation model"),

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,17 +56,6 @@ class RegionResult:
         return [o for o in self.outcomes if o.status == "failed"]
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _scene_config_for_region(path: Path, region: RegionConfig) -> SceneConfig:
     """A scene config with the region's output and cluster settings."""
     cfg = load_scene_config(path)
@@ -79,7 +65,7 @@ def _scene_config_for_region(path: Path, region: RegionConfig) -> SceneConfig:
 def run_region(cfg: RegionConfig, *, force: bool = False, client: Any = None) -> RegionResult:
     """Run every scene of ``cfg``; never raises for a single scene's failure."""
     from .cluster import dask_client
-    from .run import ensure_writable_dir
+    from .run import ensure_writable_dir, write_json_atomic
 
     out_dir = cfg.output.dir
     ensure_writable_dir(out_dir, field="output.dir", source=cfg.source)
@@ -123,7 +109,7 @@ def run_region(cfg: RegionConfig, *, force: bool = False, client: Any = None) ->
         outcome.seconds = round(time.perf_counter() - t0, 3)
         result.outcomes.append(outcome)
         state["scenes"][str(scene_yaml)] = outcome.__dict__
-        _write_json_atomic(state_path, state)
+        write_json_atomic(state_path, state)
 
     gpkgs = [Path(o.geopackage) for o in result.outcomes if o.status != "failed" and o.geopackage]
     if gpkgs:
@@ -134,7 +120,7 @@ def run_region(cfg: RegionConfig, *, force: bool = False, client: Any = None) ->
         result.merged = merged_path
     state["finished"] = dt.datetime.now(dt.UTC).isoformat()
     state["merged"] = str(result.merged) if result.merged else None
-    _write_json_atomic(state_path, state)
+    write_json_atomic(state_path, state)
     return result
 
 

@@ -116,22 +116,21 @@ def _package_versions() -> dict[str, str]:
 
 
 def load_models(cfg: SceneConfig) -> list[Any]:
-    """Load the configured artefacts (metadata + weights), refusing mismatched ensembles."""
-    from .artefact import load_artefact
+    """Load the configured artefacts (metadata + weights) and check them as an ensemble."""
+    from .artefact import check_ensemble
+    from .artefact import load_models as load_artefacts
 
-    models = []
     for path in cfg.model.paths:
         if not path.is_file():
             raise ModelError(f"{cfg.source}: model.path: model artefact not found: {path}")
-        models.append(load_artefact(path))
-    first = models[0]
-    for m in models[1:]:
-        if list(m.channels) != list(first.channels) or m.tile_size != first.tile_size:
-            raise ModelError(
-                f"{cfg.source}: model.path: ensemble members must share channels and tile size; "
-                f"{m.name} has {list(m.channels)}/{m.tile_size}, {first.name} has {list(first.channels)}/{first.tile_size}"
-            )
+    models = load_artefacts(cfg.model.paths)
+    check_ensemble(models, cfg.model.weights)
     return models
+
+
+def model_channels(models: list[Any]) -> list[str]:
+    """Channels the stack must supply: every member's, first member's order first."""
+    return list(dict.fromkeys(c for m in models for c in m.channels))
 
 
 # -- the run -----------------------------------------------------------------
@@ -150,7 +149,7 @@ def run_scene(cfg: SceneConfig, *, force: bool = False, client: Any = None) -> R
     from .stack import stack_scene
 
     with timer("stack-graph"):
-        stack = stack_scene(cfg, list(models[0].channels))
+        stack = stack_scene(cfg, model_channels(models))
     scene_dir = cfg.output.dir / _safe_name(stack.scene_id)
     run_dir = scene_dir / f"run-{key[:12]}"
     gpkg_path = run_dir / f"{_safe_name(stack.scene_id)}_landslides.gpkg"
@@ -349,31 +348,4 @@ def cli_run(args: argparse.Namespace) -> int:
         f"{res.scene_id}: {res.n_polygons} landslide polygon(s), "
         f"{res.total_area_m2 / 1e4:.2f} ha, {res.seconds:.1f} s"
     )
-    return 0
-
-
-def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, help="scene YAML file")
-
-
-def cli_validate(args: argparse.Namespace) -> int:
-    from .validate import validate_scene
-
-    cfg = load_scene_config(args.config)
-    problems: list[str] = []
-    channels = cfg.channels
-    try:
-        models = load_models(cfg)
-        channels = channels or list(models[0].channels)
-        names = ", ".join(f"{m.name} ({len(m.channels)} channels)" for m in models)
-    except ModelError as exc:
-        problems.append(str(exc))
-        names = None
-    problems += validate_scene(cfg, channels)
-    if problems:
-        print(f"{args.config}: {len(problems)} problem(s):")
-        for p in problems:
-            print(f"  - {p}")
-        return 1
-    print(f"{args.config}: OK - inputs readable, georeferenced and overlapping; model {names} can run on them")
     return 0

@@ -95,18 +95,34 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_validate(args: argparse.Namespace) -> int:
-    """Check a scene config and its inputs; print the problems. Exit code 0 when all is well."""
+    """Check a scene config, its model(s) and its inputs; print the problems. Exit code 0 when all is well.
+
+    Without ``--channels`` (and without ``channels:`` in the config) the
+    channels checked are those the configured model(s) need.
+    """
+    from .run import load_models, model_channels
+
     try:
         cfg = load_scene_config(args.config)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    problems = validate_scene(cfg, args.channels)
+    problems: list[str] = []
+    channels = args.channels or cfg.channels
+    model_note = ""
+    if channels is None:
+        try:
+            models = load_models(cfg)
+            channels = model_channels(models)
+            model_note = " for model " + " + ".join(f"{m.name} ({len(m.channels)} channels)" for m in models)
+        except PipelineError as exc:
+            problems.append(str(exc))
+    problems += validate_scene(cfg, channels)
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     if problems:
         return 1
-    print(f"{args.config}: OK")
+    print(f"{args.config}: OK - inputs readable, georeferenced and overlapping; channels available{model_note}")
     return 0
 
 
