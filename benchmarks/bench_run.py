@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -33,6 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import contextlib
 
 from bench_stack import build_inputs  # noqa: E402
 
@@ -57,10 +60,8 @@ class PeakRSS:
         while not self._stop.is_set():
             total = 0
             for p in [me, *me.children(recursive=True)]:
-                try:
+                with contextlib.suppress(psutil.Error):
                     total += p.memory_info().rss
-                except psutil.Error:
-                    pass
             self.peak = max(self.peak, total)
             time.sleep(self.interval)
 
@@ -103,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
 
     inputs = build_inputs(args.workdir / f"scene_{args.size}", args.size)
     out = args.workdir / f"run_{args.size}"
+    # a private copy: the run and the raw-model timing must see the same weights
+    model = args.workdir / f"model_{os.getpid()}.safetensors"
+    shutil.copyfile(args.model, model)
+    args.model = model
     art = load_artefact(args.model)
     cfg = SceneConfig.model_validate({
         **inputs,
