@@ -82,7 +82,20 @@ DEFAULT_TTA: tuple[str, ...] = ("identity", "hflip", "vflip", "rot90")
 
 @dataclass(frozen=True)
 class InferenceOptions:
-    """How :func:`predict` runs. Build it from the YAML with :meth:`from_config`."""
+    """How :func:`predict` runs. Build it from the YAML with :meth:`from_config`.
+
+    device: auto (CUDA, then MPS, then CPU), cpu, cuda, mps.
+    batch_size: windows per forward pass, or auto (device policy); halved on CUDA out-of-memory.
+    overlap: pixels shared by neighbouring windows (< tile size); 0 for the fastest run.
+    precision: auto (fp16 autocast on CUDA, fp32 elsewhere), fp32, bf16, fp16.
+    channels_last: NHWC convolutions; auto follows the device policy.
+    tta / tta_transforms: average the model over flips and rotations (names in TTA_TRANSFORMS).
+    uncertainty: also return the std across TTA variants and ensemble members.
+    ensemble / weights: combine several models by weighted mean or weighted vote.
+    block_size: output block edge in pixels (rounded down to a multiple of the stride).
+    blend_margin: zero-weight pixels at interior window edges (default overlap // 4).
+    torch_threads: set torch's intra-op threads once per process (default: leave as is).
+    """
 
     device: str = "auto"
     batch_size: int | Literal["auto"] = "auto"
