@@ -4,17 +4,18 @@
 - :func:`resolve_precision`: ``auto`` is float16 autocast on CUDA and float32
   elsewhere. On the CPU, bfloat16 autocast only pays on processors with
   native bf16 instructions (AVX512-BF16 / AMX). Measured on the development
-  machine (AMD EPYC, AVX2, no native bf16; ``benchmarks/bench_inference.py``,
-  U-Net/mobilenet_v2, batch 16): bf16 autocast ran at 0.08-0.12x the float32
-  speed (with or without channels_last), with probabilities within 2.4e-3 of
-  float32 and 99.65 % of pixels on the same side of 0.5. So ``auto`` keeps
-  float32 on the CPU; ``bf16`` can still be requested explicitly.
+  machine (AMD EPYC, AVX2, no native bf16) with
+  ``benchmarks/bench_inference.py`` on 16 Landslide4Sense patches, batch 16:
+  bf16 autocast ran at 0.01-0.13x the float32 speed (trained U-Net
+  mobilenet_v2 and trained PlainUnet, with and without channels_last), with
+  probabilities within 0.025 of float32 and 99.96-99.99 % of pixels on the
+  same side of the model's threshold. So ``auto`` keeps float32 on the CPU;
+  ``bf16`` can still be requested explicitly.
 - :func:`use_channels_last`: channels_last (NHWC) convolutions. On the CPU
-  in float32 they were 1.2-1.46x faster than NCHW for U-Net with
-  mobilenet_v2, resnet34 and efficientnet-b0 encoders (1 and 2 threads,
-  interleaved runs), with logits within 2e-3 of NCHW (probabilities and
-  masks on Landslide4Sense patches identical for mobilenet_v2), so they are
-  on by default on the CPU; on CUDA with reduced precision.
+  in float32 they were 1.2-1.46x faster than NCHW (U-Net with mobilenet_v2,
+  resnet34 and efficientnet-b0 encoders, the trained PlainUnet; interleaved
+  runs), with probabilities within 2e-6 of NCHW and identical masks, so they
+  are on by default on the CPU; on CUDA with reduced precision.
 - :func:`auto_batch_size`: a batch size from the device memory and tile size.
 - :func:`run_batched`: runs a function over a batch in chunks; a CUDA
   out-of-memory error halves the chunk and retries, down to 1. Results are
