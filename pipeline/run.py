@@ -41,6 +41,8 @@ from .errors import ModelError, OutputError
 log = logging.getLogger(__name__)
 
 REPORT = "report.json"
+#: The probability COG stores round(p x 254) as uint8, 255 = no data.
+PROB_SCALE = 254.0
 LATEST = "LATEST"
 
 
@@ -203,9 +205,8 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
     from postprocess.pipeline import polygons_from_probability
 
     from .cog import write_cog
-    from .inference import InferenceOptions, predict
+    from .inference import InferenceOptions, predict, write_probability
 
-    first = models[0]
     run_id = f"{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
     grid = stack.grid
     n_valid = None
@@ -220,7 +221,8 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
         options = InferenceOptions.from_config(cfg.model, block_size=cfg.grid.block_size)
         pred = predict(stack.data, stack.valid, grid, models, options)
         prob_path = run_dir / "probability.tif"
-        write_cog(pred.probability, grid, prob_path, dtype="float32", nodata=float("nan"))
+        # uint8: probability x 254, 255 = no data (an eighth of float32 on disk)
+        write_probability(pred, prob_path, dtype="uint8")
         unc_path = None
         if pred.uncertainty is not None:
             unc_path = run_dir / "uncertainty.tif"
@@ -228,7 +230,7 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
 
     # Re-open the probability raster lazily: the model ran once, later stages read blocks from disk.
     chunks = {"y": cfg.grid.block_size, "x": cfg.grid.block_size}
-    probability = _open_lazy(prob_path, chunks)
+    probability = _open_lazy(prob_path, chunks) / PROB_SCALE
     uncertainty = _open_lazy(unc_path, chunks) if unc_path else None
     # The probability is NaN exactly where the input was not valid: later stages
     # take the mask from it instead of re-reading every band of the stack.
@@ -238,7 +240,8 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
         wanted += ["B04", "B08"]
     layers = aux_layers(cfg, stack, wanted)
 
-    threshold = cfg.postprocess.threshold if cfg.postprocess.threshold is not None else float(first.threshold)
+    # pred.threshold: the model's, or the ensemble's combined one (0.5 for a vote)
+    threshold = cfg.postprocess.threshold if cfg.postprocess.threshold is not None else float(pred.threshold)
     context = {
         "scene_id": stack.scene_id,
         "acq_date": stack.acquisition_date.isoformat() if stack.acquisition_date else None,

@@ -62,8 +62,9 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
     with rasterio.open(res.run_dir / "probability.tif") as src:
         assert src.crs.to_string() == report["grid"]["crs"]
         assert src.is_tiled
+        assert src.dtypes[0] == "uint8" and src.nodata == 255
         prob = src.read(1, masked=True)
-        assert float(prob.min()) >= 0.0 and float(prob.max()) <= 1.0
+        assert 0 <= int(prob.min()) and int(prob.max()) <= 254
     if res.n_polygons:
         gdf = pyogrio.read_dataframe(res.geopackage, layer="landslides")
         assert gdf.geometry.is_valid.all()
