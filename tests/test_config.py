@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from pipeline.config import load_region_config, load_scene_config
 from pipeline.errors import ConfigError
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pyogrio
 import pytest
-
 from conftest import ROOT
+
 from pipeline.config import load_region_config, load_scene_config
 from pipeline.run import run_scene
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pyogrio
 import pytest
 import torch
-
 from conftest import ROOT
+
 from pipeline.artefact import save_artefact
 from pipeline.channels import L4S_CHANNELS
 from pipeline.config import load_region_config

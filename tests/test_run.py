@@ -11,8 +11,8 @@ import numpy as np
 import pyogrio
 import pytest
 import rasterio
-
 from conftest import ROOT
+
 from pipeline.config import load_scene_config
 from pipeline.errors import OutputError
 from pipeline.run import REPORT, run_scene
@@ -64,7 +64,7 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
         assert src.is_tiled
         assert src.dtypes[0] == "uint8" and src.nodata == 255
         prob = src.read(1, masked=True)
-        assert 0 <= int(prob.min()) and int(prob.max()) <= 254
+        assert int(prob.min()) >= 0 and int(prob.max()) <= 254
     if res.n_polygons:
         gdf = pyogrio.read_dataframe(res.geopackage, layer="landslides")
         assert gdf.geometry.is_valid.all()
