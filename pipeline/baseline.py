@@ -99,6 +99,21 @@ class RandomForestBaseline:
     model: Any = None
     oob_f1: float = float("nan")
 
+    def sample(
+        self, feature: np.ndarray, mask: np.ndarray, valid: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Training pixels of one patch: up to half landslide, the rest background. Returns (x, y)."""
+        n = self.config.pixels_per_patch
+        f = feature.reshape(feature.shape[0], -1).T
+        y = mask.reshape(-1).astype(bool)
+        ok = valid.reshape(-1)
+        pos = np.flatnonzero(ok & y)
+        neg = np.flatnonzero(ok & ~y)
+        n_pos = min(pos.size, n // 2)
+        n_neg = min(neg.size, n - n_pos)
+        take = np.concatenate([rng.choice(pos, n_pos, replace=False), rng.choice(neg, n_neg, replace=False)])
+        return f[take], y[take]
+
     def fit(
         self,
         features: Sequence[np.ndarray],
@@ -106,24 +121,15 @@ class RandomForestBaseline:
         valids: Sequence[np.ndarray],
     ) -> RandomForestBaseline:
         """Train on per-patch features (F,H,W), masks (H,W) and valid masks (H,W)."""
+        rng = np.random.default_rng(self.config.seed)
+        pairs = [self.sample(f, m, v, rng) for f, m, v in zip(features, masks, valids, strict=True)]
+        return self.fit_samples(np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs]))
+
+    def fit_samples(self, x: np.ndarray, y: np.ndarray) -> RandomForestBaseline:
+        """Train on sampled pixels ``x`` (n, F) with labels ``y`` (n,)."""
         from sklearn.ensemble import RandomForestClassifier
 
         cfg = self.config
-        rng = np.random.default_rng(cfg.seed)
-        xs, ys = [], []
-        for feat, mask, valid in zip(features, masks, valids, strict=True):
-            f = feat.reshape(feat.shape[0], -1).T
-            y = mask.reshape(-1).astype(bool)
-            ok = valid.reshape(-1)
-            pos = np.flatnonzero(ok & y)
-            neg = np.flatnonzero(ok & ~y)
-            n_pos = min(pos.size, cfg.pixels_per_patch // 2)
-            n_neg = min(neg.size, cfg.pixels_per_patch - n_pos)
-            take = np.concatenate([rng.choice(pos, n_pos, replace=False), rng.choice(neg, n_neg, replace=False)])
-            xs.append(f[take])
-            ys.append(y[take])
-        x = np.concatenate(xs)
-        y = np.concatenate(ys)
         if y.all() or not y.any():
             raise ValueError("Random Forest baseline needs both landslide and background pixels to train")
         self.model = RandomForestClassifier(
@@ -171,12 +177,20 @@ def fit_predict(
     test_idx: Sequence[int],
     config: RandomForestConfig | None = None,
 ) -> tuple[np.ndarray, RandomForestBaseline]:
-    """Train on ``train_idx`` patches, return probabilities (n, H, W) for ``test_idx`` and the model."""
+    """Train on ``train_idx`` patches, return probabilities (n, H, W) for ``test_idx`` and the model.
+
+    Patches are processed one at a time (features of the whole training set never sit in memory).
+    """
     cfg = config or RandomForestConfig()
-    feats = dataset_features(dataset, list(train_idx) + list(test_idx), cfg.context)
-    n = len(train_idx)
-    masks = [dataset.normalized(i)[1] for i in train_idx]
-    valids = [dataset.normalized(i)[2] for i in train_idx]
-    rf = RandomForestBaseline(config=cfg, channels=tuple(dataset.channels)).fit(feats[:n], masks, valids)
-    probs = np.stack([rf.predict_proba(f) for f in feats[n:]])
+    rf = RandomForestBaseline(config=cfg, channels=tuple(dataset.channels))
+    rng = np.random.default_rng(cfg.seed)
+    xs, ys = [], []
+    for i in train_idx:
+        _, mask, valid = dataset.normalized(i)
+        feat = dataset_features(dataset, [i], cfg.context)[0]
+        x, y = rf.sample(feat, mask, valid, rng)
+        xs.append(x)
+        ys.append(y)
+    rf.fit_samples(np.concatenate(xs), np.concatenate(ys))
+    probs = np.stack([rf.predict_proba(dataset_features(dataset, [i], cfg.context)[0]) for i in test_idx])
     return probs, rf

@@ -187,7 +187,9 @@ def random_forest_row(
     cfg = config or RandomForestConfig()
     spec = normalization or {"method": "patch_robust"}
     if train_records is not None:
-        ds = PatchDataset(list(train_records) + list(records), channels, spec, source_channels=source_channels)
+        # large training sets (the full Landslide4Sense train split) are streamed, not cached
+        ds = PatchDataset(list(train_records) + list(records), channels, spec, source_channels=source_channels,
+                          cache=len(train_records) + len(records) <= 500)
         n = len(train_records)
         prob, rf = fit_predict(ds, range(n), range(n, len(ds)), cfg)
         _, y, v = ds.subset(range(n, len(ds))).arrays()
