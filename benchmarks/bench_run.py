@@ -25,53 +25,22 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import contextlib
 
-from bench_stack import build_inputs  # noqa: E402
+from bench_stack import PeakMemory, build_inputs  # noqa: E402
 
 from pipeline.artefact import load_artefact  # noqa: E402
 from pipeline.config import DEFAULT_MODEL, SceneConfig  # noqa: E402
 from pipeline.device import auto_batch_size  # noqa: E402
 from pipeline.run import run_scene  # noqa: E402
 from tiling.windows import WindowGrid  # noqa: E402
-
-
-class PeakRSS:
-    """Sample the RSS of a process and all its children in a background thread."""
-
-    def __init__(self, interval: float = 0.2) -> None:
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    total += p.memory_info().rss
-            self.peak = max(self.peak, total)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def raw_forward_seconds(model_path: Path, n_windows: int, batch: int, threads: int, sample: int) -> float:
@@ -118,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "dask": {"n_workers": 1, "threads_per_worker": args.threads},
     })
     t0 = time.perf_counter()
-    with PeakRSS() as rss:
+    with PeakMemory(interval=0.2) as rss:
         res = run_scene(cfg, force=True)
     wall = time.perf_counter() - t0
     report = json.loads((res.run_dir / "report.json").read_text())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 from pathlib import Path
 
 import dask
@@ -22,6 +21,7 @@ import yaml
 from affine import Affine
 from rasterio.warp import transform_bounds
 from shapely.geometry import box
+from test_slope import gdaldem_slope
 
 from pipeline.channels import L4S_CHANNELS
 from pipeline.config import SceneConfig
@@ -36,16 +36,6 @@ def scene_cfg(scene: dict[str, object], dem: str | Path, tmp_path: Path | None =
               **extra: object) -> SceneConfig:
     data = {"scene": scene, "dem": {"path": str(dem)}, **extra}
     return SceneConfig.model_validate(data, context={"base_dir": tmp_path} if tmp_path else None)
-
-
-def gdaldem_slope(dem_path: Path, out_path: Path) -> np.ndarray:
-    """``gdaldem slope`` (degrees, Horn) of ``dem_path``, NaN for its nodata."""
-    exe = shutil.which("gdaldem")
-    if exe is None:
-        pytest.skip("gdaldem (Debian package gdal-bin) is not installed")
-    subprocess.run([exe, "slope", "-q", str(dem_path), str(out_path)], check=True)
-    with rasterio.open(out_path) as ds:
-        return ds.read(1, masked=True).astype(np.float32).filled(np.nan)
 
 
 def read_raw(path: Path) -> np.ndarray:
