@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 
 from .channels import L4S_CHANNELS, canonical
 from .errors import ChannelError, InputError
+from .normalization import BandStats, band_stats, needs_population, resolve_spec
 
 log = logging.getLogger(__name__)
 
@@ -401,6 +402,9 @@ class PatchDataset(Dataset):  # type: ignore[type-arg]
             missing = [r.image for r in self.records if r.mask is None]
             if missing:
                 raise InputError(f"{missing[0]}: patch has no mask ({len(missing)} of {len(self.records)} lack one)")
+        # scene_robust: this patch set is the population (computed here, before any worker forks)
+        self.stats = self.population_stats() if needs_population(self.normalization) else None
+        self._spec = resolve_spec(self.normalization, self.stats)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -410,14 +414,36 @@ class PatchDataset(Dataset):  # type: ignore[type-arg]
         self.epoch = int(epoch)
 
     def subset(self, indices: Sequence[int], augment: AugmentConfig | None = None) -> PatchDataset:
-        """A dataset over some of these patches, sharing the cache."""
+        """A dataset over some of these patches, sharing the cache.
+
+        With a population normalization (``scene_robust``) the subset is its
+        own population: its statistics come from its patches only (a held-out
+        fold is normalized like a new scene), and no normalized patch is shared.
+        """
         sub = PatchDataset(
             [self.records[i] for i in indices], self.channels, self.normalization, augment,
             self.source_channels, self.seed, self.cache, require_masks=False,
         )
-        if self.cache:
+        if self.cache and self.stats is None:
             sub._cache = {j: self._cache[i] for j, i in enumerate(indices) if i in self._cache}
         return sub
+
+    def population_stats(self, max_pixels: int = 2**22) -> BandStats:
+        """Per-channel median and robust scale over the valid pixels of all patches.
+
+        At most ``max_pixels`` in all: beyond that each patch contributes an
+        equal, seeded random sample of its valid pixels (reproducible).
+        """
+        per_patch = max(1024, max_pixels // len(self.records))
+        parts = []
+        for i in range(len(self)):
+            patch = self.raw(i)
+            vals = patch.image.reshape(len(self.channels), -1)[:, patch.valid.ravel()]
+            if vals.shape[1] > per_patch:
+                pick = np.random.default_rng([self.seed, i]).choice(vals.shape[1], per_patch, replace=False)
+                vals = vals[:, np.sort(pick)]
+            parts.append(vals.astype(np.float32, copy=False))
+        return band_stats(np.concatenate(parts, axis=1), self.channels)
 
     def raw(self, index: int) -> Patch:
         """The patch with raw (unnormalized) values in ``channels`` order."""
@@ -428,7 +454,7 @@ class PatchDataset(Dataset):  # type: ignore[type-arg]
         if index in self._cache:
             return self._cache[index]
         patch = self.raw(index)
-        image = normalize_patch(patch.image, patch.valid, self.normalization)
+        image = normalize_patch(patch.image, patch.valid, self._spec)
         mask = patch.mask if patch.mask is not None else np.zeros(patch.valid.shape, np.uint8)
         item = (image, mask, patch.valid)
         if self.cache:

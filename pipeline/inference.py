@@ -60,7 +60,7 @@ from .device import (
 )
 from .errors import ConfigError, GridError, InputError, ModelError
 from .grid import Grid
-from .normalization import normalize
+from .normalization import BandStats, needs_population, normalize, resolve_spec
 
 if TYPE_CHECKING:
     from .config import ModelSection
@@ -363,14 +363,17 @@ def _as_dask(arr: xr.DataArray, chunks: tuple[int, ...]) -> da.Array:
     return da.from_array(np.asarray(data), chunks=chunks)
 
 
-def _model_refs(models: Sequence[ModelArtefact], bands: Sequence[str]) -> tuple[_ModelRef, ...]:
+def _model_refs(
+    models: Sequence[ModelArtefact], bands: Sequence[str], stats: BandStats | None = None
+) -> tuple[_ModelRef, ...]:
     refs = []
     for m in models:
         index = m.check_channels(bands)
         path = str(m.path) if m.path is not None and m.sha256 else None
         if path is None and m.module is None:
             raise ModelError(f"model {m.name or m.architecture!r} is neither loaded nor saved to a file")
-        refs.append(_ModelRef(m.key, path, tuple(index), dict(m.normalization), float(m.threshold), m.module))
+        spec = resolve_spec(m.normalization, stats.select(m.channels) if stats is not None else None)
+        refs.append(_ModelRef(m.key, path, tuple(index), spec, float(m.threshold), m.module))
     return tuple(refs)
 
 
@@ -380,6 +383,7 @@ def predict(
     grid: Grid,
     models: Sequence[ModelArtefact],
     options: InferenceOptions | None = None,
+    scene_stats: BandStats | None = None,
 ) -> Prediction:
     """Lazy probability raster of ``models`` on a stacked scene.
 
@@ -390,6 +394,12 @@ def predict(
     returned arrays are dask-backed with chunks of the (stride-rounded) block
     size. Raises :class:`MissingChannelsError` when ``data`` lacks a model
     channel, :class:`GridError` when shapes disagree.
+
+    Models normalized with ``scene_robust`` use ``scene_stats`` (per-band
+    statistics of the scene, :mod:`pipeline.scenestats`). When they are not
+    given they are computed here from ``data`` (this reads a sample of the
+    scene now; :func:`pipeline.scenestats.scene_band_stats` is cheaper for a
+    lazy stack with large blocks).
     """
     opts = options or InferenceOptions()
     if tuple(data.dims) != ("band", "y", "x"):
@@ -402,7 +412,14 @@ def predict(
         )
     weights = check_ensemble(models, opts.weights)
     bands = [str(b) for b in data.coords["band"].values] if "band" in data.coords else []
-    refs = _model_refs(models, bands)
+    if scene_stats is None and any(needs_population(m.normalization) for m in models):
+        from .scenestats import array_band_stats
+
+        used_bands = list(dict.fromkeys(c for m in models if needs_population(m.normalization) for c in m.channels))
+        index = [bands.index(c) for c in used_bands if c in bands]
+        if len(index) == len(used_bands):
+            scene_stats = array_band_stats(data.isel(band=index), valid)
+    refs = _model_refs(models, bands, scene_stats)
     tile = models[0].tile_size
     if opts.overlap >= tile:
         raise ConfigError(f"model.overlap ({opts.overlap}) must be smaller than the tile size ({tile})")
@@ -475,7 +492,8 @@ def _token(plan: _Plan, data: xr.DataArray, valid: xr.DataArray) -> str:
     opts = plan.options
     return tokenize(
         getattr(data.data, "name", id(data)), getattr(valid.data, "name", id(valid)),
-        [r.key for r in plan.refs], [r.channel_index for r in plan.refs], plan.weights, plan.margin,
+        [r.key for r in plan.refs], [r.channel_index for r in plan.refs], [r.normalization for r in plan.refs],
+        plan.weights, plan.margin,
         plan.windows, opts,
     )
 

@@ -18,6 +18,19 @@ Methods (``spec["method"]``):
     Landslide4Sense patches, whose bands are rescaled by undocumented
     constants, run on reflectance, degrees and metres.
 
+``scene_robust``
+    The same robust standardization with one median and IQR per channel for
+    a whole *population* instead of per patch: at inference the population
+    is the scene (a spatially stratified sample of its valid pixels, see
+    :mod:`pipeline.scenestats`), in training and evaluation it is the patch
+    set being trained on or evaluated. Like ``patch_robust`` it is invariant
+    to a positive per-band scale and offset of the data, so it transfers
+    from Landslide4Sense units to reflectance, degrees and metres; unlike
+    ``patch_robust`` it keeps the absolute level of a patch relative to its
+    scene (a bright bare scar stays bright in a patch that is mostly scar).
+    The spec holds no statistics: :func:`resolve_spec` turns it into a
+    ``fixed`` spec once the population's :class:`BandStats` are known.
+
 ``fixed``
     ``(x - mean[c]) / std[c]`` with per-channel ``mean`` and ``std`` lists,
     optionally clipped (``clip``); invalid pixels are set to 0.
@@ -35,7 +48,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -45,7 +59,7 @@ from .errors import ModelError
 
 log = logging.getLogger(__name__)
 
-METHODS: tuple[str, ...] = ("patch_robust", "fixed", "none")
+METHODS: tuple[str, ...] = ("patch_robust", "scene_robust", "fixed", "none")
 DEFAULT_SPEC: dict[str, Any] = {"method": "patch_robust", "clip": 10.0}
 
 #: Floors of the robust scale: max(IQR, REL_FLOOR * |median|, ABS_FLOOR).
@@ -70,12 +84,17 @@ def validate_spec(spec: Mapping[str, Any] | None, n_channels: int | None = None)
     method = spec.get("method", "patch_robust")
     if method not in METHODS:
         raise ModelError(f"normalization.method: unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    allowed = {"patch_robust": {"method", "clip"}, "fixed": {"method", "mean", "std", "clip"}, "none": {"method"}}
+    allowed = {
+        "patch_robust": {"method", "clip"},
+        "scene_robust": {"method", "clip"},
+        "fixed": {"method", "mean", "std", "clip"},
+        "none": {"method"},
+    }
     extra = sorted(set(spec) - allowed[method])
     if extra:
         raise ModelError(f"normalization: unknown key(s) {', '.join(extra)} for method {method!r}")
     out: dict[str, Any] = {"method": method}
-    if method == "patch_robust":
+    if method in ("patch_robust", "scene_robust"):
         out["clip"] = _clip_value(spec.get("clip", DEFAULT_SPEC["clip"]))
     elif method == "fixed":
         for key in ("mean", "std"):
@@ -106,6 +125,74 @@ def _clip_value(value: Any) -> float | None:
     return clip
 
 
+def needs_population(spec: Mapping[str, Any] | None) -> bool:
+    """True when ``spec`` needs population statistics (:func:`resolve_spec`) before use."""
+    return spec is not None and spec.get("method") == "scene_robust"
+
+
+@dataclass(frozen=True)
+class BandStats:
+    """Per-channel median and robust scale of a population (a scene or a patch set)."""
+
+    channels: tuple[str, ...]
+    median: tuple[float, ...]
+    scale: tuple[float, ...]
+    n_pixels: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_pixels": self.n_pixels,
+            "median": dict(zip(self.channels, self.median, strict=True)),
+            "scale": dict(zip(self.channels, self.scale, strict=True)),
+        }
+
+    def select(self, channels: Sequence[str]) -> BandStats:
+        """The statistics of ``channels`` (a subset, in that order)."""
+        index = {c: i for i, c in enumerate(self.channels)}
+        missing = [c for c in channels if c not in index]
+        if missing:
+            raise ModelError(f"no population statistics for channel(s) {', '.join(missing)}")
+        idx = [index[c] for c in channels]
+        return BandStats(
+            tuple(channels), tuple(self.median[i] for i in idx), tuple(self.scale[i] for i in idx), self.n_pixels
+        )
+
+
+def band_stats(values: np.ndarray, channels: Sequence[str]) -> BandStats:
+    """Median and robust scale, ``max(IQR, 1e-3 |median|, 1e-6)``, of each row of ``values`` (C, N).
+
+    ``values`` holds the valid pixels of the population, one row per
+    channel; non-finite values are ignored. A population without a single
+    valid pixel gets median 0 and scale 1 (nothing will be predicted on it).
+    """
+    vals = np.asarray(values, dtype=np.float32)
+    if vals.ndim != 2 or vals.shape[0] != len(channels):
+        raise ModelError(f"band_stats expects ({len(channels)}, N) values, got shape {vals.shape}")
+    keep = np.isfinite(vals).all(axis=0)
+    vals = vals[:, keep]
+    if vals.shape[1] == 0:
+        c = len(channels)
+        return BandStats(tuple(channels), (0.0,) * c, (1.0,) * c, 0)
+    q25, q50, q75 = _quartiles_np(vals)
+    scale = _robust_scale_np(q25, q50, q75)
+    return BandStats(
+        tuple(channels), tuple(float(v) for v in q50), tuple(float(v) for v in scale), int(vals.shape[1])
+    )
+
+
+def resolve_spec(spec: Mapping[str, Any] | None, stats: BandStats | None) -> dict[str, Any]:
+    """A spec that :func:`normalize` can apply: ``scene_robust`` becomes ``fixed`` with ``stats``.
+
+    Other methods are returned checked and unchanged (``stats`` is ignored).
+    """
+    full = validate_spec(spec)
+    if full["method"] != "scene_robust":
+        return full
+    if stats is None:
+        raise ModelError("normalization 'scene_robust' needs the statistics of the scene or patch set")
+    return {"method": "fixed", "mean": list(stats.median), "std": list(stats.scale), "clip": full["clip"]}
+
+
 def normalize(
     x: ArrayT, valid: ArrayT | None, spec: Mapping[str, Any] | None = None, *, copy: bool = True
 ) -> ArrayT:
@@ -117,6 +204,11 @@ def normalize(
     normalized in place, saving a copy in the inference hot path).
     """
     full = validate_spec(spec, n_channels=int(x.shape[1]) if x.ndim == 4 else None)
+    if full["method"] == "scene_robust":
+        raise ModelError(
+            "normalization 'scene_robust' needs the statistics of the scene or patch set: "
+            "resolve the spec with resolve_spec(spec, stats) first"
+        )
     if x.ndim != 4:
         raise ModelError(f"normalize expects (N, C, H, W) input, got shape {tuple(x.shape)}")
     if valid is not None and tuple(valid.shape) != (x.shape[0], x.shape[2], x.shape[3]):

@@ -206,6 +206,7 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
 
     from .cog import write_cog
     from .inference import InferenceOptions, predict, write_probability
+    from .normalization import needs_population
 
     run_id = f"{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
     grid = stack.grid
@@ -217,9 +218,18 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
         with timer("save-stack"):
             save_stack(stack, run_dir / "stack.tif")
 
+    scene_stats = None
+    population = [m for m in models if needs_population(m.normalization)]
+    if population:
+        # scene_robust models: per-band statistics of the whole scene, from a sample of it
+        from .scenestats import scene_band_stats
+
+        with timer("scene-stats"):
+            scene_stats = scene_band_stats(cfg, model_channels(population))
+
     with timer("infer"):
         options = InferenceOptions.from_config(cfg.model, block_size=cfg.grid.block_size)
-        pred = predict(stack.data, stack.valid, grid, models, options)
+        pred = predict(stack.data, stack.valid, grid, models, options, scene_stats=scene_stats)
         prob_path = run_dir / "probability.tif"
         # uint8: probability x 254, 255 = no data (an eighth of float32 on disk)
         write_probability(pred, prob_path, dtype="uint8")
@@ -294,6 +304,7 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
         "models": [{"name": m.name, "path": str(p), "sha256": m.sha256, "threshold": m.threshold}
                    for m, p in zip(models, cfg.model.paths, strict=True)],
         "grid": grid.to_dict(),
+        "scene_statistics": scene_stats.to_dict() if scene_stats is not None else None,
         "timings_s": {**timer.seconds, "total": round(seconds, 3)},
         "counts": {
             "polygons": len(gdf),

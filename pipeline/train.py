@@ -612,6 +612,10 @@ def train(cfg: TrainConfig, source: Path | None = None) -> TrainResult:
         "patch_ids": [r.id for r in records],
         "checksum_sha256": data_checksum(records),
     }
+    if dataset.stats is not None:
+        # scene_robust: the training population's statistics, kept for diagnostics
+        # (a scene is normalized with its own statistics, not with these)
+        data_info["population_stats"] = dataset.stats.to_dict()
     try:
         if d.valid_split is not None:
             val_records = find_patches(d.valid_root or d.root, d.valid_split, require_masks=True)
