@@ -323,7 +323,8 @@ def _predict_block(
     n_out = 2 if plan.with_uncertainty else 1
     bh, bw = rows[1] - rows[0], cols[1] - cols[0]
     oy, ox = origin
-    valid = np.asarray(valid, dtype=bool)
+    # a pixel is valid where the mask says so and every channel has a value
+    valid = np.asarray(valid, dtype=bool) & np.isfinite(data).all(axis=0)
     block_valid = valid[rows[0] - oy : rows[1] - oy, cols[0] - ox : cols[1] - ox]
     if not block_valid.any():
         return np.full((n_out, bh, bw), np.nan, np.float32)
@@ -379,7 +380,7 @@ def _model_refs(
 
 def predict(
     data: xr.DataArray,
-    valid: xr.DataArray,
+    valid: xr.DataArray | None,
     grid: Grid,
     models: Sequence[ModelArtefact],
     options: InferenceOptions | None = None,
@@ -388,8 +389,10 @@ def predict(
     """Lazy probability raster of ``models`` on a stacked scene.
 
     ``data`` is (band, y, x) float with channel names in its ``band``
-    coordinate (any order, extra bands ignored), ``valid`` is (y, x) bool,
-    both on ``grid`` (dask-backed or in memory). ``models`` are loaded
+    coordinate (any order, extra bands ignored), ``valid`` is (y, x) bool
+    or None, both on ``grid`` (dask-backed or in memory). A pixel is
+    predicted where ``valid`` is true (everywhere when None) and every
+    channel a model uses has a finite value. ``models`` are loaded
     artefacts (an ensemble when several). Nothing is computed here: the
     returned arrays are dask-backed with chunks of the (stride-rounded) block
     size. Raises :class:`MissingChannelsError` when ``data`` lacks a model
@@ -404,11 +407,12 @@ def predict(
     opts = options or InferenceOptions()
     if tuple(data.dims) != ("band", "y", "x"):
         raise InputError(f"inference input must have dims (band, y, x), got {tuple(data.dims)}")
-    if tuple(valid.dims) != ("y", "x"):
+    if valid is not None and tuple(valid.dims) != ("y", "x"):
         raise InputError(f"valid mask must have dims (y, x), got {tuple(valid.dims)}")
-    if tuple(data.shape[1:]) != grid.shape or tuple(valid.shape) != grid.shape:
+    vshape = grid.shape if valid is None else tuple(valid.shape)
+    if tuple(data.shape[1:]) != grid.shape or vshape != grid.shape:
         raise GridError(
-            f"scene arrays {tuple(data.shape[1:])} / mask {tuple(valid.shape)} do not match the grid {grid.shape}"
+            f"scene arrays {tuple(data.shape[1:])} / mask {vshape} do not match the grid {grid.shape}"
         )
     weights = check_ensemble(models, opts.weights)
     bands = [str(b) for b in data.coords["band"].values] if "band" in data.coords else []
@@ -418,7 +422,8 @@ def predict(
         used_bands = list(dict.fromkeys(c for m in models if needs_population(m.normalization) for c in m.channels))
         index = [bands.index(c) for c in used_bands if c in bands]
         if len(index) == len(used_bands):
-            scene_stats = array_band_stats(data.isel(band=index), valid)
+            mask = valid if valid is not None else xr.ones_like(data.isel(band=0), dtype=bool)
+            scene_stats = array_band_stats(data.isel(band=index), mask)
     refs = _model_refs(models, bands, scene_stats)
     tile = models[0].tile_size
     if opts.overlap >= tile:
@@ -437,9 +442,13 @@ def predict(
     block = round_block_size(opts.block_size, wg.stride)
     x = _as_dask(data, (-1, block, block))
     x = x[used] if used != list(range(x.shape[0])) else x
-    v = _as_dask(valid, (block, block))
-    if v.dtype != bool:
-        v = v.astype(bool)
+    if valid is None:
+        v = da.ones(grid.shape, chunks=(block, block), dtype=bool)
+        valid = xr.DataArray(v, dims=("y", "x"))
+    else:
+        v = _as_dask(valid, (block, block))
+        if v.dtype != bool:
+            v = v.astype(bool)
 
     token = _token(plan, data, valid)
     plan_d = dask.delayed(plan, pure=False, name=f"inference-plan-{token}")
@@ -524,7 +533,8 @@ def write_probability(
 
     prob = prediction.probability
     if dtype == "uint8":
-        scaled = xr.where(np.isnan(prob), 255.0, np.round(prob * 254.0))
+        # DataArray.round, not np.round: np.round would compute the whole lazy raster here
+        scaled = xr.where(prob.isnull(), 255.0, (prob * 254.0).round())
         return write_cog(scaled, prediction.grid, path, dtype="uint8", nodata=255,
                          tags={"scale": str(1 / 254), "offset": "0"})
     if dtype in ("float16", "float32"):

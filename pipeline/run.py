@@ -229,7 +229,8 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
 
     with timer("infer"):
         options = InferenceOptions.from_config(cfg.model, block_size=cfg.grid.block_size)
-        pred = predict(stack.data, stack.valid, grid, models, options, scene_stats=scene_stats)
+        # the mask without the bands' own no-data: each block derives that from the pixels it reads
+        pred = predict(stack.data, stack.mask, grid, models, options, scene_stats=scene_stats)
         prob_path = run_dir / "probability.tif"
         # uint8: probability x 254, 255 = no data (an eighth of float32 on disk)
         write_probability(pred, prob_path, dtype="uint8")

@@ -78,6 +78,11 @@ class Stack:
     scene_id: str
     acquisition_date: dt.date | None
     product: str            # "S2_L2A", "S2_L1C" or "bands"
+    #: ``valid`` without the channels' own no-data (SCL classes, AOI, DEM footprint), or
+    #: None when nothing else masks the scene: ``valid == mask & all channels finite``.
+    #: A consumer that reads ``data`` anyway combines the two itself and saves a second
+    #: read of every band just for the mask.
+    mask: xr.DataArray | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -488,20 +493,26 @@ def stack_scene(cfg: SceneConfig, channels: Sequence[str] | None = None) -> Stac
     data = da.from_array(layer, chunks=(len(names), block, block), name=f"stack-{token}", asarray=False,
                          lock=False, meta=np.empty((0, 0, 0), np.float32))
 
-    valid = ~da.isnan(data).any(axis=0)
+    masks = []
     if DEM not in names and not (SLOPE in names and slope_src is None):
-        valid = valid & ~da.isnan(lazy_layer(dem, grid, block, CONTINUOUS_RESAMPLING, "dem"))
+        masks.append(~da.isnan(lazy_layer(dem, grid, block, CONTINUOUS_RESAMPLING, "dem")))
     if scl is not None:
         excluded = cfg.mask.excluded_scl_classes()
         scl_arr = lazy_layer(scl, grid, block, CLASS_RESAMPLING, "scl")
-        valid = valid & ~scl_exclusion(scl_arr, excluded, cfg.mask.buffered_scl_classes(),
-                                       cfg.mask.cloud_buffer_m / grid.res[0])
+        masks.append(~scl_exclusion(scl_arr, excluded, cfg.mask.buffered_scl_classes(),
+                                    cfg.mask.cloud_buffer_m / grid.res[0]))
         log.info("valid mask excludes SCL classes %s (clouds grown by %g m)", excluded, cfg.mask.cloud_buffer_m)
     if aoi_geoms is not None:
         inside = GeometryLayer(aoi_geoms, grid)
-        valid = valid & da.from_array(inside, chunks=(block, block), asarray=False, lock=False,
-                                      name=f"aoi-{tokenize(grid.to_dict(), block, [g.wkb for g in aoi_geoms])}",
-                                      meta=np.empty((0, 0), bool))
+        masks.append(da.from_array(inside, chunks=(block, block), asarray=False, lock=False,
+                                   name=f"aoi-{tokenize(grid.to_dict(), block, [g.wkb for g in aoi_geoms])}",
+                                   meta=np.empty((0, 0), bool)))
+    mask = None
+    for m in masks:
+        mask = m if mask is None else mask & m
+    valid = ~da.isnan(data).any(axis=0)
+    if mask is not None:
+        valid = valid & mask
 
     coords = _coords(grid)
     data_xr = xr.DataArray(
@@ -513,10 +524,13 @@ def stack_scene(cfg: SceneConfig, channels: Sequence[str] | None = None) -> Stac
     )
     data_xr = _georeference(data_xr, grid).rio.write_nodata(np.nan, encoded=False)
     valid_xr = _georeference(xr.DataArray(valid, dims=("y", "x"), coords=coords, name="valid"), grid)
+    mask_xr = None
+    if mask is not None:
+        mask_xr = _georeference(xr.DataArray(mask, dims=("y", "x"), coords=coords, name="mask"), grid)
     log.info("stack %s: %s, %d channels (%s), blocks of %d px", scene.scene_id, scene.product,
              len(names), ", ".join(names), block)
     return Stack(data=data_xr, valid=valid_xr, grid=grid, scene_id=scene.scene_id,
-                 acquisition_date=scene.acquisition_date, product=scene.product)
+                 acquisition_date=scene.acquisition_date, product=scene.product, mask=mask_xr)
 
 
 def save_stack(stack: Stack, path: Path, *, overview: bool = True) -> Path:
