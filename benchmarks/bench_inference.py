@@ -60,7 +60,7 @@ from pipeline.device import use_channels_last  # noqa: E402
 from pipeline.grid import Grid  # noqa: E402
 from pipeline.inference import InferenceOptions, clear_model_cache, predict  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.normalization import normalize  # noqa: E402
+from pipeline.normalization import normalize_population  # noqa: E402
 from tiling.windows import WindowGrid  # noqa: E402
 
 TILE = 128
@@ -259,7 +259,7 @@ def bench_precision(args: argparse.Namespace) -> dict[str, object]:
     assert module is not None
     raw, source = _l4s_batch(args.precision_batch)
     raw = raw[:, art.check_channels(L4S_CHANNELS)]
-    x = torch.from_numpy(normalize(raw, None, art.normalization))
+    x = torch.from_numpy(normalize_population(raw, None, art.normalization))
     thr = art.threshold
     modes = {"fp32": (False, False), "fp32+channels_last": (False, True),
              "bf16": (True, False), "bf16+channels_last": (True, True)}

@@ -8,21 +8,26 @@ Both recipes are cross-validated on the labelled patches (default
 budget and batch size; a Random Forest baseline runs on the same folds.
 
 * ours: configs/train_default.yaml (architecture, loss, augmentation,
-  AdamW + cosine schedule, per-patch robust normalization, early stopping,
+  AdamW + cosine schedule, scene-robust normalization, early stopping,
   threshold chosen on the pooled out-of-fold predictions), on the same 14
   channels as the official recipe;
 * official: the Landslide4Sense 2022 baseline (iarai/Landslide4Sense-2022,
   Train.py): plain U-Net (16-256 features), two-class cross-entropy (one
   logit + BCE is the same loss), no augmentation, Adam lr 1e-3 with weight
   decay 5e-4 and no schedule, argmax decision (threshold 0.5), checkpoint
-  kept at the best held-out F1; inputs normalized like ours (per-patch
-  robust), so only the recipe differs;
+  kept at the best held-out F1; inputs normalized like ours, so only the
+  recipe differs;
 * official (own normalization): the same with the official per-band
   mean/std of the Landslide4Sense values. Informative on these patches, but
   it cannot be used on real scenes (reflectance, degrees and metres are not
-  Landslide4Sense units), which is why the pipeline normalizes per patch;
+  Landslide4Sense units);
 * ours (official normalization): our recipe with that normalization, the
-  like-for-like partner of the previous row.
+  like-for-like partner of the previous row;
+* ours / official (per-patch normalization): both recipes with the
+  per-window robust normalization (fully local, also unit-invariant).
+
+``--recipes`` runs a subset of the rows, ``--seeds`` several seeds (the
+folds follow the seed).
 
 Printed: pooled out-of-fold F1 (the competition metric) at each recipe's
 own decision rule, plus F1 at 0.5 and at the out-of-fold best threshold for
@@ -47,6 +52,7 @@ from pipeline.channels import L4S_CHANNELS  # noqa: E402
 #: Per-band mean/std of the official baseline (dataset/landslide_dataset.py).
 OFFICIAL_MEAN = [-0.4914, -0.3074, -0.1277, -0.0625, 0.0439, 0.0803, 0.0644, 0.0802, 0.3000, 0.4082, 0.0823,
                  0.0516, 0.3338, 0.7819]
+PATCH_ROBUST = {"method": "patch_robust", "clip": 10.0}
 OFFICIAL_STD = [0.9325, 0.8775, 0.8860, 0.8869, 0.8857, 0.8418, 0.8354, 0.8491, 0.9061, 1.6072, 0.8848, 0.9232,
                 0.9018, 1.2913]
 
@@ -84,17 +90,18 @@ def recipes(data: Path, epochs: int | None, folds: int, seed: int, threads: int)
         "early_stopping": {"enabled": False, "monitor": "f1"},
     }
     # the official recipe with the pipeline's normalization: same inputs as ours, only the recipe differs
-    official_pr = json.loads(json.dumps(official))
-    official_pr["model"]["normalization"] = ours_d["model"]["normalization"]
-    # and ours with the official normalization: the like-for-like partner of the official row
-    ours_fixed = json.loads(json.dumps(ours_d))
-    ours_fixed["model"]["normalization"] = official["model"]["normalization"]
-    return {
-        "ours": TrainConfig.model_validate(ours_d),
-        "official": TrainConfig.model_validate(official_pr),
-        "ours (official normalization)": TrainConfig.model_validate(ours_fixed),
-        "official (own normalization)": TrainConfig.model_validate(official),
-    }
+    official_ours = json.loads(json.dumps(official))
+    official_ours["model"]["normalization"] = ours_d["model"]["normalization"]
+    # each recipe with each other normalization: the like-for-like partners
+    out = {"ours": ours_d, "official": official_ours}
+    for label, spec in (("per-patch", PATCH_ROBUST), ("official", official["model"]["normalization"])):
+        mine = json.loads(json.dumps(ours_d))
+        mine["model"]["normalization"] = spec
+        out[f"ours ({label} normalization)"] = mine
+        theirs = json.loads(json.dumps(official))
+        theirs["model"]["normalization"] = spec
+        out["official (own normalization)" if label == "official" else f"official ({label} normalization)"] = theirs
+    return {name: TrainConfig.model_validate(cfg) for name, cfg in out.items()}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,13 +114,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     records = find_patches(args.data, require_masks=True)
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in (
-        "ours", "official", "ours (official normalization)", "official (own normalization)", "random forest",
-    )}
+    names = [*recipes(args.data, args.epochs, args.folds, 0, args.threads), "random forest"]
+    chosen = args.recipes or names
+    unknown = sorted(set(chosen) - set(names))
+    if unknown:
+        raise SystemExit(f"unknown recipe(s) {unknown}; choose from {names}")
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in names if name in chosen}
     for seed in args.seeds:
         folds = shared_folds(records, args.folds, seed)
         cfgs = recipes(args.data, args.epochs, args.folds, seed, args.threads)
         for name, cfg in cfgs.items():
+            if name not in chosen:
+                continue
             t0 = time.perf_counter()
             cv = cross_validate(cfg, make_dataset(cfg, records), folds)
             at05 = pixel_metrics(cv.oof_prob, cv.masks, cv.valid, 0.5)["micro"]
@@ -128,6 +140,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"seed {seed} {name:28s} F1 {own['f1']:.3f} (P {own['precision']:.3f} R {own['recall']:.3f}) "
                   f"F1@0.5 {at05['f1']:.3f} F1@best {cv.metrics['micro']['f1']:.3f} "
                   f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+        if "random forest" not in chosen:
+            continue
         t0 = time.perf_counter()
         from pipeline.baseline import RandomForestConfig
 
@@ -154,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", "--small", action="store_true", help="3 folds, 12 epochs")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--recipes", nargs="+", default=None, metavar="NAME",
+                   help="run only these rows (names as printed, quoted)")
     args = p.parse_args(argv)
     if args.quick:
         args.folds, args.epochs = 3, args.epochs or 12
@@ -170,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{s.get('f1_at_0.5', float('nan')):.3f} | {s.get('f1_best_threshold', float('nan')):.3f} | "
               f"{s['seconds']:.0f} |")
     s = out["summary"]
-    for mine, other in (("ours", "official"), ("ours (official normalization)", "official (own normalization)"),
+    for mine, other in (("ours", "official"), ("ours (per-patch normalization)", "official (per-patch normalization)"),
+                        ("ours (official normalization)", "official (own normalization)"),
                         ("ours", "official (own normalization)"), ("ours", "random forest")):
+        if mine not in s or other not in s:
+            continue
         verdict = "wins" if s[mine]["f1"] > s[other]["f1"] else "does NOT win"
         print(f"{mine} {verdict} against {other}: F1 {s[mine]['f1']:.3f} vs {s[other]['f1']:.3f}")
     if args.json:

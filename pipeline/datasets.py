@@ -386,6 +386,7 @@ class PatchDataset(Dataset):  # type: ignore[type-arg]
         seed: int = 0,
         cache: bool = True,
         require_masks: bool = True,
+        stats: BandStats | None = None,
     ) -> None:
         if not records:
             raise InputError("no patches given")
@@ -402,8 +403,11 @@ class PatchDataset(Dataset):  # type: ignore[type-arg]
             missing = [r.image for r in self.records if r.mask is None]
             if missing:
                 raise InputError(f"{missing[0]}: patch has no mask ({len(missing)} of {len(self.records)} lack one)")
-        # scene_robust: this patch set is the population (computed here, before any worker forks)
-        self.stats = self.population_stats() if needs_population(self.normalization) else None
+        # scene_robust: the statistics of the population (given, or this patch set's own,
+        # computed here before any data-loader worker forks)
+        self.stats = None
+        if needs_population(self.normalization):
+            self.stats = stats if stats is not None else self.population_stats()
         self._spec = resolve_spec(self.normalization, self.stats)
 
     def __len__(self) -> int:
@@ -414,17 +418,17 @@ class PatchDataset(Dataset):  # type: ignore[type-arg]
         self.epoch = int(epoch)
 
     def subset(self, indices: Sequence[int], augment: AugmentConfig | None = None) -> PatchDataset:
-        """A dataset over some of these patches, sharing the cache.
+        """A dataset over some of these patches, sharing the cache and the population statistics.
 
-        With a population normalization (``scene_robust``) the subset is its
-        own population: its statistics come from its patches only (a held-out
-        fold is normalized like a new scene), and no normalized patch is shared.
+        With a population normalization (``scene_robust``) the whole set stays
+        the population: a cross-validation fold is normalized like the rest of
+        its scene (statistics of the images only, no label is used).
         """
         sub = PatchDataset(
             [self.records[i] for i in indices], self.channels, self.normalization, augment,
-            self.source_channels, self.seed, self.cache, require_masks=False,
+            self.source_channels, self.seed, self.cache, require_masks=False, stats=self.stats,
         )
-        if self.cache and self.stats is None:
+        if self.cache:
             sub._cache = {j: self._cache[i] for j, i in enumerate(indices) if i in self._cache}
         return sub
 

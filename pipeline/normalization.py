@@ -193,6 +193,21 @@ def resolve_spec(spec: Mapping[str, Any] | None, stats: BandStats | None) -> dic
     return {"method": "fixed", "mean": list(stats.median), "std": list(stats.scale), "clip": full["clip"]}
 
 
+def normalize_population(x: np.ndarray, valid: np.ndarray | None, spec: Mapping[str, Any] | None) -> np.ndarray:
+    """Normalize a batch (N, C, H, W) that is its own population.
+
+    For ``scene_robust`` the statistics are those of the batch's valid
+    pixels (all N patches together); other methods are applied as they are.
+    """
+    if not needs_population(spec):
+        return normalize(x, valid, spec)
+    arr = np.asarray(x, np.float32)
+    mask = np.ones((arr.shape[0], *arr.shape[2:]), bool) if valid is None else np.asarray(valid, bool)
+    values = arr.transpose(1, 0, 2, 3)[:, mask]
+    stats = band_stats(values, [str(i) for i in range(arr.shape[1])])
+    return normalize(arr, mask, resolve_spec(spec, stats))
+
+
 def normalize(
     x: ArrayT, valid: ArrayT | None, spec: Mapping[str, Any] | None = None, *, copy: bool = True
 ) -> ArrayT:

@@ -85,7 +85,7 @@ class ModelSection(_Strict):
     encoder: str | None = "mobilenet_v2"
     options: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments, e.g. decoder_channels")
     channels: list[str] = Field(default_factory=lambda: list(L4S_CHANNELS))
-    normalization: dict[str, Any] = Field(default_factory=lambda: {"method": "patch_robust", "clip": 10.0})
+    normalization: dict[str, Any] = Field(default_factory=lambda: {"method": "scene_robust", "clip": 10.0})
     tile_size: int = Field(128, ge=16)
     name: str = "landslide-segmentation"
     version: str = "1"

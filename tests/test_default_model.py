@@ -21,7 +21,7 @@ from pipeline.channels import L4S_CHANNELS
 from pipeline.datasets import PatchDataset, find_patches
 from pipeline.evaluate import artefact_probabilities
 from pipeline.metrics import pixel_metrics
-from pipeline.normalization import normalize
+from pipeline.normalization import normalize_population
 from pipeline.train import predict_probabilities
 
 MODELS = Path(__file__).resolve().parents[1] / "pipeline" / "models"
@@ -40,7 +40,9 @@ def test_shipped_artefact_is_small_and_documented(name: str) -> None:
     assert path.stat().st_size <= 15 * 1024 * 1024
     meta = read_metadata(path)
     assert meta.channels == SHIPPED[name][0]
-    assert meta.normalization["method"] == "patch_robust"
+    assert meta.normalization["method"] == "scene_robust"
+    stats = meta.training["data"]["population_stats"]
+    assert 0 < stats["n_pixels"] <= 15 * 128 * 128 and list(stats["median"]) == meta.channels
     assert 0 < meta.threshold < 1
     cv = meta.metrics["cv"]
     assert cv["patches"] == 15 and len(cv["folds"]) == 5
@@ -74,8 +76,8 @@ def test_prediction_does_not_depend_on_per_band_units(name: str, shared_data: Pa
     rng = np.random.default_rng(0)
     scale = rng.uniform(0.05, 400.0, size=raw.shape[1]).astype(np.float32)[None, :, None, None]
     offset = rng.uniform(-50.0, 50.0, size=raw.shape[1]).astype(np.float32)[None, :, None, None]
-    base = predict_probabilities(art.module, normalize(raw, valid, art.normalization))
-    other = predict_probabilities(art.module, normalize(raw * scale + offset, valid, art.normalization))
+    base = predict_probabilities(art.module, normalize_population(raw, valid, art.normalization))
+    other = predict_probabilities(art.module, normalize_population(raw * scale + offset, valid, art.normalization))
     assert np.abs(base - other).max() < 2e-3
     assert ((base >= art.threshold) == (other >= art.threshold)).mean() > 0.999
     # without the normalization the model would see different inputs: the check is not vacuous

@@ -101,13 +101,15 @@ def test_patch_set_in_other_units_normalizes_identically(tmp_path: Path) -> None
     assert a.stats is not None and a.stats.n_pixels == 4 * 128 * 128
 
 
-def test_a_subset_is_its_own_population(tmp_path: Path) -> None:
+def test_a_fold_is_normalized_with_the_statistics_of_the_whole_set(tmp_path: Path) -> None:
     ds = PatchDataset(_write_patches(tmp_path, 5, np.ones(14), np.zeros(14)), CHANNELS, SCENE)
-    ds.arrays()  # fill the cache with whole-set normalization
+    whole = ds.arrays()[0]
     sub = ds.subset([1, 3])
+    assert sub.stats == ds.stats
+    np.testing.assert_array_equal(sub.arrays()[0], whole[[1, 3]])
+    # a set on its own is its own population
     alone = PatchDataset([ds.records[1], ds.records[3]], CHANNELS, SCENE)
-    assert sub.stats == alone.stats != ds.stats
-    np.testing.assert_array_equal(sub.arrays()[0], alone.arrays()[0])
+    assert alone.stats != ds.stats and alone.stats.n_pixels == 2 * 128 * 128
 
 
 # -- scene sampling ----------------------------------------------------------------------
@@ -189,3 +191,29 @@ def test_scene_prediction_is_invariant_to_band_units() -> None:
         shifted = np.asarray(predict(data, v, _grid(h, w), [art], InferenceOptions(overlap=16),
                                      scene_stats=other).probability)
     assert np.nanmax(np.abs(shifted - outs[0])) > 1e-3
+
+
+def test_scene_statistics_of_a_real_product_read_only_the_sample(tmp_path: Path) -> None:
+    """On a demo L2A product: the sample covers a small scene whole and equals the full-stack statistics;
+    a coarser lattice reads fewer pixels and stays close."""
+    from pipeline.config import load_scene_config
+    from pipeline.demo import write_demo_data
+    from pipeline.scenestats import scene_band_stats
+    from pipeline.stack import stack_scene
+
+    paths = write_demo_data(tmp_path / "demo", size=300, seed=3)
+    cfg = load_scene_config(paths.scene_yaml)
+    channels = ["B02", "B04", "B08", "B11", "SLOPE", "DEM"]
+    with dask.config.set(scheduler="threads"):
+        stack = stack_scene(cfg, channels)
+        data, valid = dask.compute(stack.data.data, stack.valid.data)
+        whole = band_stats(data[:, valid], channels)
+        sampled = scene_band_stats(cfg, channels)  # 300 px: 4 chunks of 256 px, all read
+        coarse = scene_band_stats(cfg, channels, windows=4, size=128)
+    assert 0 < whole.n_pixels < 300 * 300  # clouds and their buffer are excluded
+    # the same pixels (the DEM warped per 256 px block differs from 2048 px blocks in the last float bits)
+    assert sampled.n_pixels == whole.n_pixels
+    np.testing.assert_allclose(sampled.median, whole.median, rtol=1e-5)
+    np.testing.assert_allclose(sampled.scale, whole.scale, rtol=1e-4)
+    assert coarse.n_pixels < whole.n_pixels / 2
+    np.testing.assert_allclose(coarse.median, whole.median, rtol=0.25)

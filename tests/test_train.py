@@ -62,7 +62,7 @@ def test_config_paths_are_relative_to_the_yaml_file(tmp_path: Path) -> None:
     cfg = load_train_config(_yaml(tmp_path / "t.yaml", "data: {root: patches}\noutput: {artefact: m.safetensors}\n"))
     assert cfg.data.root == tmp_path / "patches"
     assert cfg.output.artefact == tmp_path / "m.safetensors"
-    assert cfg.model.normalization["method"] == "patch_robust"
+    assert cfg.model.normalization["method"] == "scene_robust"
 
 
 def test_config_refuses_unknown_keys_duplicates_and_bad_channels(tmp_path: Path) -> None:
@@ -115,7 +115,8 @@ def test_two_epoch_cv_run_is_reproducible_and_fills_the_metadata(shared_data: Pa
 
     art = load_artefact(a.artefact)
     assert art.channels == ["B02", "B03", "B04", "B08", "SLOPE", "DEM"]
-    assert art.normalization["method"] == "patch_robust"
+    assert art.normalization["method"] == "scene_robust"
+    assert art.training["data"]["population_stats"]["n_pixels"] > 0
     policy = art.metrics["threshold_policy"]
     assert 0 < art.threshold < 1 and art.threshold == a.threshold == policy["final_threshold"]
     assert policy["oof_threshold"] == art.metrics["cv"]["threshold"]
