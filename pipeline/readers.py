@@ -41,6 +41,10 @@ from .config import DemSection, SceneSection
 from .errors import ConfigError, InputError
 from .grid import Bounds, Grid
 
+#: Special values of Sentinel-2 band files (MTD ``Special_Values``): 0 is NODATA and
+#: 65535 SATURATED. Neither is a measurement, so both become no data.
+SAFE_SPECIAL_VALUES: tuple[float, ...] = (0.0, 65535.0)
+
 log = logging.getLogger(__name__)
 
 #: Maximum error of GDAL's approximate coordinate transformer, in source pixels.
@@ -654,7 +658,8 @@ def read_safe(safe: Path, scene_id: str | None = None) -> SceneInputs:
         path = _pick_l2a_file(candidates, band)
         if path is not None:
             bands[band] = BandFile(path=path, offset=meta.offsets.get(band, 0.0),
-                                   quantification=meta.quantification, nodata=(0.0,), use_file_nodata=False)
+                                   quantification=meta.quantification, nodata=SAFE_SPECIAL_VALUES,
+                                   use_file_nodata=False)
     if not bands:
         raise InputError(f"{safe}: no band files found under {img}")
     scl = None

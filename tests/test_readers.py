@@ -224,6 +224,17 @@ def test_directory_without_metadata_is_not_a_safe(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------
 # reflectance from SAFE products
 # ---------------------------------------------------------------------------
+def test_saturated_pixels_are_no_data(tmp_path: Path, dn: dict[str, np.ndarray]) -> None:
+    dn = {k: v.copy() for k, v in dn.items()}
+    dn["B02"][10:14, 20:25] = 65535  # SATURATED in the product's Special_Values
+    safe = make_safe(tmp_path, dn, level="L1C", baseline="03.01")  # stored as given (no offset)
+    stack = stack_scene(_cfg(tmp_path, safe=str(safe)), ["B02", "B08", "DEM"])
+    data, valid = dask.compute(stack.data, stack.valid)
+    assert np.isnan(data.sel(band="B02").values[10:14, 20:25]).all()
+    assert not valid.values[10:14, 20:25].any()
+    assert np.isfinite(data.sel(band="B02").values[dn["B02"] > 0][:100]).all()
+
+
 @pytest.mark.parametrize(("level", "baseline"), [("L2A", "02.14"), ("L2A", "04.00"), ("L1C", "03.01"),
                                                  ("L1C", "04.00")])
 def test_safe_reflectance_equals_dn_over_10000(tmp_path: Path, dn: dict[str, np.ndarray], level: str,

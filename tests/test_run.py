@@ -13,7 +13,8 @@ import pytest
 import rasterio
 from conftest import ROOT
 
-from pipeline.config import load_scene_config
+from pipeline.artefact import load_artefact
+from pipeline.config import DEFAULT_MODEL, load_scene_config
 from pipeline.errors import OutputError
 from pipeline.run import REPORT, run_scene
 
@@ -52,8 +53,12 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
     res = run_scene(cfg, client=client)
     assert res.status == "completed"
     report = json.loads((res.run_dir / REPORT).read_text())
-    for stage in ("stack-graph", "infer", "postprocess", "write"):
+    for stage in ("stack-graph", "scene-stats", "infer", "postprocess", "write"):
         assert stage in report["timings_s"]
+    # the shipped model normalizes with the scene's statistics, recorded for every channel it uses
+    stats = report["scene_statistics"]
+    assert 0 < stats["n_pixels"] <= report["counts"]["valid_pixels"]
+    assert sorted(stats["median"]) == sorted(stats["scale"]) == sorted(load_artefact(DEFAULT_MODEL).channels)
     for name in ("probability.tif", "mask.tif", "quicklook.png", res.geopackage.name):
         assert (res.run_dir / name).is_file(), name
 
