@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, fsutil
 from .config import SceneConfig, load_scene_config
 from .errors import ModelError, OutputError
 
@@ -75,7 +75,7 @@ def ensure_writable_dir(path: Path, *, field: str, source: Path | None = None) -
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = fsutil.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2, default=str)
@@ -319,7 +319,7 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
     }
     write_json_atomic(run_dir / REPORT, report)
     latest = run_dir.parent / LATEST
-    fd, tmp = tempfile.mkstemp(dir=run_dir.parent, prefix=".latest.")
+    fd, tmp = fsutil.mkstemp(dir=run_dir.parent, prefix=".latest.")
     with os.fdopen(fd, "w") as fh:
         fh.write(run_dir.name + "\n")
     os.replace(tmp, latest)

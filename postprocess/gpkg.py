@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import sqlite3
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +26,7 @@ import geopandas as gpd
 import pyogrio
 import shapely
 
+from pipeline import fsutil
 from pipeline.errors import OutputError
 
 from .style import default_qml, default_sld
@@ -71,7 +71,7 @@ def _output_dir(path: Path) -> Path:
 
 def _temporary_path(directory: Path, name: str) -> Path:
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp.gpkg", dir=directory)
+        fd, tmp = fsutil.mkstemp(prefix=f".{name}.", suffix=".tmp.gpkg", dir=directory)
     except OSError as exc:
         raise OutputError(
             f"output directory {directory} is not writable: {exc.strerror or exc}; "

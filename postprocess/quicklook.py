@@ -13,7 +13,6 @@ import contextlib
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import shapely
 import xarray as xr
 from PIL import Image, ImageDraw
 
+from pipeline import fsutil
 from pipeline.errors import ChannelError, OutputError
 from pipeline.grid import Grid
 
@@ -156,7 +156,7 @@ def save_png_atomic(image: Image.Image, path: Path, **kwargs: Any) -> None:
     directory = path.parent
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        fd, tmp = fsutil.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     except OSError as exc:
         raise OutputError(f"output directory {directory} is not writable: {exc.strerror or exc}") from exc
     try:

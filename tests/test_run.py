@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,12 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
     assert sorted(stats["median"]) == sorted(stats["scale"]) == sorted(load_artefact(DEFAULT_MODEL).channels)
     for name in ("probability.tif", "mask.tif", "quicklook.png", res.geopackage.name):
         assert (res.run_dir / name).is_file(), name
+
+    # outputs are readable like any file the user writes (temporary files are 0600)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (res.geopackage, res.run_dir / REPORT, res.run_dir / "quicklook.png", res.run_dir / "probability.tif"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
 
     info = pyogrio.read_info(res.geopackage, layer="landslides")
     assert info["features"] == res.n_polygons == report["counts"]["polygons"]
