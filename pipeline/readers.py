@@ -255,8 +255,9 @@ class RasterSource:
             out[int(rows[0]):int(rows[-1]) + 1, cslice] = src[np.ix_(cy[rows] - lo[0], cx[cols] - lo[1])]
             return
         valid = ~np.isnan(src)
-        filled = np.where(valid, src, np.float32(0))
-        weights = valid.astype(np.float32)
+        complete = bool(valid.all())
+        filled = src if complete else np.where(valid, src, np.float32(0))
+        weights = None if complete else valid.astype(np.float32)
 
         def along(arr: np.ndarray, pos: np.ndarray, start: int, size: int, axis: int) -> np.ndarray:
             i0 = np.floor(pos - 0.5).astype(np.int64)
@@ -270,14 +271,24 @@ class RasterSource:
             return (np.take(arr, j0, axis=axis) * w0.reshape(shape)
                     + np.take(arr, j1, axis=axis) * w1.reshape(shape))
 
+        if complete:
+            # no no-data in the window (the usual case): the weight sum is separable,
+            # the product of the row and column sums (less than 1 only at the source edges)
+            ones = np.ones((1, 1), np.float32)
+            den_x = along(np.ones((1, src.shape[1]), np.float32), px[cols], lo[1], self.width, 1)[0]
         for k in range(0, rows.size, _STRIP):  # strips of output rows keep temporaries small
             rs = rows[k:k + _STRIP]
             num = along(along(filled, py[rs], lo[0], self.height, 0), px[cols], lo[1], self.width, 1)
-            den = along(along(weights, py[rs], lo[0], self.height, 0), px[cols], lo[1], self.width, 1)
+            if complete:
+                den_y = along(np.broadcast_to(ones, (src.shape[0], 1)), py[rs], lo[0], self.height, 0)[:, 0]
+                den = den_y[:, None] * den_x[None, :]
+            else:
+                den = along(along(weights, py[rs], lo[0], self.height, 0), px[cols], lo[1], self.width, 1)
             with np.errstate(invalid="ignore", divide="ignore"):
                 value = np.where(den >= 1e-5, num / den, np.float32(np.nan)).astype(np.float32, copy=False)
-            # like GDAL: no value where the source pixel under the centre is no data
-            value[~valid[np.ix_(cy[rs] - lo[0], cx[cols] - lo[1])]] = np.nan
+            if not complete:
+                # like GDAL: no value where the source pixel under the centre is no data
+                value[~valid[np.ix_(cy[rs] - lo[0], cx[cols] - lo[1])]] = np.nan
             out[int(rs[0]):int(rs[-1]) + 1, cslice] = value
 
     def _source_window(self, grid: Grid) -> Window | None:

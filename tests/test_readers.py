@@ -384,3 +384,30 @@ def test_cloud_buffer_per_block_equals_whole_array() -> None:
     tiled = scl_exclusion(da.from_array(scl, chunks=(13, 17)), [0, 1, 3, 8, 9], [3, 8, 9], 3.5).compute()
     assert np.array_equal(whole, tiled)
     assert whole.mean() > (np.isin(scl, [3, 8]) | np.isnan(scl)).mean()  # the buffer grew something
+
+
+@pytest.mark.parametrize("holes", [False, True])
+def test_20m_to_10m_upsampling_matches_gdal_bilinear(tmp_path: Path, holes: bool) -> None:
+    """The separable upsampler (with and without no-data in the window) gives GDAL's bilinear warp."""
+    from rasterio.warp import reproject
+
+    rng = np.random.default_rng(1)
+    src = rng.uniform(100, 5000, (60, 50)).astype(np.uint16)
+    if holes:
+        src[20:24, 10:13] = 0
+    transform = Affine(20, 0, X0, 0, -20, Y0)
+    path = tmp_path / "B05.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=50, height=60, count=1, dtype="uint16",
+                       crs="EPSG:32633", transform=transform, nodata=0) as ds:
+        ds.write(src, 1)
+    raster = open_raster(path, "band B05", scale=1e-4)
+    # a 10 m grid reaching past the source on two sides, offset by half a source pixel
+    grid = Grid(rasterio.crs.CRS.from_epsg(32633), Affine(10, 0, X0 - 30, 0, -10, Y0 + 10), 110, 124)
+    got = raster.read_onto(grid)
+    ref = np.full(grid.shape, np.nan, np.float32)
+    reproject(src.astype(np.float32) * np.float32(1e-4), ref, src_transform=transform, src_crs="EPSG:32633",
+              dst_transform=grid.transform, dst_crs="EPSG:32633", resampling=Resampling.bilinear,
+              src_nodata=0, dst_nodata=np.nan)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_allclose(got[~np.isnan(got)], ref[~np.isnan(ref)], rtol=1e-5, atol=1e-6)
+    assert np.isnan(got).any() and np.isfinite(got).mean() > 0.8
