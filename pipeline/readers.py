@@ -259,31 +259,32 @@ class RasterSource:
         filled = src if complete else np.where(valid, src, np.float32(0))
         weights = None if complete else valid.astype(np.float32)
 
-        def along(arr: np.ndarray, pos: np.ndarray, start: int, size: int, axis: int) -> np.ndarray:
+        def taps(pos: np.ndarray, start: int, size: int, n: int) -> tuple[np.ndarray, ...]:
+            """Bilinear taps along one axis: indices into the window and weights (0 outside the source)."""
             i0 = np.floor(pos - 0.5).astype(np.int64)
             w1 = (pos - 0.5 - i0).astype(np.float32)
             w0 = np.float32(1) - w1
             w0 = np.where((i0 >= 0) & (i0 < size), w0, 0).astype(np.float32)
             w1 = np.where((i0 + 1 >= 0) & (i0 + 1 < size), w1, 0).astype(np.float32)
-            j0 = np.clip(i0 - start, 0, arr.shape[axis] - 1)
-            j1 = np.clip(i0 + 1 - start, 0, arr.shape[axis] - 1)
+            return np.clip(i0 - start, 0, n - 1), np.clip(i0 + 1 - start, 0, n - 1), w0, w1
+
+        def along(arr: np.ndarray, t: tuple[np.ndarray, ...], axis: int) -> np.ndarray:
+            j0, j1, w0, w1 = t
             shape = (-1, 1) if axis == 0 else (1, -1)
             return (np.take(arr, j0, axis=axis) * w0.reshape(shape)
                     + np.take(arr, j1, axis=axis) * w1.reshape(shape))
 
-        if complete:
-            # no no-data in the window (the usual case): the weight sum is separable,
-            # the product of the row and column sums (less than 1 only at the source edges)
-            ones = np.ones((1, 1), np.float32)
-            den_x = along(np.ones((1, src.shape[1]), np.float32), px[cols], lo[1], self.width, 1)[0]
+        tx = taps(px[cols], lo[1], self.width, src.shape[1])
         for k in range(0, rows.size, _STRIP):  # strips of output rows keep temporaries small
             rs = rows[k:k + _STRIP]
-            num = along(along(filled, py[rs], lo[0], self.height, 0), px[cols], lo[1], self.width, 1)
+            ty = taps(py[rs], lo[0], self.height, src.shape[0])
+            num = along(along(filled, ty, 0), tx, 1)
             if complete:
-                den_y = along(np.broadcast_to(ones, (src.shape[0], 1)), py[rs], lo[0], self.height, 0)[:, 0]
-                den = den_y[:, None] * den_x[None, :]
+                # no no-data in the window (the usual case): the weight sum is separable,
+                # the product of the row and column sums (below 1 only at the source edges)
+                den = (ty[2] + ty[3])[:, None] * (tx[2] + tx[3])[None, :]
             else:
-                den = along(along(weights, py[rs], lo[0], self.height, 0), px[cols], lo[1], self.width, 1)
+                den = along(along(weights, ty, 0), tx, 1)
             with np.errstate(invalid="ignore", divide="ignore"):
                 value = np.where(den >= 1e-5, num / den, np.float32(np.nan)).astype(np.float32, copy=False)
             if not complete:
