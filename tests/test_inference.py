@@ -350,3 +350,27 @@ def test_prediction_is_georeferenced_and_written_as_cog(tmp_path: Path) -> None:
         assert src.nodata == 255 and src.crs == grid.crs and src.transform == grid.transform
     assert np.all(arr[:10] == 255)
     assert np.all(arr[10:] == round(0.4 * 254))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_writing_the_probability_runs_the_model_once_per_window(tmp_path: Path, dtype: str) -> None:
+    """Nothing computes the lazy probability before the COG writer does (the uint8 scaling stays lazy)."""
+    data, valid, grid = _scene(200, 230)
+    rec = Recorder(Constant(0.3))
+    pred = predict(data, valid, grid, [_art(rec)], InferenceOptions(overlap=16, block_size=4096))
+    assert rec.samples == 0  # building the graph runs nothing
+    with dask.config.set(scheduler="threads"):
+        write_probability(pred, tmp_path / "p.tif", dtype=dtype)  # type: ignore[arg-type]
+    assert rec.samples == pred.windows == len(WindowGrid(200, 230, 64, 16))
+
+
+def test_a_missing_band_value_invalidates_the_pixel_without_a_mask() -> None:
+    """With no valid mask, a pixel is predicted only where every band has a value."""
+    data, _, grid = _scene(120, 130)
+    arr = np.asarray(data.values).copy()
+    arr[3, 40:50, 60:70] = np.nan
+    data = data.copy(data=da.from_array(arr, chunks=(-1, 64, 64)))
+    out = _compute(predict(data, None, grid, [_art(Constant(0.6))]).probability)
+    assert np.isnan(out[40:50, 60:70]).all()
+    np.testing.assert_allclose(np.delete(out.ravel(), np.flatnonzero(np.isnan(out))), 0.6, atol=1e-6)
+    assert np.isnan(out).sum() == 100
