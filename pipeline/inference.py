@@ -1,12 +1,14 @@
 """Tiled inference: a stacked scene -> a landslide probability raster.
 
-:func:`predict` builds a lazy Dask graph with one task per output block.
-A block task reads its pixels plus a halo, runs every window of the global
-window grid (:class:`tiling.windows.WindowGrid`) that intersects the block,
-and blends the window predictions with :mod:`tiling.stitch`. Because the
-window grid is global and each window is computed from the same pixels in
-every block, the result does not depend on the block layout; memory depends
-on the block size, not the scene size.
+:func:`predict` builds a lazy Dask graph over output blocks. Every window of
+the global window grid (:class:`tiling.windows.WindowGrid`) runs exactly
+once, in the block that holds its origin: that task reads the block plus the
+strip its last windows reach into (less than a tile below and to the right),
+and sums the weighted window predictions (:mod:`tiling.stitch`) over that
+extent. The parts that fall on later blocks are cut off and added to those
+blocks, which then divide by the summed weights. Because the window grid is
+global, the result does not depend on the block layout; memory depends on
+the block size, not the scene size.
 
 Per window: the model's channels are picked by name, normalized with the
 artefact's own spec (:func:`pipeline.normalization.normalize`), batched
@@ -309,54 +311,106 @@ def _predict_windows(plan: _Plan, x: np.ndarray, v: np.ndarray) -> tuple[np.ndar
     return combined, unc
 
 
-def _predict_block(
+@dataclass
+class _BlockSums:
+    """What a block's own windows produced, on the block plus the strip they reach into."""
+
+    block_valid: np.ndarray  # (bh, bw) bool: the block's own pixels
+    acc: np.ndarray | None  # (k, eh, ew) float64 weighted sums, None when no window ran
+    wsum: np.ndarray | None  # (eh, ew) float64 summed weights
+
+
+def _predict_owned(
     data: np.ndarray,
     valid: np.ndarray,
-    origin: tuple[int, int],
     rows: tuple[int, int],
     cols: tuple[int, int],
     plan: _Plan,
-) -> np.ndarray:
-    """Output (k, rows, cols) for one block; ``data``/``valid`` start at ``origin`` (the halo included)."""
+) -> _BlockSums:
+    """Run the windows whose origin lies in the block; ``data``/``valid`` start at the block's origin."""
     wg = plan.windows
     tile = wg.tile
     n_out = 2 if plan.with_uncertainty else 1
     bh, bw = rows[1] - rows[0], cols[1] - cols[0]
-    oy, ox = origin
     # a pixel is valid where the mask says so and every channel has a value
     valid = np.asarray(valid, dtype=bool) & np.isfinite(data).all(axis=0)
-    block_valid = valid[rows[0] - oy : rows[1] - oy, cols[0] - ox : cols[1] - ox]
-    if not block_valid.any():
-        return np.full((n_out, bh, bw), np.nan, np.float32)
-
+    block_valid = valid[:bh, :bw]
     wr, wc = wg.block_windows(rows, cols)
-    rr, cc = wr - oy, wc - ox  # window origins in the slice
+    if not len(wr) or not len(wc) or not valid.any():
+        return _BlockSums(block_valid, None, None)
+    rr, cc = wr - rows[0], wc - cols[0]  # window origins in the slice
     counts = valid_counts(valid, rr, cc, tile)
-    todo = [(int(r), int(c)) for i, r in enumerate(wr) for j, c in enumerate(wc) if counts[i, j] > 0]
+    todo = [(int(r), int(c)) for i, r in enumerate(rr) for j, c in enumerate(cc) if counts[i, j] > 0]
+    if not todo:
+        return _BlockSums(block_valid, None, None)
+    eh, ew = valid.shape
     # windows reach past the slice only where the scene is smaller than a tile: pad with invalid pixels
-    need_h = int(rr.max()) + tile if len(rr) else 0
-    need_w = int(cc.max()) + tile if len(cc) else 0
-    if need_h > valid.shape[0] or need_w > valid.shape[1]:
-        ph, pw = max(0, need_h - valid.shape[0]), max(0, need_w - valid.shape[1])
+    need_h, need_w = int(rr[-1]) + tile, int(cc[-1]) + tile
+    if need_h > eh or need_w > ew:
+        ph, pw = max(0, need_h - eh), max(0, need_w - ew)
         data = np.pad(data, ((0, 0), (0, ph), (0, pw)))
         valid = np.pad(valid, ((0, ph), (0, pw)))
 
-    acc = np.zeros((n_out, bh, bw), np.float64)
-    wsum = np.zeros((bh, bw), np.float64)
+    acc = np.zeros((n_out, eh, ew), np.float64)
+    wsum = np.zeros((eh, ew), np.float64)
     chunk = max(1, _runtime(plan.options, tile).limit.size)
     for start in range(0, len(todo), chunk):
         group = todo[start : start + chunk]
-        x = np.stack([data[:, r - oy : r - oy + tile, c - ox : c - ox + tile] for r, c in group])
-        v = np.stack([valid[r - oy : r - oy + tile, c - ox : c - ox + tile] for r, c in group])
+        x = np.stack([data[:, r : r + tile, c : c + tile] for r, c in group])
+        v = np.stack([valid[r : r + tile, c : c + tile] for r, c in group])
         prob, unc = _predict_windows(plan, np.asarray(x, np.float32), v)
         values = prob[:, None] if unc is None else np.stack([prob, unc], axis=1)
         for k, (r, c) in enumerate(group):
-            w = window_weights(tile, wg.overlap, plan.margin, r, c, wg.height, wg.width)
-            add_window(acc, wsum, values[k], w, r - rows[0], c - cols[0])
-    return finalize(acc, wsum, block_valid)
+            w = window_weights(tile, wg.overlap, plan.margin, r + rows[0], c + cols[0], wg.height, wg.width)
+            add_window(acc, wsum, values[k], w, r, c)
+    return _BlockSums(block_valid, acc, wsum)
+
+
+def _spill(owned: _BlockSums, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The part of a block's window sums that falls on a later block (copies; slice coordinates)."""
+    if owned.acc is None or owned.wsum is None:
+        return None
+    return owned.acc[:, rows[0] : rows[1], cols[0] : cols[1]].copy(), owned.wsum[rows[0] : rows[1], cols[0] : cols[1]].copy()
+
+
+def _finish_block(owned: _BlockSums, *spills: tuple[tuple[int, int], tuple[np.ndarray, np.ndarray] | None]) -> np.ndarray:
+    """Output (k, rows, cols) of a block: its own window sums plus what earlier blocks' windows left on it.
+
+    ``spills`` are ((row, col) offset in the block, (acc, wsum) or None).
+    """
+    bh, bw = owned.block_valid.shape
+    if not owned.block_valid.any():
+        n_out = 1 if owned.acc is None else owned.acc.shape[0]
+        for _, part in spills:
+            if part is not None:
+                n_out = part[0].shape[0]
+        return np.full((n_out, bh, bw), np.nan, np.float32)
+    if owned.acc is not None and owned.wsum is not None:
+        acc = owned.acc[:, :bh, :bw].copy()
+        wsum = owned.wsum[:bh, :bw].copy()
+    else:
+        n_out = next((part[0].shape[0] for _, part in spills if part is not None), 1)
+        acc = np.zeros((n_out, bh, bw), np.float64)
+        wsum = np.zeros((bh, bw), np.float64)
+    for (r, c), part in spills:
+        if part is None:
+            continue
+        a, w = part
+        acc[:, r : r + w.shape[0], c : c + w.shape[1]] += a
+        wsum[r : r + w.shape[0], c : c + w.shape[1]] += w
+    return finalize(acc, wsum, owned.block_valid)
 
 
 # -- the graph -------------------------------------------------------------------
+def inference_block_size(block_size: int, tile: int, overlap: int) -> int:
+    """The block edge :func:`predict` uses: ``block_size`` rounded down to a multiple of the window stride.
+
+    A stack chunked with this size gives each inference block exactly one
+    input chunk plus thin strips of its neighbours.
+    """
+    return round_block_size(block_size, tile - overlap) if 0 <= overlap < tile else block_size
+
+
 def _as_dask(arr: xr.DataArray, chunks: tuple[int, ...]) -> da.Array:
     data = arr.data
     if isinstance(data, da.Array):
@@ -439,7 +493,7 @@ def predict(
     refs = tuple(_with_index(r, tuple(remap[i] for i in r.channel_index)) for r in refs)
     plan = _Plan(wg, margin, refs, tuple(float(w) for w in weights), opts, with_unc)
 
-    block = round_block_size(opts.block_size, wg.stride)
+    block = inference_block_size(opts.block_size, tile, opts.overlap)
     x = _as_dask(data, (-1, block, block))
     x = x[used] if used != list(range(x.shape[0])) else x
     if valid is None:
@@ -454,14 +508,36 @@ def predict(
     plan_d = dask.delayed(plan, pure=False, name=f"inference-plan-{token}")
     n_out = 2 if with_unc else 1
     rows_spans, cols_spans = block_spans(grid.height, block), block_spans(grid.width, block)
-    grid_of_blocks = []
-    for rows in rows_spans:
-        row_blocks = []
-        for cols in cols_spans:
+    # Stage 1: each block runs the windows whose origin it holds (each window exactly once) and
+    # sums them on its own pixels plus the strip they reach into. Stage 2: each block adds the
+    # strips earlier blocks left on it and divides by the summed weights.
+    owned: dict[tuple[int, int], Any] = {}
+    spills: dict[tuple[int, int], list[Any]] = {(i, j): [] for i in range(len(rows_spans)) for j in range(len(cols_spans))}
+    for i, rows in enumerate(rows_spans):
+        for j, cols in enumerate(cols_spans):
             (ry0, ry1), (rx0, rx1) = wg.block_read_extent(rows, cols)
-            task = dask.delayed(_predict_block, pure=True)(
-                _owned(x[:, ry0:ry1, rx0:rx1]), _owned(v[ry0:ry1, rx0:rx1]), (ry0, rx0), rows, cols, plan_d,
-                dask_key_name=f"predict-block-{token}-{rows[0]}-{cols[0]}",
+            task = dask.delayed(_predict_owned, pure=True)(
+                _copied(x[:, ry0:ry1, rx0:rx1]), _copied(v[ry0:ry1, rx0:rx1]), rows, cols, plan_d,
+                dask_key_name=f"predict-windows-{token}-{rows[0]}-{cols[0]}",
+            )
+            owned[i, j] = task
+            for k in range(i, len(rows_spans)):
+                for m in range(j, len(cols_spans)):
+                    (ty0, ty1), (tx0, tx1) = rows_spans[k], cols_spans[m]
+                    y0, y1, x0, x1 = max(ry0, ty0), min(ry1, ty1), max(rx0, tx0), min(rx1, tx1)
+                    if (k, m) == (i, j) or y0 >= y1 or x0 >= x1:
+                        continue
+                    part = dask.delayed(_spill, pure=True)(
+                        task, (y0 - ry0, y1 - ry0), (x0 - rx0, x1 - rx0),
+                        dask_key_name=f"predict-spill-{token}-{rows[0]}-{cols[0]}-{ty0}-{tx0}",
+                    )
+                    spills[k, m].append(((y0 - ty0, x0 - tx0), part))
+    grid_of_blocks = []
+    for i, rows in enumerate(rows_spans):
+        row_blocks = []
+        for j, cols in enumerate(cols_spans):
+            task = dask.delayed(_finish_block, pure=True)(
+                owned[i, j], *spills[i, j], dask_key_name=f"predict-block-{token}-{rows[0]}-{cols[0]}",
             )
             shape = (n_out, rows[1] - rows[0], cols[1] - cols[0])
             row_blocks.append(da.from_delayed(task, shape=shape, dtype=np.float32))
@@ -480,7 +556,7 @@ def predict(
     return Prediction(probability, uncertainty, grid, threshold, len(wg))
 
 
-def _owned(arr: da.Array) -> da.Array:
+def _copied(arr: da.Array) -> da.Array:
     """The slice with every chunk copied out of its source chunk.
 
     Dask slices are numpy views: a thin halo strip would keep its whole

@@ -148,10 +148,14 @@ def run_scene(cfg: SceneConfig, *, force: bool = False, client: Any = None) -> R
         models = load_models(cfg)
     key = run_fingerprint(cfg, [m.sha256 for m in models])
 
+    from .inference import inference_block_size
     from .stack import stack_scene
 
     with timer("stack-graph"):
-        stack = stack_scene(cfg, model_channels(models))
+        # stack chunks = inference blocks: each block reads one chunk plus thin strips of its neighbours
+        block = inference_block_size(cfg.grid.block_size, models[0].tile_size, cfg.model.overlap)
+        stack_cfg = cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"block_size": block})})
+        stack = stack_scene(stack_cfg, model_channels(models))
     scene_dir = cfg.output.dir / _safe_name(stack.scene_id)
     run_dir = scene_dir / f"run-{key[:12]}"
     gpkg_path = run_dir / f"{_safe_name(stack.scene_id)}_landslides.gpkg"

@@ -205,3 +205,42 @@ def test_inference_reads_each_band_once_per_block(demo: Path, monkeypatch: pytes
     # in this process (a distributed client of another test may be the default)
     dask.compute(pred.probability.data, scheduler="sync")
     assert len(reads) == 1  # one 318 px scene, one block
+
+
+def test_inference_over_many_blocks_reads_each_pixel_about_once(demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks read their own chunk and thin strips of their neighbours, never a chunk twice."""
+    import dask
+    from rasterio.windows import Window
+
+    from pipeline import stack as stack_module
+    from pipeline.inference import InferenceOptions, inference_block_size, predict
+    from pipeline.run import load_models, model_channels
+    from tiling.windows import WindowGrid, block_spans
+
+    areas: list[int] = []
+    original = stack_module.StackLayer.read
+
+    def counted(self, bands, window: Window):  # noqa: ANN001, ANN202
+        areas.append(int(window.width) * int(window.height))
+        return original(self, bands, window)
+
+    monkeypatch.setattr(stack_module.StackLayer, "read", counted)
+    cfg = load_scene_config(demo)
+    models = load_models(cfg)
+    tile, overlap = models[0].tile_size, 33  # stride 95: windows at 0, 95, 190 cover the 318 px scene
+    block = inference_block_size(200, tile, overlap)  # 190 px: two blocks per axis
+    cfg = cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"block_size": block})})
+    stack = stack_module.stack_scene(cfg, model_channels(models))
+    opts = InferenceOptions(overlap=overlap, block_size=block)
+    pred = predict(stack.data, stack.mask, stack.grid, models, opts)
+    areas.clear()  # predict sampled the scene for its statistics
+    out = dask.compute(pred.probability.data, scheduler="sync")[0]
+    assert np.isfinite(out).any()
+    wg = WindowGrid(*stack.grid.shape, tile, overlap)
+    extents = 0
+    for rows in block_spans(wg.height, block):
+        for cols in block_spans(wg.width, block):
+            (y0, y1), (x0, x1) = wg.block_read_extent(rows, cols)
+            extents += (y1 - y0) * (x1 - x0)
+    scene = wg.height * wg.width
+    assert block == 190 and scene <= sum(areas) <= extents < 1.25 * scene

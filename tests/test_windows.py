@@ -12,7 +12,7 @@ from tiling.windows import (
     WindowGrid,
     axis_starts,
     block_spans,
-    intersecting,
+    owned,
     round_block_size,
     valid_counts,
 )
@@ -45,13 +45,12 @@ def test_axis_starts_cover_every_pixel_within_bounds(length: int, tile: int, dat
 
 
 @given(length=lengths, tile=tiles, data=st.data())
-def test_intersecting_matches_brute_force(length: int, tile: int, data: st.DataObject) -> None:
+def test_owned_matches_brute_force(length: int, tile: int, data: st.DataObject) -> None:
     stride = data.draw(st.integers(1, tile))
     starts = axis_starts(length, tile, stride)
     lo = data.draw(st.integers(0, length - 1))
     hi = data.draw(st.integers(lo + 1, length))
-    expected = [s for s in starts if s < hi and s + tile > lo]
-    assert intersecting(starts, tile, (lo, hi)).tolist() == expected
+    assert owned(starts, (lo, hi)).tolist() == [s for s in starts if lo <= s < hi]
 
 
 @given(length=lengths, block=st.integers(1, 5000))
@@ -71,22 +70,23 @@ def test_round_block_size_is_a_positive_multiple_of_the_stride(block: int, strid
 
 @settings(max_examples=60, deadline=None)
 @given(wg=grids(), data=st.data())
-def test_block_windows_and_read_extent_contain_every_window_touching_the_block(
+def test_blocks_own_every_window_once_and_read_what_their_windows_cover(
     wg: WindowGrid, data: st.DataObject
 ) -> None:
-    r0 = data.draw(st.integers(0, wg.height - 1))
-    r1 = data.draw(st.integers(r0 + 1, wg.height))
-    c0 = data.draw(st.integers(0, wg.width - 1))
-    c1 = data.draw(st.integers(c0 + 1, wg.width))
-    rows, cols = wg.block_windows((r0, r1), (c0, c1))
-    brute = [(r, c) for r, c in wg.windows() if r < r1 and r + wg.tile > r0 and c < c1 and c + wg.tile > c0]
-    assert [(int(r), int(c)) for r in rows for c in cols] == brute
-    (y0, y1), (x0, x1) = wg.block_read_extent((r0, r1), (c0, c1))
-    assert 0 <= y0 <= r0 and r1 <= y1 <= wg.height
-    assert 0 <= x0 <= c0 and c1 <= x1 <= wg.width
-    for r, c in brute:
-        assert y0 <= r and min(r + wg.tile, wg.height) <= y1
-        assert x0 <= c and min(c + wg.tile, wg.width) <= x1
+    block = data.draw(st.integers(1, 200))
+    seen: list[tuple[int, int]] = []
+    for r0, r1 in block_spans(wg.height, block):
+        for c0, c1 in block_spans(wg.width, block):
+            rows, cols = wg.block_windows((r0, r1), (c0, c1))
+            mine = [(int(r), int(c)) for r in rows for c in cols]
+            assert all(r0 <= r < r1 and c0 <= c < c1 for r, c in mine)
+            seen += mine
+            (y0, y1), (x0, x1) = wg.block_read_extent((r0, r1), (c0, c1))
+            assert (y0, x0) == (r0, c0) and r1 <= y1 <= wg.height and c1 <= x1 <= wg.width
+            assert y1 - r1 < wg.tile and x1 - c1 < wg.tile
+            for r, c in mine:
+                assert min(r + wg.tile, wg.height) <= y1 and min(c + wg.tile, wg.width) <= x1
+    assert sorted(seen) == sorted(wg.windows())  # every window exactly once
 
 
 @settings(max_examples=40, deadline=None)

@@ -9,10 +9,12 @@ tile gets one window starting at 0 that reaches past the scene; the caller
 pads it with invalid pixels.
 
 The grid is global: it depends only on the scene shape, never on how the
-scene is split into processing blocks. A block computes every window that
-intersects it (:meth:`WindowGrid.block_windows`), reading its own pixels
-plus a halo (:meth:`WindowGrid.block_read_extent`), so block results agree
-with a whole-scene run.
+scene is split into processing blocks. Every window is computed exactly once,
+by the block that holds its origin (:meth:`WindowGrid.block_windows`); the
+block reads its own pixels plus the strip its last windows reach into
+(:meth:`WindowGrid.block_read_extent`, at most ``tile - 1`` pixels below and
+to the right), and the parts of its windows that fall on later blocks are
+handed to them before blending, so block results agree with a whole-scene run.
 
 Everything here is a pure function of integers and arrays.
 """
@@ -44,12 +46,10 @@ def axis_starts(length: int, tile: int, stride: int) -> np.ndarray:
     return np.append(starts, np.int64(last))
 
 
-def intersecting(starts: np.ndarray, tile: int, span: Span) -> np.ndarray:
-    """The subset of ``starts`` whose windows ``[s, s + tile)`` meet ``span``."""
+def owned(starts: np.ndarray, span: Span) -> np.ndarray:
+    """The subset of ``starts`` that lie in ``span`` (the windows a block computes)."""
     lo, hi = span
-    first = int(np.searchsorted(starts, lo - tile, side="right"))
-    last = int(np.searchsorted(starts, hi, side="left"))
-    return starts[first:last]
+    return starts[int(np.searchsorted(starts, lo, side="left")) : int(np.searchsorted(starts, hi, side="left"))]
 
 
 def block_spans(length: int, block: int) -> list[Span]:
@@ -128,15 +128,20 @@ class WindowGrid:
         return [(int(r), int(c)) for r in self.row_starts for c in self.col_starts]
 
     def block_windows(self, rows: Span, cols: Span) -> tuple[np.ndarray, np.ndarray]:
-        """Row and column starts of the windows that intersect a block."""
-        return intersecting(self.row_starts, self.tile, rows), intersecting(self.col_starts, self.tile, cols)
+        """Row and column starts of the windows a block computes: those with their origin in it.
+
+        Over any partition of the scene into blocks, every window belongs to
+        exactly one block.
+        """
+        return owned(self.row_starts, rows), owned(self.col_starts, cols)
 
     def block_read_extent(self, rows: Span, cols: Span) -> tuple[Span, Span]:
-        """Pixels (clipped to the scene) that a block's windows read: the block plus its halo."""
+        """Pixels (clipped to the scene) a block reads: the block and everything its windows cover.
+
+        The extent starts at the block's origin and reaches past its end only
+        where its last windows do (by less than a tile).
+        """
         r, c = self.block_windows(rows, cols)
-        if len(r) == 0 or len(c) == 0:
-            return rows, cols
-        return (
-            (int(r[0]), min(int(r[-1]) + self.tile, self.height)),
-            (int(c[0]), min(int(c[-1]) + self.tile, self.width)),
-        )
+        y1 = max(rows[1], min(int(r[-1]) + self.tile, self.height)) if len(r) else rows[1]
+        x1 = max(cols[1], min(int(c[-1]) + self.tile, self.width)) if len(c) else cols[1]
+        return (rows[0], y1), (cols[0], x1)
