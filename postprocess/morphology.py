@@ -19,6 +19,12 @@ on the whole array:
   global connected-component labelling of :mod:`postprocess.labels` (label per
   block, union-find over block faces, block-wise reductions keyed by label).
 
+Each global pass needs the mask of the step before. The opened and closed
+mask, and the mask after the size and hole steps, are computed once and kept
+bit-packed in memory (:func:`persist_mask`: one bit per pixel, 15 MB for a
+full Sentinel-2 tile), so the morphology and the labelling are not redone
+by every later pass or by the writer of the mask raster.
+
 Conventions (documented because they change results at edges):
 
 - Objects are 4-connected, background (holes) 8-connected.
@@ -151,6 +157,25 @@ def open_close(
     )
     # dask enlarges blocks smaller than the halo; later passes need the input layout
     return out if out.chunks == mask.chunks else out.rechunk(mask.chunks)
+
+
+def _unpack(packed: np.ndarray, block_info: dict[Any, Any] | None = None) -> np.ndarray:
+    width = block_info[None]["chunk-shape"][1] if block_info else packed.shape[1] * 8
+    return np.unpackbits(packed, axis=1, count=width).astype(bool)
+
+
+def persist_mask(mask: da.Array) -> da.Array:
+    """``mask`` computed now (on the current scheduler) and kept bit-packed; the same lazy boolean array.
+
+    Later graphs built on the result start from the stored bits instead of
+    recomputing ``mask``'s whole history. Memory: one bit per pixel. The bits
+    come back to this process (not a distributed ``persist``): graphs computed
+    later may share keys with ``mask``'s history, and a scheduler that still
+    holds that history would see the same keys with differently fused tasks.
+    """
+    packed_chunks = (mask.chunks[0], tuple((w + 7) // 8 for w in mask.chunks[1]))
+    packed = mask.map_blocks(np.packbits, axis=1, dtype=np.uint8, chunks=packed_chunks).compute()
+    return da.from_array(packed, chunks=packed_chunks).map_blocks(_unpack, dtype=bool, chunks=mask.chunks)
 
 
 # --------------------------------------------------------------------------
@@ -366,8 +391,14 @@ def clean_objects(
     mask = open_close(
         mask, known, radius_in_pixels(params.opening_radius_m, grid), radius_in_pixels(params.closing_radius_m, grid)
     )
+    # the size and hole passes both start from the morphology: compute it once
+    global_passes = params.min_area_m2 > 0 or params.max_hole_m2 > 0
+    if global_passes:
+        mask = persist_mask(mask)
     mask = remove_small_objects(mask, params.min_area_m2, pixel_area)
     mask = fill_small_holes(mask, known, params.max_hole_m2, pixel_area)
+    # the final pass and the labels (mask raster) both start from here
+    mask = persist_mask(mask)
 
     layout = BlockLayout.of(mask)
     names = tuple(layers)

@@ -3,8 +3,8 @@
 :func:`polygons_from_probability` chains :mod:`~postprocess.morphology`,
 :mod:`~postprocess.vectorize` and :mod:`~postprocess.attributes`. It runs
 three or four block-wise dask passes (object sizes, holes, final objects with
-their statistics and polygon pieces); memory depends on the block size and on
-the number of objects, never on the scene size.
+their statistics and polygon pieces); memory depends on the block size, on
+the number of objects and on two bit-packed masks (one bit per pixel).
 """
 
 from __future__ import annotations

@@ -328,3 +328,32 @@ def test_global_passes_are_identity_when_disabled():
     m = da.from_array(np.eye(10, dtype=bool), chunks=4)
     assert remove_small_objects(m, 0, 100.0) is m
     assert fill_small_holes(m, m, 0, 100.0) is m
+
+
+def test_morphology_runs_once_per_block_for_all_passes_and_the_mask(monkeypatch):
+    """The size, hole and final passes and the mask raster reuse one opened/closed mask."""
+    import postprocess.morphology as morphology
+
+    calls = []
+    original = morphology.open_close_array
+
+    def counted(mask, *args, **kwargs):
+        if mask.size:  # dask may probe the function with an empty array
+            calls.append(mask.shape)
+        return original(mask, *args, **kwargs)
+
+    monkeypatch.setattr(morphology, "open_close_array", counted)
+    rng = np.random.default_rng(5)
+    shape = (120, 150)
+    prob = ndi.gaussian_filter(rng.random(shape), 2.0).astype(np.float32)
+    prob = (prob - prob.min()) / (prob.max() - prob.min())
+    valid = np.ones(shape, bool)
+    grid = make_grid(shape)
+    chunks = (40, 50)
+    expected = reference_labels(prob, valid, grid, PARAMS, 0.5)
+    objects, labels = run(prob, valid, grid, PARAMS, chunks)
+    mask = objects.mask.compute()
+    np.testing.assert_array_equal(labels, expected)
+    np.testing.assert_array_equal(mask, expected > 0)
+    assert objects.count == expected.max() > 3
+    assert len(calls) == 3 * 3  # once per block
