@@ -16,6 +16,7 @@ import os
 import threading
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,29 @@ def _prepare(data: da.Array, dtype: np.dtype[Any], nodata: float | None) -> da.A
     return data.astype(dtype)
 
 
+@dataclass
+class RasterOutput:
+    """One raster for :func:`write_rasters`: what to write, where and how.
+
+    ``cog=False`` writes a plain tiled GeoTIFF (ZSTD level 1, no overviews;
+    tiles of ``tile`` px, default the largest edge <= 512 that every block
+    border falls on): the cheap form for intermediate layers that only this
+    run reads back.
+    """
+
+    arr: Any
+    path: Path
+    dtype: str | np.dtype[Any]
+    nodata: float | None
+    band_names: Sequence[str] | None = None
+    overview: bool = True
+    overview_resampling: str = "average"
+    compress: str = "DEFLATE"
+    tags: dict[str, str] | None = None
+    cog: bool = True
+    tile: int | None = None
+
+
 def write_cog(
     arr: xr.DataArray | da.Array | np.ndarray,
     grid: Grid,
@@ -133,15 +157,54 @@ def write_cog(
     :class:`~pipeline.errors.InputError` for a corrupt input) propagate
     unchanged. Either way no partial file is left.
     """
-    path = Path(path)
-    np_dtype = np.dtype(dtype)
-    data = _prepare(_as_dask(arr, grid), np_dtype, nodata)
+    out = RasterOutput(arr, Path(path), dtype, nodata, band_names, overview, overview_resampling, compress, tags)
+    return write_rasters([out], grid)[0]
+
+
+def write_rasters(outputs: Sequence[RasterOutput], grid: Grid) -> list[Path]:
+    """Write several rasters on ``grid`` from one dask computation (see :func:`write_cog`).
+
+    Arrays that share a graph (the probability, the uncertainty and the
+    layers kept from the same inference blocks) are computed once: every
+    block is written to each of its files as it finishes. Every file is
+    converted before the first one is moved into place, so a failure while
+    computing or converting leaves no new file at any final path (and no
+    temporary file behind).
+    """
+    plans = []
+    created: list[Path] = []
+    try:
+        for out in outputs:
+            plan = _start(out, grid)
+            created += [plan["tmp_tiff"], plan["tmp_cog"]]
+            plans.append(plan)
+        if plans:
+            store = da.store([p["data"] for p in plans], [_WindowWriter(p["tmp_tiff"], p["data"].ndim) for p in plans],
+                             lock=_lock(), compute=False)
+            names = ", ".join(p["path"].name for p in plans)
+            compute(store, f"computing {names} ({plans[0]['data'].npartitions} block(s))")
+        sources = [_convert(p) for p in plans]  # every conversion before any file moves into place
+        done = [_move(src, p["path"]) for src, p in zip(sources, plans, strict=True)]
+    except BaseException:
+        _cleanup(*created)
+        raise
+    for plan in plans:
+        _cleanup(plan["tmp_tiff"])
+        log.info("wrote %s (%d band(s), %s, %d x %d)", plan["path"], plan["count"], plan["dtype"].name,
+                 grid.width, grid.height)
+    return done
+
+
+def _start(out: RasterOutput, grid: Grid) -> dict[str, Any]:
+    """Check one output, create its temporary tiled GeoTIFF and return what storing and finishing need."""
+    path = Path(out.path)
+    np_dtype = np.dtype(out.dtype)
+    data = _prepare(_as_dask(out.arr, grid), np_dtype, out.nodata)
     count = 1 if data.ndim == 2 else data.shape[0]
-    if band_names is not None and len(band_names) != count:
-        raise OutputError(f"{path}: {len(band_names)} band names for {count} bands")
+    if out.band_names is not None and len(out.band_names) != count:
+        raise OutputError(f"{path}: {len(out.band_names)} band names for {count} bands")
     if data.ndim == 3:
         data = data.rechunk({0: -1})
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -149,45 +212,52 @@ def write_cog(
     stem = f".{path.name}.{uuid.uuid4().hex[:8]}"
     tmp_tiff = path.parent / f"{stem}.tiles.tif"
     tmp_cog = path.parent / f"{stem}.cog.tif"
-    tile = _tile_for(data.chunks[-2:])
+    tile = out.tile or _tile_for(data.chunks[-2:])
     profile = {
         "driver": "GTiff", "width": grid.width, "height": grid.height, "count": count,
-        "dtype": np_dtype.name, "crs": grid.crs, "transform": grid.transform, "nodata": nodata,
+        "dtype": np_dtype.name, "crs": grid.crs, "transform": grid.transform, "nodata": out.nodata,
         "tiled": True, "blockxsize": tile, "blockysize": tile, "compress": "ZSTD", "zstd_level": 1,
-        "bigtiff": "IF_SAFER", "interleave": "pixel" if count <= 4 else "band",
+        "bigtiff": "IF_SAFER", "interleave": "pixel" if count <= 4 and out.cog else "band",
     }
     try:
-        try:
-            with rasterio.open(tmp_tiff, "w", **profile) as dst:
-                if band_names is not None:
-                    for i, name in enumerate(band_names, start=1):
-                        dst.set_band_description(i, str(name))
-                if tags:
-                    dst.update_tags(**tags)
-        except (RasterioError, OSError) as exc:
-            raise OutputError(f"{path}: cannot create a temporary GeoTIFF beside it ({_detail(exc)})") from None
-        store = da.store(data, _WindowWriter(tmp_tiff, data.ndim), lock=_lock(), compute=False)
-        compute(store, f"computing {path.name} ({data.npartitions} block(s))")
+        with rasterio.open(tmp_tiff, "w", **profile) as dst:
+            if out.band_names is not None:
+                for i, name in enumerate(out.band_names, start=1):
+                    dst.set_band_description(i, str(name))
+            if out.tags:
+                dst.update_tags(**out.tags)
+    except (RasterioError, OSError) as exc:
+        raise OutputError(f"{path}: cannot create a temporary GeoTIFF beside it ({_detail(exc)})") from None
+    return {"out": out, "path": path, "data": data, "count": count, "dtype": np_dtype,
+            "tmp_tiff": tmp_tiff, "tmp_cog": tmp_cog}
+
+
+def _convert(plan: dict[str, Any]) -> Path:
+    """The stored temporary GeoTIFF in its final form (a COG copy, or itself)."""
+    out: RasterOutput = plan["out"]
+    path: Path = plan["path"]
+    source = plan["tmp_tiff"]
+    if out.cog:
         options = {
-            "COMPRESS": compress, "PREDICTOR": "YES", "BLOCKSIZE": str(TILE), "BIGTIFF": "IF_SAFER",
-            "OVERVIEWS": "AUTO" if overview else "NONE", "RESAMPLING": overview_resampling.upper(),
+            "COMPRESS": out.compress, "PREDICTOR": "YES", "BLOCKSIZE": str(TILE), "BIGTIFF": "IF_SAFER",
+            "OVERVIEWS": "AUTO" if out.overview else "NONE", "RESAMPLING": out.overview_resampling.upper(),
             "NUM_THREADS": str(max(1, min(4, os.cpu_count() or 1))),
         }
-        if compress.upper() == "DEFLATE":
+        if out.compress.upper() == "DEFLATE":
             options["LEVEL"] = "6"
         try:
-            rasterio.shutil.copy(tmp_tiff, tmp_cog, driver="COG", **options)
+            rasterio.shutil.copy(source, plan["tmp_cog"], driver="COG", **options)
         except (RasterioError, OSError) as exc:
             raise OutputError(f"{path}: cannot write the COG ({_detail(exc)})") from None
-        try:
-            os.replace(tmp_cog, path)
-        except OSError as exc:
-            raise OutputError(f"{path}: cannot move the finished COG into place ({_detail(exc)})") from None
-    except BaseException:
-        _cleanup(tmp_tiff, tmp_cog)
-        raise
-    _cleanup(tmp_tiff)
-    log.info("wrote %s (%d band(s), %s, %d x %d)", path, count, np_dtype.name, grid.width, grid.height)
+        source = plan["tmp_cog"]
+    return source
+
+
+def _move(source: Path, path: Path) -> Path:
+    try:
+        os.replace(source, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot move the finished raster into place ({_detail(exc)})") from None
     return path
 
 
@@ -199,4 +269,4 @@ def _cleanup(*paths: Path) -> None:
             Path(f"{p}.aux.xml").unlink()
 
 
-__all__ = ["write_cog"]
+__all__ = ["RasterOutput", "write_cog", "write_rasters"]

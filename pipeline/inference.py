@@ -155,6 +155,8 @@ class Prediction:
     grid: Grid
     threshold: float = 0.5  # decision threshold of the (combined) model
     windows: int = 0  # windows in the global grid (including skipped ones)
+    #: input channels passed through unchanged (``keep`` of :func:`predict`), same graph as the probability
+    layers: dict[str, xr.DataArray] = field(default_factory=dict)
 
 
 # -- model cache (one instance per process) -------------------------------------
@@ -265,6 +267,7 @@ class _Plan:
     weights: tuple[float, ...]
     options: InferenceOptions
     with_uncertainty: bool
+    keep_index: tuple[int, ...] = ()  # input channels copied to the output after the probability
 
 
 def _forward_probs(
@@ -318,6 +321,7 @@ class _BlockSums:
     block_valid: np.ndarray  # (bh, bw) bool: the block's own pixels
     acc: np.ndarray | None  # (k, eh, ew) float64 weighted sums, None when no window ran
     wsum: np.ndarray | None  # (eh, ew) float64 summed weights
+    kept: np.ndarray | None = None  # (n_keep, bh, bw) float32 input channels passed through
 
 
 def _predict_owned(
@@ -333,16 +337,24 @@ def _predict_owned(
     n_out = 2 if plan.with_uncertainty else 1
     bh, bw = rows[1] - rows[0], cols[1] - cols[0]
     # a pixel is valid where the mask says so and every channel has a value
-    valid = np.asarray(valid, dtype=bool) & np.isfinite(data).all(axis=0)
+    kept = np.array(data[list(plan.keep_index), :bh, :bw], np.float32) if plan.keep_index else None
+    model_bands = sorted({i for r in plan.refs for i in r.channel_index})
+    if len(model_bands) == data.shape[0]:
+        finite = np.isfinite(data).all(axis=0)
+    else:  # channels kept for later stages only do not decide validity
+        finite = np.isfinite(data[model_bands[0]])
+        for i in model_bands[1:]:
+            finite &= np.isfinite(data[i])
+    valid = np.asarray(valid, dtype=bool) & finite
     block_valid = valid[:bh, :bw]
     wr, wc = wg.block_windows(rows, cols)
     if not len(wr) or not len(wc) or not valid.any():
-        return _BlockSums(block_valid, None, None)
+        return _BlockSums(block_valid, None, None, kept)
     rr, cc = wr - rows[0], wc - cols[0]  # window origins in the slice
     counts = valid_counts(valid, rr, cc, tile)
     todo = [(int(r), int(c)) for i, r in enumerate(rr) for j, c in enumerate(cc) if counts[i, j] > 0]
     if not todo:
-        return _BlockSums(block_valid, None, None)
+        return _BlockSums(block_valid, None, None, kept)
     eh, ew = valid.shape
     # windows reach past the slice only where the scene is smaller than a tile: pad with invalid pixels
     need_h, need_w = int(rr[-1]) + tile, int(cc[-1]) + tile
@@ -363,7 +375,7 @@ def _predict_owned(
         for k, (r, c) in enumerate(group):
             w = window_weights(tile, wg.overlap, plan.margin, r + rows[0], c + cols[0], wg.height, wg.width)
             add_window(acc, wsum, values[k], w, r, c)
-    return _BlockSums(block_valid, acc, wsum)
+    return _BlockSums(block_valid, acc, wsum, kept)
 
 
 def _spill(owned: _BlockSums, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -373,23 +385,28 @@ def _spill(owned: _BlockSums, rows: tuple[int, int], cols: tuple[int, int]) -> t
     return owned.acc[:, rows[0] : rows[1], cols[0] : cols[1]].copy(), owned.wsum[rows[0] : rows[1], cols[0] : cols[1]].copy()
 
 
-def _finish_block(owned: _BlockSums, *spills: tuple[tuple[int, int], tuple[np.ndarray, np.ndarray] | None]) -> np.ndarray:
-    """Output (k, rows, cols) of a block: its own window sums plus what earlier blocks' windows left on it.
+def _finish_block(n_out: int, owned: _BlockSums,
+                  *spills: tuple[tuple[int, int], tuple[np.ndarray, np.ndarray] | None]) -> np.ndarray:
+    """Output (n_out [+ kept], rows, cols) of a block: its own window sums plus what earlier blocks'
+    windows left on it, then the kept input channels.
 
     ``spills`` are ((row, col) offset in the block, (acc, wsum) or None).
     """
+    out = _blend_block(n_out, owned, spills)
+    if owned.kept is None:
+        return out
+    return np.concatenate([out, owned.kept])
+
+
+def _blend_block(n_out: int, owned: _BlockSums,
+                 spills: Sequence[tuple[tuple[int, int], tuple[np.ndarray, np.ndarray] | None]]) -> np.ndarray:
     bh, bw = owned.block_valid.shape
     if not owned.block_valid.any():
-        n_out = 1 if owned.acc is None else owned.acc.shape[0]
-        for _, part in spills:
-            if part is not None:
-                n_out = part[0].shape[0]
         return np.full((n_out, bh, bw), np.nan, np.float32)
     if owned.acc is not None and owned.wsum is not None:
         acc = owned.acc[:, :bh, :bw].copy()
         wsum = owned.wsum[:bh, :bw].copy()
     else:
-        n_out = next((part[0].shape[0] for _, part in spills if part is not None), 1)
         acc = np.zeros((n_out, bh, bw), np.float64)
         wsum = np.zeros((bh, bw), np.float64)
     for (r, c), part in spills:
@@ -439,6 +456,7 @@ def predict(
     models: Sequence[ModelArtefact],
     options: InferenceOptions | None = None,
     scene_stats: BandStats | None = None,
+    keep: Sequence[str] = (),
 ) -> Prediction:
     """Lazy probability raster of ``models`` on a stacked scene.
 
@@ -457,6 +475,13 @@ def predict(
     given they are computed here from ``data`` (this reads a sample of the
     scene now; :func:`pipeline.scenestats.scene_band_stats` is cheaper for a
     lazy stack with large blocks).
+
+    ``keep`` names input channels (of ``data``) to pass through unchanged in
+    :attr:`Prediction.layers`, from the same block tasks: a later stage that
+    needs them (terrain attributes need SLOPE and DEM) gets them without
+    stacking the scene again, provided they are stored in the same
+    computation as the probability (:func:`write_prediction`). Kept channels
+    that the models do not use do not restrict where the models predict.
     """
     opts = options or InferenceOptions()
     if tuple(data.dims) != ("band", "y", "x"):
@@ -479,6 +504,9 @@ def predict(
             mask = valid if valid is not None else xr.ones_like(data.isel(band=0), dtype=bool)
             scene_stats = array_band_stats(data.isel(band=index), mask)
     refs = _model_refs(models, bands, scene_stats)
+    missing = [k for k in keep if k not in bands]
+    if missing:
+        raise InputError(f"channels to keep {missing} are not in the stack (it has {bands})")
     tile = models[0].tile_size
     if opts.overlap >= tile:
         raise ConfigError(f"model.overlap ({opts.overlap}) must be smaller than the tile size ({tile})")
@@ -488,10 +516,12 @@ def predict(
     if opts.uncertainty and not with_unc:
         log.warning("uncertainty needs test-time augmentation or an ensemble; none is produced")
     # Only the bands some model uses travel through the graph.
-    used = sorted({i for r in refs for i in r.channel_index})
+    keep_bands = [bands.index(k) for k in keep]
+    used = sorted({i for r in refs for i in r.channel_index} | set(keep_bands))
     remap = {old: new for new, old in enumerate(used)}
     refs = tuple(_with_index(r, tuple(remap[i] for i in r.channel_index)) for r in refs)
-    plan = _Plan(wg, margin, refs, tuple(float(w) for w in weights), opts, with_unc)
+    plan = _Plan(wg, margin, refs, tuple(float(w) for w in weights), opts, with_unc,
+                 tuple(remap[i] for i in keep_bands))
 
     block = inference_block_size(opts.block_size, tile, opts.overlap)
     x = _as_dask(data, (-1, block, block))
@@ -537,9 +567,9 @@ def predict(
         row_blocks = []
         for j, cols in enumerate(cols_spans):
             task = dask.delayed(_finish_block, pure=True)(
-                owned[i, j], *spills[i, j], dask_key_name=f"predict-block-{token}-{rows[0]}-{cols[0]}",
+                n_out, owned[i, j], *spills[i, j], dask_key_name=f"predict-block-{token}-{rows[0]}-{cols[0]}",
             )
-            shape = (n_out, rows[1] - rows[0], cols[1] - cols[0])
+            shape = (n_out + len(keep), rows[1] - rows[0], cols[1] - cols[0])
             row_blocks.append(da.from_delayed(task, shape=shape, dtype=np.float32))
         grid_of_blocks.append(row_blocks)
     out = da.block(grid_of_blocks)
@@ -547,13 +577,14 @@ def predict(
     coords = {k: data.coords[k] for k in ("y", "x") if k in data.coords}
     probability = _raster(out[0], coords, grid, "landslide probability")
     uncertainty = _raster(out[1], coords, grid, "landslide probability standard deviation") if with_unc else None
+    layers = {name: _raster(out[n_out + k], coords, grid, name) for k, name in enumerate(keep)}
     threshold = ensemble_threshold(models, opts.weights, opts.ensemble)
     log.info(
         "inference graph: %d x %d px, %d windows of %d px (overlap %d), %d block(s) of %d px, %d model(s)%s",
         grid.height, grid.width, len(wg), tile, opts.overlap, len(rows_spans) * len(cols_spans), block,
         len(models), " with TTA" if opts.tta else "",
     )
-    return Prediction(probability, uncertainty, grid, threshold, len(wg))
+    return Prediction(probability, uncertainty, grid, threshold, len(wg), layers)
 
 
 def _copied(arr: da.Array) -> da.Array:
@@ -578,7 +609,7 @@ def _token(plan: _Plan, data: xr.DataArray, valid: xr.DataArray) -> str:
     return tokenize(
         getattr(data.data, "name", id(data)), getattr(valid.data, "name", id(valid)),
         [r.key for r in plan.refs], [r.channel_index for r in plan.refs], [r.normalization for r in plan.refs],
-        plan.weights, plan.margin,
+        plan.weights, plan.margin, plan.keep_index,
         plan.windows, opts,
     )
 
@@ -605,14 +636,45 @@ def write_probability(
     ``uint8`` scales [0, 1] to 0..254 with 255 as nodata; float types keep
     NaN as nodata.
     """
-    from .cog import write_cog
+    return write_prediction(prediction, path, dtype=dtype)[0]
+
+
+def write_prediction(
+    prediction: Prediction,
+    path: str | os.PathLike[str],
+    *,
+    uncertainty_path: str | os.PathLike[str] | None = None,
+    layers_path: str | os.PathLike[str] | None = None,
+    dtype: Literal["uint8", "float16", "float32"] = "uint8",
+) -> list[Path]:
+    """Write the probability COG, and the uncertainty COG and kept layers when asked, in one computation.
+
+    The model runs once for all of them (they come from the same block
+    tasks; writing them one after the other would run it again for each).
+    The kept layers (:attr:`Prediction.layers`, float32, one band each in
+    their order, NaN as no data) go to a plain tiled GeoTIFF at
+    ``layers_path``, an intermediate file for later stages of the run.
+    Returns the paths written, probability first.
+    """
+    from .cog import RasterOutput, write_rasters
 
     prob = prediction.probability
     if dtype == "uint8":
         # DataArray.round, not np.round: np.round would compute the whole lazy raster here
         scaled = xr.where(prob.isnull(), 255.0, (prob * 254.0).round())
-        return write_cog(scaled, prediction.grid, path, dtype="uint8", nodata=255,
-                         tags={"scale": str(1 / 254), "offset": "0"})
-    if dtype in ("float16", "float32"):
-        return write_cog(prob, prediction.grid, path, dtype=dtype, nodata=float("nan"))
-    raise ConfigError(f"probability dtype must be uint8, float16 or float32, got {dtype!r}")
+        outputs = [RasterOutput(scaled, Path(path), "uint8", 255, tags={"scale": str(1 / 254), "offset": "0"})]
+    elif dtype in ("float16", "float32"):
+        outputs = [RasterOutput(prob, Path(path), dtype, float("nan"))]
+    else:
+        raise ConfigError(f"probability dtype must be uint8, float16 or float32, got {dtype!r}")
+    if uncertainty_path is not None:
+        if prediction.uncertainty is None:
+            raise ConfigError("no uncertainty to write: it needs test-time augmentation or an ensemble")
+        outputs.append(RasterOutput(prediction.uncertainty, Path(uncertainty_path), "float32", float("nan")))
+    if layers_path is not None and prediction.layers:
+        names = list(prediction.layers)
+        stacked = xr.concat([prediction.layers[n] for n in names], dim="band")
+        chunk = stacked.data.chunks[-1][0]
+        outputs.append(RasterOutput(stacked, Path(layers_path), "float32", float("nan"), band_names=names,
+                                    cog=False, tile=chunk if chunk % 16 == 0 else None))
+    return write_rasters(outputs, prediction.grid)

@@ -37,14 +37,15 @@ def compute(obj: Any, label: str) -> Any:
     log.info("%s ...", label)
     client = _client()
     if client is not None:
-        future = client.compute(obj)
+        future = client.compute(obj)  # a list of futures for a list or tuple of collections
+        futures = future if isinstance(future, list) else [future]
         if _interactive():
             from distributed import progress
 
             print(label, file=sys.stderr)
-            progress(future, notebook=False)
+            progress(*futures, notebook=False)
             print(file=sys.stderr)
-        result = future.result()
+        result = [f.result() for f in futures] if isinstance(future, list) else future.result()
     elif _interactive():
         from dask.diagnostics import ProgressBar
 

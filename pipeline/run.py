@@ -203,18 +203,11 @@ def aux_layers(cfg: SceneConfig, stack: Any, wanted: list[str]) -> dict[str, Any
 
 
 def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, client) -> RunResult:  # noqa: ANN001, PLR0913
-    import numpy as np
-
-    from postprocess.gpkg import write_geopackage
-    from postprocess.pipeline import polygons_from_probability
-
-    from .cog import write_cog
-    from .inference import InferenceOptions, predict, write_probability
+    from .inference import InferenceOptions, predict, write_prediction
     from .normalization import needs_population
 
     run_id = f"{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
     grid = stack.grid
-    n_valid = None
 
     if cfg.output.save_stack:
         from .stack import save_stack
@@ -231,18 +224,40 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
         with timer("scene-stats"):
             scene_stats = scene_band_stats(cfg, model_channels(population))
 
+    wanted = ["SLOPE", "DEM"]
+    if cfg.postprocess.max_mean_ndvi is not None:
+        wanted += ["B04", "B08"]
+    # Channels the later stages need and the model stack already reads travel with the
+    # probability (one read of the inputs); the others are stacked on their own below.
+    in_stack = [str(b) for b in stack.data.band.values]
+    keep = [c for c in wanted if c in in_stack]
+    layers_path = run_dir / ".layers.tif"  # intermediate; a rerun after a crash replaces it
     with timer("infer"):
         options = InferenceOptions.from_config(cfg.model, block_size=cfg.grid.block_size)
         # the mask without the bands' own no-data: each block derives that from the pixels it reads
-        pred = predict(stack.data, stack.mask, grid, models, options, scene_stats=scene_stats)
+        pred = predict(stack.data, stack.mask, grid, models, options, scene_stats=scene_stats, keep=keep)
         prob_path = run_dir / "probability.tif"
+        unc_path = run_dir / "uncertainty.tif" if pred.uncertainty is not None else None
         # uint8: probability x 254, 255 = no data (an eighth of float32 on disk)
-        write_probability(pred, prob_path, dtype="uint8")
-        unc_path = None
-        if pred.uncertainty is not None:
-            unc_path = run_dir / "uncertainty.tif"
-            write_cog(pred.uncertainty, grid, unc_path, dtype="float32", nodata=float("nan"))
+        write_prediction(pred, prob_path, uncertainty_path=unc_path, layers_path=layers_path if keep else None,
+                         dtype="uint8")
+    try:
+        return _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run_id, scene_stats,
+                           prob_path, unc_path, layers_path if keep else None, keep, wanted, pred.threshold)
+    finally:
+        layers_path.unlink(missing_ok=True)
 
+
+def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run_id, scene_stats,  # noqa: ANN001, PLR0913
+                prob_path, unc_path, layers_path, keep, wanted, model_threshold) -> RunResult:
+    import numpy as np
+
+    from postprocess.gpkg import write_geopackage
+    from postprocess.pipeline import polygons_from_probability
+
+    from .cog import write_cog
+
+    grid = stack.grid
     # Re-open the probability raster lazily: the model ran once, later stages read blocks from disk.
     chunks = {"y": cfg.grid.block_size, "x": cfg.grid.block_size}
     probability = _open_lazy(prob_path, chunks) / PROB_SCALE
@@ -250,13 +265,13 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
     # The probability is NaN exactly where the input was not valid: later stages
     # take the mask from it instead of re-reading every band of the stack.
     valid = ~probability.isnull()
-    wanted = ["SLOPE", "DEM"]
-    if cfg.postprocess.max_mean_ndvi is not None:
-        wanted += ["B04", "B08"]
-    layers = aux_layers(cfg, stack, wanted)
+    layers = {name: _open_lazy(layers_path, chunks, band=i + 1) for i, name in enumerate(keep)} if layers_path else {}
+    rest = [c for c in wanted if c not in layers]
+    if rest:
+        layers.update(aux_layers(cfg, stack, rest))
 
-    # pred.threshold: the model's, or the ensemble's combined one (0.5 for a vote)
-    threshold = cfg.postprocess.threshold if cfg.postprocess.threshold is not None else float(pred.threshold)
+    # the model's threshold, or the ensemble's combined one (0.5 for a vote)
+    threshold = cfg.postprocess.threshold if cfg.postprocess.threshold is not None else float(model_threshold)
     context = {
         "scene_id": stack.scene_id,
         "acq_date": stack.acquisition_date.isoformat() if stack.acquisition_date else None,
@@ -282,14 +297,8 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
             "config": str(cfg.source), "pipeline_version": __version__,
         }
         write_geopackage(gdf, gpkg_path, layer="landslides", metadata=metadata, crs=cfg.output.crs)
-        rgb = aux_layers(cfg, stack, ["B04", "B03", "B02"]) if cfg.output.quicklook else {}
-        if len(rgb) == 3:
-            import xarray as xr
-
-            from postprocess.quicklook import write_quicklook
-
-            rgb_stack = xr.concat(list(rgb.values()), dim="band")
-            write_quicklook(rgb_stack, grid, gdf, run_dir / "quicklook.png", valid=valid)
+        if cfg.output.quicklook:
+            _quicklook(cfg, grid, gdf, prob_path, run_dir / "quicklook.png")
         n_valid = int(np.asarray(valid.sum().compute()))
         if not cfg.output.probability_cog:
             prob_path.unlink(missing_ok=True)
@@ -330,11 +339,35 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
     return RunResult(stack.scene_id, "completed", run_dir, gpkg_path, len(gdf), total_area, seconds, report)
 
 
-def _open_lazy(path: Path, chunks: dict[str, int]) -> Any:
+def _quicklook(cfg: SceneConfig, grid: Any, gdf: Any, prob_path: Path, path: Path) -> None:
+    """True colour averaged straight onto the quicklook's coarse grid, black where nothing was analysed."""
+    import numpy as np
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.windows import Window
+
+    from postprocess.quicklook import TRUE_COLOUR, downsample_factor, write_quicklook_coarse
+
+    from .readers import read_scene
+    from .stack import read_coarse
+
+    if not all(b in read_scene(cfg.scene).bands for b in TRUE_COLOUR):
+        log.info("no quicklook: the scene lacks one of %s", ", ".join(TRUE_COLOUR))
+        return
+    factor = downsample_factor(grid.shape, 2048)
+    small = read_coarse(cfg, TRUE_COLOUR, grid, factor)
+    rows, cols = small.shape[1:]
+    with rasterio.open(prob_path) as src:  # the COG's overviews make this read cheap
+        prob = src.read(1, window=Window(0, 0, cols * factor, rows * factor), out_shape=(rows, cols),
+                        resampling=Resampling.nearest)
+    write_quicklook_coarse(small, factor, grid, gdf, path, valid=prob != np.uint8(255))
+
+
+def _open_lazy(path: Path, chunks: dict[str, int], band: int = 1) -> Any:
     import rioxarray
 
     da = rioxarray.open_rasterio(path, chunks={"band": 1, **chunks}, masked=True, lock=False)
-    return da.isel(band=0, drop=True).astype("float32")
+    return da.isel(band=band - 1, drop=True).astype("float32")
 
 
 # -- CLI -----------------------------------------------------------------------

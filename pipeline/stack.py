@@ -42,6 +42,7 @@ import dask.array as da
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
+from affine import Affine
 from dask.base import tokenize
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
@@ -531,6 +532,45 @@ def stack_scene(cfg: SceneConfig, channels: Sequence[str] | None = None) -> Stac
              len(names), ", ".join(names), block)
     return Stack(data=data_xr, valid=valid_xr, grid=grid, scene_id=scene.scene_id,
                  acquisition_date=scene.acquisition_date, product=scene.product, mask=mask_xr)
+
+
+def read_coarse(cfg: SceneConfig, names: Sequence[str], grid: Grid, factor: int, *,
+                strip_rows: int = 256, threads: int = 2) -> np.ndarray:
+    """Bands ``names`` averaged over ``factor`` x ``factor`` pixels of ``grid``, as (band, rows, cols) float32.
+
+    For overview products (the quicklook): each band is resampled straight
+    onto the coarse grid (``grid`` cropped to whole multiples of ``factor``,
+    pixels ``factor`` times larger) with GDAL's average, which skips no-data
+    pixels, in strips of ``strip_rows`` coarse rows, so memory stays at a
+    strip whatever the scene size and nothing goes through the Dask graph.
+    On a grid aligned with the band (the usual case) a coarse pixel is
+    exactly the mean of the valid pixels under it. Bands are read in
+    ``threads`` threads (GDAL releases the GIL). Raises
+    :class:`ChannelError` when the scene lacks a band.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    scene = read_scene(cfg.scene)
+    missing = [n for n in names if n not in scene.bands]
+    if missing:
+        raise ChannelError(f"{scene.describe()} has no band {', '.join(missing)}")
+    rows, cols = grid.height // factor, grid.width // factor
+    coarse = Grid(grid.crs, grid.transform * Affine.scale(factor), cols, rows)
+    sources = [scene.open_band(n) for n in names]
+    out = np.full((len(names), rows, cols), np.nan, np.float32)
+    if rows == 0 or cols == 0:
+        return out
+
+    def band(k: int) -> None:
+        src = sources[k]
+        scale = src.warp_scale(coarse.crs, coarse.res)
+        for r0 in range(0, rows, strip_rows):
+            strip = coarse.window(Window(0, r0, cols, min(strip_rows, rows - r0)))
+            out[k, r0:r0 + strip.height] = src.read_onto(strip, Resampling.average, scale)
+
+    with ThreadPoolExecutor(max(1, min(threads, len(names)))) as pool:
+        list(pool.map(band, range(len(names))))
+    return out
 
 
 def save_stack(stack: Stack, path: Path, *, overview: bool = True) -> Path:

@@ -1,9 +1,12 @@
 """Quicklook PNG: true-colour background with the landslide outlines.
 
-The background is B04/B03/B02 from the stack, averaged block-wise by an
-integer factor so that the longest edge is at most ``max_size`` pixels
-(:func:`dask.array.coarsen`; only the small result is loaded), then stretched
-per band between two percentiles of the valid pixels. Polygon outlines are
+The background is B04/B03/B02 averaged by an integer factor so that the
+longest edge is at most ``max_size`` pixels, then stretched per band between
+two percentiles of the valid pixels. :func:`write_quicklook_coarse` takes
+bands already averaged on the coarse grid (the run reads them that way with
+GDAL, :func:`pipeline.stack.read_coarse`); :func:`write_quicklook` averages
+a stack block-wise (:func:`dask.array.coarsen`; only the small result is
+loaded). Polygon outlines are
 drawn with :class:`PIL.ImageDraw.ImageDraw`. The PNG is written atomically.
 """
 
@@ -86,6 +89,12 @@ def true_colour(
         small = da.coarsen(_block_mean, rgb, {1: factor, 2: factor}).compute()
     else:
         small = rgb.compute()
+    return stretch(small, percentiles), factor
+
+
+def stretch(small: np.ndarray, percentiles: tuple[float, float] = (2.0, 98.0)) -> np.ndarray:
+    """(3, rows, cols) float reflectance -> (rows, cols, 3) uint8, each band stretched between two
+    percentiles of its finite pixels; NaN pixels are black."""
     out = np.zeros(small.shape[1:] + (3,), dtype=np.uint8)
     for k in range(3):
         band = small[k]
@@ -96,7 +105,7 @@ def true_colour(
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         stretched = np.clip((band - lo) * scale, 0, 255)
         out[..., k] = np.where(finite, stretched, 0).astype(np.uint8)
-    return out, factor
+    return out
 
 
 def draw_outlines(
@@ -142,8 +151,35 @@ def write_quicklook(
     Raises :class:`ChannelError` when the stack lacks a true-colour band and
     :class:`OutputError` when the file cannot be written.
     """
-    path = Path(path)
     pixels, factor = true_colour(data, valid=valid, bands=bands, max_size=max_size, percentiles=percentiles)
+    return _render(pixels, factor, grid, polygons, Path(path), colour, width)
+
+
+def write_quicklook_coarse(
+    small: np.ndarray,
+    factor: int,
+    grid: Grid,
+    polygons: gpd.GeoDataFrame | None,
+    path: Path | str,
+    *,
+    valid: np.ndarray | None = None,
+    percentiles: tuple[float, float] = (2.0, 98.0),
+    colour: tuple[int, int, int] = (255, 255, 0),
+    width: int = 1,
+) -> Path:
+    """Write the quicklook from true colour already averaged by ``factor``: ``small`` is
+    (3, rows, cols) B04/B03/B02 on ``grid`` coarsened ``factor`` times
+    (:func:`pipeline.stack.read_coarse`), ``valid`` an optional (rows, cols)
+    mask of the analysed pixels (others are black and do not set the stretch)."""
+    if small.ndim != 3 or small.shape[0] != 3:
+        raise ValueError(f"expected (3, rows, cols) true colour, got shape {small.shape}")
+    if valid is not None:
+        small = np.where(valid[None], small, np.float32(np.nan))
+    return _render(stretch(small, percentiles), factor, grid, polygons, Path(path), colour, width)
+
+
+def _render(pixels: np.ndarray, factor: int, grid: Grid, polygons: gpd.GeoDataFrame | None, path: Path,
+            colour: tuple[int, int, int], width: int) -> Path:
     image = Image.fromarray(pixels, mode="RGB")
     draw_outlines(image, polygons, grid, factor, colour=colour, width=width)  # type: ignore[arg-type]
     save_png_atomic(image, path)

@@ -17,13 +17,14 @@ from rasterio.crs import CRS
 
 from pipeline.artefact import MissingChannelsError, ModelArtefact, save_artefact
 from pipeline.channels import L4S_CHANNELS
-from pipeline.errors import ChannelError, ConfigError, GridError
+from pipeline.errors import ChannelError, ConfigError, GridError, InputError
 from pipeline.grid import Grid
 from pipeline.inference import (
     TTA_TRANSFORMS,
     InferenceOptions,
     clear_model_cache,
     predict,
+    write_prediction,
     write_probability,
 )
 from pipeline.models import build_model
@@ -364,6 +365,46 @@ def test_writing_the_probability_runs_the_model_once_per_window(tmp_path: Path, 
     with dask.config.set(scheduler="threads"):
         write_probability(pred, tmp_path / "p.tif", dtype=dtype)  # type: ignore[arg-type]
     assert rec.samples == pred.windows == len(WindowGrid(200, 230, 64, 16))
+
+
+def test_probability_uncertainty_and_kept_layers_are_written_from_one_model_run(tmp_path: Path) -> None:
+    """write_prediction stores the probability, the uncertainty and the kept input channels in one
+    computation: every window runs once per augmentation, not once per file."""
+    mask = np.ones((150, 170), bool)
+    mask[:20, :30] = False
+    data, valid, grid = _scene(150, 170, valid=mask, chunks=64)
+    rec = Recorder(Constant(0.3))
+    opts = InferenceOptions(overlap=16, block_size=96, tta=True, uncertainty=True)
+    pred = predict(data, valid, grid, [_art(rec)], opts, keep=["DEM", "SLOPE"])
+    assert list(pred.layers) == ["DEM", "SLOPE"] and rec.samples == 0
+    with dask.config.set(scheduler="threads"):
+        paths = write_prediction(pred, tmp_path / "p.tif", uncertainty_path=tmp_path / "u.tif",
+                                 layers_path=tmp_path / "layers.tif")
+    runs = len(WindowGrid(150, 170, 64, 16))  # every window has valid pixels
+    assert rec.samples == runs * len(opts.tta_transforms)
+    assert [p.name for p in paths] == ["p.tif", "u.tif", "layers.tif"]
+    with rasterio.open(tmp_path / "layers.tif") as src:
+        assert src.descriptions == ("DEM", "SLOPE") and src.transform == grid.transform
+        kept = src.read()
+    raw = np.asarray(data.sel(band=["DEM", "SLOPE"]).values)
+    np.testing.assert_array_equal(kept, raw)  # passed through unchanged, NaN included
+    with rasterio.open(tmp_path / "p.tif") as src:
+        prob = src.read(1)
+    assert np.all(prob[:20, :30] == 255) and np.all(prob[20:] == round(0.3 * 254))
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temporary left
+
+
+def test_kept_channels_the_models_do_not_use_do_not_decide_validity() -> None:
+    bands = [*CHANNELS, "EXTRA"]
+    data, valid, grid = _scene(64, 80, bands=bands)
+    extra = data.values.copy()
+    extra[-1, :, :40] = np.nan  # the kept-only channel has no data on the left half
+    data = data.copy(data=da.from_array(extra, chunks=(-1, 64, 64)))
+    pred = predict(data, valid, grid, [_art(Constant(0.6))], keep=["EXTRA"])
+    assert np.isfinite(_compute(pred.probability)).all()
+    np.testing.assert_array_equal(_compute(pred.layers["EXTRA"]), extra[-1])
+    with pytest.raises(InputError, match="NOPE"):
+        predict(data, valid, grid, [_art(Constant(0.6))], keep=["NOPE"])
 
 
 def test_a_missing_band_value_invalidates_the_pixel_without_a_mask() -> None:

@@ -49,10 +49,25 @@ def _config(scene_yaml: Path, tmp_path: Path, **updates):
     return cfg
 
 
-def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Path, client) -> None:
+def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Path, client,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.run as run_module
+
+    stacked_again: list[str] = []
+    original_aux = run_module.aux_layers
+
+    def recording_aux(cfg, stack, wanted):  # noqa: ANN001, ANN202
+        stacked_again.extend(wanted)
+        return original_aux(cfg, stack, wanted)
+
+    monkeypatch.setattr(run_module, "aux_layers", recording_aux)
     cfg = _config(demo, tmp_path)
     res = run_scene(cfg, client=client)
     assert res.status == "completed"
+    # slope and elevation for the attributes come with the probability, and the quicklook reads
+    # its bands straight onto its coarse grid: nothing stacks the scene a second time
+    assert stacked_again == []
+    assert not [p.name for p in res.run_dir.iterdir() if p.name.startswith(".")]  # intermediates removed
     report = json.loads((res.run_dir / REPORT).read_text())
     for stage in ("stack-graph", "scene-stats", "infer", "postprocess", "write"):
         assert stage in report["timings_s"]
@@ -83,6 +98,7 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
         assert gdf["landslide_id"].is_unique
         assert sorted(gdf["label"]) == list(range(1, len(gdf) + 1))
         assert (gdf["area_m2"] >= cfg.postprocess.min_area_m2).all()
+        assert gdf[["mean_slope", "max_slope", "mean_elev"]].notna().all().all()
 
     stamp = res.geopackage.stat().st_mtime_ns
     again = run_scene(cfg, client=client)
@@ -244,3 +260,27 @@ def test_inference_over_many_blocks_reads_each_pixel_about_once(demo: Path, monk
             extents += (y1 - y0) * (x1 - x0)
     scene = wg.height * wg.width
     assert block == 190 and scene <= sum(areas) <= extents < 1.25 * scene
+
+
+def test_quicklook_bands_are_the_block_mean_of_the_stacked_bands(demo: Path) -> None:
+    """read_coarse (GDAL average onto the coarse grid) equals averaging the 10 m stack by the factor."""
+    import dask
+
+    from pipeline.stack import read_coarse, stack_scene
+
+    cfg = load_scene_config(demo)
+    names = ["B04", "B03", "B02"]
+    stack = stack_scene(cfg, names)
+    with dask.config.set(scheduler="sync"):
+        full = np.asarray(stack.data.values)
+    factor = 4  # 318 px: 79 coarse pixels, the last two rows and columns dropped
+    small = read_coarse(cfg, names, stack.grid, factor, strip_rows=10)  # several strips
+    n = 318 // factor
+    blocks = full[:, : n * factor, : n * factor].reshape(3, n, factor, n, factor)
+    with np.errstate(invalid="ignore"), __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore", RuntimeWarning)
+        expected = np.nanmean(blocks, axis=(2, 4))
+    assert small.shape == expected.shape == (3, n, n)
+    np.testing.assert_array_equal(np.isnan(small), np.isnan(expected))
+    np.testing.assert_allclose(small, expected, rtol=1e-5, equal_nan=True)
+    assert np.isfinite(small).mean() > 0.5  # the demo has a strip without data
