@@ -171,10 +171,59 @@ def run_scene(cfg: SceneConfig, *, force: bool = False, client: Any = None) -> R
     run_dir.mkdir(parents=True, exist_ok=True)
 
     with ExitStack() as resources:
-        if client is None:
+        if client is not None:
+            cluster = _Cluster(lambda: client)
+        elif cfg.dask.scheduler:
             with timer("start-cluster"):
-                client = resources.enter_context(dask_client(cfg.dask))
-        return _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, client)
+                started = resources.enter_context(dask_client(cfg.dask))
+            cluster = _Cluster(lambda: started)
+        else:
+            # A local cluster takes seconds to start (worker processes import PyTorch): start it in
+            # the background while this process samples the scene statistics.
+            cluster = _Cluster.start_local(cfg.dask, resources)
+        return _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cluster)
+
+
+class _Cluster:
+    """The Dask client of a run, possibly still starting in a background thread."""
+
+    def __init__(self, get: Any, starting: bool = False) -> None:
+        self._get = get
+        self.starting = starting
+
+    def wait(self, timer: StageTimer) -> Any:
+        """The client, waiting (timed as ``start-cluster``) for it to be up when it is still starting."""
+        if not self.starting:
+            return self._get()
+        with timer("start-cluster"):
+            client = self._get()
+        self.starting = False
+        return client
+
+    @classmethod
+    def start_local(cls, section: Any, resources: ExitStack) -> _Cluster:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .cluster import dask_client
+
+        def start() -> tuple[Any, Any]:
+            context = dask_client(section)
+            return context, context.__enter__()
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="start-cluster")
+        future = pool.submit(start)
+
+        def close() -> None:
+            try:
+                context, _ = future.result()
+            except Exception:  # noqa: BLE001 - the error was raised to the run (or it failed earlier)
+                return
+            finally:
+                pool.shutdown()
+            context.__exit__(None, None, None)
+
+        resources.callback(close)
+        return cls(lambda: future.result()[1], starting=True)
 
 
 def _safe_name(text: str) -> str:
@@ -202,7 +251,7 @@ def aux_layers(cfg: SceneConfig, stack: Any, wanted: list[str]) -> dict[str, Any
     return {n: aux.data.sel(band=n) for n in names}
 
 
-def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, client) -> RunResult:  # noqa: ANN001, PLR0913
+def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cluster) -> RunResult:  # noqa: ANN001, PLR0913
     from .inference import InferenceOptions, predict, write_prediction
     from .normalization import needs_population
 
@@ -212,6 +261,7 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
     if cfg.output.save_stack:
         from .stack import save_stack
 
+        cluster.wait(timer)
         with timer("save-stack"):
             save_stack(stack, run_dir / "stack.tif")
 
@@ -222,7 +272,10 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cli
         from .scenestats import scene_band_stats
 
         with timer("scene-stats"):
-            scene_stats = scene_band_stats(cfg, model_channels(population))
+            # in this process's threads while a local cluster is still starting
+            scene_stats = scene_band_stats(cfg, model_channels(population),
+                                           scheduler="threads" if cluster.starting else None)
+    cluster.wait(timer)
 
     wanted = ["SLOPE", "DEM"]
     if cfg.postprocess.max_mean_ndvi is not None:

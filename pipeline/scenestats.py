@@ -69,7 +69,8 @@ def _spread(n: int, k: int) -> list[int]:
     return sorted({*first, *middle, *(n - 1 - i for i in first)})
 
 
-def _sample(data: Any, valid: Any, origins: Sequence[tuple[int, int]], size: int, stride: int) -> np.ndarray:
+def _sample(data: Any, valid: Any, origins: Sequence[tuple[int, int]], size: int, stride: int,
+            scheduler: str | None = None) -> np.ndarray:
     """Valid pixels (C, N) of the windows at ``origins``, every ``stride``-th row and column.
 
     ``data`` (C, H, W) and ``valid`` (H, W) are numpy or dask arrays.
@@ -81,16 +82,17 @@ def _sample(data: Any, valid: Any, origins: Sequence[tuple[int, int]], size: int
     for r, c in origins:
         win = (slice(r, min(r + size, h), stride), slice(c, min(c + size, w), stride))
         parts.append((data[(slice(None), *win)], valid[win]))
-    values = dask.compute(*parts)
+    values = dask.compute(*parts, scheduler=scheduler)
     n_c = data.shape[0]
     out = [np.asarray(d, np.float32).reshape(n_c, -1)[:, np.asarray(v, bool).ravel()] for d, v in values]
     return np.concatenate(out, axis=1) if out else np.empty((n_c, 0), np.float32)
 
 
-def _stats(data: Any, valid: Any, channels: Sequence[str], windows: int, size: int, min_pixels: int) -> BandStats:
+def _stats(data: Any, valid: Any, channels: Sequence[str], windows: int, size: int, min_pixels: int,
+           scheduler: str | None = None) -> BandStats:
     height, width = valid.shape
     origins = sample_origins(height, width, windows, size)
-    values = _sample(data, valid, origins, size, 1)
+    values = _sample(data, valid, origins, size, 1, scheduler)
     how = f"{len(origins)} windows of {size} px"
     n_r, n_c = math.ceil(height / size), math.ceil(width / size)
     if values.shape[1] < min_pixels and len(origins) < n_r * n_c:
@@ -99,7 +101,7 @@ def _stats(data: Any, valid: Any, channels: Sequence[str], windows: int, size: i
         log.info("scene statistics: %d valid pixels in the sample; reading the whole scene (every %d-th pixel)",
                  values.shape[1], stride)
         everywhere = [(i * size, j * size) for i in range(n_r) for j in range(n_c)]
-        values = _sample(data, valid, everywhere, size, stride)
+        values = _sample(data, valid, everywhere, size, stride, scheduler)
         how = f"the whole scene, every {stride}-th pixel"
     stats = band_stats(values, list(channels))
     log.info("scene statistics of %d channels from %d valid pixels (%s)", len(channels), stats.n_pixels, how)
@@ -137,10 +139,13 @@ def scene_band_stats(
     windows: int = SAMPLE_WINDOWS,
     size: int = SAMPLE_SIZE,
     min_pixels: int = MIN_PIXELS,
+    scheduler: str | None = None,
 ) -> BandStats:
     """Median and robust scale of ``channels`` over the scene of ``cfg`` (a sample, see the module doc).
 
-    Computes on the current Dask client when there is one.
+    Computes on the current Dask client when there is one, or with the given
+    Dask ``scheduler`` (``"threads"``: in this process, for example while a
+    local cluster is still starting).
     """
     from .stack import stack_scene
 
@@ -148,6 +153,6 @@ def scene_band_stats(
     fine_cfg = cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"block_size": size})})
     stack = stack_scene(fine_cfg, channels)
     stats = _stats(stack.data.data, stack.valid.data, [str(c) for c in stack.data.band.values],
-                   windows, size, min_pixels)
+                   windows, size, min_pixels, scheduler)
     log.debug("scene statistics in %.1f s", time.perf_counter() - t0)
     return stats

@@ -284,3 +284,51 @@ def test_quicklook_bands_are_the_block_mean_of_the_stacked_bands(demo: Path) -> 
     np.testing.assert_array_equal(np.isnan(small), np.isnan(expected))
     np.testing.assert_allclose(small, expected, rtol=1e-5, equal_nan=True)
     assert np.isfinite(small).mean() > 0.5  # the demo has a strip without data
+
+
+def test_local_cluster_starts_while_the_scene_statistics_are_sampled(demo: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cluster starts in a background thread, the statistics are computed in this process
+    meanwhile, and the cluster is closed whether the run succeeds or fails."""
+    import threading
+    from contextlib import contextmanager
+
+    from pipeline import cluster as cluster_module
+    from pipeline import scenestats
+    from pipeline.errors import InputError
+
+    events: list[tuple[str, str]] = []
+    real_client = cluster_module.dask_client
+    real_stats = scenestats.scene_band_stats
+
+    @contextmanager
+    def recording_client(section):  # noqa: ANN001, ANN202
+        events.append(("start", threading.current_thread().name))
+        with real_client(section) as c:
+            yield c
+        events.append(("closed", threading.current_thread().name))
+
+    schedulers: list[str | None] = []
+
+    def failing_stats(cfg, channels, **kw):  # noqa: ANN001, ANN003, ANN202
+        raise InputError("bad band (test)")
+
+    def recording_stats(cfg, channels, **kw):  # noqa: ANN001, ANN003, ANN202
+        schedulers.append(kw.get("scheduler"))
+        return real_stats(cfg, channels, **kw)
+
+    monkeypatch.setattr(cluster_module, "dask_client", recording_client)
+    cfg = _config(demo, tmp_path, dask={"n_workers": 1, "threads_per_worker": 2})
+    monkeypatch.setattr(scenestats, "scene_band_stats", failing_stats)
+    with pytest.raises(InputError, match="bad band"):
+        run_scene(cfg)
+    assert [e[0] for e in events] == ["start", "closed"]  # waited for and closed despite the error
+    assert events[0][1].startswith("start-cluster")
+    events.clear()
+
+    monkeypatch.setattr(scenestats, "scene_band_stats", recording_stats)
+    res = run_scene(cfg)
+    assert res.status == "completed" and res.n_polygons >= 0
+    assert schedulers == ["threads"]  # sampled locally while the cluster was starting
+    assert [e[0] for e in events] == ["start", "closed"]
+    assert "start-cluster" in res.report["timings_s"] and "scene-stats" in res.report["timings_s"]
