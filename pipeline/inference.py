@@ -674,7 +674,6 @@ def write_prediction(
     if layers_path is not None and prediction.layers:
         names = list(prediction.layers)
         stacked = xr.concat([prediction.layers[n] for n in names], dim="band")
-        chunk = stacked.data.chunks[-1][0]
         outputs.append(RasterOutput(stacked, Path(layers_path), "float32", float("nan"), band_names=names,
-                                    cog=False, tile=chunk if chunk % 16 == 0 else None))
+                                    cog=False))
     return write_rasters(outputs, prediction.grid)
