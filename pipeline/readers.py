@@ -192,6 +192,47 @@ class RasterSource:
             )
         return out
 
+    def read_decimated(self, grid: Grid, factor: int, out: np.ndarray) -> bool:
+        """Fill ``out`` (``grid``'s rows and columns // ``factor``) with the mean of each ``factor`` x
+        ``factor`` block of pixels, in physical values, NaN where a block has no data.
+
+        Only for a raster on ``grid``'s own pixels and covering it; returns False
+        (``out`` untouched) otherwise. GDAL's decimating read averages the
+        valid pixels (no-data values declared here are masked out), taking an
+        overview or JPEG 2000 resolution level when the file has one: exact
+        on full-resolution pixels, an overview's average otherwise, which is
+        what a quicklook needs.
+        """
+        offsets = self._aligned_offsets(grid)
+        rows, cols = out.shape
+        if offsets is None or rows == 0 or cols == 0:
+            return False
+        row0, col0 = offsets
+        if row0 < 0 or col0 < 0 or row0 + rows * factor > self.height or col0 + cols * factor > self.width:
+            return False
+        window = Window(col0, row0, cols * factor, rows * factor)
+        failure: str | None = None
+        try:
+            with rasterio.open(self.path) as ds:
+                if self.nodata and ds.nodata is None:
+                    # declare our no-data values to GDAL through a VRT so that the average skips them
+                    from rasterio.vrt import WarpedVRT
+
+                    with WarpedVRT(ds, src_nodata=self.nodata[0], nodata=self.nodata[0], dtype="float32") as vrt:
+                        raw = vrt.read(self.band, window=window, out_shape=(rows, cols), out_dtype="float32",
+                                       resampling=Resampling.average, masked=True)
+                else:
+                    raw = ds.read(self.band, window=window, out_shape=(rows, cols), out_dtype="float32",
+                                  resampling=Resampling.average, masked=True)
+        except (RasterioError, OSError) as exc:
+            failure = _detail(exc)
+        if failure is not None:
+            raise InputError(f"{self.path}: cannot read pixels of the {self.role} ({failure})")
+        values = self.to_physical(np.ma.getdata(raw))
+        values[np.ma.getmaskarray(raw)] = np.nan
+        out[:] = values
+        return True
+
     def _aligned_offsets(self, grid: Grid) -> tuple[int, int] | None:
         """(row, col) offset of ``grid`` in this raster if both share one pixel grid."""
         if grid.crs != self.crs:

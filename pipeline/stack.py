@@ -544,9 +544,11 @@ def read_coarse(cfg: SceneConfig, names: Sequence[str], grid: Grid, factor: int,
     pixels, in strips of ``strip_rows`` coarse rows, so memory stays at a
     strip whatever the scene size and nothing goes through the Dask graph.
     On a grid aligned with the band (the usual case) a coarse pixel is
-    exactly the mean of the valid pixels under it (computed in numpy from
-    the band's own pixels, which is much faster than the general warp).
-    Bands are read in ``threads`` threads (GDAL releases the GIL). Raises
+    the mean of the valid pixels under it, read by GDAL's decimating reader
+    (:meth:`pipeline.readers.RasterSource.read_decimated`: from the file's
+    overviews or JPEG 2000 resolution levels when it has them, so the
+    quicklook costs a fraction of a full read). Bands are read in
+    ``threads`` threads (GDAL releases the GIL). Raises
     :class:`ChannelError` when the scene lacks a band.
     """
     from concurrent.futures import ThreadPoolExecutor
@@ -564,33 +566,17 @@ def read_coarse(cfg: SceneConfig, names: Sequence[str], grid: Grid, factor: int,
 
     def band(k: int) -> None:
         src = sources[k]
-        aligned = src._aligned_offsets(grid) is not None
+        if src.read_decimated(grid, factor, out[k]):
+            return
         scale = src.warp_scale(coarse.crs, coarse.res)
         for r0 in range(0, rows, strip_rows):
             n = min(strip_rows, rows - r0)
-            if aligned:
-                # the band is on the grid's pixels (10 m bands): read the strip as is and average
-                # in numpy, ten times faster than GDAL's general average warp
-                fine = src.read_onto(grid.window(Window(0, r0 * factor, cols * factor, n * factor)))
-                out[k, r0:r0 + n] = _nan_block_mean(fine, factor)
-            else:
-                strip = coarse.window(Window(0, r0, cols, n))
-                out[k, r0:r0 + n] = src.read_onto(strip, Resampling.average, scale)
+            strip = coarse.window(Window(0, r0, cols, n))
+            out[k, r0:r0 + n] = src.read_onto(strip, Resampling.average, scale)
 
     with ThreadPoolExecutor(max(1, min(threads, len(names)))) as pool:
         list(pool.map(band, range(len(names))))
     return out
-
-
-def _nan_block_mean(arr: np.ndarray, factor: int) -> np.ndarray:
-    """Mean of the finite values in each ``factor`` x ``factor`` block of a 2-D array (NaN if none)."""
-    h, w = arr.shape[0] // factor, arr.shape[1] // factor
-    blocks = arr[: h * factor, : w * factor].reshape(h, factor, w, factor)
-    finite = np.isfinite(blocks)
-    total = np.where(finite, blocks, np.float32(0)).sum(axis=(1, 3), dtype=np.float64)
-    count = finite.sum(axis=(1, 3))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / count, np.nan).astype(np.float32)
 
 
 def save_stack(stack: Stack, path: Path, *, overview: bool = True) -> Path:

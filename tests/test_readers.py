@@ -411,3 +411,33 @@ def test_20m_to_10m_upsampling_matches_gdal_bilinear(tmp_path: Path, holes: bool
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
     np.testing.assert_allclose(got[~np.isnan(got)], ref[~np.isnan(ref)], rtol=1e-5, atol=1e-6)
     assert np.isnan(got).any() and np.isfinite(got).mean() > 0.8
+
+
+def test_decimated_read_is_the_mean_of_the_valid_pixels_of_each_block(tmp_path: Path) -> None:
+    """Quicklook reads: each coarse pixel is the mean of its block's valid pixels in physical
+    units, DN 0 (no data here, though the file declares none) never enters a mean."""
+    rng = np.random.default_rng(4)
+    dn = rng.integers(1000, 5000, (96, 120)).astype(np.uint16)
+    dn[:24, :] = 0  # whole blocks without data (the grid starts at row 16)
+    dn[10:13, 20:22] = 0  # some no-data pixels inside blocks
+    path = tmp_path / "b04.tif"
+    transform = Affine(10, 0, 600000, 0, -10, 5000000)
+    with rasterio.open(path, "w", driver="GTiff", width=120, height=96, count=1, dtype="uint16",
+                       crs="EPSG:32633", transform=transform, tiled=True, blockxsize=32, blockysize=32) as dst:
+        dst.write(dn, 1)
+    src = open_raster(path, "band B04", nodata=(0,), offset=-1000, scale=1e-4)
+    grid = Grid(src.crs, transform * Affine.translation(8, 16), 100, 72)  # aligned, inside the file
+    factor = 4
+    out = np.empty((72 // factor, 100 // factor), np.float32)
+    assert src.read_decimated(grid, factor, out)
+    phys = src.to_physical(dn)[16:16 + 72, 8:8 + 100].reshape(18, factor, 25, factor)
+    count = np.isfinite(phys).sum(axis=(1, 3))
+    expected = np.where(count > 0, np.nansum(phys, axis=(1, 3)) / np.maximum(count, 1), np.nan)
+    assert np.isnan(expected).any() and np.isfinite(expected).any()
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    np.testing.assert_allclose(out, expected, rtol=1e-6, equal_nan=True)
+    # a grid the file does not cover, or on other pixels, is not read this way
+    shifted = Grid(src.crs, transform * Affine.translation(0.5, 0), 40, 40)
+    assert not src.read_decimated(shifted, factor, np.empty((10, 10), np.float32))
+    beyond = Grid(src.crs, transform * Affine.translation(100, 0), 40, 40)
+    assert not src.read_decimated(beyond, factor, np.empty((10, 10), np.float32))

@@ -262,10 +262,13 @@ def test_inference_over_many_blocks_reads_each_pixel_about_once(demo: Path, monk
     assert block == 190 and scene <= sum(areas) <= extents < 1.25 * scene
 
 
-def test_quicklook_bands_are_the_block_mean_of_the_stacked_bands(demo: Path) -> None:
-    """read_coarse (GDAL average onto the coarse grid) equals averaging the 10 m stack by the factor."""
+def test_quicklook_bands_follow_the_block_mean_of_the_stacked_bands(demo: Path) -> None:
+    """read_coarse on the demo's JPEG 2000 bands (read from their resolution levels) follows averaging
+    the 10 m stack by the factor; GDAL's average warp (grids not on the band's pixels) matches it."""
     import dask
+    from scipy import ndimage
 
+    from pipeline.readers import RasterSource
     from pipeline.stack import read_coarse, stack_scene
 
     cfg = load_scene_config(demo)
@@ -274,26 +277,26 @@ def test_quicklook_bands_are_the_block_mean_of_the_stacked_bands(demo: Path) -> 
     with dask.config.set(scheduler="sync"):
         full = np.asarray(stack.data.values)
     factor = 4  # 318 px: 79 coarse pixels, the last two rows and columns dropped
-    small = read_coarse(cfg, names, stack.grid, factor, strip_rows=10)  # several strips
     n = 318 // factor
     blocks = full[:, : n * factor, : n * factor].reshape(3, n, factor, n, factor)
-    with np.errstate(invalid="ignore"), __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("ignore", RuntimeWarning)
-        expected = np.nanmean(blocks, axis=(2, 4))
-    assert small.shape == expected.shape == (3, n, n)
-    np.testing.assert_array_equal(np.isnan(small), np.isnan(expected))
-    np.testing.assert_allclose(small, expected, rtol=1e-5, equal_nan=True)
-    assert np.isfinite(small).mean() > 0.5  # the demo has a strip without data
+    complete = np.isfinite(blocks).all(axis=(2, 4))
+    expected = np.where(complete, blocks.mean(axis=(2, 4)), np.nan)
+    inner = np.stack([ndimage.binary_erosion(c, iterations=2) for c in complete])  # away from no-data edges
+    assert inner.mean() > 0.5
 
-    # a grid the band is not aligned with goes through GDAL's average warp: same means
-    from pipeline.readers import RasterSource
+    small = read_coarse(cfg, names, stack.grid, factor)
+    assert small.shape == (3, n, n)
+    assert np.isfinite(small[inner]).all()
+    spread = np.nanpercentile(expected, 98) - np.nanpercentile(expected, 2)
+    # a resolution level is a wavelet low-pass, close to the block mean, not equal to it
+    diff = np.abs(small[inner] - expected[inner])
+    assert np.median(diff) < 0.02 * spread and np.percentile(diff, 99) < 0.35 * spread  # edges of scars differ most
+    assert np.corrcoef(small[inner], expected[inner])[0, 1] > 0.95
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(RasterSource, "_aligned_offsets", lambda self, grid: None)
-        warped = read_coarse(cfg, names, stack.grid, factor)
-    both = np.isfinite(warped) & np.isfinite(expected)
-    assert both.mean() > 0.5
-    np.testing.assert_allclose(warped[both], expected[both], rtol=1e-4)
+        warped = read_coarse(cfg, names, stack.grid, factor, strip_rows=10)  # several strips
+    np.testing.assert_allclose(warped[inner], expected[inner], rtol=1e-4)
 
 
 def test_local_cluster_starts_while_the_scene_statistics_are_sampled(demo: Path, tmp_path: Path,
