@@ -231,7 +231,8 @@ def _safe_name(text: str) -> str:
 
 
 def aux_layers(cfg: SceneConfig, stack: Any, wanted: list[str]) -> dict[str, Any]:
-    """(y, x) layers for attributes, rules and the quicklook, as far as the inputs have them.
+    """(y, x) layers for attributes and rules that the model stack does not carry, as far as the
+    inputs have them (channels the model reads travel with the probability instead).
 
     They come from their own small stack (only these channels), so reading one
     does not warp all model channels again; the model stack is used only if the
