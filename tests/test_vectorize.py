@@ -172,3 +172,21 @@ def test_empty_label_raster_gives_empty_frame():
     grid = make_grid((10, 10))
     gdf = vectorize_labels(da.zeros((10, 10), dtype=np.int32, chunks=4), grid)
     assert len(gdf) == 0 and gdf.crs == grid.crs
+
+
+def test_threaded_geometry_functions_give_the_single_thread_result() -> None:
+    from postprocess.vectorize import PARALLEL_MIN, map_threads
+
+    rng = np.random.default_rng(5)
+    n = PARALLEL_MIN + 1001  # above the threshold, not a multiple of the chunk count
+    rings = shapely.buffer(shapely.points(rng.random((n, 2)) * 1e4), rng.uniform(1, 5, n), quad_segs=8)
+    for fn in (shapely.is_valid, shapely.normalize, lambda g: shapely.simplify(g, 0.5, preserve_topology=True)):
+        alone = fn(rings)
+        threaded = map_threads(fn, rings, threads=3)
+        assert threaded.shape == alone.shape
+        if alone.dtype == bool:
+            assert np.array_equal(threaded, alone)
+        else:
+            assert shapely.equals_exact(threaded, alone, tolerance=0).all()
+    small = rings[:10]
+    assert shapely.equals_exact(map_threads(shapely.normalize, small, threads=3), shapely.normalize(small), 0).all()
