@@ -16,6 +16,7 @@ normalized, so the output does not depend on the block layout.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import warnings
@@ -31,7 +32,6 @@ import shapely
 from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.features import shapes
-from shapely.geometry import shape as to_shape
 
 from pipeline.grid import Grid
 
@@ -49,14 +49,28 @@ def block_pieces(labels: np.ndarray, origin: tuple[int, int]) -> tuple[np.ndarra
     lab = np.ascontiguousarray(labels, dtype=np.int32)
     transform = Affine.translation(origin[1], origin[0])
     ids: list[int] = []
-    geoms: list[shapely.Polygon] = []
+    rings: list[Any] = []  # every ring of every piece, shell first
+    ring_sizes: list[int] = []
+    ring_piece: list[int] = []
     with warnings.catch_warnings():
         # the block at the raster origin has an identity transform
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         for geojson, value in shapes(lab, mask=lab > 0, connectivity=4, transform=transform):
+            piece = len(ids)
             ids.append(int(value))
-            geoms.append(to_shape(geojson))
-    return np.asarray(ids, dtype=np.int64), geoms
+            for ring in geojson["coordinates"]:
+                rings.append(ring)
+                ring_sizes.append(len(ring))
+                ring_piece.append(piece)
+    if not ids:
+        return np.empty(0, np.int64), []
+    # one vectorized construction instead of a shapely object per ring (a block of a large
+    # event holds tens of thousands of pieces)
+    coords = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(rings)), np.float64,
+                         count=2 * sum(ring_sizes)).reshape(-1, 2)
+    linear = shapely.linearrings(coords, indices=np.repeat(np.arange(len(rings)), ring_sizes))
+    polygons = shapely.polygons(linear, indices=np.asarray(ring_piece))
+    return np.asarray(ids, dtype=np.int64), list(polygons)
 
 
 def _polygonal(geom: shapely.Geometry) -> shapely.Geometry:
