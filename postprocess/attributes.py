@@ -66,8 +66,14 @@ CONTEXT_KEYS: tuple[str, ...] = ("scene_id", "acq_date", "model_name", "model_sh
 
 def stable_id(scene_id: str, crs: CRS, x: float, y: float) -> str:
     """16 hex digits identifying an object by scene and first-pixel centre (map units)."""
-    key = f"{scene_id}|{crs.to_string()}|{x:.2f}|{y:.2f}"
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+    return stable_ids(scene_id, crs, [x], [y])[0]
+
+
+def stable_ids(scene_id: str, crs: CRS, xs: Any, ys: Any) -> list[str]:
+    """:func:`stable_id` of many objects (the CRS is formatted once, not per object)."""
+    prefix = f"{scene_id}|{crs.to_string()}|"
+    return [hashlib.sha256(f"{prefix}{x:.2f}|{y:.2f}".encode()).hexdigest()[:16]
+            for x, y in zip(xs, ys, strict=True)]
 
 
 def first_pixel_centres(first: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
@@ -135,7 +141,7 @@ def build_attributes(
     count = np.asarray(stats["count"], dtype=np.int64)
     xs, ys = first_pixel_centres(stats["first"], grid)
     scene_id = _context_value(context, "scene_id") or ""
-    ids = [stable_id(scene_id, grid.crs, x, y) for x, y in zip(xs, ys, strict=True)]
+    ids = stable_ids(scene_id, grid.crs, xs, ys)
     centroids = shapely.centroid(geoms)
     to_lonlat = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True)
     lon, lat = to_lonlat.transform(shapely.get_x(centroids), shapely.get_y(centroids))
