@@ -198,7 +198,8 @@ class RasterSource:
 
         Only for a raster on ``grid``'s own pixels and covering it; returns False
         (``out`` untouched) otherwise. GDAL's decimating read averages the
-        valid pixels (no-data values declared here are masked out), taking an
+        valid pixels (the file's no-data value, else the first one declared
+        here: DN 0 for Sentinel-2; saturated DN are averaged in), taking an
         overview or JPEG 2000 resolution level when the file has one: exact
         on full-resolution pixels, an overview's average otherwise, which is
         what a quicklook needs.

@@ -285,7 +285,8 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
     # probability (one read of the inputs); the others are stacked on their own below.
     in_stack = [str(b) for b in stack.data.band.values]
     keep = [c for c in wanted if c in in_stack]
-    layers_path = run_dir / ".layers.tif"  # intermediate; a rerun after a crash replaces it
+    # intermediate; a rerun after a crash replaces it
+    layers_path = run_dir / ".layers.tif" if keep else None
     with timer("infer"):
         options = InferenceOptions.from_config(cfg.model, block_size=cfg.grid.block_size)
         # the mask without the bands' own no-data: each block derives that from the pixels it reads
@@ -293,13 +294,13 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
         prob_path = run_dir / "probability.tif"
         unc_path = run_dir / "uncertainty.tif" if pred.uncertainty is not None else None
         # uint8: probability x 254, 255 = no data (an eighth of float32 on disk)
-        write_prediction(pred, prob_path, uncertainty_path=unc_path, layers_path=layers_path if keep else None,
-                         dtype="uint8")
+        write_prediction(pred, prob_path, uncertainty_path=unc_path, layers_path=layers_path, dtype="uint8")
     try:
         return _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run_id, scene_stats,
-                           prob_path, unc_path, layers_path if keep else None, keep, wanted, pred.threshold)
+                           prob_path, unc_path, layers_path, keep, wanted, pred.threshold)
     finally:
-        layers_path.unlink(missing_ok=True)
+        if layers_path is not None:
+            layers_path.unlink(missing_ok=True)
 
 
 def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run_id, scene_stats,  # noqa: ANN001, PLR0913
@@ -402,14 +403,15 @@ def _quicklook(cfg: SceneConfig, grid: Any, gdf: Any, prob_path: Path, path: Pat
 
     from postprocess.quicklook import TRUE_COLOUR, downsample_factor, write_quicklook_coarse
 
-    from .readers import read_scene
+    from .errors import ChannelError
     from .stack import read_coarse
 
-    if not all(b in read_scene(cfg.scene).bands for b in TRUE_COLOUR):
-        log.info("no quicklook: the scene lacks one of %s", ", ".join(TRUE_COLOUR))
-        return
     factor = downsample_factor(grid.shape, 2048)
-    small = read_coarse(cfg, TRUE_COLOUR, grid, factor)
+    try:
+        small = read_coarse(cfg, TRUE_COLOUR, grid, factor)
+    except ChannelError as exc:
+        log.info("no quicklook: %s", exc)
+        return
     rows, cols = small.shape[1:]
     with rasterio.open(prob_path) as src:  # the COG's overviews make this read cheap
         prob = src.read(1, window=Window(0, 0, cols * factor, rows * factor), out_shape=(rows, cols),
