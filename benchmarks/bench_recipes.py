@@ -52,16 +52,18 @@ from pipeline.channels import L4S_CHANNELS  # noqa: E402
 #: Per-band mean/std of the official baseline (dataset/landslide_dataset.py).
 OFFICIAL_MEAN = [-0.4914, -0.3074, -0.1277, -0.0625, 0.0439, 0.0803, 0.0644, 0.0802, 0.3000, 0.4082, 0.0823,
                  0.0516, 0.3338, 0.7819]
+DEFAULT_CONFIG = ROOT / "configs" / "train_default.yaml"
 PATCH_ROBUST = {"method": "patch_robust", "clip": 10.0}
 OFFICIAL_STD = [0.9325, 0.8775, 0.8860, 0.8869, 0.8857, 0.8418, 0.8354, 0.8491, 0.9061, 1.6072, 0.8848, 0.9232,
                 0.9018, 1.2913]
 
 
-def recipes(data: Path, epochs: int | None, folds: int, seed: int, threads: int) -> dict[str, Any]:
-    """The two TrainConfigs, built on the same data, budget and seed."""
+def recipes(data: Path, epochs: int | None, folds: int, seed: int, threads: int,
+            config: Path = DEFAULT_CONFIG) -> dict[str, Any]:
+    """The TrainConfigs of every row, built on the same data, budget and seed; ours from ``config``."""
     from pipeline.train import TrainConfig, load_train_config
 
-    ours = load_train_config(ROOT / "configs" / "train_default.yaml")
+    ours = load_train_config(config)
     common = {
         "data": {"root": str(data)},
         "epochs": epochs or ours.epochs,
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     records = find_patches(args.data, require_masks=True)
-    names = [*recipes(args.data, args.epochs, args.folds, 0, args.threads), "random forest"]
+    names = [*recipes(args.data, args.epochs, args.folds, 0, args.threads, args.config), "random forest"]
     chosen = args.recipes or names
     unknown = sorted(set(chosen) - set(names))
     if unknown:
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, list[dict[str, float]]] = {name: [] for name in names if name in chosen}
     for seed in args.seeds:
         folds = shared_folds(records, args.folds, seed)
-        cfgs = recipes(args.data, args.epochs, args.folds, seed, args.threads)
+        cfgs = recipes(args.data, args.epochs, args.folds, seed, args.threads, args.config)
         for name, cfg in cfgs.items():
             if name not in chosen:
                 continue
@@ -162,6 +164,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "l4s" / "train")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                   help="training config of our recipe (default: the shipped default model's)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=None, help="epoch budget of both recipes (default: ours)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])

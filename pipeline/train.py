@@ -111,6 +111,13 @@ class OptimizerSection(_Strict):
     step_size: int = Field(30, ge=1, description="epochs between decays for schedule=step")
     gamma: float = Field(0.1, gt=0, le=1, description="decay factor for step/plateau")
     plateau_patience: int = Field(5, ge=1)
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1,
+        description=(
+            "exponential moving average of the weights (and batch-norm statistics) after every step, "
+            "used for validation, checkpoints and the artefact; 0 turns it off"
+        ),
+    )
 
 
 class EarlyStoppingSection(_Strict):
@@ -380,6 +387,13 @@ def fit(
     schedule_epochs = max(cfg.epochs, epochs)
     module = _build(cfg).to(device)
     optimizer = _optimizer(cfg, module)
+    # the weights that are validated and kept: the trained module or its moving average
+    ema = None
+    if cfg.optimizer.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(cfg.optimizer.ema_decay), use_buffers=True)
+    kept = module if ema is None else ema.module
     plateau = None
     if cfg.optimizer.schedule == "plateau":
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -428,6 +442,8 @@ def fit(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if ema is not None:
+                ema.update_parameters(module)
             total += float(loss.detach()) * x.shape[0]
             count += x.shape[0]
         record: dict[str, Any] = {
@@ -437,7 +453,7 @@ def fit(
             "train_loss": total / max(count, 1),
         }
         if val_ds is not None:
-            prob = predict_probabilities(module, val_x, cfg.batch_size, device)
+            prob = predict_probabilities(kept, val_x, cfg.batch_size, device)
             with torch.no_grad():
                 logit = torch.logit(torch.from_numpy(prob).clamp(1e-6, 1 - 1e-6))[:, None]
                 record["val_loss"] = float(
@@ -449,7 +465,7 @@ def fit(
                 plateau.step(score)
             if es.checkpoint == "last" or score > best_score + es.min_delta or best_state is None:
                 best_score, best_epoch, best_prob = score, epoch + 1, prob
-                best_state = copy.deepcopy(module.state_dict())
+                best_state = copy.deepcopy(kept.state_dict())
                 stale = 0
             else:
                 stale += 1
@@ -464,7 +480,7 @@ def fit(
             break
     bar.close()
     if val_ds is None:
-        best_state, best_epoch = copy.deepcopy(module.state_dict()), epoch + 1
+        best_state, best_epoch = copy.deepcopy(kept.state_dict()), epoch + 1
     assert best_state is not None
     return FitResult(
         state=best_state,

@@ -157,3 +157,37 @@ def test_share_threshold_flags_the_requested_share() -> None:
     assert (prob >= t).mean() == pytest.approx(0.05, abs=1e-3)
     assert share_threshold(prob, 0.0) == 0.98
     assert share_threshold(np.full(100, 0.999), 0.5) == 0.98  # limited to [0.02, 0.98]
+
+
+def test_weight_average_is_what_training_keeps(shared_data: Path, tmp_path: Path) -> None:
+    """optimizer.ema_decay: validation, checkpoints and the result use the moving average of the weights."""
+    from pipeline.train import _build, fit, make_dataset, seed_everything
+
+    root = _four_patches(shared_data, tmp_path / "l4s")
+    records = find_patches(root, require_masks=True)
+
+    def run(decay: float) -> dict[str, np.ndarray]:
+        base = _tiny(tmp_path, f"ema{decay}", root)
+        cfg = TrainConfig.model_validate({**base.model_dump(), "epochs": 3,
+                                          "optimizer": {**base.optimizer.model_dump(), "ema_decay": decay}})
+        ds = make_dataset(cfg, records)
+        res = fit(cfg, ds, ds.subset([0, 1], ds.augment), label="ema")
+        assert res.val_prob is not None and np.isfinite(res.val_prob).all()
+        last = fit(cfg, ds, None)
+        return {k: v.float().numpy() for k, v in last.state.items() if v.is_floating_point()}
+
+    plain, tiny, strong = run(0.0), run(1e-9), run(0.999)
+    seed_everything(7)
+    init = {k: v.float().numpy() for k, v in _build(_tiny(tmp_path, "init", root)).state_dict().items()
+            if v.is_floating_point()}
+    assert plain.keys() == tiny.keys() == strong.keys() == init.keys()
+    # an average that forgets at once is the trained weights themselves
+    for k in plain:
+        np.testing.assert_allclose(tiny[k], plain[k], rtol=1e-5, atol=1e-6)
+
+    # a slow average stays near the early weights: closer to the initialization than training went
+    def dist(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+        return float(sum(np.abs(a[k] - b[k]).sum() for k in a if "running" not in k))
+
+    assert dist(strong, init) < 0.7 * dist(plain, init)
+    assert dist(strong, plain) > 0
