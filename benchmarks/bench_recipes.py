@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -161,6 +162,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"patches": len(records), "folds": args.folds, "seeds": args.seeds, "summary": summary, "runs": results}
 
 
+def paired(mine: list[dict[str, float]], other: list[dict[str, float]]) -> str:
+    """Seed-by-seed comparison (same folds per seed): wins, mean difference and a two-sided sign test."""
+    a = {r["seed"]: r["f1"] for r in mine}
+    b = {r["seed"]: r["f1"] for r in other}
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return ""
+    diff = [a[k] - b[k] for k in seeds]
+    wins = sum(d > 0 for d in diff)
+    losses = sum(d < 0 for d in diff)
+    n = wins + losses
+    # two-sided sign test: probability of a split at least this uneven under a fair coin
+    tail = sum(math.comb(n, k) for k in range(0, min(wins, losses) + 1)) / 2**n if n else 1.0
+    return (f"; seed by seed: better on {wins} of {len(seeds)} seeds, mean difference {statistics.mean(diff):+.3f}, "
+            f"sign test p = {min(1.0, 2 * tail):.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "l4s" / "train")
@@ -196,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         if mine not in s or other not in s:
             continue
         verdict = "wins" if s[mine]["f1"] > s[other]["f1"] else "does NOT win"
-        print(f"{mine} {verdict} against {other}: F1 {s[mine]['f1']:.3f} vs {s[other]['f1']:.3f}")
+        print(f"{mine} {verdict} against {other}: median F1 {s[mine]['f1']:.3f} vs {s[other]['f1']:.3f}"
+              f"{paired(out['runs'][mine], out['runs'][other])}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return 0

@@ -29,7 +29,7 @@ MODELS = Path(__file__).resolve().parents[1] / "pipeline" / "models"
 L4S_WITHOUT_B10 = [c for c in L4S_CHANNELS if c != "B10"]
 SHIPPED = {
     "default.safetensors": (L4S_WITHOUT_B10, 0.67),
-    "rgb_terrain.safetensors": (["B02", "B03", "B04", "SLOPE", "DEM"], 0.53),
+    "rgb_terrain.safetensors": (["B02", "B03", "B04", "SLOPE", "DEM"], 0.68),
 }
 MARGIN = 0.05
 
