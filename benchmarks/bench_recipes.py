@@ -60,7 +60,7 @@ OFFICIAL_STD = [0.9325, 0.8775, 0.8860, 0.8869, 0.8857, 0.8418, 0.8354, 0.8491, 
 
 
 def recipes(data: Path, epochs: int | None, folds: int, seed: int, threads: int,
-            config: Path = DEFAULT_CONFIG) -> dict[str, Any]:
+            config: Path = DEFAULT_CONFIG, channels: list[str] | None = None) -> dict[str, Any]:
     """The TrainConfigs of every row, built on the same data, budget and seed; ours from ``config``."""
     from pipeline.train import TrainConfig, load_train_config
 
@@ -76,14 +76,17 @@ def recipes(data: Path, epochs: int | None, folds: int, seed: int, threads: int,
     }
     ours_d = ours.model_dump(mode="json")
     ours_d.update(common)
-    # same inputs for both recipes: all 14 channels (the shipped default drops B10 to run on L2A)
-    ours_d["model"]["channels"] = list(L4S_CHANNELS)
+    # same inputs for both recipes: all 14 channels unless chosen (the shipped default drops B10 to run on L2A)
+    channels = list(channels or L4S_CHANNELS)
+    pick = [list(L4S_CHANNELS).index(c) for c in channels]
+    ours_d["model"]["channels"] = channels
     official = {
         **common,
         "model": {
             "architecture": "PlainUnet", "encoder": None, "options": {"base_channels": 16, "depth": 4},
-            "channels": list(L4S_CHANNELS),
-            "normalization": {"method": "fixed", "mean": OFFICIAL_MEAN, "std": OFFICIAL_STD},
+            "channels": channels,
+            "normalization": {"method": "fixed", "mean": [OFFICIAL_MEAN[i] for i in pick],
+                              "std": [OFFICIAL_STD[i] for i in pick]},
             "name": "official-baseline",
         },
         "loss": {"name": "ce"},
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     records = find_patches(args.data, require_masks=True)
-    names = [*recipes(args.data, args.epochs, args.folds, 0, args.threads, args.config), "random forest"]
+    names = [*recipes(args.data, args.epochs, args.folds, 0, args.threads, args.config, args.channels), "random forest"]
     chosen = args.recipes or names
     unknown = sorted(set(chosen) - set(names))
     if unknown:
@@ -125,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, list[dict[str, float]]] = {name: [] for name in names if name in chosen}
     for seed in args.seeds:
         folds = shared_folds(records, args.folds, seed)
-        cfgs = recipes(args.data, args.epochs, args.folds, seed, args.threads, args.config)
+        cfgs = recipes(args.data, args.epochs, args.folds, seed, args.threads, args.config, args.channels)
         for name, cfg in cfgs.items():
             if name not in chosen:
                 continue
@@ -148,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         from pipeline.baseline import RandomForestConfig
 
-        rf = random_forest_row(records, list(L4S_CHANNELS), folds, config=RandomForestConfig(seed=seed))
+        rf = random_forest_row(records, list(args.channels or L4S_CHANNELS), folds, config=RandomForestConfig(seed=seed))
         results["random forest"].append({
             "f1": rf.micro["f1"], "precision": rf.micro["precision"], "recall": rf.micro["recall"],
             "iou": rf.micro["iou"], "seconds": time.perf_counter() - t0, "seed": seed,
@@ -184,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "l4s" / "train")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                    help="training config of our recipe (default: the shipped default model's)")
+    p.add_argument("--channels", nargs="+", default=None, metavar="BAND",
+                   help="input channels of every row (default: all 14 Landslide4Sense channels)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=None, help="epoch budget of both recipes (default: ours)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -195,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.folds, args.epochs = 3, args.epochs or 12
+    if args.channels:
+        unknown = [c for c in args.channels if c not in L4S_CHANNELS]
+        if unknown:
+            print(f"--channels: {unknown} are not Landslide4Sense channels {list(L4S_CHANNELS)}", file=sys.stderr)
+            return 2
     if not args.data.is_dir():
         print(f"patches not found: {args.data}", file=sys.stderr)
         return 2

@@ -334,7 +334,7 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
         "model_sha256": ",".join(m.sha256 for m in models),
         "run_id": run_id,
     }
-    with timer("postprocess"):
+    with timer("postprocess"), _mask_in_graphs():
         gdf, cleaned = polygons_from_probability(
             probability, valid, grid, cfg.postprocess,
             slope=layers.get("SLOPE"), dem=layers.get("DEM"),
@@ -343,7 +343,7 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
             block_size=cfg.grid.block_size,
         )
 
-    with timer("write"):
+    with timer("write"), _mask_in_graphs():
         if cfg.output.mask_cog:
             write_cog(cleaned.astype("uint8"), grid, run_dir / "mask.tif", dtype="uint8", nodata=255)
         metadata = {
@@ -392,6 +392,19 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
         fh.write(run_dir.name + "\n")
     os.replace(tmp, latest)
     return RunResult(stack.scene_id, "completed", run_dir, gpkg_path, len(gdf), total_area, seconds, report)
+
+
+@contextmanager
+def _mask_in_graphs() -> Iterator[None]:
+    """Postprocessing and the mask raster send the bit-packed cleaned mask to the workers inside
+    their graphs, on purpose (:func:`postprocess.morphology.persist_mask`: 15 MB for a full tile).
+    Distributed warns about every graph above 10 MB; that warning says nothing useful here and
+    would appear four times per scene in every nightly log."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+        yield
 
 
 def _quicklook(cfg: SceneConfig, grid: Any, gdf: Any, prob_path: Path, path: Path) -> None:

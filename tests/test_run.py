@@ -345,3 +345,31 @@ def test_local_cluster_starts_while_the_scene_statistics_are_sampled(demo: Path,
     assert schedulers == ["threads"]  # sampled locally while the cluster was starting
     assert [e[0] for e in events] == ["start", "closed"]
     assert "start-cluster" in res.report["timings_s"] and "scene-stats" in res.report["timings_s"]
+
+
+def test_postprocess_mask_in_graphs_raises_no_large_graph_warnings(demo: Path, tmp_path: Path, client,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bit-packed mask travels in the postprocessing graphs on purpose: distributed's warning about
+    large graphs (15 MB for a full tile) is kept out of the run's output, other warnings are not."""
+    import contextlib
+    import warnings
+
+    import dask
+
+    import pipeline.run as run_module
+
+    cfg = _config(demo, tmp_path)
+
+    def large_graph_warnings() -> int:
+        # a threshold this small makes every graph "large", as a full tile's mask graphs are
+        with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1B"}), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_scene(cfg, force=True, client=client)
+        return sum("Sending large graph" in str(w.message) for w in caught)
+
+    filtered = large_graph_warnings()
+    monkeypatch.setattr(run_module, "_mask_in_graphs", contextlib.nullcontext)
+    unfiltered = large_graph_warnings()
+    assert filtered > 0          # the stacking and model graphs still report
+    assert unfiltered > filtered  # postprocessing and the mask raster did, and no longer do
