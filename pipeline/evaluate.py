@@ -229,9 +229,34 @@ def read_polygons(path: Path, layer: str | None = None) -> Any:
 
     target = _vector_source(Path(path))
     try:
+        if layer is None:
+            layer = _polygon_layer(path, target)
         return gpd.read_file(target, layer=layer) if layer else gpd.read_file(target)
+    except InputError:
+        raise
     except Exception as exc:  # noqa: BLE001 - pyogrio raises many types
         raise InputError(f"{path}: cannot read polygons: {exc}") from None
+
+
+#: Tables GIS tools keep beside the data in a GeoPackage (QGIS stores layer styles here).
+_NON_DATA_LAYERS = {"layer_styles"}
+
+
+def _polygon_layer(path: Path, target: str) -> str | None:
+    """The one data layer of a multi-layer source (our GeoPackages hold ``landslides`` plus the
+    QGIS style table); None to let GDAL pick when there is only one layer."""
+    import pyogrio
+
+    layers = pyogrio.list_layers(target)
+    if len(layers) <= 1:
+        return None
+    data = [str(name) for name, geometry in layers if name not in _NON_DATA_LAYERS and geometry is not None]
+    if len(data) == 1:
+        return data[0]
+    raise InputError(
+        f"{path}: holds several layers ({', '.join(str(n) for n, _ in layers)}); "
+        "choose one with --detections-layer / --inventory-layer"
+    )
 
 
 def _vector_source(path: Path) -> str:

@@ -183,3 +183,29 @@ def test_recipes_are_cross_validated_on_the_shared_folds(shared_data: Path, tmp_
     oof = row.extra["oof_prob"]
     assert oof.shape == (4, 128, 128) and np.isfinite(oof).all() and (oof > 0).all()
     assert row.micro["tp"] + row.micro["fn"] == sum(int(read_mask(r.mask)[0].sum()) for r in records)  # type: ignore[arg-type]
+
+
+def test_polygons_come_from_the_data_layer_not_the_style_table(tmp_path: Path) -> None:
+    """Our GeoPackages hold the landslides and QGIS's layer_styles table: reading picks the data
+    layer without GDAL's 'more than one layer' warning; two data layers need an explicit choice."""
+    import warnings
+
+    import pyogrio
+
+    from postprocess.gpkg import add_qgis_style
+    from postprocess.style import default_qml
+
+    path = tmp_path / "detections.gpkg"
+    gdf = gpd.GeoDataFrame({"label": [1, 2]}, geometry=[box(0, 0, 10, 10), box(20, 0, 30, 10)], crs="EPSG:32633")
+    gdf.to_file(path, layer="landslides", driver="GPKG")
+    add_qgis_style(path, "landslides", default_qml())
+    assert [str(n) for n, _ in pyogrio.list_layers(path)] == ["landslides", "layer_styles"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = read_polygons(path)
+    assert list(got["label"]) == [1, 2]
+
+    gdf.iloc[:1].to_file(path, layer="other", driver="GPKG")
+    with pytest.raises(InputError, match=r"several layers \(landslides, other, layer_styles\).*--detections-layer"):
+        read_polygons(path)
+    assert len(read_polygons(path, "other")) == 1
