@@ -53,10 +53,10 @@ from pipeline.channels import L4S_CHANNELS  # noqa: E402
 #: Per-band mean/std of the official baseline (dataset/landslide_dataset.py).
 OFFICIAL_MEAN = [-0.4914, -0.3074, -0.1277, -0.0625, 0.0439, 0.0803, 0.0644, 0.0802, 0.3000, 0.4082, 0.0823,
                  0.0516, 0.3338, 0.7819]
-DEFAULT_CONFIG = ROOT / "configs" / "train_default.yaml"
-PATCH_ROBUST = {"method": "patch_robust", "clip": 10.0}
 OFFICIAL_STD = [0.9325, 0.8775, 0.8860, 0.8869, 0.8857, 0.8418, 0.8354, 0.8491, 0.9061, 1.6072, 0.8848, 0.9232,
                 0.9018, 1.2913]
+PATCH_ROBUST = {"method": "patch_robust", "clip": 10.0}
+DEFAULT_CONFIG = ROOT / "configs" / "train_default.yaml"
 
 
 def recipes(data: Path, epochs: int | None, folds: int, seed: int, threads: int,
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         from pipeline.baseline import RandomForestConfig
 
-        rf = random_forest_row(records, list(args.channels or L4S_CHANNELS), folds, config=RandomForestConfig(seed=seed))
+        rf = random_forest_row(records, args.channels, folds, config=RandomForestConfig(seed=seed))
         results["random forest"].append({
             "f1": rf.micro["f1"], "precision": rf.micro["precision"], "recall": rf.micro["recall"],
             "iou": rf.micro["iou"], "seconds": time.perf_counter() - t0, "seed": seed,
@@ -200,11 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.folds, args.epochs = 3, args.epochs or 12
-    if args.channels:
-        unknown = [c for c in args.channels if c not in L4S_CHANNELS]
-        if unknown:
-            print(f"--channels: {unknown} are not Landslide4Sense channels {list(L4S_CHANNELS)}", file=sys.stderr)
-            return 2
+    args.channels = args.channels or list(L4S_CHANNELS)
+    unknown = [c for c in args.channels if c not in L4S_CHANNELS]
+    if unknown:
+        print(f"--channels: {unknown} are not Landslide4Sense channels {list(L4S_CHANNELS)}", file=sys.stderr)
+        return 2
     if not args.data.is_dir():
         print(f"patches not found: {args.data}", file=sys.stderr)
         return 2
