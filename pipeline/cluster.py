@@ -55,6 +55,47 @@ def _quiet_distributed() -> None:
             logging.getLogger(name).setLevel(level)
 
 
+#: Modules the block tasks need. A fresh worker imports PyTorch and the model library (about 6 s of
+#: one core) when it unpickles its first inference task; that import held up both worker threads at
+#: the start of the inference stage. Local workers import them in a task of their own as they start,
+#: while the main process is still busy with the scene statistics.
+WORKER_IMPORTS = ("pipeline.inference", "postprocess.pipeline")
+
+
+def _import_modules(names: tuple[str, ...]) -> list[str]:
+    import importlib
+
+    return [importlib.import_module(name).__name__ for name in names]
+
+
+def _warm_workers(client: object) -> list[object]:
+    """Start :data:`WORKER_IMPORTS` on every worker of a new local cluster; returns the futures
+    (the caller keeps them until the cluster closes, so that the tasks are not forgotten).
+
+    Nothing waits for them: tasks that arrive meanwhile run on the other thread and, at worst,
+    wait for the same import. An import that fails here fails again, with its message, in the
+    first task that needs it.
+    """
+    workers = list(client.scheduler_info()["workers"])  # type: ignore[attr-defined]
+    return [
+        client.submit(_import_modules, WORKER_IMPORTS, workers=[w], allow_other_workers=False,  # type: ignore[attr-defined]
+                      pure=False, key=f"warm-imports-{i}")
+        for i, w in enumerate(workers)
+    ]
+
+
+def _settle(futures: list[object], timeout: float = 60.0) -> None:
+    """Let the import tasks finish before the cluster closes (a worker killed in the middle of an
+    import logs a cancelled task and takes seconds to stop); their errors do not matter here."""
+    from distributed import wait
+
+    try:
+        wait(futures, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - closing anyway
+        log.debug("worker imports did not finish before the cluster closed: %s", exc)
+    futures.clear()
+
+
 @contextmanager
 def dask_client(section: DaskSection) -> Iterator[object]:
     """Yield a ``distributed.Client`` for ``section``; closes what it started."""
@@ -89,8 +130,10 @@ def dask_client(section: DaskSection) -> Iterator[object]:
         )
     client = Client(cluster)
     log.info("started a local Dask cluster: %d worker process(es) x %d thread(s)", section.n_workers, threads)
+    warming = _warm_workers(client)
     try:
         yield client
     finally:
+        _settle(warming)
         client.close()
         cluster.close()

@@ -130,6 +130,38 @@ def _worker_settings() -> tuple[str | None, str | None, int]:
     return os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
 
 
+def _imported(names: tuple[str, ...]) -> list[bool]:
+    import sys
+
+    return [name in sys.modules for name in names]
+
+
+def test_local_workers_import_the_task_modules_as_they_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first inference task must not pay for importing PyTorch: a new local cluster imports the
+    task modules on every worker in a task of its own, without holding up the client."""
+    from distributed import wait
+
+    from pipeline import cluster as cluster_module
+    from pipeline.config import DaskSection
+
+    started: list[object] = []
+    real = cluster_module._warm_workers
+
+    def spy(client):  # noqa: ANN001, ANN202
+        futures = real(client)
+        started.extend(futures)
+        return futures
+
+    monkeypatch.setattr(cluster_module, "_warm_workers", spy)
+    with cluster_module.dask_client(DaskSection(n_workers=2, threads_per_worker=1)) as client:
+        assert len(started) == 2  # one per worker, returned before the imports finish
+        wait(started, timeout=120)
+        assert [f.result() for f in started] == [list(cluster_module.WORKER_IMPORTS)] * 2
+        flags = client.run(_imported, cluster_module.WORKER_IMPORTS)
+        assert sorted(flags.values()) == [[True, True], [True, True]]
+        assert {f.key for f in started} == {"warm-imports-0", "warm-imports-1"}
+
+
 def test_local_cluster_workers_keep_adaptive_malloc_and_one_thread_per_task(monkeypatch: pytest.MonkeyPatch) -> None:
     """Dask's default MALLOC_TRIM_THRESHOLD_ slows the model 1.6x: local workers start without it."""
     from pipeline.cluster import dask_client
