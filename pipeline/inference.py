@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +158,9 @@ class Prediction:
     windows: int = 0  # windows in the global grid (including skipped ones)
     #: input channels passed through unchanged (``keep`` of :func:`predict`), same graph as the probability
     layers: dict[str, xr.DataArray] = field(default_factory=dict)
+    #: label under which the block tasks report the time spent in the model's forward pass to Dask's
+    #: performance metrics (:func:`forward_seconds`); unique per prediction
+    meter: str = "model-forward"
 
 
 # -- model cache (one instance per process) -------------------------------------
@@ -268,22 +272,30 @@ class _Plan:
     options: InferenceOptions
     with_uncertainty: bool
     keep_index: tuple[int, ...] = ()  # input channels copied to the output after the probability
+    meter: str = "model-forward"  # label of the forward-pass time in Dask's performance metrics
 
 
 def _forward_probs(
-    module: torch.nn.Module, x: np.ndarray, rt: _Runtime, transforms: Sequence[str]
+    module: torch.nn.Module, x: np.ndarray, rt: _Runtime, transforms: Sequence[str], meter: str = "model-forward",
 ) -> np.ndarray:
-    """Probabilities (T, B, H, W) of ``module`` on normalized ``x`` (B, C, H, W) for each transform."""
+    """Probabilities (T, B, H, W) of ``module`` on normalized ``x`` (B, C, H, W) for each transform.
+
+    The time of each forward pass (device transfer, model, sigmoid, copy back) is reported to
+    Dask's performance metrics under ``meter`` when this runs in a Dask worker (a no-op elsewhere).
+    """
+    from distributed.metrics import context_meter
+
     xt = torch.from_numpy(x)
     batch = torch.cat([TTA_TRANSFORMS[name][0](xt) for name in transforms], dim=0) if len(transforms) > 1 else xt
 
     def fwd(chunk: torch.Tensor) -> torch.Tensor:
-        chunk = chunk.to(rt.device, non_blocking=True)
-        if rt.channels_last:
-            chunk = chunk.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), autocast(rt.device, rt.precision):
-            logits = module(chunk)
-        return torch.sigmoid(logits[:, 0].float()).cpu()
+        with context_meter.meter(meter):
+            chunk = chunk.to(rt.device, non_blocking=True)
+            if rt.channels_last:
+                chunk = chunk.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), autocast(rt.device, rt.precision):
+                logits = module(chunk)
+            return torch.sigmoid(logits[:, 0].float()).cpu()
 
     probs = run_batched(fwd, batch, rt.limit)
     n = x.shape[0]
@@ -302,7 +314,7 @@ def _predict_windows(plan: _Plan, x: np.ndarray, v: np.ndarray) -> tuple[np.ndar
         xm = x[:, list(ref.channel_index)] if ref.channel_index != tuple(range(x.shape[1])) else x
         # normalize in place when this batch is ours alone (a channel subset copy, or a single model)
         xn = normalize(xm, v, ref.normalization, copy=not (xm is not x or len(plan.refs) == 1))
-        probs = _forward_probs(module, xn, rt, transforms)  # (T, B, t, t)
+        probs = _forward_probs(module, xn, rt, transforms, plan.meter)  # (T, B, t, t)
         per_model.append(probs[0] if len(probs) == 1 else probs.mean(axis=0))
         members.append(probs)
     if len(per_model) == 1:
@@ -520,8 +532,9 @@ def predict(
     used = sorted({i for r in refs for i in r.channel_index} | set(keep_bands))
     remap = {old: new for new, old in enumerate(used)}
     refs = tuple(_with_index(r, tuple(remap[i] for i in r.channel_index)) for r in refs)
+    meter = f"model-forward-{uuid.uuid4().hex[:12]}"
     plan = _Plan(wg, margin, refs, tuple(float(w) for w in weights), opts, with_unc,
-                 tuple(remap[i] for i in keep_bands))
+                 tuple(remap[i] for i in keep_bands), meter)
 
     block = inference_block_size(opts.block_size, tile, opts.overlap)
     x = _as_dask(data, (-1, block, block))
@@ -584,7 +597,34 @@ def predict(
         grid.height, grid.width, len(wg), tile, opts.overlap, len(rows_spans) * len(cols_spans), block,
         len(models), " with TTA" if opts.tta else "",
     )
-    return Prediction(probability, uncertainty, grid, threshold, len(wg), layers)
+    return Prediction(probability, uncertainty, grid, threshold, len(wg), layers, meter)
+
+
+async def _send_heartbeat(dask_worker: Any) -> None:  # runs on each worker
+    await dask_worker.heartbeat()
+
+
+def forward_seconds(client: Any, prediction: Prediction) -> float | None:
+    """Seconds the workers of ``client`` spent in the model's forward pass for ``prediction``
+    (summed over worker threads: with two threads fully busy, 2 s per second of wall time), from
+    Dask's performance metrics; None when the scheduler has no record of it.
+
+    Workers send their metrics with their heartbeats; each worker is asked for one first, so
+    that the metrics of the last tasks are included.
+    """
+    label = prediction.meter
+
+    def collect(dask_scheduler: Any) -> float | None:  # runs on the scheduler
+        values = [v for k, v in dask_scheduler.cumulative_worker_metrics.items()
+                  if isinstance(k, tuple) and len(k) == 4 and k[2] == label and k[3] == "seconds"]
+        return float(sum(values)) if values else None
+
+    try:
+        client.run(_send_heartbeat)  # the metrics of the last tasks reach the scheduler now
+        return client.run_on_scheduler(collect)
+    except Exception as exc:  # noqa: BLE001 - a figure for the report, never a reason to fail a run
+        log.debug("no forward-pass metrics from the scheduler: %s", exc)
+        return None
 
 
 def _copied(arr: da.Array) -> da.Array:

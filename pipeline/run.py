@@ -276,7 +276,7 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
             # in this process's threads while a local cluster is still starting
             scene_stats = scene_band_stats(cfg, model_channels(population),
                                            scheduler="threads" if cluster.starting else None)
-    cluster.wait(timer)
+    client = cluster.wait(timer)
 
     wanted = ["SLOPE", "DEM"]
     if cfg.postprocess.max_mean_ndvi is not None:
@@ -297,14 +297,15 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
         write_prediction(pred, prob_path, uncertainty_path=unc_path, layers_path=layers_path, dtype="uint8")
     try:
         return _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run_id, scene_stats,
-                           prob_path, unc_path, layers_path, keep, wanted, pred.threshold)
+                           prob_path, unc_path, layers_path, keep, wanted, pred.threshold,
+                           lambda seconds: _inference_figures(client, pred, seconds))
     finally:
         if layers_path is not None:
             layers_path.unlink(missing_ok=True)
 
 
 def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run_id, scene_stats,  # noqa: ANN001, PLR0913
-                prob_path, unc_path, layers_path, keep, wanted, model_threshold) -> RunResult:
+                prob_path, unc_path, layers_path, keep, wanted, model_threshold, inference_figures) -> RunResult:
     import numpy as np
 
     from postprocess.gpkg import write_geopackage
@@ -375,6 +376,7 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
         "grid": grid.to_dict(),
         "scene_statistics": scene_stats.to_dict() if scene_stats is not None else None,
         "timings_s": {**timer.seconds, "total": round(seconds, 3)},
+        "inference": inference_figures(seconds),
         "counts": {
             "polygons": len(gdf),
             "total_area_m2": total_area,
@@ -392,6 +394,27 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
         fh.write(run_dir.name + "\n")
     os.replace(tmp, latest)
     return RunResult(stack.scene_id, "completed", run_dir, gpkg_path, len(gdf), total_area, seconds, report)
+
+
+def _inference_figures(client: Any, pred: Any, seconds: float) -> dict[str, Any]:
+    """Windows, worker threads and the time the workers spent in the model's forward pass, and
+    that time's share of all worker-thread time of the run (``seconds`` of wall time)."""
+    from .inference import forward_seconds
+
+    figures: dict[str, Any] = {"windows": pred.windows, "worker_threads": None,
+                               "model_forward_seconds": None, "model_forward_share": None}
+    try:
+        threads = int(sum(client.nthreads().values()))
+    except Exception:  # noqa: BLE001 - figures for the report only
+        return figures
+    forward = forward_seconds(client, pred)
+    figures["worker_threads"] = threads
+    if forward is not None and threads and seconds > 0:
+        figures["model_forward_seconds"] = round(forward, 3)
+        figures["model_forward_share"] = round(forward / (threads * seconds), 4)
+        log.info("model forward pass: %.1f s on %d worker thread(s), %.0f %% of the run's worker-thread time",
+                 forward, threads, 100 * forward / (threads * seconds))
+    return figures
 
 
 @contextmanager

@@ -71,6 +71,18 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
     report = json.loads((res.run_dir / REPORT).read_text())
     for stage in ("stack-graph", "scene-stats", "infer", "postprocess", "write"):
         assert stage in report["timings_s"]
+    # the worker-thread time spent in the model's forward pass, from Dask's performance metrics
+    inference = report["inference"]
+    from tiling.windows import WindowGrid
+
+    art = load_artefact(DEFAULT_MODEL)
+    grid = report["grid"]
+    assert inference["windows"] == len(WindowGrid(grid["height"], grid["width"], art.tile_size, cfg.model.overlap))
+    threads = sum(client.nthreads().values())
+    assert inference["worker_threads"] == threads
+    assert 0 < inference["model_forward_seconds"] <= threads * report["timings_s"]["infer"]
+    assert inference["model_forward_share"] == pytest.approx(
+        inference["model_forward_seconds"] / (threads * report["timings_s"]["total"]), abs=1e-3)
     # the shipped model normalizes with the scene's statistics, recorded for every channel it uses
     stats = report["scene_statistics"]
     assert 0 < stats["n_pixels"] <= report["counts"]["valid_pixels"]
