@@ -124,7 +124,7 @@ def dask_client(section: DaskSection) -> Iterator[object]:
             threads_per_worker=threads,
             processes=True,
             memory_limit=section.memory_limit,
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port: never "port 8787 is in use" beside another cluster
             env=_worker_env(),
             silence_logs=logging.WARNING,
         )

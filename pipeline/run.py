@@ -29,6 +29,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,29 +336,38 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
         "model_sha256": ",".join(m.sha256 for m in models),
         "run_id": run_id,
     }
-    with timer("postprocess"), _mask_in_graphs():
-        gdf, cleaned = polygons_from_probability(
-            probability, valid, grid, cfg.postprocess,
-            slope=layers.get("SLOPE"), dem=layers.get("DEM"),
-            red=layers.get("B04"), nir=layers.get("B08"),
-            uncertainty=uncertainty, threshold=threshold, context=context,
-            block_size=cfg.grid.block_size,
-        )
+    # This process mostly waits for the workers from here on: it reads the quicklook's background
+    # while the postprocessing runs, and writes the mask raster beside the GeoPackage.
+    with ThreadPoolExecutor(2, thread_name_prefix="outputs") as pool:
+        background = pool.submit(_quicklook_background, cfg, grid, prob_path) if cfg.output.quicklook else None
+        with timer("postprocess"), _mask_in_graphs():
+            gdf, cleaned = polygons_from_probability(
+                probability, valid, grid, cfg.postprocess,
+                slope=layers.get("SLOPE"), dem=layers.get("DEM"),
+                red=layers.get("B04"), nir=layers.get("B08"),
+                uncertainty=uncertainty, threshold=threshold, context=context,
+                block_size=cfg.grid.block_size,
+            )
 
-    with timer("write"), _mask_in_graphs():
-        if cfg.output.mask_cog:
-            write_cog(cleaned.astype("uint8"), grid, run_dir / "mask.tif", dtype="uint8", nodata=255)
-        metadata = {
-            "run_id": run_id, "run_key": key, "scene_id": stack.scene_id, "model": context["model_name"],
-            "model_sha256": context["model_sha256"], "threshold": threshold, "grid": grid.to_dict(),
-            "config": str(cfg.source), "pipeline_version": __version__,
-        }
-        write_geopackage(gdf, gpkg_path, layer="landslides", metadata=metadata, crs=cfg.output.crs)
-        if cfg.output.quicklook:
-            _quicklook(cfg, grid, gdf, prob_path, run_dir / "quicklook.png")
-        n_valid = int(np.asarray(valid.sum().compute()))
-        if not cfg.output.probability_cog:
-            prob_path.unlink(missing_ok=True)
+        with timer("write"), _mask_in_graphs():
+            mask_job = (pool.submit(write_cog, cleaned.astype("uint8"), grid, run_dir / "mask.tif",
+                                    dtype="uint8", nodata=255) if cfg.output.mask_cog else None)
+            metadata = {
+                "run_id": run_id, "run_key": key, "scene_id": stack.scene_id, "model": context["model_name"],
+                "model_sha256": context["model_sha256"], "threshold": threshold, "grid": grid.to_dict(),
+                "config": str(cfg.source), "pipeline_version": __version__,
+            }
+            write_geopackage(gdf, gpkg_path, layer="landslides", metadata=metadata, crs=cfg.output.crs)
+            if background is not None and (coarse := background.result()) is not None:
+                from postprocess.quicklook import write_quicklook_coarse
+
+                small, factor, shown = coarse
+                write_quicklook_coarse(small, factor, grid, gdf, run_dir / "quicklook.png", valid=shown)
+            n_valid = int(np.asarray(valid.sum().compute()))
+            if mask_job is not None:
+                mask_job.result()
+            if not cfg.output.probability_cog:
+                prob_path.unlink(missing_ok=True)
 
     total_area = float(gdf["area_m2"].sum()) if len(gdf) else 0.0
     seconds = time.perf_counter() - t_start
@@ -430,14 +440,15 @@ def _mask_in_graphs() -> Iterator[None]:
         yield
 
 
-def _quicklook(cfg: SceneConfig, grid: Any, gdf: Any, prob_path: Path, path: Path) -> None:
-    """True colour averaged straight onto the quicklook's coarse grid, black where nothing was analysed."""
+def _quicklook_background(cfg: SceneConfig, grid: Any, prob_path: Path) -> tuple[Any, int, Any] | None:
+    """The quicklook's true colour averaged straight onto its coarse grid, the coarsening factor and
+    where something was analysed (elsewhere the quicklook is black); None without true-colour bands."""
     import numpy as np
     import rasterio
     from rasterio.enums import Resampling
     from rasterio.windows import Window
 
-    from postprocess.quicklook import TRUE_COLOUR, downsample_factor, write_quicklook_coarse
+    from postprocess.quicklook import TRUE_COLOUR, downsample_factor
 
     from .errors import ChannelError
     from .stack import read_coarse
@@ -447,12 +458,12 @@ def _quicklook(cfg: SceneConfig, grid: Any, gdf: Any, prob_path: Path, path: Pat
         small = read_coarse(cfg, TRUE_COLOUR, grid, factor)
     except ChannelError as exc:
         log.info("no quicklook: %s", exc)
-        return
+        return None
     rows, cols = small.shape[1:]
     with rasterio.open(prob_path) as src:  # the COG's overviews make this read cheap
         prob = src.read(1, window=Window(0, 0, cols * factor, rows * factor), out_shape=(rows, cols),
                         resampling=Resampling.nearest)
-    write_quicklook_coarse(small, factor, grid, gdf, path, valid=prob != np.uint8(255))
+    return small, factor, prob != np.uint8(255)
 
 
 def _open_lazy(path: Path, chunks: dict[str, int], band: int = 1) -> Any:

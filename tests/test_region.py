@@ -98,7 +98,7 @@ def test_region_uses_an_existing_scheduler_when_configured(region: Path, tmp_pat
     from distributed import LocalCluster
 
     cfg = load_region_config(region)
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster:
         cfg = cfg.model_copy(update={
             "scenes": cfg.scenes[:1],
             "output": cfg.output.model_copy(update={"dir": tmp_path / "out"}),
