@@ -161,6 +161,11 @@ class PostprocessSection(Strict):
     max_hole_m2: float = Field(500.0, ge=0)
     min_mean_slope_deg: float | None = Field(None, ge=0, le=90)
     max_mean_ndvi: float | None = Field(None, ge=-1, le=1, description="drop detections greener than this (needs B04, B08)")
+    max_mean_ndwi: float | None = Field(
+        None, ge=-1, le=1,
+        description="drop detections wetter than this: mean NDWI (B03 - B08) / (B03 + B08); open water is "
+        "above 0, bare soil and rock below (needs B03, B08)",
+    )
     simplify_m: float = Field(0.0, ge=0)
 
 

@@ -282,6 +282,9 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
     wanted = ["SLOPE", "DEM"]
     if cfg.postprocess.max_mean_ndvi is not None:
         wanted += ["B04", "B08"]
+    if cfg.postprocess.max_mean_ndwi is not None:
+        wanted += ["B03", "B08"]
+    wanted = list(dict.fromkeys(wanted))
     # Channels the later stages need and the model stack already reads travel with the
     # probability (one read of the inputs); the others are stacked on their own below.
     in_stack = [str(b) for b in stack.data.band.values]
@@ -344,7 +347,7 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
             gdf, cleaned = polygons_from_probability(
                 probability, valid, grid, cfg.postprocess,
                 slope=layers.get("SLOPE"), dem=layers.get("DEM"),
-                red=layers.get("B04"), nir=layers.get("B08"),
+                red=layers.get("B04"), nir=layers.get("B08"), green=layers.get("B03"),
                 uncertainty=uncertainty, threshold=threshold, context=context,
                 block_size=cfg.grid.block_size,
             )

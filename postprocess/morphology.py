@@ -8,7 +8,9 @@ pixel size):
 3. removal of objects smaller than ``min_area_m2``;
 4. filling of holes smaller than ``max_hole_m2``;
 5. optional terrain rules: drop objects whose mean slope is below
-   ``min_mean_slope_deg`` or whose mean NDVI is above ``max_mean_ndvi``.
+   ``min_mean_slope_deg``, whose mean NDVI is above ``max_mean_ndvi``
+   (vegetation) or whose mean NDWI is above ``max_mean_ndwi`` (open water:
+   turbid rivers and lakes are bright like fresh scars).
 
 Every step runs per dask block and gives exactly the result of the same step
 on the whole array:
@@ -34,7 +36,7 @@ Conventions (documented because they change results at edges):
 - A hole is a background component that touches neither the raster edge nor
   any pixel without data: what lies beyond the data is not known to be
   enclosed. "Smaller than" is strict: an object of exactly ``min_area_m2`` stays.
-- An object whose slope (or NDVI) is unknown on all its pixels is kept.
+- An object whose slope (or NDVI, or NDWI) is unknown on all its pixels is kept.
 """
 
 from __future__ import annotations
@@ -308,14 +310,16 @@ def terrain_keep(
     mean_slope: np.ndarray | None,
     mean_ndvi: np.ndarray | None,
     params: PostprocessSection,
+    mean_ndwi: np.ndarray | None = None,
 ) -> np.ndarray | None:
-    """Objects kept by the terrain rules (None when no rule applies)."""
+    """Objects kept by the terrain rules (None when no rule applies); an unknown (NaN) mean keeps."""
     keep: np.ndarray | None = None
     if params.min_mean_slope_deg is not None and mean_slope is not None:
-        keep = ~(mean_slope < params.min_mean_slope_deg)  # NaN (unknown) is kept
-    if params.max_mean_ndvi is not None and mean_ndvi is not None:
-        green = mean_ndvi > params.max_mean_ndvi
-        keep = ~green if keep is None else keep & ~green
+        keep = ~(mean_slope < params.min_mean_slope_deg)
+    for limit, mean in ((params.max_mean_ndvi, mean_ndvi), (params.max_mean_ndwi, mean_ndwi)):
+        if limit is not None and mean is not None:
+            above = mean > limit
+            keep = ~above if keep is None else keep & ~above
     return keep
 
 
@@ -328,17 +332,22 @@ def _as_dask(array: Any, chunks: tuple[tuple[int, ...], ...]) -> da.Array:
     return data
 
 
+def _normalized_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float32)
+    b = b.astype(np.float32)
+    s = a + b
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(s != 0, (a - b) / s, np.nan).astype(np.float32)
+
+
 def ndvi(red: da.Array, nir: da.Array) -> da.Array:
     """(NIR - red) / (NIR + red); NaN where the sum is zero."""
+    return da.map_blocks(_normalized_difference, nir, red, dtype=np.float32)
 
-    def _ndvi(r: np.ndarray, n: np.ndarray) -> np.ndarray:
-        r = r.astype(np.float32)
-        n = n.astype(np.float32)
-        s = n + r
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(s != 0, (n - r) / s, np.nan).astype(np.float32)
 
-    return da.map_blocks(_ndvi, red, nir, dtype=np.float32)
+def ndwi(green: da.Array, nir: da.Array) -> da.Array:
+    """McFeeters' water index (green - NIR) / (green + NIR); NaN where the sum is zero."""
+    return da.map_blocks(_normalized_difference, green, nir, dtype=np.float32)
 
 
 def clean_objects(
@@ -352,16 +361,17 @@ def clean_objects(
     slope: Any = None,
     red: Any = None,
     nir: Any = None,
+    green: Any = None,
     with_pieces: bool = False,
     block_size: int | None = None,
 ) -> CleanedObjects:
     """Threshold, morphology, min-area, holes and terrain rules; labelled objects with statistics.
 
     ``probability``, ``valid`` and every layer in ``values``/``slope``/``red``/
-    ``nir`` are 2-D arrays (dask, xarray or numpy) on ``grid``; they are
+    ``nir``/``green`` are 2-D arrays (dask, xarray or numpy) on ``grid``; they are
     processed in ``probability``'s chunks. ``values`` are extra layers whose
     per-object sums/counts/maxima are wanted (``prob`` and, when given,
-    ``slope`` and ``ndvi`` are always computed). ``block_size`` rechunks
+    ``slope``, ``ndvi`` and ``ndwi`` are always computed). ``block_size`` rechunks
     everything to square blocks of that edge first.
     """
     prob = getattr(probability, "data", probability)
@@ -382,6 +392,10 @@ def clean_objects(
         layers["ndvi"] = ndvi(_as_dask(red, chunks), _as_dask(nir, chunks))
     elif params.max_mean_ndvi is not None:
         log.warning("postprocess.max_mean_ndvi is set but B04/B08 were not given: rule skipped")
+    if green is not None and nir is not None:
+        layers["ndwi"] = ndwi(_as_dask(green, chunks), _as_dask(nir, chunks))
+    elif params.max_mean_ndwi is not None:
+        log.warning("postprocess.max_mean_ndwi is set but B03/B08 were not given: rule skipped")
     for name, layer in (values or {}).items():
         if layer is not None:
             layers[name] = _as_dask(layer, chunks)
@@ -432,7 +446,7 @@ def _finish(
             with np.errstate(invalid="ignore", divide="ignore"):
                 return np.where(cnt > 0, stats[f"{name}_sum"] / np.maximum(cnt, 1), np.nan)
 
-        rule = terrain_keep(mean("slope"), mean("ndvi"), params)
+        rule = terrain_keep(mean("slope"), mean("ndvi"), params, mean("ndwi"))
         if rule is not None:
             dropped["terrain"] = int((~rule).sum())
             keep &= rule

@@ -72,6 +72,7 @@ def polygons_from_probability(
     dem: Any = None,
     red: Any = None,
     nir: Any = None,
+    green: Any = None,
     uncertainty: Any = None,
     block_size: int | None = None,
 ) -> tuple[gpd.GeoDataFrame, xr.DataArray]:
@@ -89,10 +90,11 @@ def polygons_from_probability(
     context:
         ``scene_id``, ``acq_date``, ``model_name``, ``model_sha256``, ``run_id``
         copied into every feature.
-    slope, dem, red, nir, uncertainty:
+    slope, dem, red, nir, green, uncertainty:
         Optional (y, x) layers on the same grid: slope (degrees) for the
         slope rule and slope attributes, elevation (m), B04 and B08
-        reflectance for the NDVI rule, and the inference uncertainty.
+        reflectance for the NDVI rule, B03 (with B08) for the NDWI rule,
+        and the inference uncertainty.
     block_size:
         Rechunk every layer to square blocks of this edge (default: keep the
         probability's chunks).
@@ -113,6 +115,7 @@ def polygons_from_probability(
         slope=slope,
         red=red,
         nir=nir,
+        green=green,
         with_pieces=True,
         block_size=block_size,
     )

@@ -304,6 +304,51 @@ def test_ndvi_rule_drops_green_objects():
     assert obj.dropped["terrain"] == 1
 
 
+def test_ndwi_rule_drops_water_and_keeps_scars_across_blocks():
+    """A turbid river (bright in the visible, dark in the NIR) is dropped, a bare scar is kept, an
+    object without B03/B08 values is kept; the means are over whole objects, whatever the blocks."""
+    grid = make_grid((24, 24))
+    prob = np.zeros((24, 24), np.float32)
+    prob[1:5, 1:9] = 0.9  # scar, crossing a block edge
+    prob[10:13, 2:22] = 0.9  # river, crossing two block edges
+    prob[18:22, 18:22] = 0.9  # no B03/B08 values
+    green = np.full((24, 24), 0.10, np.float32)
+    nir = np.full((24, 24), 0.25, np.float32)  # bare soil and rock: NDWI about -0.43
+    green[10:13, 2:22], nir[10:13, 2:22] = 0.12, 0.05  # water: NDWI about +0.41
+    green[10:13, 2:6] = 0.06  # the river's upstream end alone has NDWI about +0.09
+    green[18:22, 18:22] = nir[18:22, 18:22] = np.nan
+    valid = np.ones_like(prob, bool)
+
+    def clean(limit, chunks):
+        params = PostprocessSection(opening_radius_m=0, closing_radius_m=0, min_area_m2=0, max_hole_m2=0,
+                                    max_mean_ndwi=limit)
+        return clean_objects(da.from_array(prob, chunks=chunks), da.from_array(valid, chunks=chunks), grid, params,
+                             threshold=0.5, green=da.from_array(green, chunks=chunks),
+                             nir=da.from_array(nir, chunks=chunks))
+
+    for chunks in (24, 7):
+        obj = clean(0.2, chunks)
+        labels = obj.labels.compute()
+        assert obj.dropped["terrain"] == 1
+        assert (labels[1:5, 1:9] > 0).all() and (labels[18:22, 18:22] > 0).all()
+        assert labels[10:13, 2:22].sum() == 0  # dropped as a whole: the upstream end with it
+    assert clean(None, 7).labels.compute()[10:13, 2:22].all()  # no rule: the river is a detection
+    assert clean(0.5, 7).labels.compute()[10:13, 2:22].all()  # mean NDWI 0.35 is under 0.5
+
+
+def test_ndwi_rule_without_bands_is_skipped_with_a_warning(caplog):
+    grid = make_grid((10, 10))
+    prob = np.zeros((10, 10), np.float32)
+    prob[2:6, 2:6] = 0.9
+    params = PostprocessSection(opening_radius_m=0, closing_radius_m=0, min_area_m2=0, max_hole_m2=0,
+                                max_mean_ndwi=0.0)
+    with caplog.at_level("WARNING"):
+        obj = clean_objects(da.from_array(prob, chunks=5), da.from_array(np.ones((10, 10), bool), chunks=5), grid,
+                            params, threshold=0.5)
+    assert obj.count == 1
+    assert "max_mean_ndwi is set but B03/B08 were not given" in caplog.text
+
+
 def test_missing_probability_is_never_above_threshold_and_mask_stays_inside_valid_data():
     grid = make_grid((20, 20))
     prob = np.full((20, 20), 0.9, np.float32)

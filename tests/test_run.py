@@ -187,6 +187,21 @@ def test_interrupted_run_leaves_no_partial_geopackage_and_rerun_completes(
     assert res.geopackage.is_file()
 
 
+def test_water_and_vegetation_rules_get_their_bands_in_a_run(demo: Path, tmp_path: Path, client, caplog) -> None:
+    """The NDWI and NDVI rules read B03/B04/B08 of the scene: limits that every real surface exceeds
+    drop every detection, and the run says so; without the rules the same run keeps them."""
+    plain = run_scene(_config(demo, tmp_path / "plain"), client=client)
+    assert plain.n_polygons > 0
+    for rule in ({"max_mean_ndwi": -1.0}, {"max_mean_ndvi": -1.0}):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="postprocess.morphology"):
+            res = run_scene(_config(demo, tmp_path / next(iter(rule)), postprocess=rule), client=client)
+        assert res.status == "completed" and res.n_polygons == 0, rule
+        assert "were not given" not in caplog.text
+        assert "terrain rules:" in caplog.text and " objects dropped" in caplog.text
+        assert pyogrio.read_info(res.geopackage, layer="landslides")["features"] == 0
+
+
 def test_fully_cloudy_scene_gives_valid_empty_geopackage(demo: Path, tmp_path: Path, client, caplog) -> None:
     import shutil
 
