@@ -7,6 +7,7 @@ process), each worker loads a model once and keeps it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -78,21 +79,27 @@ def _warm_workers(client: object) -> list[object]:
     """
     workers = list(client.scheduler_info()["workers"])  # type: ignore[attr-defined]
     return [
-        client.submit(_import_modules, WORKER_IMPORTS, workers=[w], allow_other_workers=False,  # type: ignore[attr-defined]
+        # a preference, not a restriction: if that worker is gone, another one imports (harmlessly)
+        client.submit(_import_modules, WORKER_IMPORTS, workers=[w], allow_other_workers=True,  # type: ignore[attr-defined]
                       pure=False, key=f"warm-imports-{i}")
         for i, w in enumerate(workers)
     ]
 
 
-def _settle(futures: list[object], timeout: float = 60.0) -> None:
+def _settle(client: object, futures: list[object], timeout: float = 30.0) -> None:
     """Let the import tasks finish before the cluster closes (a worker killed in the middle of an
-    import logs a cancelled task and takes seconds to stop); their errors do not matter here."""
+    import logs a cancelled task and takes seconds to stop); their errors do not matter here, and
+    after ``timeout`` they are cancelled."""
     from distributed import wait
 
+    if not futures:
+        return
     try:
         wait(futures, timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - closing anyway
         log.debug("worker imports did not finish before the cluster closed: %s", exc)
+        with contextlib.suppress(Exception):
+            client.cancel(futures)  # type: ignore[attr-defined]
     futures.clear()
 
 
@@ -124,16 +131,24 @@ def dask_client(section: DaskSection) -> Iterator[object]:
             threads_per_worker=threads,
             processes=True,
             memory_limit=section.memory_limit,
-            dashboard_address=":0",  # any free port: never "port 8787 is in use" beside another cluster
+            # this machine only, any free port: never "port 8787 is in use" beside another cluster
+            dashboard_address="127.0.0.1:0",
             env=_worker_env(),
             silence_logs=logging.WARNING,
         )
-    client = Client(cluster)
-    log.info("started a local Dask cluster: %d worker process(es) x %d thread(s)", section.n_workers, threads)
-    warming = _warm_workers(client)
     try:
+        client = Client(cluster)
+    except BaseException:
+        cluster.close()
+        raise
+    log.info("started a local Dask cluster: %d worker process(es) x %d thread(s)", section.n_workers, threads)
+    warming: list[object] = []
+    try:
+        warming = _warm_workers(client)
         yield client
     finally:
-        _settle(warming)
-        client.close()
-        cluster.close()
+        try:
+            _settle(client, warming)
+        finally:
+            client.close()
+            cluster.close()

@@ -604,13 +604,15 @@ async def _send_heartbeat(dask_worker: Any) -> None:  # runs on each worker
     await dask_worker.heartbeat()
 
 
-def forward_seconds(client: Any, prediction: Prediction) -> float | None:
+def forward_seconds(client: Any, prediction: Prediction, *, flush: bool = False) -> float | None:
     """Seconds the workers of ``client`` spent in the model's forward pass for ``prediction``
     (summed over worker threads: with two threads fully busy, 2 s per second of wall time), from
     Dask's performance metrics; None when the scheduler has no record of it.
 
-    Workers send their metrics with their heartbeats; each worker is asked for one first, so
-    that the metrics of the last tasks are included.
+    Workers send their metrics with their heartbeats (every 0.5 s on a small cluster, up to a few
+    seconds on a large one): read this when the prediction has been computed for a while (the run
+    does it at its very end). ``flush`` asks every worker for a heartbeat first, so that the last
+    tasks count as well: for a cluster of one's own, not for a shared one.
     """
     label = prediction.meter
 
@@ -620,7 +622,8 @@ def forward_seconds(client: Any, prediction: Prediction) -> float | None:
         return float(sum(values)) if values else None
 
     try:
-        client.run(_send_heartbeat)  # the metrics of the last tasks reach the scheduler now
+        if flush:
+            client.run(_send_heartbeat)
         return client.run_on_scheduler(collect)
     except Exception as exc:  # noqa: BLE001 - a figure for the report, never a reason to fail a run
         log.debug("no forward-pass metrics from the scheduler: %s", exc)
@@ -651,6 +654,7 @@ def _token(plan: _Plan, data: xr.DataArray, valid: xr.DataArray) -> str:
         [r.key for r in plan.refs], [r.channel_index for r in plan.refs], [r.normalization for r in plan.refs],
         plan.weights, plan.margin, plan.keep_index,
         plan.windows, opts,
+        plan.meter,  # unique per prediction: its tasks, and so its forward-pass metrics, are its own
     )
 
 

@@ -20,7 +20,9 @@ and renamed, so an interrupted run leaves no partial file at a final path.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -182,24 +184,40 @@ def run_scene(cfg: SceneConfig, *, force: bool = False, client: Any = None) -> R
             # A local cluster takes seconds to start (worker processes import PyTorch): start it in
             # the background while this process samples the scene statistics.
             cluster = _Cluster.start_local(cfg.dask, resources)
+        resources.callback(cluster.release)  # before the cluster closes
         return _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cluster)
 
 
 class _Cluster:
     """The Dask client of a run, possibly still starting in a background thread."""
 
-    def __init__(self, get: Any, starting: bool = False) -> None:
+    def __init__(self, get: Any, starting: bool = False, own: bool = False) -> None:
         self._get = get
         self.starting = starting
+        self.own = own  # started by this run for this run alone (a local cluster)
+        self._current = ExitStack()
+        self._entered = False
 
     def wait(self, timer: StageTimer) -> Any:
-        """The client, waiting (timed as ``start-cluster``) for it to be up when it is still starting."""
-        if not self.starting:
-            return self._get()
-        with timer("start-cluster"):
+        """The client, waiting (timed as ``start-cluster``) for it to be up when it is still starting.
+
+        From then on it is this thread's current client until :meth:`release`: the run computes
+        on it even when the caller has made another client current (``with Client(...)``).
+        """
+        if self.starting:
+            with timer("start-cluster"):
+                client = self._get()
+            self.starting = False
+        else:
             client = self._get()
-        self.starting = False
+        if not self._entered:
+            self._current.enter_context(client.as_current())
+            self._entered = True
         return client
+
+    def release(self) -> None:
+        self._current.close()
+        self._entered = False
 
     @classmethod
     def start_local(cls, section: Any, resources: ExitStack) -> _Cluster:
@@ -224,7 +242,7 @@ class _Cluster:
             context.__exit__(None, None, None)
 
         resources.callback(close)
-        return cls(lambda: future.result()[1], starting=True)
+        return cls(lambda: future.result()[1], starting=True, own=True)
 
 
 def _safe_name(text: str) -> str:
@@ -260,6 +278,8 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
     run_id = f"{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
     grid = stack.grid
 
+    if not cluster.starting:
+        cluster.wait(timer)  # a given or connected client: everything below computes on it
     if cfg.output.save_stack:
         from .stack import save_stack
 
@@ -302,7 +322,7 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
     try:
         return _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run_id, scene_stats,
                            prob_path, unc_path, layers_path, keep, wanted, pred.threshold,
-                           lambda seconds: _inference_figures(client, pred, seconds))
+                           lambda seconds: _inference_figures(client, pred, seconds, own=cluster.own))
     finally:
         if layers_path is not None:
             layers_path.unlink(missing_ok=True)
@@ -341,9 +361,10 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
     }
     # This process mostly waits for the workers from here on: it reads the quicklook's background
     # while the postprocessing runs, and writes the mask raster beside the GeoPackage.
-    with ThreadPoolExecutor(2, thread_name_prefix="outputs") as pool:
-        background = pool.submit(_quicklook_background, cfg, grid, prob_path) if cfg.output.quicklook else None
-        with timer("postprocess"), _mask_in_graphs():
+    pool = ThreadPoolExecutor(2, thread_name_prefix="outputs")
+    try:
+        background = _submit(pool, _quicklook_background, cfg, grid, prob_path) if cfg.output.quicklook else None
+        with timer("postprocess"), _mask_in_graphs(grid):
             gdf, cleaned = polygons_from_probability(
                 probability, valid, grid, cfg.postprocess,
                 slope=layers.get("SLOPE"), dem=layers.get("DEM"),
@@ -352,9 +373,9 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
                 block_size=cfg.grid.block_size,
             )
 
-        with timer("write"), _mask_in_graphs():
-            mask_job = (pool.submit(write_cog, cleaned.astype("uint8"), grid, run_dir / "mask.tif",
-                                    dtype="uint8", nodata=255) if cfg.output.mask_cog else None)
+        with timer("write"), _mask_in_graphs(grid):
+            mask_job = (_submit(pool, write_cog, cleaned.astype("uint8"), grid, run_dir / "mask.tif",
+                                dtype="uint8", nodata=255) if cfg.output.mask_cog else None)
             metadata = {
                 "run_id": run_id, "run_key": key, "scene_id": stack.scene_id, "model": context["model_name"],
                 "model_sha256": context["model_sha256"], "threshold": threshold, "grid": grid.to_dict(),
@@ -371,6 +392,9 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
                 mask_job.result()
             if not cfg.output.probability_cog:
                 prob_path.unlink(missing_ok=True)
+    finally:
+        # on an error, what has not started does not start (what runs finishes: its output is atomic)
+        pool.shutdown(wait=True, cancel_futures=True)
 
     total_area = float(gdf["area_m2"].sum()) if len(gdf) else 0.0
     seconds = time.perf_counter() - t_start
@@ -409,9 +433,13 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
     return RunResult(stack.scene_id, "completed", run_dir, gpkg_path, len(gdf), total_area, seconds, report)
 
 
-def _inference_figures(client: Any, pred: Any, seconds: float) -> dict[str, Any]:
+def _inference_figures(client: Any, pred: Any, seconds: float, *, own: bool) -> dict[str, Any]:
     """Windows, worker threads and the time the workers spent in the model's forward pass, and
-    that time's share of all worker-thread time of the run (``seconds`` of wall time)."""
+    that time's share of all worker-thread time of the run (``seconds`` of wall time).
+
+    The share only when the cluster is the run's ``own``: the threads of a shared scheduler also
+    work for others, and the number of them can change during the run.
+    """
     from .inference import forward_seconds
 
     figures: dict[str, Any] = {"windows": pred.windows, "worker_threads": None,
@@ -420,26 +448,38 @@ def _inference_figures(client: Any, pred: Any, seconds: float) -> dict[str, Any]
         threads = int(sum(client.nthreads().values()))
     except Exception:  # noqa: BLE001 - figures for the report only
         return figures
-    forward = forward_seconds(client, pred)
+    forward = forward_seconds(client, pred, flush=own)
     figures["worker_threads"] = threads
-    if forward is not None and threads and seconds > 0:
+    if forward is not None:
         figures["model_forward_seconds"] = round(forward, 3)
+    if forward is not None and own and threads and seconds > 0:
         figures["model_forward_share"] = round(forward / (threads * seconds), 4)
         log.info("model forward pass: %.1f s on %d worker thread(s), %.0f %% of the run's worker-thread time",
                  forward, threads, 100 * forward / (threads * seconds))
     return figures
 
 
+def _submit(pool: ThreadPoolExecutor, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``pool.submit`` in a copy of this thread's context (a Dask client made current with
+    ``Client.as_current()`` stays the one that computes)."""
+    return pool.submit(contextvars.copy_context().run, functools.partial(fn, *args, **kwargs))
+
+
 @contextmanager
-def _mask_in_graphs() -> Iterator[None]:
+def _mask_in_graphs(grid: Any) -> Iterator[None]:
     """Postprocessing and the mask raster send the bit-packed cleaned mask to the workers inside
     their graphs, on purpose (:func:`postprocess.morphology.persist_mask`: 15 MB for a full tile).
     Distributed warns about every graph above 10 MB; that warning says nothing useful here and
-    would appear four times per scene in every nightly log."""
-    import warnings
+    would appear four times per scene in every nightly log. The threshold is raised by twice the
+    packed mask while these graphs are sent (a setting of Dask's, not a warnings filter: other
+    threads' warnings are not touched)."""
+    import dask
+    from dask.utils import parse_bytes
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+    key = "distributed.admin.large-graph-warning-threshold"
+    packed = grid.height * ((grid.width + 7) // 8)
+    current = parse_bytes(str(dask.config.get(key, "10MB")))
+    with dask.config.set({key: max(current, parse_bytes("10MB") + 2 * packed)}):
         yield
 
 

@@ -251,7 +251,7 @@ def test_threaded_and_multiprocess_cluster_give_the_same_raster(tmp_path: Path) 
     data, valid, grid = _scene(200, 230, seed=5, chunks=100)
     pred = predict(data, valid, grid, [saved], InferenceOptions(overlap=16, block_size=96))
     threaded = _compute(pred.probability)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
         distributed = np.asarray(client.compute(pred.probability.data).result())
         cached = client.run(lambda: len(inference._CACHE))

@@ -98,7 +98,7 @@ def test_region_uses_an_existing_scheduler_when_configured(region: Path, tmp_pat
     from distributed import LocalCluster
 
     cfg = load_region_config(region)
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster:
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0") as cluster:
         cfg = cfg.model_copy(update={
             "scenes": cfg.scenes[:1],
             "output": cfg.output.model_copy(update={"dir": tmp_path / "out"}),
@@ -160,6 +160,9 @@ def test_local_workers_import_the_task_modules_as_they_start(monkeypatch: pytest
         flags = client.run(_imported, cluster_module.WORKER_IMPORTS)
         assert sorted(flags.values()) == [[True, True], [True, True]]
         assert {f.key for f in started} == {"warm-imports-0", "warm-imports-1"}
+        # the scheduler's HTTP endpoint (health, metrics) listens on this machine only
+        http = client.cluster.scheduler.http_server
+        assert {sock.getsockname()[0] for sock in http._sockets.values()} == {"127.0.0.1"}
 
 
 def test_local_cluster_workers_keep_adaptive_malloc_and_one_thread_per_task(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 def client():
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster, \
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as c:
         yield c
 
@@ -81,8 +81,7 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
     threads = sum(client.nthreads().values())
     assert inference["worker_threads"] == threads
     assert 0 < inference["model_forward_seconds"] <= threads * report["timings_s"]["infer"]
-    assert inference["model_forward_share"] == pytest.approx(
-        inference["model_forward_seconds"] / (threads * report["timings_s"]["total"]), abs=1e-3)
+    assert inference["model_forward_share"] is None  # a cluster the run did not start may work for others
     # the shipped model normalizes with the scene's statistics, recorded for every channel it uses
     stats = report["scene_statistics"]
     assert 0 < stats["n_pixels"] <= report["counts"]["valid_pixels"]
@@ -192,14 +191,36 @@ def test_water_and_vegetation_rules_get_their_bands_in_a_run(demo: Path, tmp_pat
     drop every detection, and the run says so; without the rules the same run keeps them."""
     plain = run_scene(_config(demo, tmp_path / "plain"), client=client)
     assert plain.n_polygons > 0
-    for rule in ({"max_mean_ndwi": -1.0}, {"max_mean_ndvi": -1.0}):
+    rules = ({"max_mean_ndwi": -1.0}, {"max_mean_ndvi": -1.0}, {"max_mean_ndwi": -1.0, "max_mean_ndvi": 1.0})
+    for n, rule in enumerate(rules):  # the last: both rules, B08 shared, only the water rule bites
         caplog.clear()
         with caplog.at_level("INFO", logger="postprocess.morphology"):
-            res = run_scene(_config(demo, tmp_path / next(iter(rule)), postprocess=rule), client=client)
+            res = run_scene(_config(demo, tmp_path / f"rule{n}", postprocess=rule), client=client)
         assert res.status == "completed" and res.n_polygons == 0, rule
         assert "were not given" not in caplog.text
         assert "terrain rules:" in caplog.text and " objects dropped" in caplog.text
         assert pyogrio.read_info(res.geopackage, layer="landslides")["features"] == 0
+
+
+def test_failing_mask_raster_fails_the_run_without_a_report(demo: Path, tmp_path: Path, client,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mask raster is written in a thread beside the GeoPackage: its error is the run's error,
+    the run directory stays incomplete (no report) and the next run completes it."""
+    import pipeline.cog as cog_module
+    from pipeline.errors import OutputError
+
+    def failing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OutputError("mask.tif: disk full (test)")
+
+    cfg = _config(demo, tmp_path)
+    monkeypatch.setattr(cog_module, "write_cog", failing)
+    with pytest.raises(OutputError, match="disk full"):
+        run_scene(cfg, client=client)
+    assert not list(cfg.output.dir.rglob(REPORT))
+    assert not list(cfg.output.dir.rglob("mask.tif"))
+    monkeypatch.undo()
+    res = run_scene(cfg, client=client)
+    assert res.status == "completed" and (res.run_dir / "mask.tif").is_file()
 
 
 def test_fully_cloudy_scene_gives_valid_empty_geopackage(demo: Path, tmp_path: Path, client, caplog) -> None:
@@ -326,10 +347,16 @@ def test_quicklook_bands_follow_the_block_mean_of_the_stacked_bands(demo: Path) 
     np.testing.assert_allclose(warped[inner], expected[inner], rtol=1e-4)
 
 
-def test_local_cluster_starts_while_the_scene_statistics_are_sampled(demo: Path, tmp_path: Path,
+def _forward_labels(dask_scheduler) -> set[str]:  # noqa: ANN001
+    return {k[2] for k in dask_scheduler.cumulative_worker_metrics
+            if isinstance(k, tuple) and len(k) == 4 and str(k[2]).startswith("model-forward")}
+
+
+def test_local_cluster_starts_while_the_scene_statistics_are_sampled(demo: Path, tmp_path: Path, client,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The cluster starts in a background thread, the statistics are computed in this process
-    meanwhile, and the cluster is closed whether the run succeeds or fails."""
+    meanwhile, and the cluster is closed whether the run succeeds or fails. The run computes on
+    its own cluster although another client (the module's, entered with ``with``) is current."""
     import threading
     from contextlib import contextmanager
 
@@ -367,11 +394,19 @@ def test_local_cluster_starts_while_the_scene_statistics_are_sampled(demo: Path,
     events.clear()
 
     monkeypatch.setattr(scenestats, "scene_band_stats", recording_stats)
+    before = client.run_on_scheduler(_forward_labels)
     res = run_scene(cfg)
+    assert client.run_on_scheduler(_forward_labels) == before  # nothing ran on the other cluster
     assert res.status == "completed" and res.n_polygons >= 0
     assert schedulers == ["threads"]  # sampled locally while the cluster was starting
     assert [e[0] for e in events] == ["start", "closed"]
     assert "start-cluster" in res.report["timings_s"] and "scene-stats" in res.report["timings_s"]
+    # on its own cluster the run reports the forward pass's share of all worker-thread time
+    inference = res.report["inference"]
+    assert inference["worker_threads"] == 2
+    assert inference["model_forward_share"] == pytest.approx(
+        inference["model_forward_seconds"] / (2 * res.report["timings_s"]["total"]), abs=1e-3)
+    assert 0 < inference["model_forward_share"] < 1
 
 
 def test_postprocess_mask_in_graphs_raises_no_large_graph_warnings(demo: Path, tmp_path: Path, client,

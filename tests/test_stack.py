@@ -339,7 +339,7 @@ def test_stack_and_cog_on_a_distributed_process_cluster(iburi: Path, tmp_path: P
     bad = stack_scene(scene_cfg({"bands_dir": str(bad_dir)}, iburi / "dem" / "aw3d30_dsm.tif",
                                 grid={"block_size": 512}), IBURI_CHANNELS)
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
-                                  dashboard_address=":0") as cluster, distributed.Client(cluster):
+                                  dashboard_address="127.0.0.1:0") as cluster, distributed.Client(cluster):
         out = save_stack(stack, tmp_path / "stack.tif")
         with pytest.raises(InputError, match="B03.tif"):
             save_stack(bad, tmp_path / "bad.tif")
