@@ -93,7 +93,7 @@ def _stats(data: Any, valid: Any, channels: Sequence[str], windows: int, size: i
     height, width = valid.shape
     origins = sample_origins(height, width, windows, size)
     values = _sample(data, valid, origins, size, 1, scheduler)
-    how = f"{len(origins)} windows of {size} px"
+    how = "the whole scene" if size >= max(height, width) else f"{len(origins)} windows of {size} px"
     n_r, n_c = math.ceil(height / size), math.ceil(width / size)
     if values.shape[1] < min_pixels and len(origins) < n_r * n_c:
         # mostly cloudy or outside the footprint: look everywhere, thinned
@@ -152,6 +152,13 @@ def scene_band_stats(
     t0 = time.perf_counter()
     fine_cfg = cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"block_size": size})})
     stack = stack_scene(fine_cfg, channels)
+    height, width = stack.valid.shape
+    if math.ceil(height / size) * math.ceil(width / size) <= windows:
+        # The sample is the whole scene: read it in the run's blocks instead. Same pixels, same
+        # statistics, far fewer reads: a JPEG 2000 band stored as one block is decoded whole for
+        # every window read from it (a 1020 px demo scene: 11.4 s in 256 px windows, 1.6 s at once).
+        stack = stack_scene(cfg, channels)
+        size = max(height, width)
     stats = _stats(stack.data.data, stack.valid.data, [str(c) for c in stack.data.band.values],
                    windows, size, min_pixels, scheduler)
     log.debug("scene statistics in %.1f s", time.perf_counter() - t0)
