@@ -94,6 +94,29 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
                              "else the Landslide4Sense 14 channels)")
 
 
+#: Postprocessing rules and the bands each needs.
+RULE_BANDS = {"max_mean_ndvi": ("B04", "B08"), "max_mean_ndwi": ("B03", "B08")}
+
+
+def skipped_rules(cfg: SceneConfig) -> list[str]:
+    """The configured postprocessing rules that the scene's bands cannot feed (a run skips them
+    with a warning): one sentence each, naming the rule and the missing bands."""
+    from .readers import read_scene
+    from .stack import available_channels
+
+    wanted = {rule: bands for rule, bands in RULE_BANDS.items() if getattr(cfg.postprocess, rule) is not None}
+    if not wanted:
+        return []
+    have = set(available_channels(read_scene(cfg.scene)))
+    notes = []
+    for rule, bands in wanted.items():
+        missing = [b for b in bands if b not in have]
+        if missing:
+            notes.append(f"{cfg.source}: postprocess.{rule} is set but the scene has no {', '.join(missing)}: "
+                         "runs skip this rule")
+    return notes
+
+
 def cli_validate(args: argparse.Namespace) -> int:
     """Check a scene config, its model(s) and its inputs; print the problems. Exit code 0 when all is well.
 
@@ -122,6 +145,8 @@ def cli_validate(args: argparse.Namespace) -> int:
         print(f"error: {p}", file=sys.stderr)
     if problems:
         return 1
+    for note in skipped_rules(cfg):
+        print(f"warning: {note}", file=sys.stderr)
     print(f"{args.config}: OK - inputs readable, georeferenced and overlapping; channels available{model_note}")
     return 0
 

@@ -221,3 +221,16 @@ def test_error_while_writing_leaves_no_partial_file(scene: Path) -> None:
 def test_band_folder_missing_or_empty(scene: Path, make_bad: Callable[[Path], object]) -> None:
     make_bad(scene)
     _assert_refused(_config(scene), InputError, str(scene / "bands"), "scene.bands_dir")
+
+
+def test_validate_warns_about_rules_the_bands_cannot_feed(scene: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """B08 is missing: the water and vegetation rules would be skipped by a run. Validate says so,
+    naming the rule and the band, and still passes (the run itself works)."""
+    config = _config(scene, postprocess={"max_mean_ndwi": 0.0, "max_mean_ndvi": 0.5, "min_mean_slope_deg": 10.0})
+    assert _validate_cli(config) == 0
+    err = capsys.readouterr().err
+    assert "postprocess.max_mean_ndwi is set but the scene has no B08" in err
+    assert "postprocess.max_mean_ndvi is set but the scene has no B08" in err
+    assert "min_mean_slope_deg" not in err  # the slope comes from the DEM
+    assert _validate_cli(_config(scene)) == 0
+    assert "warning" not in capsys.readouterr().err
