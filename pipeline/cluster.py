@@ -56,8 +56,8 @@ def _quiet_distributed() -> None:
             logging.getLogger(name).setLevel(level)
 
 
-#: Modules the block tasks need. A fresh worker imports PyTorch and the model library (about 6 s of
-#: one core) when it unpickles its first inference task; that import held up both worker threads at
+#: Modules the block tasks need. A fresh worker imports PyTorch, the model library and the
+#: postprocessing libraries (about 8 s of one core) when it unpickles its first inference task; that import held up both worker threads at
 #: the start of the inference stage. Local workers import them in a task of their own as they start,
 #: while the main process is still busy with the scene statistics.
 WORKER_IMPORTS = ("pipeline.inference", "postprocess.pipeline")

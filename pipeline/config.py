@@ -153,6 +153,10 @@ class ModelSection(Strict):
         return list(self.path) if isinstance(self.path, list) else [self.path]
 
 
+#: The bands each postprocessing rule on the scene's reflectance reads.
+RULE_BANDS: dict[str, tuple[str, ...]] = {"max_mean_ndvi": ("B04", "B08"), "max_mean_ndwi": ("B03", "B08")}
+
+
 class PostprocessSection(Strict):
     threshold: float | None = Field(None, gt=0, lt=1, description="default: the model artefact's threshold")
     opening_radius_m: float = Field(10.0, ge=0)
@@ -167,6 +171,10 @@ class PostprocessSection(Strict):
         "above 0, bare soil and rock below (needs B03, B08)",
     )
     simplify_m: float = Field(0.0, ge=0)
+
+    def rule_bands(self) -> dict[str, tuple[str, ...]]:
+        """The bands of each configured rule that reads the scene's reflectance (:data:`RULE_BANDS`)."""
+        return {rule: bands for rule, bands in RULE_BANDS.items() if getattr(self, rule) is not None}
 
 
 class OutputSection(Strict):

@@ -299,12 +299,8 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
                                            scheduler="threads" if cluster.starting else None)
     client = cluster.wait(timer)
 
-    wanted = ["SLOPE", "DEM"]
-    if cfg.postprocess.max_mean_ndvi is not None:
-        wanted += ["B04", "B08"]
-    if cfg.postprocess.max_mean_ndwi is not None:
-        wanted += ["B03", "B08"]
-    wanted = list(dict.fromkeys(wanted))
+    rule_bands = [b for bands in cfg.postprocess.rule_bands().values() for b in bands]
+    wanted = list(dict.fromkeys(["SLOPE", "DEM", *rule_bands]))
     # Channels the later stages need and the model stack already reads travel with the
     # probability (one read of the inputs); the others are stacked on their own below.
     in_stack = [str(b) for b in stack.data.band.values]

@@ -94,17 +94,13 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
                              "else the Landslide4Sense 14 channels)")
 
 
-#: Postprocessing rules and the bands each needs.
-RULE_BANDS = {"max_mean_ndvi": ("B04", "B08"), "max_mean_ndwi": ("B03", "B08")}
-
-
 def skipped_rules(cfg: SceneConfig) -> list[str]:
     """The configured postprocessing rules that the scene's bands cannot feed (a run skips them
     with a warning): one sentence each, naming the rule and the missing bands."""
     from .readers import read_scene
     from .stack import available_channels
 
-    wanted = {rule: bands for rule, bands in RULE_BANDS.items() if getattr(cfg.postprocess, rule) is not None}
+    wanted = cfg.postprocess.rule_bands()
     if not wanted:
         return []
     have = set(available_channels(read_scene(cfg.scene)))
