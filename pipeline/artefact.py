@@ -32,19 +32,19 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 from . import fsutil
+from .architectures import canonical_architecture, input_multiple
 from .channels import canonical
 from .errors import ChannelError, InputError, ModelError
-from .models import build_model, canonical_architecture, input_multiple
 from .normalization import validate_spec
+
+if TYPE_CHECKING:  # PyTorch is imported where weights are read, written or built, not for metadata
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,8 @@ class ModelArtefact:
 
     def build(self) -> nn.Module:
         """A fresh untrained module of this artefact's architecture."""
+        from .models import build_model
+
         return build_model(self.architecture, self.encoder, self.in_channels, **self.arch_kwargs)
 
     def check_channels(self, available: Iterable[str]) -> list[int]:
@@ -206,6 +208,9 @@ def save_artefact(
     it is compared with a freshly built one before writing. Returns the
     saved artefact with ``path``, ``sha256`` and ``module`` set.
     """
+    import torch
+    from safetensors.torch import save_file
+
     path = Path(path)
     if path.suffix != SUFFIX:
         raise ModelError(f"{path}: model artefacts are {SUFFIX} files")
@@ -300,6 +305,18 @@ def _read_header(path: Path) -> dict[str, Any]:
         raise ModelError(not_st) from None
     if not isinstance(header, dict):
         raise ModelError(not_st)
+    # The tensors' byte ranges must fill the file exactly: a truncated copy is refused here, before a
+    # run starts, not when a worker loads the weights.
+    try:
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise ModelError(not_st) from None
+    declared = 8 + n + max(ends, default=0)
+    if declared != size:
+        raise ModelError(
+            f"{path}: model artefact is {size} bytes but its header declares {declared} "
+            f"({'truncated' if size < declared else 'trailing data'}); copy the file again"
+        )
     return header
 
 
@@ -342,6 +359,9 @@ def load_artefact(path: str | os.PathLike[str], device: str | torch.device = "cp
     Never unpickles. Raises :class:`InputError` when the file is missing and
     :class:`ModelError` when it is not a valid artefact.
     """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     art = read_metadata(path)
     where = str(art.path)
     try:

@@ -57,10 +57,11 @@ def _quiet_distributed() -> None:
 
 
 #: Modules the block tasks need. A fresh worker imports PyTorch, the model library and the
-#: postprocessing libraries (about 8 s of one core) when it unpickles its first inference task; that import held up both worker threads at
-#: the start of the inference stage. Local workers import them in a task of their own as they start,
-#: while the main process is still busy with the scene statistics.
-WORKER_IMPORTS = ("pipeline.inference", "postprocess.pipeline")
+#: postprocessing libraries (about 8 s of one core) when it unpickles its first task that needs them;
+#: that import held up both worker threads at the start of the inference stage. Local workers import
+#: them in a task of their own as they start, while the main process (which never imports PyTorch)
+#: is still busy with the scene statistics.
+WORKER_IMPORTS = ("pipeline.models", "pipeline.device", "pipeline.inference", "postprocess.pipeline")
 
 
 def _import_modules(names: tuple[str, ...]) -> list[str]:

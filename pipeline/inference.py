@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import dask
 import dask.array as da
 import numpy as np
-import torch
 import xarray as xr
 
 from tiling.stitch import add_window, default_margin, finalize, window_weights
@@ -51,22 +50,18 @@ from .artefact import (
     ensemble_threshold,
     load_artefact,
 )
-from .device import (
-    BatchLimit,
-    Precision,
-    auto_batch_size,
-    autocast,
-    resolve_device,
-    resolve_precision,
-    run_batched,
-    use_channels_last,
-)
 from .errors import ConfigError, GridError, InputError, ModelError
 from .grid import Grid
 from .normalization import BandStats, needs_population, normalize, resolve_spec
 
 if TYPE_CHECKING:
+    import torch
+
     from .config import ModelSection
+    from .device import BatchLimit, Precision
+
+# PyTorch and the device helpers are imported by the functions that run the model (in the worker
+# processes): building the graph in the main process needs neither.
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +201,8 @@ def clear_model_cache() -> None:
 
 def _prepare(module: torch.nn.Module, rt: _Runtime) -> torch.nn.Module:
     """Eval mode on the runtime's device and memory format (done once per module and runtime)."""
+    import torch
+
     tag = (str(rt.device), rt.channels_last)
     if getattr(module, "_inference_prepared", None) == tag:
         return module
@@ -244,6 +241,10 @@ def _module_for(ref: _ModelRef, rt: _Runtime) -> torch.nn.Module:
 
 
 def _runtime(opts: InferenceOptions, tile: int) -> _Runtime:
+    import torch
+
+    from .device import BatchLimit, auto_batch_size, resolve_device, resolve_precision, use_channels_last
+
     key = (opts.device, opts.precision, opts.channels_last, opts.batch_size, tile)
     with _LOCK:
         rt = _RUNTIMES.get(key)
@@ -283,7 +284,10 @@ def _forward_probs(
     The time of each forward pass (device transfer, model, sigmoid, copy back) is reported to
     Dask's performance metrics under ``meter`` when this runs in a Dask worker (a no-op elsewhere).
     """
+    import torch
     from distributed.metrics import context_meter
+
+    from .device import autocast, run_batched
 
     xt = torch.from_numpy(x)
     batch = torch.cat([TTA_TRANSFORMS[name][0](xt) for name in transforms], dim=0) if len(transforms) > 1 else xt

@@ -34,40 +34,20 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
+from .architectures import (  # noqa: F401 - the registry's names, re-exported
+    ARCHITECTURES,
+    PLAIN_UNET,
+    SEED_ENCODERS,
+    SMP_NAMES,
+    canonical_architecture,
+    input_multiple,
+)
 from .errors import ModelError
 
 log = logging.getLogger(__name__)
 
-PLAIN_UNET = "PlainUnet"
-
-#: smp architectures by their class name.
-SMP_ARCHITECTURES: dict[str, type[nn.Module]] = {
-    name: getattr(smp, name)
-    for name in (
-        "Unet", "UnetPlusPlus", "MAnet", "Linknet", "FPN", "PSPNet", "PAN",
-        "DeepLabV3", "DeepLabV3Plus", "UPerNet", "Segformer", "DPT",
-    )
-    if hasattr(smp, name)
-}
-
-ARCHITECTURES: tuple[str, ...] = (*SMP_ARCHITECTURES, PLAIN_UNET)
-
-#: Encoders used by the seed papers (smp names).
-SEED_ENCODERS: tuple[str, ...] = (
-    "resnet34", "vgg16", "mobilenet_v2", "efficientnet-b0", "mit_b1", "inceptionv4",
-    "densenet121", "resnext50_32x4d", "se_resnet50", "se_resnext50_32x4d", "inceptionresnetv2",
-)
-
-_BY_LOWER = {name.lower(): name for name in ARCHITECTURES}
-
-
-def canonical_architecture(name: str) -> str:
-    """Registry spelling of an architecture name (case-insensitive, ``-``/``_`` ignored)."""
-    key = name.strip().lower()
-    found = _BY_LOWER.get(key) or _BY_LOWER.get(key.replace("-", "").replace("_", ""))
-    if found is None:
-        raise ModelError(f"unknown architecture {name!r}; expected one of {', '.join(ARCHITECTURES)}")
-    return found
+#: smp architectures by their class name (those this smp version has; see :data:`SMP_NAMES`).
+SMP_ARCHITECTURES: dict[str, type[nn.Module]] = {name: getattr(smp, name) for name in SMP_NAMES if hasattr(smp, name)}
 
 
 def encoder_names() -> list[str]:
@@ -110,21 +90,15 @@ def build_model(
         raise ModelError(
             f"unknown encoder {encoder!r} for {arch}; seed-paper encoders: {', '.join(SEED_ENCODERS)}"
         )
-    cls = SMP_ARCHITECTURES[arch]
+    cls = SMP_ARCHITECTURES.get(arch)
+    if cls is None:
+        raise ModelError(f"{arch} is not in the installed segmentation-models-pytorch {smp.__version__}; upgrade it")
     try:
         return cls(
             encoder_name=encoder, encoder_weights=None, in_channels=in_channels, classes=classes, **kwargs
         )
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise ModelError(f"cannot build {arch} with encoder {encoder!r}: {exc}") from None
-
-
-def input_multiple(architecture: str) -> int:
-    """Tile edges must be a multiple of this for ``architecture``.
-
-    smp models need multiples of 32; ``PlainUnet`` pads internally and takes any size.
-    """
-    return 1 if canonical_architecture(architecture) == PLAIN_UNET else 32
 
 
 class _DoubleConv(nn.Sequential):

@@ -50,12 +50,16 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import sys
 
 import numpy as np
-import torch
 
 from .errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +71,7 @@ REL_FLOOR = 1e-3
 ABS_FLOOR = 1e-6
 _TORCH_QUANTILE_MAX = 2**24
 
-ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+ArrayT = TypeVar("ArrayT", np.ndarray, "torch.Tensor")
 
 
 def validate_spec(spec: Mapping[str, Any] | None, n_channels: int | None = None) -> dict[str, Any]:
@@ -230,7 +234,8 @@ def normalize(
         raise ModelError(
             f"normalize: valid mask shape {tuple(valid.shape)} does not match input {tuple(x.shape)}"
         )
-    if isinstance(x, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor means PyTorch is imported; numpy input never needs it
+    if torch is not None and isinstance(x, torch.Tensor):
         v = None if valid is None else torch.as_tensor(valid, device=x.device).bool()
         return _normalize_torch(x, v, full)
     v_np = None if valid is None else np.asarray(valid, dtype=bool)
@@ -326,6 +331,8 @@ def _robust_scale_np(q25: np.ndarray, q50: np.ndarray, q75: np.ndarray) -> np.nd
 
 # -- torch ------------------------------------------------------------------
 def _normalize_torch(x: torch.Tensor, valid: torch.Tensor | None, spec: dict[str, Any]) -> torch.Tensor:
+    import torch
+
     x = x.detach().to(torch.float32).clone()
     n, c, h, w = x.shape
     finite = torch.isfinite(x).all(dim=1)
@@ -364,5 +371,7 @@ def _normalize_torch(x: torch.Tensor, valid: torch.Tensor | None, spec: dict[str
 
 
 def _robust_scale_torch(qs: torch.Tensor) -> torch.Tensor:
+    import torch
+
     scale = torch.maximum(qs[2] - qs[0], REL_FLOOR * qs[1].abs())
     return scale.clamp_min(ABS_FLOOR)

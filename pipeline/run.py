@@ -120,15 +120,21 @@ def _package_versions() -> dict[str, str]:
     return out
 
 
-def load_models(cfg: SceneConfig) -> list[Any]:
-    """Load the configured artefacts (metadata + weights) and check them as an ensemble."""
-    from .artefact import check_ensemble
-    from .artefact import load_models as load_artefacts
+def load_models(cfg: SceneConfig, *, weights: bool = False) -> list[Any]:
+    """The configured artefacts, checked as an ensemble: their metadata only, or with ``weights``
+    loaded and checked against the architecture as well.
+
+    A run reads metadata only: its main process never runs a model, and PyTorch (seconds of import
+    and hundreds of MB) is imported by the workers, which load the weights from the files (with
+    the same checks, so a bad file fails the run with the same error). The files' checksums
+    identify the models in the run's fingerprint, and a worker refuses a file that changed since.
+    """
+    from .artefact import check_ensemble, load_artefact, read_metadata
 
     for path in cfg.model.paths:
         if not path.is_file():
             raise ModelError(f"{cfg.source}: model.path: model artefact not found: {path}")
-    models = load_artefacts(cfg.model.paths)
+    models = [load_artefact(p) if weights else read_metadata(p) for p in cfg.model.paths]
     check_ensemble(models, cfg.model.weights)
     return models
 

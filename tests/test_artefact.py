@@ -213,3 +213,49 @@ def test_ensemble_threshold_and_member_checks(tmp_path: Path) -> None:
         load_models([a.path, c.path])
     with pytest.raises(ModelError, match="weights"):
         ensemble_threshold([a, b], [1.0])
+
+
+def test_truncated_or_padded_file_is_refused_from_its_header_alone(tmp_path: Path) -> None:
+    """A run reads only the header in its main process: a file cut short (an interrupted copy) or
+    with bytes appended must be refused there, naming the file, before any worker loads it."""
+    good = save_artefact(tmp_path / "m.safetensors", _module(), _meta()).path
+    assert read_metadata(good).name  # the intact file passes
+    blob = good.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(blob[: len(blob) - 1000])
+    with pytest.raises(ModelError, match=r"cut\.safetensors.*truncated"):
+        read_metadata(cut)
+    padded = tmp_path / "padded.safetensors"
+    padded.write_bytes(blob + b"\0" * 16)
+    with pytest.raises(ModelError, match=r"padded\.safetensors.*trailing data"):
+        read_metadata(padded)
+    with pytest.raises(ModelError, match="truncated"):
+        load_artefact(cut)
+
+
+def test_metadata_alone_never_imports_pytorch(tmp_path: Path) -> None:
+    """Reading and checking metadata (what a run's main process does) works without PyTorch."""
+    import subprocess
+    import sys
+
+    path = save_artefact(tmp_path / "m.safetensors", _module(), _meta()).path
+    code = (
+        "import sys\n"
+        "from pipeline.artefact import read_metadata, check_ensemble\n"
+        "from pipeline.architectures import canonical_architecture\n"
+        f"m = read_metadata({str(path)!r})\n"
+        "check_ensemble([m])\n"
+        "print(m.architecture, m.tile_size, 'torch' in sys.modules, 'segmentation_models_pytorch' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["PlainUnet", "128", "False", "False"]
+
+
+def test_static_architecture_names_match_the_model_library() -> None:
+    """The PyTorch-free list of architectures is the one the model library builds."""
+    from pipeline.architectures import ARCHITECTURES as names
+    from pipeline.models import PLAIN_UNET, SMP_ARCHITECTURES
+
+    assert set(names) == {*SMP_ARCHITECTURES, PLAIN_UNET}

@@ -128,20 +128,33 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
     assert (res.run_dir.parent / "LATEST").read_text().strip() == changed.run_dir.name
 
 
+#: The CLI's main(), then whether this (the main) process imported PyTorch or the model library.
+_CLI_THEN_IMPORTS = (
+    "import sys\n"
+    "from pipeline.__main__ import main\n"
+    "code = main(sys.argv[1:])\n"
+    "print('main-process-imports:', 'torch' in sys.modules, 'segmentation_models_pytorch' in sys.modules)\n"
+    "sys.exit(code)\n"
+)
+
+
 def test_cli_run_prints_outputs_and_summary(demo: Path, tmp_path: Path) -> None:
+    """The command line's run and its no-op rerun; the main process reads model metadata only and
+    never imports PyTorch (the workers run the model): seconds and hundreds of MB saved per run."""
     text = demo.read_text()
     cfg_path = demo.parent / "cli_scene.yaml"
     cfg_path.write_text(text.replace("dir: output", f"dir: {tmp_path / 'cli_out'}") if "dir: output" in text
                         else text + f"\noutput:\n  dir: {tmp_path / 'cli_out'}\n")
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(cfg_path)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=900)
+    command = [sys.executable, "-c", _CLI_THEN_IMPORTS, "run", str(cfg_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert "GeoPackage:" in proc.stdout
     assert "landslide polygon(s)" in proc.stdout
-    proc2 = subprocess.run([sys.executable, "-m", "pipeline", "run", str(cfg_path)], capture_output=True,
-                           text=True, cwd=ROOT, timeout=900)
+    assert "main-process-imports: False False" in proc.stdout
+    proc2 = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc2.returncode == 0
     assert "nothing to do" in proc2.stdout
+    assert "main-process-imports: False False" in proc2.stdout
 
 
 def test_unwritable_output_dir_is_a_clear_error(demo: Path, tmp_path: Path) -> None:
@@ -151,6 +164,31 @@ def test_unwritable_output_dir_is_a_clear_error(demo: Path, tmp_path: Path) -> N
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": blocker / "out"})})
     with pytest.raises(OutputError, match=r"output.dir: output directory .*a_file/out is not writable"):
         run_scene(cfg)
+
+
+def test_weights_that_do_not_fit_the_architecture_fail_the_run_naming_the_file(
+    demo: Path, tmp_path: Path, client
+) -> None:
+    """The main process reads only the artefact's metadata; the worker that loads the weights
+    checks them against the declared architecture, and the run fails with that error (type and
+    file named) and leaves no report and no GeoPackage."""
+    from safetensors.torch import save_file
+
+    from pipeline.artefact import FORMAT, FORMAT_VERSION, read_metadata
+    from pipeline.errors import ModelError
+    from pipeline.models import build_model
+
+    meta = read_metadata(DEFAULT_MODEL).metadata()
+    other = build_model("PlainUnet", None, len(meta["channels"]), base_channels=4, depth=2)  # not the declared size
+    bad = tmp_path / "mismatched.safetensors"
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION,
+              "metadata": json.dumps({**meta, "weights_dtype": "float32"})}
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(bad), metadata=header)
+    cfg = _config(demo, tmp_path, model={"path": bad})
+    with pytest.raises(ModelError, match=r"mismatched\.safetensors: weights do not match the declared architecture"):
+        run_scene(cfg, client=client)
+    assert not list(cfg.output.dir.rglob(REPORT))
+    assert not list(cfg.output.dir.rglob("*.gpkg"))
 
 
 def test_interrupted_run_leaves_no_partial_geopackage_and_rerun_completes(
