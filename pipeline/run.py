@@ -362,38 +362,45 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
         "run_id": run_id,
     }
     # This process mostly waits for the workers from here on: it reads the quicklook's background
-    # while the postprocessing runs, and writes the mask raster beside the GeoPackage.
-    pool = ThreadPoolExecutor(2, thread_name_prefix="outputs")
+    # while the postprocessing runs, and the workers compute the mask raster and count the valid
+    # pixels while this process builds and merges the polygons.
+    pool = ThreadPoolExecutor(3, thread_name_prefix="outputs")
+    jobs: dict[str, Any] = {}
+
+    def start_mask_outputs(cleaned: Any) -> None:
+        if cfg.output.mask_cog:
+            jobs["mask"] = _submit(pool, write_cog, cleaned.astype("uint8"), grid, run_dir / "mask.tif",
+                                   dtype="uint8", nodata=255)
+        jobs["valid"] = _submit(pool, lambda: int(np.asarray(valid.sum().compute())))
+
     try:
         background = _submit(pool, _quicklook_background, cfg, grid, prob_path) if cfg.output.quicklook else None
-        with timer("postprocess"), _mask_in_graphs(grid):
-            gdf, cleaned = polygons_from_probability(
-                probability, valid, grid, cfg.postprocess,
-                slope=layers.get("SLOPE"), dem=layers.get("DEM"),
-                red=layers.get("B04"), nir=layers.get("B08"), green=layers.get("B03"),
-                uncertainty=uncertainty, threshold=threshold, context=context,
-                block_size=cfg.grid.block_size,
-            )
+        with _mask_in_graphs(grid):
+            with timer("postprocess"):
+                gdf, cleaned = polygons_from_probability(
+                    probability, valid, grid, cfg.postprocess,
+                    slope=layers.get("SLOPE"), dem=layers.get("DEM"),
+                    red=layers.get("B04"), nir=layers.get("B08"), green=layers.get("B03"),
+                    uncertainty=uncertainty, threshold=threshold, context=context,
+                    block_size=cfg.grid.block_size, on_mask=start_mask_outputs,
+                )
+            with timer("write"):
+                metadata = {
+                    "run_id": run_id, "run_key": key, "scene_id": stack.scene_id, "model": context["model_name"],
+                    "model_sha256": context["model_sha256"], "threshold": threshold, "grid": grid.to_dict(),
+                    "config": str(cfg.source), "pipeline_version": __version__,
+                }
+                write_geopackage(gdf, gpkg_path, layer="landslides", metadata=metadata, crs=cfg.output.crs)
+                if background is not None and (coarse := background.result()) is not None:
+                    from postprocess.quicklook import write_quicklook_coarse
 
-        with timer("write"), _mask_in_graphs(grid):
-            mask_job = (_submit(pool, write_cog, cleaned.astype("uint8"), grid, run_dir / "mask.tif",
-                                dtype="uint8", nodata=255) if cfg.output.mask_cog else None)
-            metadata = {
-                "run_id": run_id, "run_key": key, "scene_id": stack.scene_id, "model": context["model_name"],
-                "model_sha256": context["model_sha256"], "threshold": threshold, "grid": grid.to_dict(),
-                "config": str(cfg.source), "pipeline_version": __version__,
-            }
-            write_geopackage(gdf, gpkg_path, layer="landslides", metadata=metadata, crs=cfg.output.crs)
-            if background is not None and (coarse := background.result()) is not None:
-                from postprocess.quicklook import write_quicklook_coarse
-
-                small, factor, shown = coarse
-                write_quicklook_coarse(small, factor, grid, gdf, run_dir / "quicklook.png", valid=shown)
-            n_valid = int(np.asarray(valid.sum().compute()))
-            if mask_job is not None:
-                mask_job.result()
-            if not cfg.output.probability_cog:
-                prob_path.unlink(missing_ok=True)
+                    small, factor, shown = coarse
+                    write_quicklook_coarse(small, factor, grid, gdf, run_dir / "quicklook.png", valid=shown)
+                n_valid = jobs["valid"].result()
+                if "mask" in jobs:
+                    jobs["mask"].result()
+                if not cfg.output.probability_cog:
+                    prob_path.unlink(missing_ok=True)
     finally:
         # on an error, what has not started does not start (what runs finishes: its output is atomic)
         pool.shutdown(wait=True, cancel_futures=True)

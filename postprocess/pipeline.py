@@ -10,7 +10,7 @@ the number of objects and on two bit-packed masks (one bit per pixel).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import geopandas as gpd
@@ -75,6 +75,7 @@ def polygons_from_probability(
     green: Any = None,
     uncertainty: Any = None,
     block_size: int | None = None,
+    on_mask: Callable[[xr.DataArray], Any] | None = None,
 ) -> tuple[gpd.GeoDataFrame, xr.DataArray]:
     """Landslide polygons with attributes, and the cleaned mask, from a probability raster.
 
@@ -98,6 +99,11 @@ def polygons_from_probability(
     block_size:
         Rechunk every layer to square blocks of this edge (default: keep the
         probability's chunks).
+    on_mask:
+        Called with the (lazy) cleaned mask as soon as its objects are known,
+        before the polygons are built and merged in this process: a caller
+        can start computing the mask (a raster of it) on the workers
+        meanwhile. Its return value is ignored.
 
     Returns
     -------
@@ -120,6 +126,8 @@ def polygons_from_probability(
         block_size=block_size,
     )
     mask = mask_dataarray(objects, _coords(probability, grid))
+    if on_mask is not None:
+        on_mask(mask)
     if objects.count == 0:
         log.info("no landslide objects above threshold %.3f", thr)
         return empty_frame(grid.crs), mask

@@ -261,6 +261,38 @@ def test_failing_mask_raster_fails_the_run_without_a_report(demo: Path, tmp_path
     assert res.status == "completed" and (res.run_dir / "mask.tif").is_file()
 
 
+def test_mask_raster_is_computed_while_the_polygons_are_merged(demo: Path, tmp_path: Path, client,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers would idle while this process builds and merges the polygons: the mask raster
+    starts before that, and is the same raster as the polygons' cleaned mask."""
+    import threading
+
+    import pipeline.cog as cog_module
+    import postprocess.pipeline as pp
+
+    mask_started = threading.Event()
+    seen: list[bool] = []
+    real_cog, real_merge = cog_module.write_cog, pp.merge_pieces
+
+    def recording_cog(data, grid, path, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        if Path(path).name == "mask.tif":
+            mask_started.set()
+        return real_cog(data, grid, path, **kwargs)
+
+    def merge_after_mask_started(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append(mask_started.wait(timeout=60))  # never set when the mask waits for the polygons
+        return real_merge(*args, **kwargs)
+
+    monkeypatch.setattr(cog_module, "write_cog", recording_cog)
+    monkeypatch.setattr(pp, "merge_pieces", merge_after_mask_started)
+    res = run_scene(_config(demo, tmp_path), client=client)
+    assert res.status == "completed" and seen == [True]
+    with rasterio.open(res.run_dir / "mask.tif") as src:
+        mask = src.read(1)
+    assert int((mask == 1).sum()) * 100 == round(res.total_area_m2)  # 10 m pixels
+    assert res.report["counts"]["valid_pixels"] > 0
+
+
 def test_fully_cloudy_scene_gives_valid_empty_geopackage(demo: Path, tmp_path: Path, client, caplog) -> None:
     import shutil
 
