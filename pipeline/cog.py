@@ -263,6 +263,24 @@ def _convert(plan: dict[str, Any]) -> Path:
     return source
 
 
+def cog_from_tiff(source: str | os.PathLike[str], path: str | os.PathLike[str], *, overview: bool = True,
+                  overview_resampling: str = "average", compress: str = "DEFLATE") -> Path:
+    """Copy a GeoTIFF (for example the plain tiled one that :func:`write_rasters` writes with
+    ``cog=False``) into a COG at ``path``, with overviews, atomically. Tags, band descriptions and
+    no-data carry over; ``source`` is left as it is. Raises :class:`OutputError`."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.cog.tif"
+    out = RasterOutput(None, path, "uint8", None, overview=overview, overview_resampling=overview_resampling,
+                       compress=compress)
+    try:
+        _move(_convert({"out": out, "path": path, "tmp_tiff": Path(source), "tmp_cog": tmp}), path)
+    except BaseException:
+        _cleanup(tmp)
+        raise
+    log.info("wrote %s (COG of %s)", path, Path(source).name)
+    return path
+
+
 def _move(source: Path, path: Path) -> Path:
     try:
         os.replace(source, path)
@@ -279,4 +297,4 @@ def _cleanup(*paths: Path) -> None:
             Path(f"{p}.aux.xml").unlink()
 
 
-__all__ = ["RasterOutput", "write_cog", "write_rasters"]
+__all__ = ["RasterOutput", "cog_from_tiff", "write_cog", "write_rasters"]

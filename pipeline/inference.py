@@ -694,6 +694,7 @@ def write_prediction(
     uncertainty_path: str | os.PathLike[str] | None = None,
     layers_path: str | os.PathLike[str] | None = None,
     dtype: Literal["uint8", "float16", "float32"] = "uint8",
+    probability_cog: bool = True,
 ) -> list[Path]:
     """Write the probability COG, and the uncertainty COG and kept layers when asked, in one computation.
 
@@ -702,6 +703,9 @@ def write_prediction(
     The kept layers (:attr:`Prediction.layers`, float32, one band each in
     their order, NaN as no data) go to a plain tiled GeoTIFF at
     ``layers_path``, an intermediate file for later stages of the run.
+    ``probability_cog=False`` writes the probability as a plain tiled
+    GeoTIFF instead (uncompressed, no overviews: for a caller that reads it
+    back at once and makes the COG later, :func:`pipeline.cog.cog_from_tiff`).
     Returns the paths written, probability first.
     """
     from .cog import RasterOutput, write_rasters
@@ -710,9 +714,10 @@ def write_prediction(
     if dtype == "uint8":
         # DataArray.round, not np.round: np.round would compute the whole lazy raster here
         scaled = xr.where(prob.isnull(), 255.0, (prob * 254.0).round())
-        outputs = [RasterOutput(scaled, Path(path), "uint8", 255, tags={"scale": str(1 / 254), "offset": "0"})]
+        outputs = [RasterOutput(scaled, Path(path), "uint8", 255, tags={"scale": str(1 / 254), "offset": "0"},
+                                cog=probability_cog)]
     elif dtype in ("float16", "float32"):
-        outputs = [RasterOutput(prob, Path(path), dtype, float("nan"))]
+        outputs = [RasterOutput(prob, Path(path), dtype, float("nan"), cog=probability_cog)]
     else:
         raise ConfigError(f"probability dtype must be uint8, float16 or float32, got {dtype!r}")
     if uncertainty_path is not None:

@@ -317,15 +317,19 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
         options = InferenceOptions.from_config(cfg.model, block_size=cfg.grid.block_size)
         # the mask without the bands' own no-data: each block derives that from the pixels it reads
         pred = predict(stack.data, stack.mask, grid, models, options, scene_stats=scene_stats, keep=keep)
-        prob_path = run_dir / "probability.tif"
+        # An intermediate, plain tiled GeoTIFF (a rerun after a crash replaces it): the later stages
+        # read it at once, and the probability COG is made from it while they run.
+        plain_prob = run_dir / ".probability.tif"
         unc_path = run_dir / "uncertainty.tif" if pred.uncertainty is not None else None
         # uint8: probability x 254, 255 = no data (an eighth of float32 on disk)
-        write_prediction(pred, prob_path, uncertainty_path=unc_path, layers_path=layers_path, dtype="uint8")
+        write_prediction(pred, plain_prob, uncertainty_path=unc_path, layers_path=layers_path, dtype="uint8",
+                         probability_cog=False)
     try:
         return _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run_id, scene_stats,
-                           prob_path, unc_path, layers_path, keep, wanted, pred.threshold,
+                           plain_prob, unc_path, layers_path, keep, wanted, pred.threshold,
                            lambda seconds: _inference_figures(client, pred, seconds, own=cluster.own))
     finally:
+        plain_prob.unlink(missing_ok=True)
         if layers_path is not None:
             layers_path.unlink(missing_ok=True)
 
@@ -337,7 +341,7 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
     from postprocess.gpkg import write_geopackage
     from postprocess.pipeline import polygons_from_probability
 
-    from .cog import write_cog
+    from .cog import cog_from_tiff, write_cog
 
     grid = stack.grid
     # Re-open the probability raster lazily: the model ran once, later stages read blocks from disk.
@@ -361,11 +365,13 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
         "model_sha256": ",".join(m.sha256 for m in models),
         "run_id": run_id,
     }
-    # This process mostly waits for the workers from here on: it reads the quicklook's background
-    # while the postprocessing runs, and the workers compute the mask raster and count the valid
-    # pixels while this process builds and merges the polygons.
-    pool = ThreadPoolExecutor(3, thread_name_prefix="outputs")
+    # This process mostly waits for the workers from here on: it makes the probability COG and
+    # reads the quicklook's background while the postprocessing runs, and the workers compute the
+    # mask raster and count the valid pixels while this process builds and merges the polygons.
+    pool = ThreadPoolExecutor(4, thread_name_prefix="outputs")
     jobs: dict[str, Any] = {}
+    if cfg.output.probability_cog:
+        jobs["probability"] = _submit(pool, cog_from_tiff, prob_path, run_dir / "probability.tif")
 
     def start_mask_outputs(cleaned: Any) -> None:
         if cfg.output.mask_cog:
@@ -397,10 +403,9 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
                     small, factor, shown = coarse
                     write_quicklook_coarse(small, factor, grid, gdf, run_dir / "quicklook.png", valid=shown)
                 n_valid = jobs["valid"].result()
-                if "mask" in jobs:
-                    jobs["mask"].result()
-                if not cfg.output.probability_cog:
-                    prob_path.unlink(missing_ok=True)
+                for name in ("mask", "probability"):
+                    if name in jobs:
+                        jobs[name].result()
     finally:
         # on an error, what has not started does not start (what runs finishes: its output is atomic)
         pool.shutdown(wait=True, cancel_futures=True)
@@ -512,7 +517,7 @@ def _quicklook_background(cfg: SceneConfig, grid: Any, prob_path: Path) -> tuple
         log.info("no quicklook: %s", exc)
         return None
     rows, cols = small.shape[1:]
-    with rasterio.open(prob_path) as src:  # the COG's overviews make this read cheap
+    with rasterio.open(prob_path) as src:  # uncompressed uint8: cheap to read even without overviews
         prob = src.read(1, window=Window(0, 0, cols * factor, rows * factor), out_shape=(rows, cols),
                         resampling=Resampling.nearest)
     return small, factor, prob != np.uint8(255)

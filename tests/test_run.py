@@ -101,6 +101,10 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
         assert src.crs.to_string() == report["grid"]["crs"]
         assert src.profile["tiled"]  # blocks are tiles, not strips
         assert src.dtypes[0] == "uint8" and src.nodata == 255
+        # a COG (made from the run's plain intermediate while postprocessing ran; the demo is too
+        # small for overviews)
+        assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert float(src.tags()["scale"]) == pytest.approx(1 / 254)
         prob = src.read(1, masked=True)
         assert int(prob.min()) >= 0 and int(prob.max()) <= 254
     if res.n_polygons:

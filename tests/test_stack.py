@@ -388,6 +388,38 @@ def test_write_cog_masks_and_integer_rasters(tmp_path: Path) -> None:
         assert ds.overviews(1) == []
 
 
+def test_cog_from_a_plain_tiled_intermediate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain tiled GeoTIFF (cog=False) becomes a COG with overviews, the same pixels, tags and
+    no-data; the intermediate stays; a failed conversion leaves nothing at the final path."""
+    import rasterio.shutil as rshutil
+
+    from pipeline.cog import RasterOutput, cog_from_tiff, write_rasters
+    from pipeline.errors import OutputError
+
+    grid = Grid.from_bounds((500000, 4000000, 500000 + 9000, 4000000 + 6000), "EPSG:32633", 10)
+    rng = np.random.default_rng(1)
+    values = rng.integers(0, 255, grid.shape, dtype=np.uint8)
+    lazy = dask.array.from_array(values, chunks=(256, 256))
+    plain, = write_rasters([RasterOutput(lazy, tmp_path / ".p.tif", "uint8", 255, tags={"scale": "0.5"}, cog=False)],
+                           grid)
+    with rasterio.open(plain) as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") != "COG" and ds.overviews(1) == []
+    out = cog_from_tiff(plain, tmp_path / "p.tif")
+    with rasterio.open(out) as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and ds.overviews(1)
+        assert ds.tags()["scale"] == "0.5" and ds.nodata == 255
+        np.testing.assert_array_equal(ds.read(1), values)
+    assert plain.is_file()
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise rasterio.errors.RasterioError("disk full (test)")
+
+    monkeypatch.setattr(rshutil, "copy", broken)
+    with pytest.raises(OutputError, match=r"q\.tif: cannot write the COG"):
+        cog_from_tiff(plain, tmp_path / "q.tif")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".p.tif", "p.tif"]
+
+
 def test_blockwise_slope_with_halo_equals_whole_grid_slope(iburi: Path) -> None:
     """Per-block slope from the DEM grown by one pixel equals Horn on the whole reprojected DEM."""
     stack = stack_scene(iburi_cfg(iburi, "pre", block=256), ["DEM", "SLOPE"])
