@@ -48,14 +48,20 @@ FULL_STACK_GB = 14 * 10980 * 10980 * 4 / 1e9
 
 
 class PeakMemory:
-    """Samples the resident memory of this process and its children in a thread."""
+    """Samples the resident memory of a process (this one by default) and its children in a thread."""
 
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(self, interval: float = 0.05, pid: int | None = None) -> None:
         self.interval = interval
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._proc = psutil.Process()
+        self._proc = psutil.Process(pid)  # another process tree: that process and its children
+
+    def _rss_or_zero(self) -> int:
+        try:
+            return self._rss()
+        except psutil.Error:  # the process has ended
+            return 0
 
     def _rss(self) -> int:
         total = self._proc.memory_info().rss
@@ -66,18 +72,18 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
+            self.peak = max(self.peak, self._rss_or_zero())
             time.sleep(self.interval)
 
     def __enter__(self) -> PeakMemory:
-        self.peak = self._rss()
+        self.peak = self._rss_or_zero()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._rss())
+        self.peak = max(self.peak, self._rss_or_zero())
 
 
 def _field(rows: np.ndarray, cols: np.ndarray, band_no: int, rng: np.random.Generator,

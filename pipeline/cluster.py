@@ -64,10 +64,47 @@ def _quiet_distributed() -> None:
 WORKER_IMPORTS = ("pipeline.models", "pipeline.device", "pipeline.inference", "postprocess.pipeline")
 
 
-def _import_modules(names: tuple[str, ...]) -> list[str]:
+def _prepare_worker(names: tuple[str, ...]) -> list[str]:
+    """Import ``names`` in this worker and let the process skip the interpreter's teardown when the
+    worker has closed (runs in each worker of a local cluster)."""
     import importlib
 
-    return [importlib.import_module(name).__name__ for name in names]
+    imported = [importlib.import_module(name).__name__ for name in names]
+    _exit_fast_after_close()
+    return imported
+
+
+def _exit_fast_after_close() -> None:
+    """Once this worker has closed, end its process at exit without tearing the interpreter down.
+
+    With PyTorch and torchvision loaded, a Python process takes 2-3 s to exit after its last line
+    (their native libraries' teardown), and longer after a large run: the nanny gave up after 4 s,
+    logged "Worker process still alive after 4.0 seconds, killing" and killed it, at the end of
+    every full-tile run. By then every task has finished and every file is closed (the run's outputs
+    are complete before its cluster closes), so nothing is lost: logs are flushed, then
+    ``os._exit(0)``. A process that exits while its worker is still running exits normally.
+    """
+    import atexit
+    import weakref
+
+    from distributed import get_worker
+    from distributed.core import Status
+
+    worker = weakref.ref(get_worker())
+
+    def exit_now() -> None:
+        w = worker()
+        if w is not None and w.status != Status.closed:
+            return
+        import sys
+
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(0)
+
+    atexit.register(exit_now)
 
 
 def _warm_workers(client: object) -> list[object]:
@@ -81,7 +118,7 @@ def _warm_workers(client: object) -> list[object]:
     workers = list(client.scheduler_info()["workers"])  # type: ignore[attr-defined]
     return [
         # a preference, not a restriction: if that worker is gone, another one imports (harmlessly)
-        client.submit(_import_modules, WORKER_IMPORTS, workers=[w], allow_other_workers=True,  # type: ignore[attr-defined]
+        client.submit(_prepare_worker, WORKER_IMPORTS, workers=[w], allow_other_workers=True,  # type: ignore[attr-defined]
                       pure=False, key=f"warm-imports-{i}")
         for i, w in enumerate(workers)
     ]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pyogrio
 import pytest
 import torch
@@ -165,6 +167,32 @@ def test_local_workers_import_the_task_modules_as_they_start(monkeypatch: pytest
         # the scheduler's HTTP endpoint (health, metrics) listens on this machine only
         http = client.cluster.scheduler.http_server
         assert {sock.getsockname()[0] for sock in http._sockets.values()} == {"127.0.0.1"}
+
+
+def _exit_marker(path: str) -> None:
+    import atexit
+    from pathlib import Path
+
+    atexit.register(Path(path).write_text, "the interpreter was torn down")
+
+
+def test_local_cluster_workers_skip_the_slow_interpreter_teardown(tmp_path: Path) -> None:
+    """With PyTorch loaded a worker process took seconds to exit after closing (the nanny killed it
+    after a full tile, with a warning in every run's log): a closed local worker ends at once, before
+    the exit handlers registered earlier than its fast exit."""
+    from distributed import wait
+
+    from pipeline import cluster as cluster_module
+    from pipeline.config import DaskSection
+
+    marker = tmp_path / "torn-down"
+    with cluster_module.dask_client(DaskSection(n_workers=1, threads_per_worker=1)) as client:
+        wait(client.submit(_exit_marker, str(marker), pure=False), timeout=60)
+        # registered after the marker: at exit it runs first and ends the process
+        wait(client.submit(cluster_module._exit_fast_after_close, pure=False), timeout=60)
+        pid = next(iter(client.run(os.getpid).values()))
+    assert not marker.exists()
+    assert not psutil.pid_exists(pid)
 
 
 def test_local_cluster_workers_keep_adaptive_malloc_and_one_thread_per_task(monkeypatch: pytest.MonkeyPatch) -> None:
