@@ -297,6 +297,18 @@ def test_mask_raster_is_computed_while_the_polygons_are_merged(demo: Path, tmp_p
     assert res.report["counts"]["valid_pixels"] > 0
 
 
+def test_run_without_the_probability_raster(demo: Path, tmp_path: Path, client) -> None:
+    """output.probability_cog: false keeps no probability raster (the intermediate the later stages
+    read is removed), and everything else is written as usual."""
+    cfg = _config(demo, tmp_path, output={"probability_cog": False, "quicklook": True})
+    res = run_scene(cfg, client=client)
+    assert res.status == "completed" and res.n_polygons > 0
+    names = sorted(p.name for p in res.run_dir.iterdir())
+    assert "probability.tif" not in names and not [n for n in names if n.startswith(".")]
+    assert {"mask.tif", "quicklook.png", REPORT, res.geopackage.name} <= set(names)
+    assert res.report["outputs"] == names
+
+
 def test_fully_cloudy_scene_gives_valid_empty_geopackage(demo: Path, tmp_path: Path, client, caplog) -> None:
     import shutil
 
