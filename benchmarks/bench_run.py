@@ -176,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         "non_inference_share_in_run": (None if report["inference"]["model_forward_share"] is None
                                        else round(1 - report["inference"]["model_forward_share"], 3)),
         # the same against the command's wall time (start-up and imports of the process included)
-        "non_inference_share_in_command": round(
-            1 - report["inference"]["model_forward_seconds"] / (report["inference"]["worker_threads"] * wall), 3),
+        "non_inference_share_in_command": (
+            None if not report["inference"]["model_forward_seconds"] or not report["inference"]["worker_threads"]
+            else round(1 - report["inference"]["model_forward_seconds"]
+                       / (report["inference"]["worker_threads"] * wall), 3)),
         "peak_rss_gib_process_tree": round(rss.peak / 1024**3, 2),
         "polygons": report["counts"]["polygons"],
     }

@@ -75,29 +75,39 @@ def _prepare_worker(names: tuple[str, ...]) -> list[str]:
 
 
 def _exit_fast_after_close() -> None:
-    """Once this worker has closed, end its process at exit without tearing the interpreter down.
+    """Once this worker has closed cleanly, end its process at exit without tearing the interpreter
+    down.
 
     With PyTorch and torchvision loaded, a Python process takes 2-3 s to exit after its last line
     (their native libraries' teardown), and longer after a large run: the nanny gave up after 4 s,
     logged "Worker process still alive after 4.0 seconds, killing" and killed it, at the end of
     every full-tile run. By then every task has finished and every file is closed (the run's outputs
     are complete before its cluster closes), so nothing is lost: logs are flushed, then
-    ``os._exit(0)``. A process that exits while its worker is still running exits normally.
+    ``os._exit(0)``. Only then: the worker closed and the process exits with status 0 (a spawned
+    worker process ends with ``sys.exit(code)``, recorded here). Any other exit, an error's
+    included, takes the normal path with its own status.
     """
     import atexit
+    import sys
     import weakref
 
     from distributed import get_worker
     from distributed.core import Status
 
     worker = weakref.ref(get_worker())
+    codes: list[object] = []
+    system_exit = sys.exit
+
+    def recording_exit(code: object = None) -> None:
+        codes.append(code)
+        system_exit(code)
+
+    sys.exit = recording_exit
 
     def exit_now() -> None:
         w = worker()
-        if w is not None and w.status != Status.closed:
+        if w is None or w.status != Status.closed or codes[-1:] not in ([0], [None]):
             return
-        import sys
-
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):

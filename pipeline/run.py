@@ -120,9 +120,9 @@ def _package_versions() -> dict[str, str]:
     return out
 
 
-def load_models(cfg: SceneConfig, *, weights: bool = False) -> list[Any]:
-    """The configured artefacts, checked as an ensemble: their metadata only, or with ``weights``
-    loaded and checked against the architecture as well.
+def load_models(cfg: SceneConfig, *, weights: bool = True) -> list[Any]:
+    """The configured artefacts, checked as an ensemble, with their weights loaded and checked
+    against the architecture; with ``weights=False`` their metadata only (``module`` is None).
 
     A run reads metadata only: its main process never runs a model, and PyTorch (seconds of import
     and hundreds of MB) is imported by the workers, which load the weights from the files (with
@@ -154,7 +154,7 @@ def run_scene(cfg: SceneConfig, *, force: bool = False, client: Any = None) -> R
     timer = StageTimer()
     ensure_writable_dir(cfg.output.dir, field="output.dir", source=cfg.source)
     with timer("load-models"):
-        models = load_models(cfg)
+        models = load_models(cfg, weights=False)
     key = run_fingerprint(cfg, [m.sha256 for m in models])
 
     from .inference import inference_block_size
@@ -379,9 +379,10 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
                                    dtype="uint8", nodata=255)
         jobs["valid"] = _submit(pool, lambda: int(np.asarray(valid.sum().compute())))
 
-    try:
-        background = _submit(pool, _quicklook_background, cfg, grid, prob_path) if cfg.output.quicklook else None
-        with _mask_in_graphs(grid):
+    # the mask's graphs may still be sent from the pool's threads until it has shut down
+    with _mask_in_graphs(grid):
+        try:
+            background = _submit(pool, _quicklook_background, cfg, grid, prob_path) if cfg.output.quicklook else None
             with timer("postprocess"):
                 gdf, cleaned = polygons_from_probability(
                     probability, valid, grid, cfg.postprocess,
@@ -406,9 +407,9 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
                 for name in ("mask", "probability"):
                     if name in jobs:
                         jobs[name].result()
-    finally:
-        # on an error, what has not started does not start (what runs finishes: its output is atomic)
-        pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            # on an error, what has not started does not start (what runs finishes: its output is atomic)
+            pool.shutdown(wait=True, cancel_futures=True)
 
     total_area = float(gdf["area_m2"].sum()) if len(gdf) else 0.0
     seconds = time.perf_counter() - t_start

@@ -131,7 +131,7 @@ def cli_validate(args: argparse.Namespace) -> int:
     model_note = ""
     if channels is None:
         try:
-            models = load_models(cfg, weights=True)  # the weights checked too, before a run
+            models = load_models(cfg)  # the weights checked too, before a run
             channels = model_channels(models)
             model_note = " for model " + " + ".join(f"{m.name} ({len(m.channels)} channels)" for m in models)
         except PipelineError as exc:

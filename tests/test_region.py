@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pyogrio
 import pytest
 import torch
@@ -190,9 +188,35 @@ def test_local_cluster_workers_skip_the_slow_interpreter_teardown(tmp_path: Path
         wait(client.submit(_exit_marker, str(marker), pure=False), timeout=60)
         # registered after the marker: at exit it runs first and ends the process
         wait(client.submit(cluster_module._exit_fast_after_close, pure=False), timeout=60)
-        pid = next(iter(client.run(os.getpid).values()))
+        (nanny,) = client.cluster.workers.values()
+        process = nanny.process.process
+    assert process.exitcode == 0  # ended by itself, with success (the nanny kills with a signal)
     assert not marker.exists()
-    assert not psutil.pid_exists(pid)
+
+
+_FAST_EXIT = """
+import atexit, sys
+import distributed
+from distributed.core import Status
+import pipeline.cluster as cluster
+marker, status, code = sys.argv[1], sys.argv[2], int(sys.argv[3])
+worker = type("FakeWorker", (), {"status": Status[status]})()
+distributed.get_worker = lambda: worker
+atexit.register(lambda: open(marker, "w").write("torn down"))
+cluster._exit_fast_after_close()
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize(("status", "code", "fast"), [("closed", 0, True), ("closed", 3, False), ("running", 0, False)])
+def test_fast_exit_only_after_a_clean_close(tmp_path: Path, status: str, code: int, fast: bool) -> None:
+    """The fast exit is taken only when the worker has closed and the process ends with status 0;
+    an error's status, or a worker that did not close, takes the normal exit with its own status."""
+    marker = tmp_path / "marker"
+    proc = subprocess.run([sys.executable, "-c", _FAST_EXIT, str(marker), status, str(code)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert marker.exists() is not fast
 
 
 def test_local_cluster_workers_keep_adaptive_malloc_and_one_thread_per_task(monkeypatch: pytest.MonkeyPatch) -> None:
