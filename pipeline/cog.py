@@ -245,22 +245,27 @@ def _start(out: RasterOutput, grid: Grid) -> dict[str, Any]:
 def _convert(plan: dict[str, Any]) -> Path:
     """The stored temporary GeoTIFF in its final form (a COG copy, or itself)."""
     out: RasterOutput = plan["out"]
-    path: Path = plan["path"]
-    source = plan["tmp_tiff"]
-    if out.cog:
-        options = {
-            "COMPRESS": out.compress, "PREDICTOR": "YES", "BLOCKSIZE": str(TILE), "BIGTIFF": "IF_SAFER",
-            "OVERVIEWS": "AUTO" if out.overview else "NONE", "RESAMPLING": out.overview_resampling.upper(),
-            "NUM_THREADS": str(max(1, min(4, os.cpu_count() or 1))),
-        }
-        if out.compress.upper() == "DEFLATE":
-            options["LEVEL"] = str(DEFLATE_LEVEL)
-        try:
-            rasterio.shutil.copy(source, plan["tmp_cog"], driver="COG", **options)
-        except (RasterioError, OSError) as exc:
-            raise OutputError(f"{path}: cannot write the COG ({_detail(exc)})") from None
-        source = plan["tmp_cog"]
-    return source
+    if not out.cog:
+        return plan["tmp_tiff"]
+    return _copy_as_cog(plan["tmp_tiff"], plan["tmp_cog"], plan["path"], compress=out.compress,
+                        overview=out.overview, overview_resampling=out.overview_resampling)
+
+
+def _copy_as_cog(source: Path, dest: Path, path: Path, *, compress: str, overview: bool,
+                 overview_resampling: str) -> Path:
+    """GDAL's COG copy of ``source`` at ``dest`` (errors name ``path``, the file it becomes)."""
+    options = {
+        "COMPRESS": compress, "PREDICTOR": "YES", "BLOCKSIZE": str(TILE), "BIGTIFF": "IF_SAFER",
+        "OVERVIEWS": "AUTO" if overview else "NONE", "RESAMPLING": overview_resampling.upper(),
+        "NUM_THREADS": str(max(1, min(4, os.cpu_count() or 1))),
+    }
+    if compress.upper() == "DEFLATE":
+        options["LEVEL"] = str(DEFLATE_LEVEL)
+    try:
+        rasterio.shutil.copy(source, dest, driver="COG", **options)
+    except (RasterioError, OSError) as exc:
+        raise OutputError(f"{path}: cannot write the COG ({_detail(exc)})") from None
+    return dest
 
 
 def cog_from_tiff(source: str | os.PathLike[str], path: str | os.PathLike[str], *, overview: bool = True,
@@ -270,10 +275,9 @@ def cog_from_tiff(source: str | os.PathLike[str], path: str | os.PathLike[str], 
     no-data carry over; ``source`` is left as it is. Raises :class:`OutputError`."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.cog.tif"
-    out = RasterOutput(None, path, "uint8", None, overview=overview, overview_resampling=overview_resampling,
-                       compress=compress)
     try:
-        _move(_convert({"out": out, "path": path, "tmp_tiff": Path(source), "tmp_cog": tmp}), path)
+        _move(_copy_as_cog(Path(source), tmp, path, compress=compress, overview=overview,
+                           overview_resampling=overview_resampling), path)
     except BaseException:
         _cleanup(tmp)
         raise

@@ -4,7 +4,8 @@ Stages and the grid each produces:
 
 1. stack      -> lazy (band, y, x) float32 on the 10 m scene grid + valid mask
 2. infer      -> probability raster on the same grid (windows, batches, blending),
-                 written as a tiled COG; stage boundary on disk so the model runs once
+                 written as a plain tiled intermediate; stage boundary on disk so the model
+                 runs once (the probability COG is made from it during postprocessing)
 3. postprocess-> cleaned mask, global object labels, per-object statistics
 4. vectorize  -> polygons with attributes -> GeoPackage (+ mask COG, quicklook)
 5. report     -> report.json: timings per stage, counts, areas, checksums, versions
