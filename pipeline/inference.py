@@ -33,12 +33,13 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from rasterio.windows import Window
 
 from tiling.stitch import add_window, default_margin, finalize, window_weights
 from tiling.windows import WindowGrid, block_spans, round_block_size, valid_counts
@@ -342,12 +343,13 @@ class _BlockSums:
 
 def _predict_owned(
     data: np.ndarray,
-    valid: np.ndarray,
+    valid: np.ndarray | None,
     rows: tuple[int, int],
     cols: tuple[int, int],
     plan: _Plan,
 ) -> _BlockSums:
-    """Run the windows whose origin lies in the block; ``data``/``valid`` start at the block's origin."""
+    """Run the windows whose origin lies in the block; ``data``/``valid`` start at the block's origin
+    (``valid`` None: every pixel with values in all channels)."""
     wg = plan.windows
     tile = wg.tile
     n_out = 2 if plan.with_uncertainty else 1
@@ -361,7 +363,7 @@ def _predict_owned(
         finite = np.isfinite(data[model_bands[0]])
         for i in model_bands[1:]:
             finite &= np.isfinite(data[i])
-    valid = np.asarray(valid, dtype=bool) & finite
+    valid = finite if valid is None else np.asarray(valid, dtype=bool) & finite
     block_valid = valid[:bh, :bw]
     wr, wc = wg.block_windows(rows, cols)
     if not len(wr) or not len(wc) or not valid.any():
@@ -392,6 +394,25 @@ def _predict_owned(
             w = window_weights(tile, wg.overlap, plan.margin, r + rows[0], c + cols[0], wg.height, wg.width)
             add_window(acc, wsum, values[k], w, r, c)
     return _BlockSums(block_valid, acc, wsum, kept)
+
+
+class WindowReader(Protocol):
+    """Reads windows of a (band, y, x) stack: what :func:`predict` takes as ``reader``."""
+
+    shape: tuple[int, int, int]
+
+    def read(self, bands: Sequence[int], window: Window) -> np.ndarray:
+        """(len(bands), window.height, window.width) float32 values of ``bands`` in ``window``."""
+        ...
+
+
+def _read_and_predict(reader: WindowReader, bands: Sequence[int], extent: tuple[tuple[int, int], tuple[int, int]],
+                      valid: np.ndarray | None, rows: tuple[int, int], cols: tuple[int, int],
+                      plan: _Plan) -> _BlockSums:
+    """:func:`_predict_owned` on the block's whole extent, read here in one call."""
+    (ry0, ry1), (rx0, rx1) = extent
+    data = reader.read(list(bands), Window(rx0, ry0, rx1 - rx0, ry1 - ry0))
+    return _predict_owned(data, valid, rows, cols, plan)
 
 
 def _spill(owned: _BlockSums, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -473,6 +494,7 @@ def predict(
     options: InferenceOptions | None = None,
     scene_stats: BandStats | None = None,
     keep: Sequence[str] = (),
+    reader: WindowReader | None = None,
 ) -> Prediction:
     """Lazy probability raster of ``models`` on a stacked scene.
 
@@ -498,6 +520,14 @@ def predict(
     stacking the scene again, provided they are stored in the same
     computation as the probability (:func:`write_prediction`). Kept channels
     that the models do not use do not restrict where the models predict.
+
+    ``reader`` reads any window of ``data`` at once (the stack's own reader,
+    :attr:`pipeline.stack.Stack.reader`, same bands in the same order). Each
+    block task then reads its whole extent, its windows' reach into the next
+    blocks included, in one call, instead of gathering its own chunk of
+    ``data`` and strips of its neighbours' chunks (up to four reads, each
+    with its own file opens and resampling set-up, and a copy to join them).
+    The strips are read twice, by the block and by its neighbour.
     """
     opts = options or InferenceOptions()
     if tuple(data.dims) != ("band", "y", "x"):
@@ -543,6 +573,9 @@ def predict(
     block = inference_block_size(opts.block_size, tile, opts.overlap)
     x = _as_dask(data, (-1, block, block))
     x = x[used] if used != list(range(x.shape[0])) else x
+    if reader is not None and tuple(getattr(reader, "shape", ())) != tuple(data.shape):
+        raise GridError(f"the window reader's shape {getattr(reader, 'shape', None)} is not the stack's {data.shape}")
+    all_valid = valid is None
     if valid is None:
         v = da.ones(grid.shape, chunks=(block, block), dtype=bool)
         valid = xr.DataArray(v, dims=("y", "x"))
@@ -553,6 +586,7 @@ def predict(
 
     token = _token(plan, data, valid)
     plan_d = dask.delayed(plan, pure=False, name=f"inference-plan-{token}")
+    reader_d = None if reader is None else dask.delayed(reader, pure=False, name=f"inference-reader-{token}")
     n_out = 2 if with_unc else 1
     rows_spans, cols_spans = block_spans(grid.height, block), block_spans(grid.width, block)
     # Stage 1: each block runs the windows whose origin it holds (each window exactly once) and
@@ -563,10 +597,17 @@ def predict(
     for i, rows in enumerate(rows_spans):
         for j, cols in enumerate(cols_spans):
             (ry0, ry1), (rx0, rx1) = wg.block_read_extent(rows, cols)
-            task = dask.delayed(_predict_owned, pure=True)(
-                _copied(x[:, ry0:ry1, rx0:rx1]), _copied(v[ry0:ry1, rx0:rx1]), rows, cols, plan_d,
-                dask_key_name=f"predict-windows-{token}-{rows[0]}-{cols[0]}",
-            )
+            vpart = None if all_valid else _copied(v[ry0:ry1, rx0:rx1])
+            if reader_d is not None:
+                task = dask.delayed(_read_and_predict, pure=True)(
+                    reader_d, used, ((ry0, ry1), (rx0, rx1)), vpart, rows, cols, plan_d,
+                    dask_key_name=f"predict-windows-{token}-{rows[0]}-{cols[0]}",
+                )
+            else:
+                task = dask.delayed(_predict_owned, pure=True)(
+                    _copied(x[:, ry0:ry1, rx0:rx1]), vpart, rows, cols, plan_d,
+                    dask_key_name=f"predict-windows-{token}-{rows[0]}-{cols[0]}",
+                )
             owned[i, j] = task
             for k in range(i, len(rows_spans)):
                 for m in range(j, len(cols_spans)):

@@ -317,7 +317,8 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
     with timer("infer"):
         options = InferenceOptions.from_config(cfg.model, block_size=cfg.grid.block_size)
         # the mask without the bands' own no-data: each block derives that from the pixels it reads
-        pred = predict(stack.data, stack.mask, grid, models, options, scene_stats=scene_stats, keep=keep)
+        pred = predict(stack.data, stack.mask, grid, models, options, scene_stats=scene_stats, keep=keep,
+                       reader=stack.reader)
         # An intermediate, plain tiled GeoTIFF (a rerun after a crash replaces it): the later stages
         # read it at once, and the probability COG is made from it while they run.
         plain_prob = run_dir / ".probability.tif"

@@ -84,6 +84,10 @@ class Stack:
     #: A consumer that reads ``data`` anyway combines the two itself and saves a second
     #: read of every band just for the mask.
     mask: xr.DataArray | None = None
+    #: Reads any window of ``data`` in one call (``reader.read(bands, window)``): for a consumer
+    #: whose blocks overlap (:func:`pipeline.inference.predict`), one read per block instead of
+    #: a chunk plus strips of its neighbours.
+    reader: StackLayer | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -531,7 +535,8 @@ def stack_scene(cfg: SceneConfig, channels: Sequence[str] | None = None) -> Stac
     log.info("stack %s: %s, %d channels (%s), blocks of %d px", scene.scene_id, scene.product,
              len(names), ", ".join(names), block)
     return Stack(data=data_xr, valid=valid_xr, grid=grid, scene_id=scene.scene_id,
-                 acquisition_date=scene.acquisition_date, product=scene.product, mask=mask_xr)
+                 acquisition_date=scene.acquisition_date, product=scene.product, mask=mask_xr,
+                 reader=layer)
 
 
 def read_coarse(cfg: SceneConfig, names: Sequence[str], grid: Grid, factor: int, *,

@@ -226,6 +226,47 @@ def test_results_do_not_depend_on_block_size() -> None:
         np.testing.assert_allclose(other, outs[0], rtol=0, atol=1e-6)
 
 
+class ArrayReader:
+    """A window reader over an in-memory stack that counts its reads."""
+
+    def __init__(self, arr: np.ndarray) -> None:
+        self.arr = arr
+        self.shape = arr.shape
+        self.reads: list[tuple[int, int, int, int]] = []
+        self._lock = threading.Lock()
+
+    def read(self, bands: list[int], window: rasterio.windows.Window) -> np.ndarray:
+        r0, c0, h, w = int(window.row_off), int(window.col_off), int(window.height), int(window.width)
+        with self._lock:
+            self.reads.append((r0, c0, h, w))
+        return self.arr[bands, r0 : r0 + h, c0 : c0 + w].copy()
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_a_window_reader_gives_the_same_raster_with_one_read_per_block(with_mask: bool) -> None:
+    mask = np.ones((300, 330), bool)
+    if with_mask:  # the pixels are missing there too, as a stack's are outside its mask
+        mask[40:90, 200:260] = False
+    data, valid, grid = _scene(300, 330, valid=mask if with_mask else None, seed=4, chunks=96)
+    art = _art(_tiny_unet(), normalization={"method": "patch_robust"})
+    opts = InferenceOptions(overlap=16, block_size=96)
+    keep = ["DEM", "B02"]
+    ref = predict(data, valid if with_mask else None, grid, [art], opts, keep=keep)
+    reader = ArrayReader(np.asarray(data.data))
+    pred = predict(data, valid if with_mask else None, grid, [art], opts, keep=keep, reader=reader)
+    out = _compute(pred.probability)
+    # one read per block (4 x 4 blocks of 96 px, stride 48), each the block plus its windows' reach
+    assert len(reader.reads) == 16
+    assert len(set(reader.reads)) == 16
+    assert all(h <= 96 + 64 and w <= 96 + 64 for _, _, h, w in reader.reads)
+    np.testing.assert_allclose(out, _compute(ref.probability), rtol=0, atol=1e-6)
+    assert np.isnan(out[~mask]).all() and np.isfinite(out[mask]).all()
+    for name in keep:
+        np.testing.assert_array_equal(_compute(pred.layers[name]), _compute(ref.layers[name]))
+    with pytest.raises(GridError, match="reader"):
+        predict(data, None, grid, [art], opts, reader=ArrayReader(np.zeros((14, 10, 10), np.float32)))
+
+
 def test_band_order_and_extra_bands_do_not_matter() -> None:
     data, valid, grid = _scene(120, 140, seed=2)
     art = _art(_tiny_unet(), normalization=None)

@@ -243,6 +243,23 @@ def test_result_does_not_depend_on_block_size(iburi: Path) -> None:
         assert np.nanmax(np.abs(x - y)) < tol, band
 
 
+def test_the_stack_reader_reads_any_window_as_the_chunks_give_it(iburi: Path) -> None:
+    from rasterio.windows import Window
+
+    stack = stack_scene(iburi_cfg(iburi, "pre", block=256), IBURI_CHANNELS)
+    assert stack.reader is not None and stack.reader.shape == stack.data.shape
+    # a window across four chunks, as an inference block with its windows' reach reads it
+    r0, c0, h, w = 200, 230, 170, 150
+    whole = stack.data[:, r0 : r0 + h, c0 : c0 + w].compute().values
+    bands = [0, 3, 4]  # B02, SLOPE, DEM
+    read = stack.reader.read(bands, Window(c0, r0, w, h))
+    assert read.shape == (3, h, w) and read.dtype == np.float32
+    # these bands are warped from EPSG:4326: exact to float precision, the DEM well below a centimetre
+    for k, tol in ((0, 1e-4), (1, 0.01), (2, 0.01)):
+        np.testing.assert_array_equal(np.isnan(read[k]), np.isnan(whole[bands[k]]))
+        assert np.nanmax(np.abs(read[k] - whole[bands[k]])) < tol
+
+
 def test_aoi_bbox_and_vector_cut_the_grid(iburi: Path, tmp_path: Path) -> None:
     bbox = [141.93, 42.70, 141.97, 42.74]
     cfg = iburi_cfg(iburi, aoi={"bbox": bbox, "crs": "EPSG:4326"})
