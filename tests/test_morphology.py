@@ -18,8 +18,10 @@ from pipeline.config import PostprocessSection
 from pipeline.errors import ConfigError
 from pipeline.grid import Grid
 from postprocess.morphology import (
+    _morph,
     clean_objects,
     disk,
+    erode,
     fill_small_holes,
     open_close,
     open_close_array,
@@ -184,6 +186,25 @@ def test_opening_and_closing_per_block_equal_whole_array():
         got = open_close(da.from_array(mask, chunks=(20, 17)), da.from_array(known, chunks=(20, 17)),
                          r_open, r_close).compute()
         np.testing.assert_array_equal(got, expected, err_msg=f"radii {r_open}, {r_close}")
+
+
+@pytest.mark.parametrize("radius", [1.0, 1.5, 2.0, 2.5, 3.0, 4.2, 7.0])
+def test_row_run_erosion_and_dilation_equal_scipy(radius):
+    """The fast erosion/dilation gives scipy's result, border values included, on any shape."""
+    rng = np.random.default_rng(int(radius * 10))
+    footprint = disk(radius)
+    for shape in [(1, 1), (3, 50), (57, 83), (200, 131)]:
+        for density in (0.1, 0.5, 0.9):
+            x = rng.random(shape) < density
+            np.testing.assert_array_equal(_morph(x, footprint, True),
+                                          ndi.binary_erosion(x, structure=footprint, border_value=1))
+            np.testing.assert_array_equal(_morph(x, footprint, False),
+                                          ndi.binary_dilation(x, structure=footprint, border_value=0))
+    # with unknown pixels: erosion treats them as foreground, and they stay false
+    x = rng.random((40, 40)) < 0.7
+    known = rng.random((40, 40)) < 0.9
+    expected = ndi.binary_erosion(x | ~known, structure=footprint, border_value=1) & known
+    np.testing.assert_array_equal(erode(x, known, footprint), expected)
 
 
 # --------------------------------------------------------------------------
