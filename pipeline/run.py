@@ -38,9 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import __version__, fsutil
 from .config import SceneConfig, load_scene_config
 from .errors import ModelError, OutputError
+from .grid import Grid
 
 log = logging.getLogger(__name__)
 
@@ -338,8 +341,6 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
 
 def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run_id, scene_stats,  # noqa: ANN001, PLR0913
                 prob_path, unc_path, layers_path, keep, wanted, model_threshold, inference_figures) -> RunResult:
-    import numpy as np
-
     from postprocess.gpkg import write_geopackage
     from postprocess.pipeline import polygons_from_probability
 
@@ -347,13 +348,13 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
 
     grid = stack.grid
     # Re-open the probability raster lazily: the model ran once, later stages read blocks from disk.
-    chunks = {"y": cfg.grid.block_size, "x": cfg.grid.block_size}
-    probability = _open_lazy(prob_path, chunks) / PROB_SCALE
-    uncertainty = _open_lazy(unc_path, chunks) if unc_path else None
+    block = cfg.grid.block_size
+    probability = _open_lazy(prob_path, grid, block, probability=True)
+    uncertainty = _open_lazy(unc_path, grid, block) if unc_path else None
     # The probability is NaN exactly where the input was not valid: later stages
     # take the mask from it instead of re-reading every band of the stack.
     valid = ~probability.isnull()
-    layers = {name: _open_lazy(layers_path, chunks, band=i + 1) for i, name in enumerate(keep)} if layers_path else {}
+    layers = {name: _open_lazy(layers_path, grid, block, band=i + 1) for i, name in enumerate(keep)} if layers_path else {}
     rest = [c for c in wanted if c not in layers]
     if rest:
         layers.update(aux_layers(cfg, stack, rest))
@@ -391,7 +392,7 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
                     slope=layers.get("SLOPE"), dem=layers.get("DEM"),
                     red=layers.get("B04"), nir=layers.get("B08"), green=layers.get("B03"),
                     uncertainty=uncertainty, threshold=threshold, context=context,
-                    block_size=cfg.grid.block_size, on_mask=start_mask_outputs,
+                    on_mask=start_mask_outputs,  # in the probability's chunks
                 )
             with timer("write"):
                 metadata = {
@@ -503,7 +504,6 @@ def _mask_in_graphs(grid: Any) -> Iterator[None]:
 def _quicklook_background(cfg: SceneConfig, grid: Any, prob_path: Path) -> tuple[Any, int, Any] | None:
     """The quicklook's true colour averaged straight onto its coarse grid, the coarsening factor and
     where something was analysed (elsewhere the quicklook is black); None without true-colour bands."""
-    import numpy as np
     import rasterio
     from rasterio.enums import Resampling
     from rasterio.windows import Window
@@ -526,11 +526,63 @@ def _quicklook_background(cfg: SceneConfig, grid: Any, prob_path: Path) -> tuple
     return small, factor, prob != np.uint8(255)
 
 
-def _open_lazy(path: Path, chunks: dict[str, int], band: int = 1) -> Any:
-    import rioxarray
+class _StoredBand:
+    """Array-like (rows, cols) float32 view of one band of a plain tiled GeoTIFF this run wrote on its
+    grid, read window by window. ``codes`` maps stored uint8 values to floats (the probability's
+    0..254 -> [0, 1], 255 -> NaN); float bands are returned as stored (NaN is their no-data)."""
 
-    da = rioxarray.open_rasterio(path, chunks={"band": 1, **chunks}, masked=True, lock=False)
-    return da.isel(band=band - 1, drop=True).astype("float32")
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, path: Path, band: int, shape: tuple[int, int], codes: np.ndarray | None) -> None:
+        self.path, self.band, self.shape, self.codes = path, band, shape, codes
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        import rasterio
+        from rasterio.windows import Window
+
+        from .stack import _split_key
+
+        (r0, r1, ri), (c0, c1, ci) = _split_key(key, self.shape)
+        if r1 <= r0 or c1 <= c0:
+            block = np.empty((max(r1 - r0, 0), max(c1 - c0, 0)), np.float32)
+        else:
+            with rasterio.open(self.path) as ds:
+                raw = ds.read(self.band, window=Window(c0, r0, c1 - c0, r1 - r0))
+            block = self.codes[raw] if self.codes is not None else raw.astype(np.float32, copy=False)
+        if isinstance(ri, int) or isinstance(ci, int):
+            return block[ri, ci]
+        return block[ri][:, ci]
+
+
+def _probability_codes() -> np.ndarray:
+    """uint8 code -> probability: ``code / 254`` in float32 (the division, not a product with a
+    rounded 1/254: 127 is exactly 0.5), 255 -> NaN."""
+    codes = np.arange(256, dtype=np.float32) / np.float32(PROB_SCALE)
+    codes[255] = np.nan
+    return codes
+
+
+def _open_lazy(path: Path, grid: Grid, block: int, band: int = 1, *, probability: bool = False) -> Any:
+    """One band of an intermediate GeoTIFF of this run as a lazy (y, x) float32 DataArray, in chunks of
+    whole tiles of the file (the multiple of its tile edge nearest to ``block``): every tile is read
+    once."""
+    import dask.array as da
+    import rasterio
+    import xarray as xr
+
+    with rasterio.open(path) as ds:
+        tile_rows, tile_cols = ds.block_shapes[band - 1]
+        shape = (ds.height, ds.width)
+    rows, cols = (t * max(1, round(block / t)) for t in (tile_rows, tile_cols))
+    if shape != grid.shape:
+        raise RuntimeError(f"{path}: {shape[1]} x {shape[0]} px, not the run's grid {grid.width} x {grid.height}")
+    layer = _StoredBand(path, band, shape, _probability_codes() if probability else None)
+    arr = da.from_array(layer, chunks=(rows, cols), asarray=False, lock=False, meta=np.empty((0, 0), np.float32),
+                        name=f"stored-{path.name.strip('.')}-{band}-{uuid.uuid4().hex[:12]}")
+    t = grid.transform
+    coords = {"y": t.f + (np.arange(grid.height) + 0.5) * t.e, "x": t.c + (np.arange(grid.width) + 0.5) * t.a}
+    return xr.DataArray(arr, dims=("y", "x"), coords=coords)
 
 
 # -- CLI -----------------------------------------------------------------------

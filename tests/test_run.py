@@ -521,3 +521,41 @@ def test_postprocess_mask_in_graphs_raises_no_large_graph_warnings(demo: Path, t
     unfiltered = large_graph_warnings()
     assert filtered > 0          # the stacking and model graphs still report
     assert unfiltered > filtered  # postprocessing and the mask raster did, and no longer do
+
+
+def test_intermediates_are_read_back_exactly_in_whole_tiles(tmp_path: Path) -> None:
+    """The later stages read the stored probability codes and float layers as written, chunked on
+    whole tiles of the file."""
+    import dask
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    from pipeline.grid import Grid
+    from pipeline.run import PROB_SCALE, _open_lazy
+
+    grid = Grid(CRS.from_epsg(32633), Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0), 300, 200)
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 256, (200, 300), dtype=np.uint8)
+    codes[0, :3] = [127, 254, 255]
+    layers = rng.normal(100, 10, (2, 200, 300)).astype(np.float32)
+    layers[1, 5:9, 7:11] = np.nan
+    profile = {"driver": "GTiff", "width": 300, "height": 200, "crs": grid.crs, "transform": grid.transform,
+               "tiled": True, "blockxsize": 64, "blockysize": 64}
+    with rasterio.open(tmp_path / "p.tif", "w", count=1, dtype="uint8", nodata=255, **profile) as dst:
+        dst.write(codes, 1)
+    with rasterio.open(tmp_path / "l.tif", "w", count=2, dtype="float32", nodata=float("nan"), **profile) as dst:
+        dst.write(layers)
+    prob = _open_lazy(tmp_path / "p.tif", grid, 100, probability=True)
+    assert prob.chunks == ((128, 72), (128, 128, 44))  # two 64 px tiles, the multiple nearest 100 px
+    with dask.config.set(scheduler="threads"):
+        p = prob.values
+        second = _open_lazy(tmp_path / "l.tif", grid, 100, band=2).values
+        window = prob[50:150:3, 10:290].values
+    expected = codes.astype(np.float32) / np.float32(PROB_SCALE)
+    expected[codes == 255] = np.nan
+    np.testing.assert_array_equal(p, expected)
+    assert p[0, 0] == 0.5 and p[0, 1] == 1.0 and np.isnan(p[0, 2])  # 127 is exactly 0.5
+    np.testing.assert_array_equal(second, layers[1])
+    np.testing.assert_array_equal(window, expected[50:150:3, 10:290])
+    with pytest.raises(RuntimeError, match="not the run's grid"):
+        _open_lazy(tmp_path / "p.tif", Grid(grid.crs, grid.transform, 301, 200), 100)
