@@ -355,7 +355,8 @@ def _predict_owned(
     n_out = 2 if plan.with_uncertainty else 1
     bh, bw = rows[1] - rows[0], cols[1] - cols[0]
     # a pixel is valid where the mask says so and every channel has a value
-    kept = np.array(data[list(plan.keep_index), :bh, :bw], np.float32) if plan.keep_index else None
+    # (a list index copies: the kept channels never hold the block's input alive)
+    kept = np.asarray(data[list(plan.keep_index), :bh, :bw], np.float32) if plan.keep_index else None
     model_bands = sorted({i for r in plan.refs for i in r.channel_index})
     if len(model_bands) == data.shape[0]:
         finite = np.isfinite(data).all(axis=0)

@@ -103,10 +103,12 @@ def test_blocks_own_every_window_once_and_read_what_their_windows_cover(
 def test_valid_counts_match_a_direct_count(valid: np.ndarray, tile: int) -> None:
     rows = axis_starts(valid.shape[0], tile, max(1, tile // 2))
     cols = axis_starts(valid.shape[1], tile, max(1, tile // 2))
-    counts = valid_counts(valid, rows, cols, tile)
-    for i, r in enumerate(rows):
-        for j, c in enumerate(cols):
-            assert counts[i, j] == valid[r : r + tile, c : c + tile].sum()
+    for mask in (valid, np.ones_like(valid)):  # all valid takes a shortcut: same counts
+        counts = valid_counts(mask, rows, cols, tile)
+        assert counts.dtype == np.int64 and counts.shape == (len(rows), len(cols))
+        for i, r in enumerate(rows):
+            for j, c in enumerate(cols):
+                assert counts[i, j] == mask[r : r + tile, c : c + tile].sum()
 
 
 def test_scene_smaller_than_a_tile_gets_one_window() -> None:
