@@ -28,7 +28,9 @@ import json
 import logging
 import os
 import platform
+import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -477,10 +479,31 @@ def _inference_figures(client: Any, pred: Any, seconds: float, *, own: bool) -> 
     return figures
 
 
+#: Niceness of the output threads (probability and mask COGs, quicklook background, valid count).
+BACKGROUND_NICE = 19
+
+
+def _lower_thread_priority() -> None:
+    """Make the calling thread yield the CPU to every other runnable thread (Linux: a thread's own
+    nice value; elsewhere nothing). The output threads run beside the postprocessing, whose passes
+    follow one another: at the lowest priority they take the CPU the passes leave idle (this
+    process's resolving and merging, the workers' waits) instead of slowing the passes down."""
+    if sys.platform.startswith("linux") and hasattr(os, "setpriority"):
+        with suppress(OSError):
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), BACKGROUND_NICE))
+
+
+def _in_background(fn: Any) -> Any:
+    _lower_thread_priority()  # the pool's threads serve only this run's outputs and end with it
+    return fn()
+
+
 def _submit(pool: ThreadPoolExecutor, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """``pool.submit`` in a copy of this thread's context (a Dask client made current with
-    ``Client.as_current()`` stays the one that computes)."""
-    return pool.submit(contextvars.copy_context().run, functools.partial(fn, *args, **kwargs))
+    """``pool.submit`` at the lowest CPU priority (:func:`_lower_thread_priority`), in a copy of this
+    thread's context (a Dask client made current with ``Client.as_current()`` stays the one that
+    computes)."""
+    return pool.submit(contextvars.copy_context().run, _in_background, functools.partial(fn, *args, **kwargs))
 
 
 @contextmanager

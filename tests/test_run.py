@@ -559,3 +559,18 @@ def test_intermediates_are_read_back_exactly_in_whole_tiles(tmp_path: Path) -> N
     np.testing.assert_array_equal(window, expected[50:150:3, 10:290])
     with pytest.raises(RuntimeError, match="not the run's grid"):
         _open_lazy(tmp_path / "p.tif", Grid(grid.crs, grid.transform, 301, 200), 100)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are a Linux feature")
+def test_output_threads_run_at_the_lowest_priority_and_leave_the_caller_alone() -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.run import BACKGROUND_NICE, _submit
+
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with ThreadPoolExecutor(2) as pool:
+        seen = _submit(pool, lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert seen == max(main, BACKGROUND_NICE) == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main
+    assert os.getpriority(os.PRIO_PROCESS, 0) == main  # the process's main thread
