@@ -461,7 +461,8 @@ def inference_block_size(block_size: int, tile: int, overlap: int) -> int:
     """The block edge :func:`predict` uses: ``block_size`` rounded down to a multiple of the window stride.
 
     A stack chunked with this size gives each inference block exactly one
-    input chunk plus thin strips of its neighbours.
+    input chunk plus thin strips of its neighbours (read at once through a
+    window reader when :func:`predict` has one).
     """
     return round_block_size(block_size, tile - overlap) if 0 <= overlap < tile else block_size
 

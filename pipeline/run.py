@@ -167,7 +167,8 @@ def run_scene(cfg: SceneConfig, *, force: bool = False, client: Any = None) -> R
     from .stack import stack_scene
 
     with timer("stack-graph"):
-        # stack chunks = inference blocks: each block reads one chunk plus thin strips of its neighbours
+        # stack chunks = inference blocks (the blocks read through stack.reader: their chunk and the
+        # strips of their neighbours that their windows reach, in one call)
         block = inference_block_size(cfg.grid.block_size, models[0].tile_size, cfg.model.overlap)
         stack_cfg = cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"block_size": block})})
         stack = stack_scene(stack_cfg, model_channels(models))
