@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,7 +170,8 @@ def write_cog(
     return write_rasters([out], grid)[0]
 
 
-def write_rasters(outputs: Sequence[RasterOutput], grid: Grid) -> list[Path]:
+def write_rasters(outputs: Sequence[RasterOutput], grid: Grid,
+                  also: Callable[[list[da.Array]], Sequence[Any]] | None = None) -> Any:
     """Write several rasters on ``grid`` from one dask computation (see :func:`write_cog`).
 
     Arrays that share a graph (the probability, the uncertainty and the
@@ -178,7 +179,12 @@ def write_rasters(outputs: Sequence[RasterOutput], grid: Grid) -> list[Path]:
     block is written to each of its files as it finishes. Every file is
     converted before the first one is moved into place, so a failure while
     computing or converting leaves no new file at any final path (and no
-    temporary file behind).
+    temporary file behind). Returns the paths written.
+
+    ``also`` is called with the arrays exactly as they are stored (cast to
+    their file's type, no-data filled, one per output) and returns more dask
+    collections to compute in the same computation, from the same blocks.
+    With ``also`` the result is ``(paths, their values)``.
     """
     plans = []
     created: list[Path] = []
@@ -187,11 +193,13 @@ def write_rasters(outputs: Sequence[RasterOutput], grid: Grid) -> list[Path]:
             plan = _start(out, grid)
             created += [plan["tmp_tiff"], plan["tmp_cog"]]
             plans.append(plan)
+        extra: list[Any] = []
         if plans:
             store = da.store([p["data"] for p in plans], [_WindowWriter(p["tmp_tiff"], p["data"].ndim) for p in plans],
                              lock=_lock(), compute=False)
             names = ", ".join(p["path"].name for p in plans)
-            compute(store, f"computing {names} ({plans[0]['data'].npartitions} block(s))")
+            collections = [store, *(also([p["data"] for p in plans]) if also is not None else [])]
+            extra = list(compute(collections, f"computing {names} ({plans[0]['data'].npartitions} block(s))")[1:])
         sources = [_convert(p) for p in plans]  # every conversion before any file moves into place
         done = [_move(src, p["path"]) for src, p in zip(sources, plans, strict=True)]
     except BaseException:
@@ -201,7 +209,7 @@ def write_rasters(outputs: Sequence[RasterOutput], grid: Grid) -> list[Path]:
         _cleanup(plan["tmp_tiff"])
         log.info("wrote %s (%d band(s), %s, %d x %d)", plan["path"], plan["count"], plan["dtype"].name,
                  grid.width, grid.height)
-    return done
+    return done if also is None else (done, extra)
 
 
 def _start(out: RasterOutput, grid: Grid) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -738,7 +738,8 @@ def write_prediction(
     layers_path: str | os.PathLike[str] | None = None,
     dtype: Literal["uint8", "float16", "float32"] = "uint8",
     probability_cog: bool = True,
-) -> list[Path]:
+    also: Callable[[Any], Sequence[Any]] | None = None,
+) -> Any:
     """Write the probability COG, and the uncertainty COG and kept layers when asked, in one computation.
 
     The model runs once for all of them (they come from the same block
@@ -750,6 +751,12 @@ def write_prediction(
     GeoTIFF instead (uncompressed, no overviews: for a caller that reads it
     back at once and makes the COG later, :func:`pipeline.cog.cog_from_tiff`).
     Returns the paths written, probability first.
+
+    ``also`` is called with the probability as it is stored (a dask array:
+    uint8 codes with 255 for no data, or floats with NaN) and returns more
+    dask collections to compute in the same computation, from the same
+    blocks (:func:`pipeline.cog.write_rasters`); the result is then
+    ``(paths, their values)``.
     """
     from .cog import RasterOutput, write_rasters
 
@@ -772,4 +779,6 @@ def write_prediction(
         stacked = xr.concat([prediction.layers[n] for n in names], dim="band")
         outputs.append(RasterOutput(stacked, Path(layers_path), "float32", float("nan"), band_names=names,
                                     cog=False))
-    return write_rasters(outputs, prediction.grid)
+    if also is None:
+        return write_rasters(outputs, prediction.grid)
+    return write_rasters(outputs, prediction.grid, also=lambda stored: also(stored[0]))

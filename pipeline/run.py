@@ -5,7 +5,9 @@ Stages and the grid each produces:
 1. stack      -> lazy (band, y, x) float32 on the 10 m scene grid + valid mask
 2. infer      -> probability raster on the same grid (windows, batches, blending),
                  written as a plain tiled intermediate; stage boundary on disk so the model
-                 runs once (the probability COG is made from it during postprocessing)
+                 runs once (the probability COG is made from it during postprocessing);
+                 the same computation thresholds, opens and closes each stored block
+                 (the first, local cleaning step) and counts the valid pixels
 3. postprocess-> cleaned mask, global object labels, per-object statistics
 4. vectorize  -> polygons with attributes -> GeoPackage (+ mask COG, quicklook)
 5. report     -> report.json: timings per stage, counts, areas, checksums, versions
@@ -52,6 +54,8 @@ log = logging.getLogger(__name__)
 REPORT = "report.json"
 #: The probability COG stores round(p x 254) as uint8, 255 = no data.
 PROB_SCALE = 254.0
+#: The stored probability's no-data code.
+PROB_NODATA = 255
 LATEST = "LATEST"
 
 
@@ -329,13 +333,29 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
         # read it at once, and the probability COG is made from it while they run.
         plain_prob = run_dir / ".probability.tif"
         unc_path = run_dir / "uncertainty.tif" if pred.uncertainty is not None else None
+        # The postprocessing's first, local step (threshold, opening, closing) and the count of valid
+        # pixels are computed from the same blocks as they are stored, in the same computation: each
+        # block as soon as its neighbours are known, while the last blocks are still inferred.
+        threshold = cfg.postprocess.threshold if cfg.postprocess.threshold is not None else float(pred.threshold)
+        chunks = pred.probability.data.chunks
+
+        def first_step(codes: Any) -> list[Any]:
+            from postprocess.morphology import opened_mask, pack_mask
+
+            known = codes != PROB_NODATA
+            prob = codes.map_blocks(_decode_probability, dtype=np.float32)
+            return [pack_mask(opened_mask(prob, known, grid, cfg.postprocess, threshold)), known.sum()]
+
         # uint8: probability x 254, 255 = no data (an eighth of float32 on disk)
-        write_prediction(pred, plain_prob, uncertainty_path=unc_path, layers_path=layers_path, dtype="uint8",
-                         probability_cog=False)
+        _, (packed, n_valid) = write_prediction(pred, plain_prob, uncertainty_path=unc_path, layers_path=layers_path,
+                                                dtype="uint8", probability_cog=False, also=first_step)
     try:
+        from postprocess.morphology import unpack_mask
+
         return _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run_id, scene_stats,
                            plain_prob, unc_path, layers_path, keep, wanted, pred.threshold,
-                           lambda seconds: _inference_figures(client, pred, seconds, own=cluster.own))
+                           lambda seconds: _inference_figures(client, pred, seconds, own=cluster.own),
+                           opened=unpack_mask(packed, chunks), n_valid=int(n_valid))
     finally:
         plain_prob.unlink(missing_ok=True)
         if layers_path is not None:
@@ -343,7 +363,8 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
 
 
 def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run_id, scene_stats,  # noqa: ANN001, PLR0913
-                prob_path, unc_path, layers_path, keep, wanted, model_threshold, inference_figures) -> RunResult:
+                prob_path, unc_path, layers_path, keep, wanted, model_threshold, inference_figures,
+                opened=None, n_valid=None) -> RunResult:
     from postprocess.gpkg import write_geopackage
     from postprocess.pipeline import polygons_from_probability
 
@@ -383,7 +404,8 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
         if cfg.output.mask_cog:
             jobs["mask"] = _submit(pool, write_cog, cleaned.astype("uint8"), grid, run_dir / "mask.tif",
                                    dtype="uint8", nodata=255)
-        jobs["valid"] = _submit(pool, lambda: int(np.asarray(valid.sum().compute())))
+        if n_valid is None:
+            jobs["valid"] = _submit(pool, lambda: int(np.asarray(valid.sum().compute())))
 
     # the mask's graphs may still be sent from the pool's threads until it has shut down
     with _mask_in_graphs(grid):
@@ -396,6 +418,7 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
                     red=layers.get("B04"), nir=layers.get("B08"), green=layers.get("B03"),
                     uncertainty=uncertainty, threshold=threshold, context=context,
                     on_mask=start_mask_outputs,  # in the probability's chunks
+                    opened=opened,
                 )
             with timer("write"):
                 metadata = {
@@ -409,7 +432,8 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
 
                     small, factor, shown = coarse
                     write_quicklook_coarse(small, factor, grid, gdf, run_dir / "quicklook.png", valid=shown)
-                n_valid = jobs["valid"].result()
+                if "valid" in jobs:
+                    n_valid = jobs["valid"].result()
                 for name in ("mask", "probability"):
                     if name in jobs:
                         jobs[name].result()
@@ -579,11 +603,16 @@ class _StoredBand:
         return block[ri][:, ci]
 
 
+def _decode_probability(codes: np.ndarray) -> np.ndarray:
+    """Stored uint8 codes -> probability (float32, NaN for no data), as the later stages read them."""
+    return _probability_codes()[codes]
+
+
 def _probability_codes() -> np.ndarray:
     """uint8 code -> probability: ``code / 254`` in float32 (the division, not a product with a
     rounded 1/254: 127 is exactly 0.5), 255 -> NaN."""
     codes = np.arange(256, dtype=np.float32) / np.float32(PROB_SCALE)
-    codes[255] = np.nan
+    codes[PROB_NODATA] = np.nan
     return codes
 
 

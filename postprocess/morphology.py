@@ -217,6 +217,18 @@ def _unpack(packed: np.ndarray, block_info: dict[Any, Any] | None = None) -> np.
     return np.unpackbits(packed, axis=1, count=width).astype(bool)
 
 
+def pack_mask(mask: da.Array) -> da.Array:
+    """``mask`` bit-packed along rows (lazy, uint8): one bit per pixel, each block on its own."""
+    packed_chunks = (mask.chunks[0], tuple((w + 7) // 8 for w in mask.chunks[1]))
+    return mask.map_blocks(np.packbits, axis=1, dtype=np.uint8, chunks=packed_chunks)
+
+
+def unpack_mask(packed: np.ndarray, chunks: tuple[tuple[int, ...], tuple[int, ...]]) -> da.Array:
+    """The lazy boolean mask (in ``chunks``) of bits computed from :func:`pack_mask` with those chunks."""
+    packed_chunks = (chunks[0], tuple((w + 7) // 8 for w in chunks[1]))
+    return da.from_array(packed, chunks=packed_chunks).map_blocks(_unpack, dtype=bool, chunks=chunks)
+
+
 def persist_mask(mask: da.Array) -> da.Array:
     """``mask`` computed now (on the current scheduler) and kept bit-packed; the same lazy boolean array.
 
@@ -226,9 +238,23 @@ def persist_mask(mask: da.Array) -> da.Array:
     later may share keys with ``mask``'s history, and a scheduler that still
     holds that history would see the same keys with differently fused tasks.
     """
-    packed_chunks = (mask.chunks[0], tuple((w + 7) // 8 for w in mask.chunks[1]))
-    packed = mask.map_blocks(np.packbits, axis=1, dtype=np.uint8, chunks=packed_chunks).compute()
-    return da.from_array(packed, chunks=packed_chunks).map_blocks(_unpack, dtype=bool, chunks=mask.chunks)
+    return unpack_mask(pack_mask(mask).compute(), mask.chunks)
+
+
+def opened_mask(probability: da.Array, known: da.Array, grid: Grid, params: PostprocessSection,
+                threshold: float) -> da.Array:
+    """Steps 1 and 2 (threshold, then opening and closing): the local start of :func:`clean_objects`,
+    lazy, in ``probability``'s chunks.
+
+    A caller that computes the probability anyway can compute this in the
+    same computation (block by block, as soon as a block's neighbours are
+    known), keep it with :func:`pack_mask` and hand it to
+    :func:`clean_objects` as ``opened``.
+    """
+    mask = threshold_mask(probability, known, threshold)
+    return open_close(
+        mask, known, radius_in_pixels(params.opening_radius_m, grid), radius_in_pixels(params.closing_radius_m, grid)
+    )
 
 
 # --------------------------------------------------------------------------
@@ -415,6 +441,7 @@ def clean_objects(
     green: Any = None,
     with_pieces: bool = False,
     block_size: int | None = None,
+    opened: da.Array | None = None,
 ) -> CleanedObjects:
     """Threshold, morphology, min-area, holes and terrain rules; labelled objects with statistics.
 
@@ -423,7 +450,9 @@ def clean_objects(
     processed in ``probability``'s chunks. ``values`` are extra layers whose
     per-object sums/counts/maxima are wanted (``prob`` and, when given,
     ``slope``, ``ndvi`` and ``ndwi`` are always computed). ``block_size`` rechunks
-    everything to square blocks of that edge first.
+    everything to square blocks of that edge first. ``opened`` is the result
+    of the first two steps when the caller has it already (:func:`opened_mask`
+    of the same probability, known pixels and threshold, in any chunks).
     """
     prob = getattr(probability, "data", probability)
     if not isinstance(prob, da.Array):
@@ -452,14 +481,15 @@ def clean_objects(
             layers[name] = _as_dask(layer, chunks)
 
     pixel_area = grid.pixel_area
-    mask = threshold_mask(prob, known, threshold)
-    mask = open_close(
-        mask, known, radius_in_pixels(params.opening_radius_m, grid), radius_in_pixels(params.closing_radius_m, grid)
-    )
-    # the size and hole passes both start from the morphology: compute it once
-    global_passes = params.min_area_m2 > 0 or params.max_hole_m2 > 0
-    if global_passes:
-        mask = persist_mask(mask)
+    if opened is not None:
+        if opened.shape != prob.shape:
+            raise ValueError(f"opened mask has shape {opened.shape}, the probability {prob.shape}")
+        mask = opened if opened.chunks == chunks else opened.rechunk(chunks)
+    else:
+        mask = opened_mask(prob, known, grid, params, threshold)
+        # the size and hole passes both start from the morphology: compute it once
+        if params.min_area_m2 > 0 or params.max_hole_m2 > 0:
+            mask = persist_mask(mask)
     mask = remove_small_objects(mask, params.min_area_m2, pixel_area)
     mask = fill_small_holes(mask, known, params.max_hole_m2, pixel_area)
     # the final pass and the labels (mask raster) both start from here

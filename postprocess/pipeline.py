@@ -76,6 +76,7 @@ def polygons_from_probability(
     uncertainty: Any = None,
     block_size: int | None = None,
     on_mask: Callable[[xr.DataArray], Any] | None = None,
+    opened: Any = None,
 ) -> tuple[gpd.GeoDataFrame, xr.DataArray]:
     """Landslide polygons with attributes, and the cleaned mask, from a probability raster.
 
@@ -104,6 +105,10 @@ def polygons_from_probability(
         before the polygons are built and merged in this process: a caller
         can start computing the mask (a raster of it) on the workers
         meanwhile. Its return value is ignored.
+    opened:
+        The thresholded, opened and closed mask when the caller computed it
+        already (:func:`postprocess.morphology.opened_mask`, for example in
+        the same computation as the probability itself).
 
     Returns
     -------
@@ -124,6 +129,7 @@ def polygons_from_probability(
         green=green,
         with_pieces=True,
         block_size=block_size,
+        opened=opened,
     )
     mask = mask_dataarray(objects, _coords(probability, grid))
     if on_mask is not None:

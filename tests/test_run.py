@@ -574,3 +574,35 @@ def test_output_threads_run_at_the_lowest_priority_and_leave_the_caller_alone() 
     assert seen == max(main, BACKGROUND_NICE) == 19
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main
     assert os.getpriority(os.PRIO_PROCESS, 0) == main  # the process's main thread
+
+
+def test_first_cleaning_step_computed_with_the_inference_equals_the_postprocessing_alone(
+        demo: Path, tmp_path: Path, client) -> None:
+    """The run thresholds, opens and closes each block as it is inferred; the mask, the polygons and
+    the valid count equal what the postprocessing gives on the stored probability on its own."""
+    import dask
+    import xarray as xr
+
+    from pipeline.grid import Grid
+    from pipeline.run import _decode_probability
+    from postprocess.pipeline import polygons_from_probability
+
+    cfg = _config(demo, tmp_path, grid={"block_size": 96})  # several blocks: the halos cross them
+    res = run_scene(cfg, client=client)
+    report = json.loads((res.run_dir / REPORT).read_text())
+    with rasterio.open(res.run_dir / "probability.tif") as src:
+        codes = src.read(1)
+        grid = Grid(src.crs, src.transform, src.width, src.height)
+    with rasterio.open(res.run_dir / "mask.tif") as src:
+        run_mask = src.read(1)
+    assert report["counts"]["valid_pixels"] == int((codes != 255).sum())
+    prob = xr.DataArray(_decode_probability(codes), dims=("y", "x"))
+    with dask.config.set(scheduler="threads"):
+        gdf, mask = polygons_from_probability(prob, ~prob.isnull(), grid, cfg.postprocess,
+                                              threshold=report["models"][0]["threshold"], block_size=128)
+        alone = np.asarray(mask.compute())
+    assert alone.any() and 0 < len(gdf) == res.n_polygons
+    np.testing.assert_array_equal(run_mask == 1, alone)
+    run_gdf = pyogrio.read_dataframe(res.geopackage, layer="landslides")
+    assert sorted(run_gdf["area_m2"].round(3)) == sorted(gdf["area_m2"].round(3))
+    assert run_gdf.geometry.union_all().symmetric_difference(gdf.geometry.union_all()).area == 0
