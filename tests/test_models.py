@@ -189,7 +189,7 @@ def test_bad_normalization_specs_are_refused(spec: dict, match: str) -> None:
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 13, 1000, 16384])
 def test_robust_statistics_match_numpy_percentile_including_ties(n: int) -> None:
-    from pipeline.normalization import _quartiles_np
+    from pipeline.normalization import _quartiles_by_row, _quartiles_np
 
     rng = np.random.default_rng(n)
     rows = rng.random((6, n), dtype=np.float32)
@@ -198,3 +198,7 @@ def test_robust_statistics_match_numpy_percentile_including_ties(n: int) -> None
     got = _quartiles_np(rows)
     np.testing.assert_allclose(got, np.percentile(rows, [25, 50, 75], axis=1), atol=1e-6)
     np.testing.assert_array_equal(rows, before)  # the input is not reordered
+    # row by row in threads: the same values
+    for a, b in zip(_quartiles_by_row(rows), got, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(rows, before)
