@@ -401,6 +401,7 @@ class WindowReader(Protocol):
     """Reads windows of a (band, y, x) stack: what :func:`predict` takes as ``reader``."""
 
     shape: tuple[int, int, int]
+    names: Sequence[str]  # the bands, in the order of ``data``'s band coordinate
 
     def read(self, bands: Sequence[int], window: Window) -> np.ndarray:
         """(len(bands), window.height, window.width) float32 values of ``bands`` in ``window``."""
@@ -577,6 +578,8 @@ def predict(
     x = x[used] if used != list(range(x.shape[0])) else x
     if reader is not None and tuple(getattr(reader, "shape", ())) != tuple(data.shape):
         raise GridError(f"the window reader's shape {getattr(reader, 'shape', None)} is not the stack's {data.shape}")
+    if reader is not None and [str(n) for n in getattr(reader, "names", bands)] != bands:
+        raise InputError(f"the window reader's bands {list(getattr(reader, 'names', []))} are not the stack's {bands}")
     all_valid = valid is None
     if valid is None:
         v = da.ones(grid.shape, chunks=(block, block), dtype=bool)

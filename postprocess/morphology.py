@@ -95,9 +95,9 @@ def _halfwidth(structure: np.ndarray | None) -> int:
 
 def _row_runs(structure: np.ndarray) -> list[int] | None:
     """Half-widths of the footprint's rows when every row is one run centred on the middle column
-    (disks are), else None."""
+    and the footprint is symmetric top to bottom (disks are), else None."""
     h, w = structure.shape
-    if h % 2 == 0 or w % 2 == 0:
+    if h % 2 == 0 or w % 2 == 0 or not np.array_equal(structure, structure[::-1]):
         return None
     mid = w // 2
     runs = []
@@ -120,7 +120,7 @@ def _morph(x: np.ndarray, structure: np.ndarray, erosion: bool) -> np.ndarray:
     (5-10x faster on a 2000 px block).
     """
     runs = _row_runs(structure)
-    if runs is None:  # pragma: no cover - every footprint built here is a disk
+    if runs is None:  # any other footprint
         fn = ndi.binary_erosion if erosion else ndi.binary_dilation
         return fn(x, structure=structure, border_value=int(erosion))
     op = np.logical_and if erosion else np.logical_or

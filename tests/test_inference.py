@@ -229,9 +229,10 @@ def test_results_do_not_depend_on_block_size() -> None:
 class ArrayReader:
     """A window reader over an in-memory stack that counts its reads."""
 
-    def __init__(self, arr: np.ndarray) -> None:
+    def __init__(self, arr: np.ndarray, names: list[str] | None = None) -> None:
         self.arr = arr
         self.shape = arr.shape
+        self.names = names or CHANNELS
         self.reads: list[tuple[int, int, int, int]] = []
         self._lock = threading.Lock()
 
@@ -248,6 +249,9 @@ def test_a_window_reader_gives_the_same_raster_with_one_read_per_block(with_mask
     if with_mask:  # the pixels are missing there too, as a stack's are outside its mask
         mask[40:90, 200:260] = False
     data, valid, grid = _scene(300, 330, valid=mask if with_mask else None, seed=4, chunks=96)
+    if with_mask:  # and pixels the mask excludes although their bands have values (clouds, an AOI)
+        mask[150:170, 20:90] = False
+        valid = xr.DataArray(da.from_array(mask, chunks=96), dims=("y", "x"))
     art = _art(_tiny_unet(), normalization={"method": "patch_robust"})
     opts = InferenceOptions(overlap=16, block_size=96)
     keep = ["DEM", "B02"]
@@ -265,6 +269,8 @@ def test_a_window_reader_gives_the_same_raster_with_one_read_per_block(with_mask
         np.testing.assert_array_equal(_compute(pred.layers[name]), _compute(ref.layers[name]))
     with pytest.raises(GridError, match="reader"):
         predict(data, None, grid, [art], opts, reader=ArrayReader(np.zeros((14, 10, 10), np.float32)))
+    with pytest.raises(InputError, match="reader's bands"):  # the same bands in another order
+        predict(data.isel(band=slice(None, None, -1)), None, grid, [art], opts, reader=reader)
 
 
 def test_band_order_and_extra_bands_do_not_matter() -> None:

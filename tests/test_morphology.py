@@ -200,6 +200,10 @@ def test_row_run_erosion_and_dilation_equal_scipy(radius):
                                           ndi.binary_erosion(x, structure=footprint, border_value=1))
             np.testing.assert_array_equal(_morph(x, footprint, False),
                                           ndi.binary_dilation(x, structure=footprint, border_value=0))
+    # a footprint that is not symmetric top to bottom goes to scipy
+    odd = np.array([[0, 1, 0], [1, 1, 1], [1, 1, 1]], bool)
+    x = rng.random((30, 30)) < 0.3
+    np.testing.assert_array_equal(_morph(x, odd, False), ndi.binary_dilation(x, structure=odd, border_value=0))
     # with unknown pixels: erosion treats them as foreground, and they stay false
     x = rng.random((40, 40)) < 0.7
     known = rng.random((40, 40)) < 0.9
