@@ -577,7 +577,7 @@ def test_output_threads_run_at_the_lowest_priority_and_leave_the_caller_alone() 
 
 
 def test_first_cleaning_step_computed_with_the_inference_equals_the_postprocessing_alone(
-        demo: Path, tmp_path: Path, client) -> None:
+        demo: Path, tmp_path: Path, client, monkeypatch: pytest.MonkeyPatch) -> None:
     """The run thresholds, opens and closes each block as it is inferred; the mask, the polygons and
     the valid count equal what the postprocessing gives on the stored probability on its own."""
     import dask
@@ -587,8 +587,19 @@ def test_first_cleaning_step_computed_with_the_inference_equals_the_postprocessi
     from pipeline.run import _decode_probability
     from postprocess.pipeline import polygons_from_probability
 
+    import postprocess.morphology as morphology
+
+    built: list[int] = []
+    original = morphology.opened_mask
+
+    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        built.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(morphology, "opened_mask", counting)
     cfg = _config(demo, tmp_path, grid={"block_size": 96})  # several blocks: the halos cross them
     res = run_scene(cfg, client=client)
+    assert len(built) == 1  # built once, with the inference; the postprocessing started from it
     report = json.loads((res.run_dir / REPORT).read_text())
     with rasterio.open(res.run_dir / "probability.tif") as src:
         codes = src.read(1)
