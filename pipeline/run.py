@@ -374,11 +374,11 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
     # Re-open the probability raster lazily: the model ran once, later stages read blocks from disk.
     block = cfg.grid.block_size
     probability = _open_lazy(prob_path, grid, block, probability=True)
-    uncertainty = _open_lazy(unc_path, grid, block) if unc_path else None
+    uncertainty = _open_lazy(unc_path, grid, block, like=probability) if unc_path else None
     # The probability is NaN exactly where the input was not valid: later stages
     # take the mask from it instead of re-reading every band of the stack.
     valid = ~probability.isnull()
-    layers = {name: _open_lazy(layers_path, grid, block, band=i + 1) for i, name in enumerate(keep)} if layers_path else {}
+    layers = {name: _open_lazy(layers_path, grid, block, band=i + 1, like=probability) for i, name in enumerate(keep)} if layers_path else {}
     rest = [c for c in wanted if c not in layers]
     if rest:
         layers.update(aux_layers(cfg, stack, rest))
@@ -616,10 +616,12 @@ def _probability_codes() -> np.ndarray:
     return codes
 
 
-def _open_lazy(path: Path, grid: Grid, block: int, band: int = 1, *, probability: bool = False) -> Any:
+def _open_lazy(path: Path, grid: Grid, block: int, band: int = 1, *, probability: bool = False,
+               like: Any = None) -> Any:
     """One band of an intermediate GeoTIFF of this run as a lazy (y, x) float32 DataArray, in chunks of
     whole tiles of the file (the multiple of its tile edge nearest to ``block``): every tile is read
-    once."""
+    once. ``like``: take that array's chunks instead (the layers the postprocessing reads together
+    must share one block layout)."""
     import dask.array as da
     import rasterio
     import xarray as xr
@@ -628,10 +630,11 @@ def _open_lazy(path: Path, grid: Grid, block: int, band: int = 1, *, probability
         tile_rows, tile_cols = ds.block_shapes[band - 1]
         shape = (ds.height, ds.width)
     rows, cols = (t * max(1, round(block / t)) for t in (tile_rows, tile_cols))
+    chunks: Any = (rows, cols) if like is None else like.chunks
     if shape != grid.shape:
         raise RuntimeError(f"{path}: {shape[1]} x {shape[0]} px, not the run's grid {grid.width} x {grid.height}")
     layer = _StoredBand(path, band, shape, _probability_codes() if probability else None)
-    arr = da.from_array(layer, chunks=(rows, cols), asarray=False, lock=False, meta=np.empty((0, 0), np.float32),
+    arr = da.from_array(layer, chunks=chunks, asarray=False, lock=False, meta=np.empty((0, 0), np.float32),
                         name=f"stored-{path.name.strip('.')}-{band}-{uuid.uuid4().hex[:12]}")
     t = grid.transform
     coords = {"y": t.f + (np.arange(grid.height) + 0.5) * t.e, "x": t.c + (np.arange(grid.width) + 0.5) * t.a}

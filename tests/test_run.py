@@ -557,6 +557,8 @@ def test_intermediates_are_read_back_exactly_in_whole_tiles(tmp_path: Path) -> N
     assert p[0, 0] == 0.5 and p[0, 1] == 1.0 and np.isnan(p[0, 2])  # 127 is exactly 0.5
     np.testing.assert_array_equal(second, layers[1])
     np.testing.assert_array_equal(window, expected[50:150:3, 10:290])
+    # another file read in the probability's blocks, whatever its own tiles
+    assert _open_lazy(tmp_path / "l.tif", grid, 1000, band=1, like=prob).chunks == prob.chunks
     with pytest.raises(RuntimeError, match="not the run's grid"):
         _open_lazy(tmp_path / "p.tif", Grid(grid.crs, grid.transform, 301, 200), 100)
 
@@ -583,11 +585,10 @@ def test_first_cleaning_step_computed_with_the_inference_equals_the_postprocessi
     import dask
     import xarray as xr
 
+    import postprocess.morphology as morphology
     from pipeline.grid import Grid
     from pipeline.run import _decode_probability
     from postprocess.pipeline import polygons_from_probability
-
-    import postprocess.morphology as morphology
 
     built: list[int] = []
     original = morphology.opened_mask
