@@ -11,6 +11,7 @@ or the complete new one, and a failure leaves no output behind.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import threading
@@ -259,13 +260,24 @@ def _convert(plan: dict[str, Any]) -> Path:
                         overview=out.overview, overview_resampling=out.overview_resampling)
 
 
+#: GDAL threads for the COG copies made in this context (None: up to 4, one per core). Set to 1
+#: by threads running at a lowered CPU priority: GDAL's worker threads are created by the first
+#: thread that needs them and inherit its priority for the rest of the process.
+GDAL_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("cog_gdal_threads", default=None)
+
+
+def gdal_threads() -> int:
+    """Threads GDAL may use for a COG copy in the current context (see :data:`GDAL_THREADS`)."""
+    return GDAL_THREADS.get() or max(1, min(4, os.cpu_count() or 1))
+
+
 def _copy_as_cog(source: Path, dest: Path, path: Path, *, compress: str, overview: bool,
                  overview_resampling: str) -> Path:
     """GDAL's COG copy of ``source`` at ``dest`` (errors name ``path``, the file it becomes)."""
     options = {
         "COMPRESS": compress, "PREDICTOR": "YES", "BLOCKSIZE": str(TILE), "BIGTIFF": "IF_SAFER",
         "OVERVIEWS": "AUTO" if overview else "NONE", "RESAMPLING": overview_resampling.upper(),
-        "NUM_THREADS": str(max(1, min(4, os.cpu_count() or 1))),
+        "NUM_THREADS": str(gdal_threads()),
     }
     if compress.upper() == "DEFLATE":
         options["LEVEL"] = str(DEFLATE_LEVEL)

@@ -520,7 +520,11 @@ def _lower_thread_priority() -> None:
 
 
 def _in_background(fn: Any) -> Any:
+    from .cog import GDAL_THREADS
+
     _lower_thread_priority()  # the pool's threads serve only this run's outputs and end with it
+    # no GDAL worker threads from here: they would inherit the low priority and outlive the pool
+    GDAL_THREADS.set(1)  # (in this job's own copy of the context)
     return fn()
 
 

@@ -568,12 +568,16 @@ def test_output_threads_run_at_the_lowest_priority_and_leave_the_caller_alone() 
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
+    from pipeline.cog import gdal_threads
     from pipeline.run import BACKGROUND_NICE, _submit
 
     main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     with ThreadPoolExecutor(2) as pool:
         seen = _submit(pool, lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+        # GDAL starts no worker threads from them (those would keep the low priority for good)
+        threads = _submit(pool, gdal_threads).result()
     assert seen == max(main, BACKGROUND_NICE) == 19
+    assert threads == 1 and gdal_threads() == max(1, min(4, os.cpu_count() or 1))
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main
     assert os.getpriority(os.PRIO_PROCESS, 0) == main  # the process's main thread
 
