@@ -364,7 +364,7 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
 
 def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run_id, scene_stats,  # noqa: ANN001, PLR0913
                 prob_path, unc_path, layers_path, keep, wanted, model_threshold, inference_figures,
-                opened=None, n_valid=None) -> RunResult:
+                opened, n_valid) -> RunResult:
     from postprocess.gpkg import write_geopackage
     from postprocess.pipeline import polygons_from_probability
 
@@ -394,7 +394,8 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
     }
     # This process mostly waits for the workers from here on: it makes the probability COG and
     # reads the quicklook's background while the postprocessing runs, and the workers compute the
-    # mask raster and count the valid pixels while this process builds and merges the polygons.
+    # mask raster while this process builds and merges the polygons (the valid pixels were counted
+    # with the inference).
     pool = ThreadPoolExecutor(4, thread_name_prefix="outputs")
     jobs: dict[str, Any] = {}
     if cfg.output.probability_cog:
@@ -404,8 +405,6 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
         if cfg.output.mask_cog:
             jobs["mask"] = _submit(pool, write_cog, cleaned.astype("uint8"), grid, run_dir / "mask.tif",
                                    dtype="uint8", nodata=255)
-        if n_valid is None:
-            jobs["valid"] = _submit(pool, lambda: int(np.asarray(valid.sum().compute())))
 
     # the mask's graphs may still be sent from the pool's threads until it has shut down
     with _mask_in_graphs(grid):
@@ -432,8 +431,6 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
 
                     small, factor, shown = coarse
                     write_quicklook_coarse(small, factor, grid, gdf, run_dir / "quicklook.png", valid=shown)
-                if "valid" in jobs:
-                    n_valid = jobs["valid"].result()
                 for name in ("mask", "probability"):
                     if name in jobs:
                         jobs[name].result()
@@ -504,7 +501,7 @@ def _inference_figures(client: Any, pred: Any, seconds: float, *, own: bool) -> 
     return figures
 
 
-#: Niceness of the output threads (probability and mask COGs, quicklook background, valid count).
+#: Niceness of the output threads (probability and mask COGs, quicklook background).
 BACKGROUND_NICE = 19
 
 
@@ -575,36 +572,7 @@ def _quicklook_background(cfg: SceneConfig, grid: Any, prob_path: Path) -> tuple
     with rasterio.open(prob_path) as src:  # uncompressed uint8: cheap to read even without overviews
         prob = src.read(1, window=Window(0, 0, cols * factor, rows * factor), out_shape=(rows, cols),
                         resampling=Resampling.nearest)
-    return small, factor, prob != np.uint8(255)
-
-
-class _StoredBand:
-    """Array-like (rows, cols) float32 view of one band of a plain tiled GeoTIFF this run wrote on its
-    grid, read window by window. ``codes`` maps stored uint8 values to floats (the probability's
-    0..254 -> [0, 1], 255 -> NaN); float bands are returned as stored (NaN is their no-data)."""
-
-    ndim = 2
-    dtype = np.dtype(np.float32)
-
-    def __init__(self, path: Path, band: int, shape: tuple[int, int], codes: np.ndarray | None) -> None:
-        self.path, self.band, self.shape, self.codes = path, band, shape, codes
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        import rasterio
-        from rasterio.windows import Window
-
-        from .stack import _split_key
-
-        (r0, r1, ri), (c0, c1, ci) = _split_key(key, self.shape)
-        if r1 <= r0 or c1 <= c0:
-            block = np.empty((max(r1 - r0, 0), max(c1 - c0, 0)), np.float32)
-        else:
-            with rasterio.open(self.path) as ds:
-                raw = ds.read(self.band, window=Window(c0, r0, c1 - c0, r1 - r0))
-            block = self.codes[raw] if self.codes is not None else raw.astype(np.float32, copy=False)
-        if isinstance(ri, int) or isinstance(ci, int):
-            return block[ri, ci]
-        return block[ri][:, ci]
+    return small, factor, prob != np.uint8(PROB_NODATA)
 
 
 def _decode_probability(codes: np.ndarray) -> np.ndarray:
@@ -630,6 +598,8 @@ def _open_lazy(path: Path, grid: Grid, block: int, band: int = 1, *, probability
     import rasterio
     import xarray as xr
 
+    from .stack import StoredBand, _coords
+
     with rasterio.open(path) as ds:
         tile_rows, tile_cols = ds.block_shapes[band - 1]
         shape = (ds.height, ds.width)
@@ -637,12 +607,10 @@ def _open_lazy(path: Path, grid: Grid, block: int, band: int = 1, *, probability
     chunks: Any = (rows, cols) if like is None else like.chunks
     if shape != grid.shape:
         raise RuntimeError(f"{path}: {shape[1]} x {shape[0]} px, not the run's grid {grid.width} x {grid.height}")
-    layer = _StoredBand(path, band, shape, _probability_codes() if probability else None)
+    layer = StoredBand(path, band, grid, _probability_codes() if probability else None)
     arr = da.from_array(layer, chunks=chunks, asarray=False, lock=False, meta=np.empty((0, 0), np.float32),
                         name=f"stored-{path.name.strip('.')}-{band}-{uuid.uuid4().hex[:12]}")
-    t = grid.transform
-    coords = {"y": t.f + (np.arange(grid.height) + 0.5) * t.e, "x": t.c + (np.arange(grid.width) + 0.5) * t.a}
-    return xr.DataArray(arr, dims=("y", "x"), coords=coords)
+    return xr.DataArray(arr, dims=("y", "x"), coords=_coords(grid))
 
 
 # -- CLI -----------------------------------------------------------------------

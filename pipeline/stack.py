@@ -40,6 +40,7 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+import rasterio
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from affine import Affine
@@ -284,12 +285,16 @@ class _GridLayer:
     def read(self, window: Grid) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def read_window(self, window: Window) -> np.ndarray:
+        """The pixels of ``window`` (inside the grid): :meth:`read` of its sub-grid."""
+        return self.read(self.grid.window(window))
+
     def __getitem__(self, key: Any) -> np.ndarray:
         (r0, r1, ri), (c0, c1, ci) = _split_key(key, self.shape)
         if r1 <= r0 or c1 <= c0:
             block = np.empty((max(r1 - r0, 0), max(c1 - c0, 0)), self.dtype)
         else:
-            block = self.read(self.grid.window(Window(c0, r0, c1 - c0, r1 - r0)))
+            block = self.read_window(Window(c0, r0, c1 - c0, r1 - r0))
         if isinstance(ri, int) or isinstance(ci, int):
             return block[ri, ci]
         return block[ri][:, ci]
@@ -306,6 +311,21 @@ class WarpedLayer(_GridLayer):
 
     def read(self, window: Grid) -> np.ndarray:
         return self.source.read_onto(window, self.resampling, self.scale)
+
+
+class StoredBand(_GridLayer):
+    """One band of a GeoTIFF already on ``grid`` (written by the run), read window by window as
+    float32. ``codes`` maps stored uint8 values to floats (a lookup table); without it the values
+    are returned as stored."""
+
+    def __init__(self, path: Path, band: int, grid: Grid, codes: np.ndarray | None = None) -> None:
+        super().__init__(grid, np.dtype(np.float32))
+        self.path, self.band, self.codes = path, band, codes
+
+    def read_window(self, window: Window) -> np.ndarray:
+        with rasterio.open(self.path) as ds:
+            raw = ds.read(self.band, window=window)
+        return self.codes[raw] if self.codes is not None else raw.astype(np.float32, copy=False)
 
 
 class GeometryLayer(_GridLayer):
