@@ -180,7 +180,9 @@ class RasterSource:
                 elif self._separable(grid, resampling):
                     self._read_upsampled(ds, grid, resampling, out)
                 else:
-                    self._read_warped(ds, grid, resampling, out, scale or self.warp_scale(grid.crs, grid.res))
+                    scale = scale or self.warp_scale(grid.crs, grid.res)
+                    if not self._read_reprojected(ds, grid, resampling, out, scale):
+                        self._read_warped(ds, grid, resampling, out, scale)
         except (RasterioError, OSError) as exc:
             failure = _detail(exc)
         if failure is not None:
@@ -333,6 +335,27 @@ class RasterSource:
                 # like GDAL: no value where the source pixel under the centre is no data
                 value[~valid[np.ix_(cy[rs] - lo[0], cx[cols] - lo[1])]] = np.nan
             out[int(rs[0]):int(rs[-1]) + 1, cslice] = value
+
+    def _read_reprojected(self, ds: rasterio.io.DatasetReader, grid: Grid, resampling: Resampling,
+                          out: np.ndarray, scale: tuple[float, float]) -> bool:
+        """Bilinear upsampling from another CRS (:mod:`pipeline.reproject`), the same values as
+        GDAL's warper and bit-for-bit the same in every window; False (``out`` untouched) when
+        that path does not apply: another resampling, a kernel GDAL would widen (downsampling),
+        or positions that cannot be interpolated exactly enough."""
+        from . import reproject
+
+        if resampling != Resampling.bilinear or min(scale) < 1.0:
+            return False
+        positions = reproject.source_positions(grid, self.crs, self.transform)
+        if positions is None:
+            return False
+        window = reproject.source_window(positions, self.width, self.height)
+        if window is None:
+            return True  # the grid misses the source: all no data
+        col0, row0, cols, rows = window
+        src = self.to_physical(ds.read(self.band, window=Window(col0, row0, cols, rows)))
+        reproject.bilinear(src, (row0, col0), (self.height, self.width), positions, out)
+        return True
 
     def _source_window(self, grid: Grid) -> Window | None:
         """Window of this raster that covers ``grid``, with a resampling margin."""
