@@ -32,7 +32,16 @@ def _interactive() -> bool:
 
 
 def compute(obj: Any, label: str) -> Any:
-    """Compute a Dask collection with progress reporting; returns its result."""
+    """Compute a Dask collection (or a list of them, in one computation) with progress reporting;
+    returns its result.
+
+    A list must hold collections of one kind (arrays, or delayed objects): Dask
+    returns the results of a mixed list grouped by kind, not in the list's order.
+    """
+    if isinstance(obj, list | tuple):
+        kinds = {type(x).__name__ for x in obj if dask.is_dask_collection(x)}
+        if len(kinds) > 1:
+            raise TypeError(f"compute: a list of one kind of collection expected, got {sorted(kinds)}")
     t0 = time.perf_counter()
     log.info("%s ...", label)
     client = _client()

@@ -7,7 +7,8 @@ Stages and the grid each produces:
                  written as a plain tiled intermediate; stage boundary on disk so the model
                  runs once (the probability COG is made from it during postprocessing);
                  the same computation thresholds, opens and closes each stored block
-                 (the first, local cleaning step) and counts the valid pixels
+                 (the first, local cleaning step), summarizes its objects and background
+                 for the size and hole steps, and counts the valid pixels
 3. postprocess-> cleaned mask, global object labels, per-object statistics
 4. vectorize  -> polygons with attributes -> GeoPackage (+ mask COG, quicklook)
 5. report     -> report.json: timings per stage, counts, areas, checksums, versions
@@ -333,29 +334,32 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
         # read it at once, and the probability COG is made from it while they run.
         plain_prob = run_dir / ".probability.tif"
         unc_path = run_dir / "uncertainty.tif" if pred.uncertainty is not None else None
-        # The postprocessing's first, local step (threshold, opening, closing) and the count of valid
-        # pixels are computed from the same blocks as they are stored, in the same computation: each
-        # block as soon as its neighbours are known, while the last blocks are still inferred.
+        # The postprocessing's first, local step (threshold, opening, closing), the per-block
+        # summaries its size and hole steps start from, and the count of valid pixels are computed
+        # from the same blocks as they are stored, in the same computation: each block as soon as
+        # its neighbours are known, while the last blocks are still inferred.
         threshold = cfg.postprocess.threshold if cfg.postprocess.threshold is not None else float(pred.threshold)
         chunks = pred.probability.data.chunks
 
         def first_step(codes: Any) -> list[Any]:
-            from postprocess.morphology import opened_mask, pack_mask
+            from postprocess.morphology import opened_mask, opened_summaries, pack_mask
 
             known = codes != PROB_NODATA
             prob = codes.map_blocks(_decode_probability, dtype=np.float32)
-            return [pack_mask(opened_mask(prob, known, grid, cfg.postprocess, threshold)), known.sum()]
+            opened = opened_mask(prob, known, grid, cfg.postprocess, threshold)
+            return [pack_mask(opened), known.sum(), opened_summaries(opened, known)]
 
         # uint8: probability x 254, 255 = no data (an eighth of float32 on disk)
-        _, (packed, n_valid) = write_prediction(pred, plain_prob, uncertainty_path=unc_path, layers_path=layers_path,
+        _, (packed, n_valid, summaries) = write_prediction(pred, plain_prob, uncertainty_path=unc_path, layers_path=layers_path,
                                                 dtype="uint8", probability_cog=False, also=first_step)
     try:
-        from postprocess.morphology import unpack_mask
+        from postprocess.morphology import OpenedSummaries, unpack_mask
 
         return _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run_id, scene_stats,
                            plain_prob, unc_path, layers_path, keep, wanted, pred.threshold,
                            lambda seconds: _inference_figures(client, pred, seconds, own=cluster.own),
-                           opened=unpack_mask(packed, chunks), n_valid=int(n_valid))
+                           opened=unpack_mask(packed, chunks), n_valid=int(n_valid),
+                           summaries=OpenedSummaries.collect(chunks, summaries))
     finally:
         plain_prob.unlink(missing_ok=True)
         if layers_path is not None:
@@ -364,7 +368,7 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
 
 def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run_id, scene_stats,  # noqa: ANN001, PLR0913
                 prob_path, unc_path, layers_path, keep, wanted, model_threshold, inference_figures,
-                opened, n_valid) -> RunResult:
+                opened, n_valid, summaries=None) -> RunResult:
     from postprocess.gpkg import write_geopackage
     from postprocess.pipeline import polygons_from_probability
 
@@ -417,7 +421,7 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
                     red=layers.get("B04"), nir=layers.get("B08"), green=layers.get("B03"),
                     uncertainty=uncertainty, threshold=threshold, context=context,
                     on_mask=start_mask_outputs,  # in the probability's chunks
-                    opened=opened,
+                    opened=opened, summaries=summaries,
                 )
             with timer("write"):
                 metadata = {

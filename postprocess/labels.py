@@ -320,6 +320,21 @@ def reduce_by(comp: np.ndarray, ncomp: int, values: np.ndarray, name: str) -> np
 BlockFn = Callable[..., BlockSummary]
 
 
+def block_tasks(fn: Callable[..., Any], arrays: Sequence[da.Array], layout: BlockLayout, **kwargs: Any) -> list[Any]:
+    """Lazy ``fn(*blocks, index=..., origin=..., shape=..., **kwargs)`` of every block (row-major
+    order), as delayed objects; all ``arrays`` must share ``layout``'s chunks."""
+    delayed_blocks = [a.to_delayed(optimize_graph=False) for a in arrays]
+    tasks = []
+    for index in layout.indices():
+        blocks = [d[index] for d in delayed_blocks]
+        tasks.append(
+            dask.delayed(fn, pure=True)(
+                *blocks, index=index, origin=layout.origin(index), shape=layout.shape, **kwargs
+            )
+        )
+    return tasks
+
+
 def run_blocks(
     fn: BlockFn,
     arrays: Sequence[da.Array],
@@ -331,16 +346,7 @@ def run_blocks(
     All ``arrays`` must share ``layout``'s chunks. One dask compute, so
     upstream tasks shared by the arrays run once per block.
     """
-    delayed_blocks = [a.to_delayed(optimize_graph=False) for a in arrays]
-    tasks = []
-    for index in layout.indices():
-        blocks = [d[index] for d in delayed_blocks]
-        tasks.append(
-            dask.delayed(fn, pure=True)(
-                *blocks, index=index, origin=layout.origin(index), shape=layout.shape, **kwargs
-            )
-        )
-    return list(dask.compute(*tasks))
+    return list(dask.compute(*block_tasks(fn, arrays, layout, **kwargs)))
 
 
 def apply_block_luts(

@@ -60,6 +60,7 @@ from .labels import (
     BlockSummary,
     Components,
     apply_block_luts,
+    block_tasks,
     border_labels,
     faces_of,
     label_local,
@@ -271,13 +272,21 @@ def _keep_objects(mask: np.ndarray, lut: np.ndarray) -> np.ndarray:
 
 
 def remove_small_objects(mask: da.Array, min_area_m2: float, pixel_area: float) -> da.Array:
-    """Drop 4-connected objects whose area is smaller than ``min_area_m2``."""
+    """Drop 4-connected objects whose area is smaller than ``min_area_m2`` (``mask`` itself when
+    none is)."""
     if min_area_m2 <= 0:
         return mask
     layout = BlockLayout.of(mask)
     comps = resolve(run_blocks(_object_sizes, [mask], layout), layout, 4)
+    return _without_small_objects(mask, comps, layout, min_area_m2, pixel_area)
+
+
+def _without_small_objects(mask: da.Array, comps: Components, layout: BlockLayout, min_area_m2: float,
+                           pixel_area: float) -> da.Array:
     keep = comps.stats.get("count", np.zeros(0, np.int64)) * pixel_area >= min_area_m2
     log.info("min-area: %d of %d objects kept", int(keep.sum()), comps.n_components)
+    if keep.all():
+        return mask
     luts = {ix: comps.block_lut(ix, keep, False) for ix in layout.indices()}
     return apply_block_luts(_keep_objects, [mask], luts, layout, bool)
 
@@ -299,11 +308,17 @@ def _fill_holes(mask: np.ndarray, lut: np.ndarray) -> np.ndarray:
 
 
 def fill_small_holes(mask: da.Array, known: da.Array, max_hole_m2: float, pixel_area: float) -> da.Array:
-    """Fill 8-connected background components enclosed by the mask and smaller than ``max_hole_m2``."""
+    """Fill 8-connected background components enclosed by the mask and smaller than ``max_hole_m2``
+    (``mask`` itself when there is none)."""
     if max_hole_m2 <= 0:
         return mask
     layout = BlockLayout.of(mask)
     comps = resolve(run_blocks(_background, [mask, known], layout), layout, 8)
+    return _with_small_holes_filled(mask, comps, layout, max_hole_m2, pixel_area)
+
+
+def _with_small_holes_filled(mask: da.Array, comps: Components, layout: BlockLayout, max_hole_m2: float,
+                             pixel_area: float) -> da.Array:
     if comps.n_components == 0:
         return mask
     hole = (
@@ -312,8 +327,71 @@ def fill_small_holes(mask: da.Array, known: da.Array, max_hole_m2: float, pixel_
         & (comps.stats["count"] * pixel_area < max_hole_m2)
     )
     log.info("holes: %d filled", int(hole.sum()))
+    if not hole.any():
+        return mask
     luts = {ix: comps.block_lut(ix, hole, False) for ix in layout.indices()}
     return apply_block_luts(_fill_holes, [mask], luts, layout, bool)
+
+
+@dataclass(frozen=True)
+class OpenedSummaries:
+    """What the size and hole steps need to know of the opened (and closed) mask, per block: its
+    4-connected objects and its 8-connected background (:func:`opened_summaries`)."""
+
+    layout: BlockLayout
+    objects: list[BlockSummary]
+    background: list[BlockSummary]
+
+    @classmethod
+    def collect(cls, chunks: tuple[tuple[int, ...], tuple[int, ...]], computed: np.ndarray) -> OpenedSummaries:
+        """From the computed :func:`opened_summaries` of a mask in ``chunks``."""
+        layout = BlockLayout(tuple(chunks[0]), tuple(chunks[1]))
+        pairs = list(computed)
+        if len(pairs) != len(layout.indices()) or [p[0].index for p in pairs] != layout.indices():
+            raise ValueError(f"{len(pairs)} block summaries do not match a layout of {layout.nblocks} blocks")
+        return cls(layout, [p[0] for p in pairs], [p[1] for p in pairs])
+
+
+def _opened_block(mask: np.ndarray, known: np.ndarray, *, index: tuple[int, int], origin: tuple[int, int],
+                  shape: tuple[int, int]) -> np.ndarray:
+    out = np.empty(1, dtype=object)
+    out[0] = (_object_sizes(mask, index=index, origin=origin, shape=shape),
+              _background(mask, known, index=index, origin=origin, shape=shape))
+    return out
+
+
+def opened_summaries(opened: da.Array, known: da.Array) -> da.Array:
+    """The block summaries of the size and hole steps over ``opened`` (:func:`opened_mask`; ``known``
+    in the same chunks): a lazy 1-D object array, one entry per block in row-major order, for
+    :meth:`OpenedSummaries.collect`.
+
+    A caller that computes the opened mask anyway computes these in the same
+    computation, block by block, and hands them to :func:`clean_objects`
+    (``summaries``), which then skips its passes over the mask for the size
+    and hole steps, and skips the steps entirely when they change nothing.
+    (An array, not a delayed object: ``dask.compute`` keeps the order of its
+    arguments only among collections of one kind.)
+    """
+    layout = BlockLayout.of(opened)
+    known = _as_dask(known, opened.chunks).astype(bool)
+    tasks = block_tasks(_opened_block, [opened, known], layout)
+    return da.concatenate([da.from_delayed(t, shape=(1,), dtype=object) for t in tasks])
+
+
+def _sizes_and_holes(mask: da.Array, known: da.Array, summaries: OpenedSummaries, params: PostprocessSection,
+                     pixel_area: float) -> da.Array:
+    """Steps 3 and 4 on the opened mask from its summaries: no pass over the mask unless a step
+    changes it; the hole step's summaries are recomputed when the size step removed objects."""
+    layout = summaries.layout
+    if params.min_area_m2 > 0:
+        objects = resolve(summaries.objects, layout, 4)
+        smaller = _without_small_objects(mask, objects, layout, params.min_area_m2, pixel_area)
+        if smaller is not mask:  # the background grew: its summaries no longer hold
+            return fill_small_holes(smaller, known, params.max_hole_m2, pixel_area)
+    if params.max_hole_m2 <= 0:
+        return mask
+    background = resolve(summaries.background, layout, 8)
+    return _with_small_holes_filled(mask, background, layout, params.max_hole_m2, pixel_area)
 
 
 # --------------------------------------------------------------------------
@@ -336,11 +414,13 @@ class CleanedObjects:
     value_names: tuple[str, ...]
     pieces: dict[int, list[Any]] | None = None
     dropped: dict[str, int] = field(default_factory=dict)
+    #: The mask the objects were labelled from, when every object in it was kept.
+    kept: da.Array | None = None
 
     @property
     def mask(self) -> da.Array:
-        """Lazy boolean mask of the kept objects."""
-        return self.labels > 0
+        """Lazy boolean mask of the kept objects (without labelling again when none was dropped)."""
+        return self.kept if self.kept is not None else self.labels > 0
 
     @property
     def count(self) -> int:
@@ -442,6 +522,7 @@ def clean_objects(
     with_pieces: bool = False,
     block_size: int | None = None,
     opened: da.Array | None = None,
+    summaries: OpenedSummaries | None = None,
 ) -> CleanedObjects:
     """Threshold, morphology, min-area, holes and terrain rules; labelled objects with statistics.
 
@@ -452,7 +533,9 @@ def clean_objects(
     ``slope``, ``ndvi`` and ``ndwi`` are always computed). ``block_size`` rechunks
     everything to square blocks of that edge first. ``opened`` is the result
     of the first two steps when the caller has it already (:func:`opened_mask`
-    of the same probability, known pixels and threshold, in any chunks).
+    of the same probability, known pixels and threshold, in any chunks), and
+    ``summaries`` its :func:`opened_summaries` (used when computed in the
+    chunks the objects are processed in).
     """
     prob = getattr(probability, "data", probability)
     if not isinstance(prob, da.Array):
@@ -484,16 +567,22 @@ def clean_objects(
     if opened is not None:
         if opened.shape != prob.shape:
             raise ValueError(f"opened mask has shape {opened.shape}, the probability {prob.shape}")
-        mask = opened if opened.chunks == chunks else opened.rechunk(chunks)
+        start = opened if opened.chunks == chunks else opened.rechunk(chunks)
+        stored = opened.chunks == chunks  # the caller's mask is computed already (kept bits)
     else:
-        mask = opened_mask(prob, known, grid, params, threshold)
+        start = opened_mask(prob, known, grid, params, threshold)
+        stored = False
         # the size and hole passes both start from the morphology: compute it once
         if params.min_area_m2 > 0 or params.max_hole_m2 > 0:
-            mask = persist_mask(mask)
-    mask = remove_small_objects(mask, params.min_area_m2, pixel_area)
-    mask = fill_small_holes(mask, known, params.max_hole_m2, pixel_area)
-    # the final pass and the labels (mask raster) both start from here
-    mask = persist_mask(mask)
+            start, stored = persist_mask(start), True
+    if summaries is not None and opened is not None and summaries.layout == BlockLayout.of(start):
+        mask = _sizes_and_holes(start, known, summaries, params, pixel_area)
+    else:
+        mask = fill_small_holes(remove_small_objects(start, params.min_area_m2, pixel_area), known,
+                                params.max_hole_m2, pixel_area)
+    if mask is not start or not stored:
+        # the final pass and the mask raster both start from here
+        mask = persist_mask(mask)
 
     layout = BlockLayout.of(mask)
     names = tuple(layers)
@@ -556,7 +645,8 @@ def _finish(
                 gid = int(lut[local])
                 if gid:
                     pieces.setdefault(gid, []).append(geom)
-    return CleanedObjects(labels, table, grid, names, pieces, dropped)
+    kept = mask if not dropped.get("terrain") else None
+    return CleanedObjects(labels, table, grid, names, pieces, dropped, kept)
 
 
 def _empty_stats(names: tuple[str, ...]) -> dict[str, np.ndarray]:

@@ -77,6 +77,7 @@ def polygons_from_probability(
     block_size: int | None = None,
     on_mask: Callable[[xr.DataArray], Any] | None = None,
     opened: Any = None,
+    summaries: Any = None,
 ) -> tuple[gpd.GeoDataFrame, xr.DataArray]:
     """Landslide polygons with attributes, and the cleaned mask, from a probability raster.
 
@@ -109,6 +110,10 @@ def polygons_from_probability(
         The thresholded, opened and closed mask when the caller computed it
         already (:func:`postprocess.morphology.opened_mask`, for example in
         the same computation as the probability itself).
+    summaries:
+        :func:`postprocess.morphology.opened_summaries` of ``opened``, when
+        the caller computed those too: the size and hole steps then make no
+        pass over the mask unless they change it.
 
     Returns
     -------
@@ -130,6 +135,7 @@ def polygons_from_probability(
         with_pieces=True,
         block_size=block_size,
         opened=opened,
+        summaries=summaries,
     )
     mask = mask_dataarray(objects, _coords(probability, grid))
     if on_mask is not None:

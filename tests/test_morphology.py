@@ -427,3 +427,107 @@ def test_morphology_runs_once_per_block_for_all_passes_and_the_mask(monkeypatch)
     np.testing.assert_array_equal(mask, expected > 0)
     assert objects.count == expected.max() > 3
     assert len(calls) == 3 * 3  # once per block
+
+
+# --------------------------------------------------------------------------
+# the size and hole steps from summaries made with the opened mask
+# --------------------------------------------------------------------------
+SUMMARY_PARAMS = {
+    "removes and fills": PostprocessSection(opening_radius_m=10.0, closing_radius_m=0.0, min_area_m2=600.0,
+                                            max_hole_m2=2000.0),
+    "changes nothing": PostprocessSection(opening_radius_m=10.0, closing_radius_m=10.0, min_area_m2=100.0,
+                                          max_hole_m2=100.0),
+    "fills only": PostprocessSection(opening_radius_m=10.0, closing_radius_m=0.0, min_area_m2=0.0,
+                                     max_hole_m2=2000.0),
+    "removes only": PostprocessSection(opening_radius_m=0.0, closing_radius_m=0.0, min_area_m2=400.0,
+                                       max_hole_m2=0.0),
+}
+
+
+def _passes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    import postprocess.morphology as morphology
+
+    seen: list[str] = []
+    original = morphology.run_blocks
+
+    def recording(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(fn.__name__)
+        return original(fn, *args, **kwargs)
+
+    monkeypatch.setattr(morphology, "run_blocks", recording)
+    return seen
+
+
+def _with_summaries(prob, valid, grid, params, chunks, summary_chunks=None):  # noqa: ANN001, ANN202
+    from postprocess.morphology import OpenedSummaries, opened_mask, opened_summaries
+
+    p = da.from_array(prob, chunks=summary_chunks or chunks)
+    v = da.from_array(valid, chunks=summary_chunks or chunks)
+    opened = opened_mask(p, v, grid, params, 0.5)
+    opened_np, computed = dask.compute(opened, opened_summaries(opened, v))
+    summaries = OpenedSummaries.collect(opened.chunks, computed)
+    opened = da.from_array(opened_np, chunks=summary_chunks or chunks)
+    return clean_objects(da.from_array(prob, chunks=chunks), da.from_array(valid, chunks=chunks), grid, params,
+                         threshold=0.5, opened=opened, summaries=summaries)
+
+
+@pytest.mark.parametrize("case", list(SUMMARY_PARAMS))
+def test_size_and_hole_steps_from_the_opened_masks_summaries_equal_their_passes(
+        nepal_scene, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    """Summaries made with the opened mask give the same objects, statistics and mask; a step that
+    changes nothing makes no pass over the mask, one that removes objects redoes the hole step's
+    summaries on the smaller mask."""
+    s = nepal_scene
+    params = SUMMARY_PARAMS[case]
+    chunks = (64, 77)
+    expected = reference_labels(s["prob"], s["valid"], s["grid"], params, 0.5)
+    assert expected.max() > 10
+    passes = _passes(monkeypatch)
+    objects = _with_summaries(s["prob"], s["valid"], s["grid"], params, chunks)
+    np.testing.assert_array_equal(objects.labels.compute(), expected)
+    np.testing.assert_array_equal(objects.mask.compute(), expected > 0)
+    made = list(passes)
+    plain = clean_objects(da.from_array(s["prob"], chunks=chunks), da.from_array(s["valid"], chunks=chunks),
+                          s["grid"], params, threshold=0.5)
+    assert plain.stats.keys() == objects.stats.keys()
+    for name in plain.stats:
+        np.testing.assert_array_equal(plain.stats[name], objects.stats[name], err_msg=name)
+    # what each case does to the opened mask decides which passes remain
+    expected_passes = {"removes and fills": ["_background", "_final_block"], "changes nothing": ["_final_block"],
+                       "fills only": ["_final_block"], "removes only": ["_final_block"]}[case]
+    assert made == expected_passes, made
+
+
+def test_the_cases_do_what_their_names_say(nepal_scene) -> None:
+    """The cases above act on the test scene as named (else the pass counts prove little)."""
+    s = nepal_scene
+    for case, params in SUMMARY_PARAMS.items():
+        p, v = da.from_array(s["prob"], chunks=(64, 77)), da.from_array(s["valid"], chunks=(64, 77))
+        from postprocess.morphology import opened_mask
+
+        opened = opened_mask(p, v, s["grid"], params, 0.5)
+        smaller = remove_small_objects(opened, params.min_area_m2, s["grid"].pixel_area)
+        filled = fill_small_holes(smaller, v, params.max_hole_m2, s["grid"].pixel_area)
+        removed = smaller is not opened and bool((smaller != opened).any().compute())
+        fills = filled is not smaller and bool((filled != smaller).any().compute())
+        assert (removed, fills) == {"removes and fills": (True, True), "changes nothing": (False, False),
+                                    "fills only": (False, True), "removes only": (True, False)}[case], case
+
+
+def test_summaries_in_other_chunks_are_not_used(nepal_scene, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = nepal_scene
+    expected = reference_labels(s["prob"], s["valid"], s["grid"], PARAMS, 0.5)
+    passes = _passes(monkeypatch)
+    objects = _with_summaries(s["prob"], s["valid"], s["grid"], PARAMS, (64, 77), summary_chunks=(100, 90))
+    np.testing.assert_array_equal(objects.labels.compute(), expected)
+    assert passes == ["_object_sizes", "_background", "_final_block"]
+
+
+def test_summaries_must_match_their_layout() -> None:
+    from postprocess.morphology import OpenedSummaries, opened_summaries
+
+    m = da.from_array(np.eye(12, dtype=bool), chunks=6)
+    computed = opened_summaries(m, m | True).compute()
+    assert len(OpenedSummaries.collect(m.chunks, computed).objects) == 4
+    with pytest.raises(ValueError, match="do not match"):
+        OpenedSummaries.collect(((4, 4, 4), (6, 6)), computed)

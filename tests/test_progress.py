@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 
+import dask
 import dask.array as da
+import pytest
 
 from pipeline import progress
+from pipeline.progress import compute
 
 
 def test_compute_returns_the_result_and_logs_start_and_end(caplog) -> None:
@@ -22,3 +25,11 @@ def test_terminal_gets_a_progress_bar(monkeypatch, capsys) -> None:
     monkeypatch.setattr(progress, "_interactive", lambda: True)
     assert progress.compute(da.arange(10, chunks=2).sum(), "bar") == 45
     assert "100% Completed" in capsys.readouterr().err
+
+
+def test_a_list_of_mixed_collections_is_refused() -> None:
+    """Dask returns a mixed list's results grouped by kind: refused instead of silently reordered."""
+    arr = da.ones((4, 4), chunks=2)
+    assert [float(x) for x in compute([arr.sum(), arr.max() * 3], "two arrays")] == [16.0, 3.0]
+    with pytest.raises(TypeError, match="one kind"):
+        compute([arr.sum(), dask.delayed(lambda: 1)(), arr.max()], "mixed")

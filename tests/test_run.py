@@ -584,8 +584,9 @@ def test_output_threads_run_at_the_lowest_priority_and_leave_the_caller_alone() 
 
 def test_first_cleaning_step_computed_with_the_inference_equals_the_postprocessing_alone(
         demo: Path, tmp_path: Path, client, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The run thresholds, opens and closes each block as it is inferred; the mask, the polygons and
-    the valid count equal what the postprocessing gives on the stored probability on its own."""
+    """The run thresholds, opens and closes each block as it is inferred and summarizes it for the
+    size and hole steps; the mask, the polygons and the valid count equal what the postprocessing
+    gives on the stored probability on its own."""
     import dask
     import xarray as xr
 
@@ -602,9 +603,19 @@ def test_first_cleaning_step_computed_with_the_inference_equals_the_postprocessi
         return original(*args, **kwargs)
 
     monkeypatch.setattr(morphology, "opened_mask", counting)
+    passes: list[str] = []
+    run_blocks = morphology.run_blocks
+
+    def recording(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        passes.append(fn.__name__)
+        return run_blocks(fn, *args, **kwargs)
+
+    monkeypatch.setattr(morphology, "run_blocks", recording)
     cfg = _config(demo, tmp_path, grid={"block_size": 96})  # several blocks: the halos cross them
     res = run_scene(cfg, client=client)
     assert len(built) == 1  # built once, with the inference; the postprocessing started from it
+    # the size step's summaries were made with the inference too: no pass over the mask for it
+    assert "_object_sizes" not in passes and passes[-1] == "_final_block", passes
     report = json.loads((res.run_dir / REPORT).read_text())
     with rasterio.open(res.run_dir / "probability.tif") as src:
         codes = src.read(1)
