@@ -429,13 +429,12 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
                     "model_sha256": context["model_sha256"], "threshold": threshold, "grid": grid.to_dict(),
                     "config": str(cfg.source), "pipeline_version": __version__,
                 }
+                if background is not None:
+                    # drawn and encoded in an output thread while this one writes the GeoPackage
+                    jobs["quicklook"] = pool.submit(contextvars.copy_context().run, _write_quicklook, background,
+                                                    grid, gdf, run_dir / "quicklook.png")
                 write_geopackage(gdf, gpkg_path, layer="landslides", metadata=metadata, crs=cfg.output.crs)
-                if background is not None and (coarse := background.result()) is not None:
-                    from postprocess.quicklook import write_quicklook_coarse
-
-                    small, factor, shown = coarse
-                    write_quicklook_coarse(small, factor, grid, gdf, run_dir / "quicklook.png", valid=shown)
-                for name in ("mask", "probability"):
+                for name in ("quicklook", "mask", "probability"):
                     if name in jobs:
                         jobs[name].result()
         finally:
@@ -552,6 +551,16 @@ def _mask_in_graphs(grid: Any) -> Iterator[None]:
     current = parse_bytes(str(dask.config.get(key, "10MB")))
     with dask.config.set({key: max(current, parse_bytes("10MB") + 2 * packed)}):
         yield
+
+
+def _write_quicklook(background: Any, grid: Any, gdf: Any, path: Path) -> None:
+    """The quicklook from its background (a future of :func:`_quicklook_background`) and the polygons."""
+    from postprocess.quicklook import write_quicklook_coarse
+
+    coarse = background.result()
+    if coarse is not None:
+        small, factor, shown = coarse
+        write_quicklook_coarse(small, factor, grid, gdf, path, valid=shown)
 
 
 def _quicklook_background(cfg: SceneConfig, grid: Any, prob_path: Path) -> tuple[Any, int, Any] | None:

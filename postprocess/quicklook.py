@@ -33,6 +33,9 @@ from pipeline.grid import Grid
 
 log = logging.getLogger(__name__)
 
+#: zlib level of the quicklook PNG: half the time of Pillow's default (6) for about 13 % more bytes.
+PNG_LEVEL = 3
+
 TRUE_COLOUR: tuple[str, str, str] = ("B04", "B03", "B02")
 
 
@@ -182,7 +185,7 @@ def _render(pixels: np.ndarray, factor: int, grid: Grid, polygons: gpd.GeoDataFr
             colour: tuple[int, int, int], width: int) -> Path:
     image = Image.fromarray(pixels, mode="RGB")
     draw_outlines(image, polygons, grid, factor, colour=colour, width=width)  # type: ignore[arg-type]
-    save_png_atomic(image, path)
+    save_png_atomic(image, path, compress_level=PNG_LEVEL)
     log.info("quicklook %s (%d x %d, factor %d)", path, image.width, image.height, factor)
     return path
 

@@ -136,9 +136,21 @@ def merge_pieces(
     """
     keys = np.asarray(sorted(pieces), dtype=np.int64)
     out = np.empty(keys.size, dtype=object)
+    joined: list[int] = []
     for k, key in enumerate(keys):
         parts = pieces[int(key)]
-        out[k] = parts[0] if len(parts) == 1 else shapely.union_all(list(parts))
+        if len(parts) == 1:
+            out[k] = parts[0]
+        else:
+            joined.append(k)
+    if joined:
+        # objects across blocks: their unions on all cores (GEOS releases the GIL), largest first
+        joined.sort(key=lambda k: -sum(int(shapely.get_num_coordinates(g)) for g in pieces[int(keys[k])]))
+        n = min(8, os.cpu_count() or 1, len(joined))
+        with ThreadPoolExecutor(n, thread_name_prefix="union") as pool:
+            unions = pool.map(lambda k: shapely.union_all(list(pieces[int(keys[k])])), joined)
+            for k, geom in zip(joined, unions, strict=True):
+                out[k] = geom
     out = clean_geometries(out)
     if simplify_px > 0 and out.size:
         out = map_threads(_simplify(simplify_px), out)
