@@ -15,13 +15,14 @@ file's no-data value) masked before the offset is applied.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import math
 import re
 import struct
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -46,6 +47,9 @@ from .grid import Bounds, Grid
 SAFE_SPECIAL_VALUES: tuple[float, ...] = (0.0, 65535.0)
 
 log = logging.getLogger(__name__)
+
+#: Gives an open (read-only) dataset of a path: :meth:`RasterSource.read_onto`'s ``opener``.
+Opener = Callable[[Path], "rasterio.io.DatasetReader"]
 
 #: Maximum error of GDAL's approximate coordinate transformer, in source pixels.
 #: GDAL's default (0.125) shifts pixels by up to 1/8 source pixel depending on
@@ -161,7 +165,7 @@ class RasterSource:
         return ((right - left) / resolution[0] / self.width, (top - bottom) / resolution[1] / self.height)
 
     def read_onto(self, grid: Grid, resampling: Resampling = Resampling.bilinear,
-                  scale: tuple[float, float] | None = None) -> np.ndarray:
+                  scale: tuple[float, float] | None = None, *, opener: Opener | None = None) -> np.ndarray:
         """Read the part of this raster that ``grid`` needs and resample it onto ``grid``.
 
         Only the source window covering the destination bounds (plus a margin
@@ -169,11 +173,14 @@ class RasterSource:
         ``grid``, not of the file. Returns float32 (rows, cols), NaN where
         the source has no data or does not reach. ``scale`` is
         :meth:`warp_scale` of the full grid when ``grid`` is one block of it.
+        ``opener`` gives an open dataset of a path, kept open by the caller
+        (many small reads of the same files); by default the file is opened
+        for this read.
         """
         out = np.full(grid.shape, np.nan, dtype=np.float32)
         failure: str | None = None
         try:
-            with rasterio.open(self.path) as ds:
+            with contextlib.nullcontext(opener(self.path)) if opener is not None else rasterio.open(self.path) as ds:
                 direct = self._aligned_offsets(grid)
                 if direct is not None:
                     self._read_direct(ds, grid, direct, out)

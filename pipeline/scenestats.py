@@ -20,6 +20,7 @@ any valid pixel gets neutral statistics (nothing is predicted on it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -159,7 +160,10 @@ def scene_band_stats(
         # every window read from it (a 1020 px demo scene: 11.4 s in 256 px windows, 1.6 s at once).
         stack = stack_scene(cfg, channels)
         size = max(height, width)
-    stats = _stats(stack.data.data, stack.valid.data, [str(c) for c in stack.data.band.values],
-                   windows, size, min_pixels, scheduler)
+    # in this process (threads): each thread opens each file once for all its windows
+    kept_open = stack.reader.files_kept_open() if stack.reader is not None else contextlib.nullcontext()
+    with kept_open:
+        stats = _stats(stack.data.data, stack.valid.data, [str(c) for c in stack.data.band.values],
+                       windows, size, min_pixels, scheduler)
     log.debug("scene statistics in %.1f s", time.perf_counter() - t0)
     return stats

@@ -33,7 +33,9 @@ import datetime as dt
 import logging
 import math
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,7 @@ from .channels import DEM, L4S_CHANNELS, S2_BANDS, SLOPE, canonical
 from .config import AoiSection, SceneConfig
 from .errors import ChannelError, ConfigError, GridError, InputError
 from .grid import Bounds, Grid, intersect_bounds, utm_crs_for
-from .readers import RasterSource, SceneInputs, open_dem, open_slope, read_scene
+from .readers import Opener, RasterSource, SceneInputs, open_dem, open_slope, read_scene
 from .readers import error_detail as _detail
 from .slope import horn_slope_padded
 
@@ -309,8 +311,8 @@ class WarpedLayer(_GridLayer):
         self.resampling = resampling
         self.scale = source.warp_scale(grid.crs, grid.res)
 
-    def read(self, window: Grid) -> np.ndarray:
-        return self.source.read_onto(window, self.resampling, self.scale)
+    def read(self, window: Grid, opener: Opener | None = None) -> np.ndarray:
+        return self.source.read_onto(window, self.resampling, self.scale, opener=opener)
 
 
 class StoredBand(_GridLayer):
@@ -363,11 +365,41 @@ class StackLayer:
         self.layers = {n: WarpedLayer(src, grid, CONTINUOUS_RESAMPLING) for n, src in sources.items()}
         self.grid = grid
         self.shape = (len(self.names), grid.height, grid.width)
+        self._opener: Opener | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_opener": None}  # open files stay in the process that opened them
+
+    @contextmanager
+    def files_kept_open(self) -> Iterator[None]:
+        """Reads of this layer (in any thread of this process) reuse one open dataset per file and
+        thread until the block ends, then the files are closed: for many small windows (the scene
+        statistics' sample), where opening the files would cost as much as reading them."""
+        local = threading.local()
+        opened: list[Any] = []
+        lock = threading.Lock()
+
+        def opener(path: Path) -> Any:
+            files = local.__dict__.setdefault("files", {})
+            if path not in files:
+                files[path] = rasterio.open(path)
+                with lock:
+                    opened.append(files[path])
+            return files[path]
+
+        self._opener = opener
+        try:
+            yield
+        finally:
+            self._opener = None
+            with lock:
+                for ds in opened:
+                    ds.close()
 
     def _dem_with_halo(self, window: Window) -> np.ndarray:
         grown = self.grid.window(Window(window.col_off - 1, window.row_off - 1,
                                         window.width + 2, window.height + 2))
-        dem = self.dem.read(grown)
+        dem = self.dem.read(grown, self._opener)
         r0, c0 = int(window.row_off), int(window.col_off)
         if r0 == 0:
             dem[0, :] = np.nan
@@ -388,14 +420,14 @@ class StackLayer:
             padded = self._dem_with_halo(window)
         for i, name in enumerate(names):
             if name in self.layers:
-                out[i] = self.layers[name].read(sub)
+                out[i] = self.layers[name].read(sub, self._opener)
             elif name == SLOPE:
                 assert padded is not None
                 out[i] = horn_slope_padded(padded, *self.grid.res)
             elif name == DEM and padded is not None:
                 out[i] = padded[1:-1, 1:-1]
             else:
-                out[i] = self.dem.read(sub)
+                out[i] = self.dem.read(sub, self._opener)
         return out
 
     def __getitem__(self, key: Any) -> np.ndarray:

@@ -455,3 +455,40 @@ def test_blockwise_slope_with_halo_equals_whole_grid_slope(iburi: Path) -> None:
     np.testing.assert_array_equal(slope, overlap)
     alone = stack.data.sel(band="SLOPE").values  # reading one channel of a block gives the same
     np.testing.assert_array_equal(alone, slope)
+
+
+def test_files_kept_open_read_the_same_and_are_closed(iburi: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within ``files_kept_open`` each thread opens each file once for all its windows; the values do
+    not change, the files are closed at the end, and a pickled layer carries no open file."""
+    import pickle
+
+    from rasterio.windows import Window
+
+    stack = stack_scene(iburi_cfg(iburi, "pre", block=256), IBURI_CHANNELS)
+    reader = stack.reader
+    assert reader is not None
+    windows = [Window(c, r, 256, 256) for r in (0, 256, 512) for c in (0, 256, 512)]
+    bands = range(len(IBURI_CHANNELS))
+    opened: list = []
+    real_open = rasterio.open
+
+    def counting(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        ds = real_open(path, *args, **kwargs)
+        opened.append(ds)
+        return ds
+
+    monkeypatch.setattr(rasterio, "open", counting)
+    each = [reader.read(bands, w) for w in windows]
+    per_window = len(opened)
+    assert per_window == len(windows) * 4  # three bands and the DEM, every window
+    opened.clear()
+    with reader.files_kept_open():
+        kept = [reader.read(bands, w) for w in windows]
+        assert len(opened) == 4 and not any(ds.closed for ds in opened)
+        assert pickle.loads(pickle.dumps(reader))._opener is None
+    assert all(ds.closed for ds in opened)
+    for a, b in zip(each, kept, strict=True):
+        np.testing.assert_array_equal(a, b)
+    opened.clear()
+    reader.read(bands, windows[0])  # after the block: one open per file again
+    assert len(opened) == 4 and all(ds.closed for ds in opened)
