@@ -59,9 +59,16 @@ def _quiet_distributed() -> None:
 #: Modules the block tasks need. A fresh worker imports PyTorch, the model library and the
 #: postprocessing libraries (about 8 s of one core) when it unpickles its first task that needs them;
 #: that import held up both worker threads at the start of the inference stage. Local workers import
-#: them in a task of their own as they start, while the main process (which never imports PyTorch)
-#: is still busy with the scene statistics.
+#: them in a task of their own as they start, and the cluster is handed out once they have (a run
+#: starts its cluster in the background while its main process, which never imports PyTorch,
+#: samples the scene statistics). Tasks must not arrive during those imports: a task unpickled
+#: while the import task is half-way through rasterio's (circular) Cython modules can fail with
+#: ``ImportError: cannot import name guard_transform``.
 WORKER_IMPORTS = ("pipeline.models", "pipeline.device", "pipeline.inference", "postprocess.pipeline")
+
+
+#: Seconds a new local cluster waits for its workers' imports before it is handed out anyway.
+WARM_TIMEOUT = 180.0
 
 
 def _prepare_worker(names: tuple[str, ...]) -> list[str]:
@@ -119,11 +126,8 @@ def _exit_fast_after_close() -> None:
 
 def _warm_workers(client: object) -> list[object]:
     """Start :data:`WORKER_IMPORTS` on every worker of a new local cluster; returns the futures
-    (the caller keeps them until the cluster closes, so that the tasks are not forgotten).
-
-    Nothing waits for them: tasks that arrive meanwhile run on the other thread and, at worst,
-    wait for the same import. An import that fails here fails again, with its message, in the
-    first task that needs it.
+    (:func:`dask_client` waits for them before handing the cluster out). An import that fails here
+    fails again, with its message, in the first task that needs it.
     """
     workers = list(client.scheduler_info()["workers"])  # type: ignore[attr-defined]
     return [
@@ -135,9 +139,9 @@ def _warm_workers(client: object) -> list[object]:
 
 
 def _settle(client: object, futures: list[object], timeout: float = 30.0) -> None:
-    """Let the import tasks finish before the cluster closes (a worker killed in the middle of an
-    import logs a cancelled task and takes seconds to stop); their errors do not matter here, and
-    after ``timeout`` they are cancelled."""
+    """Let the import tasks finish (before any other task is sent, and before the cluster closes:
+    a worker killed in the middle of an import logs a cancelled task and takes seconds to stop);
+    their errors do not matter here, and after ``timeout`` they are cancelled."""
     from distributed import wait
 
     if not futures:
@@ -193,6 +197,7 @@ def dask_client(section: DaskSection) -> Iterator[object]:
     warming: list[object] = []
     try:
         warming = _warm_workers(client)
+        _settle(client, warming, timeout=WARM_TIMEOUT)
         yield client
     finally:
         try:

@@ -138,7 +138,8 @@ def _imported(names: tuple[str, ...]) -> list[bool]:
 
 def test_local_workers_import_the_task_modules_as_they_start(monkeypatch: pytest.MonkeyPatch) -> None:
     """The first inference task must not pay for importing PyTorch: a new local cluster imports the
-    task modules on every worker in a task of its own, without holding up the client."""
+    task modules on every worker in a task of its own, and is handed out once they are imported
+    (no task arrives during those imports)."""
     from distributed import wait
 
     from pipeline import cluster as cluster_module
@@ -154,7 +155,8 @@ def test_local_workers_import_the_task_modules_as_they_start(monkeypatch: pytest
 
     monkeypatch.setattr(cluster_module, "_warm_workers", spy)
     with cluster_module.dask_client(DaskSection(n_workers=2, threads_per_worker=1)) as client:
-        assert len(started) == 2  # one per worker, returned before the imports finish
+        assert len(started) == 2  # one per worker
+        assert all(f.done() for f in started)  # finished before the client was handed out
         wait(started, timeout=120)
         assert [f.result() for f in started] == [list(cluster_module.WORKER_IMPORTS)] * 2
         # PyTorch and the model library included (the main process leaves them to the workers)
