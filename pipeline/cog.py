@@ -31,7 +31,7 @@ from rasterio.windows import Window
 
 from .errors import OutputError
 from .grid import Grid
-from .progress import compute
+from .progress import about_to_compute, compute
 from .readers import error_detail as _detail
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,7 @@ def write_rasters(outputs: Sequence[RasterOutput], grid: Grid,
             plans.append(plan)
         extra: list[Any] = []
         if plans:
+            about_to_compute()  # the lock depends on the scheduler that will compute
             store = da.store([p["data"] for p in plans], [_WindowWriter(p["tmp_tiff"], p["data"].ndim) for p in plans],
                              lock=_lock(), compute=False)
             names = ", ".join(p["path"].name for p in plans)

@@ -292,6 +292,7 @@ def aux_layers(cfg: SceneConfig, stack: Any, wanted: list[str]) -> dict[str, Any
 def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cluster) -> RunResult:  # noqa: ANN001, PLR0913
     from .inference import InferenceOptions, predict, write_prediction
     from .normalization import needs_population
+    from .progress import before_first_compute
 
     run_id = f"{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
     grid = stack.grid
@@ -315,7 +316,6 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
             # in this process's threads while a local cluster is still starting
             scene_stats = scene_band_stats(cfg, model_channels(population),
                                            scheduler="threads" if cluster.starting else None)
-    client = cluster.wait(timer)
 
     rule_bands = [b for bands in cfg.postprocess.rule_bands().values() for b in bands]
     wanted = list(dict.fromkeys(["SLOPE", "DEM", *rule_bands]))
@@ -325,7 +325,9 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
     keep = [c for c in wanted if c in in_stack]
     # intermediate; a rerun after a crash replaces it
     layers_path = run_dir / ".layers.tif" if keep else None
-    with timer("infer"):
+    # the inference's graphs are built (and its intermediate files created) while a local cluster
+    # may still be starting: the run waits for the cluster right before it computes
+    with timer("infer"), before_first_compute(lambda: cluster.wait(timer)):
         options = InferenceOptions.from_config(cfg.model, block_size=cfg.grid.block_size)
         # the mask without the bands' own no-data: each block derives that from the pixels it reads
         pred = predict(stack.data, stack.mask, grid, models, options, scene_stats=scene_stats, keep=keep,
@@ -352,6 +354,7 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
         # uint8: probability x 254, 255 = no data (an eighth of float32 on disk)
         _, (packed, n_valid, summaries) = write_prediction(pred, plain_prob, uncertainty_path=unc_path, layers_path=layers_path,
                                                 dtype="uint8", probability_cog=False, also=first_step)
+    client = cluster.wait(timer)
     try:
         from postprocess.morphology import OpenedSummaries, unpack_mask
 

@@ -33,3 +33,18 @@ def test_a_list_of_mixed_collections_is_refused() -> None:
     assert [float(x) for x in compute([arr.sum(), arr.max() * 3], "two arrays")] == [16.0, 3.0]
     with pytest.raises(TypeError, match="one kind"):
         compute([arr.sum(), dask.delayed(lambda: 1)(), arr.max()], "mixed")
+
+
+def test_the_hook_runs_once_right_before_the_first_computation(caplog) -> None:
+    """A run builds its graphs while its cluster starts and waits for it only when it computes."""
+    events: list[str] = []
+    arr = da.ones((4, 4), chunks=2)
+    with progress.before_first_compute(lambda: events.append("wait")):
+        events.append("build")
+        assert compute(arr.sum(), "first") == 16
+        events.append("computed")
+        progress.about_to_compute()  # already ran: nothing more
+        assert compute(arr.max(), "second") == 1
+    assert events == ["build", "wait", "computed"]
+    compute(arr.sum(), "outside")  # outside the block the hook is gone
+    assert events == ["build", "wait", "computed"]
