@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from .config import DaskSection
@@ -124,15 +124,15 @@ def _exit_fast_after_close() -> None:
     atexit.register(exit_now)
 
 
-def _warm_workers(client: object) -> list[object]:
-    """Start :data:`WORKER_IMPORTS` on every worker of a new local cluster; returns the futures
+def _warm_workers(client: object, names: Sequence[str] = WORKER_IMPORTS) -> list[object]:
+    """Start importing ``names`` on every worker of a new local cluster; returns the futures
     (:func:`dask_client` waits for them before handing the cluster out). An import that fails here
     fails again, with its message, in the first task that needs it.
     """
     workers = list(client.scheduler_info()["workers"])  # type: ignore[attr-defined]
     return [
         # a preference, not a restriction: if that worker is gone, another one imports (harmlessly)
-        client.submit(_prepare_worker, WORKER_IMPORTS, workers=[w], allow_other_workers=True,  # type: ignore[attr-defined]
+        client.submit(_prepare_worker, tuple(names), workers=[w], allow_other_workers=True,  # type: ignore[attr-defined]
                       pure=False, key=f"warm-imports-{i}")
         for i, w in enumerate(workers)
     ]
@@ -156,8 +156,10 @@ def _settle(client: object, futures: list[object], timeout: float = 30.0) -> Non
 
 
 @contextmanager
-def dask_client(section: DaskSection) -> Iterator[object]:
-    """Yield a ``distributed.Client`` for ``section``; closes what it started."""
+def dask_client(section: DaskSection, imports: Sequence[str] = ()) -> Iterator[object]:
+    """Yield a ``distributed.Client`` for ``section``; closes what it started. The workers of a local
+    cluster have imported :data:`WORKER_IMPORTS` and ``imports`` (for example the model library
+    that the run's models need) when it is handed out."""
     from distributed import Client, LocalCluster
 
     _quiet_distributed()
@@ -196,7 +198,7 @@ def dask_client(section: DaskSection) -> Iterator[object]:
     log.info("started a local Dask cluster: %d worker process(es) x %d thread(s)", section.n_workers, threads)
     warming: list[object] = []
     try:
-        warming = _warm_workers(client)
+        warming = _warm_workers(client, (*WORKER_IMPORTS, *imports))
         _settle(client, warming, timeout=WARM_TIMEOUT)
         yield client
     finally:

@@ -27,10 +27,10 @@ Notes on smp 0.6 (checked with 14 input channels and 128 x 128 inputs):
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
-import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
@@ -46,13 +46,30 @@ from .errors import ModelError
 
 log = logging.getLogger(__name__)
 
-#: smp architectures by their class name (those this smp version has; see :data:`SMP_NAMES`).
-SMP_ARCHITECTURES: dict[str, type[nn.Module]] = {name: getattr(smp, name) for name in SMP_NAMES if hasattr(smp, name)}
+def _smp() -> Any:
+    """segmentation-models-pytorch, imported on first use: with torchvision it adds seconds to every
+    process that imports this module, and the shipped default (``PlainUnet``) does not need it."""
+    import segmentation_models_pytorch as smp
+
+    return smp
+
+
+@functools.cache
+def smp_architectures() -> dict[str, type[nn.Module]]:
+    """smp architectures by their class name (those this smp version has; see :data:`SMP_NAMES`)."""
+    smp = _smp()
+    return {name: getattr(smp, name) for name in SMP_NAMES if hasattr(smp, name)}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SMP_ARCHITECTURES":  # the registry, built on first use
+        return smp_architectures()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def encoder_names() -> list[str]:
     """Encoder names smp accepts (``tu-<timm name>`` is accepted as well)."""
-    return sorted(smp.encoders.get_encoder_names())
+    return sorted(_smp().encoders.get_encoder_names())
 
 
 def build_model(
@@ -86,11 +103,12 @@ def build_model(
             raise ModelError(f"PlainUnet: bad argument: {exc}") from None
     if not encoder:
         raise ModelError(f"{arch} needs an encoder name, e.g. resnet34; got {encoder!r}")
+    smp = _smp()
     if not encoder.startswith("tu-") and encoder not in smp.encoders.get_encoder_names():
         raise ModelError(
             f"unknown encoder {encoder!r} for {arch}; seed-paper encoders: {', '.join(SEED_ENCODERS)}"
         )
-    cls = SMP_ARCHITECTURES.get(arch)
+    cls = smp_architectures().get(arch)
     if cls is None:
         raise ModelError(f"{arch} is not in the installed segmentation-models-pytorch {smp.__version__}; upgrade it")
     try:

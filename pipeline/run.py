@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -201,7 +201,7 @@ def run_scene(cfg: SceneConfig, *, force: bool = False, client: Any = None) -> R
         else:
             # A local cluster takes seconds to start (worker processes import PyTorch): start it in
             # the background while this process samples the scene statistics.
-            cluster = _Cluster.start_local(cfg.dask, resources)
+            cluster = _Cluster.start_local(cfg.dask, resources, worker_imports(models))
         resources.callback(cluster.release)  # before the cluster closes
         return _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cluster)
 
@@ -238,13 +238,13 @@ class _Cluster:
         self._entered = False
 
     @classmethod
-    def start_local(cls, section: Any, resources: ExitStack) -> _Cluster:
+    def start_local(cls, section: Any, resources: ExitStack, imports: Sequence[str] = ()) -> _Cluster:
         from concurrent.futures import ThreadPoolExecutor
 
         from .cluster import dask_client
 
         def start() -> tuple[Any, Any]:
-            context = dask_client(section)
+            context = dask_client(section, imports)
             return context, context.__enter__()
 
         pool = ThreadPoolExecutor(1, thread_name_prefix="start-cluster")
@@ -261,6 +261,15 @@ class _Cluster:
 
         resources.callback(close)
         return cls(lambda: future.result()[1], starting=True, own=True)
+
+
+def worker_imports(models: Sequence[Any]) -> tuple[str, ...]:
+    """What the workers import beyond the task modules before the inference: the model library,
+    when a model needs it (the shipped default does not)."""
+    from .architectures import PLAIN_UNET, canonical_architecture
+
+    needs_smp = any(canonical_architecture(m.architecture) != PLAIN_UNET for m in models)
+    return ("segmentation_models_pytorch",) if needs_smp else ()
 
 
 def _safe_name(text: str) -> str:

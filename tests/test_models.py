@@ -202,3 +202,34 @@ def test_robust_statistics_match_numpy_percentile_including_ties(n: int) -> None
     for a, b in zip(_quartiles_by_row(rows), got, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(rows, before)
+
+
+def test_the_default_model_runs_without_importing_the_model_library() -> None:
+    """segmentation-models-pytorch (and torchvision with it) is imported only for its architectures:
+    a worker serving the shipped PlainUnet skips seconds of imports."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, torch\n"
+        "import pipeline.models, pipeline.inference, pipeline.device, postprocess.pipeline\n"
+        "from pipeline.artefact import load_artefact\n"
+        "from pipeline.config import DEFAULT_MODEL\n"
+        "m = load_artefact(DEFAULT_MODEL)\n"
+        "m.module.eval()(torch.zeros(1, len(m.channels), 128, 128))\n"
+        "print(sorted(n for n in ('segmentation_models_pytorch', 'torchvision') if n in sys.modules))\n"
+        "pipeline.models.build_model('Unet', 'resnet18', 3)\n"
+        "print('segmentation_models_pytorch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["[]", "True"]
+
+
+def test_the_run_warms_its_workers_with_the_model_library_only_when_a_model_needs_it() -> None:
+    from types import SimpleNamespace
+
+    from pipeline.run import worker_imports
+
+    assert worker_imports([SimpleNamespace(architecture="PlainUnet")]) == ()
+    assert worker_imports([SimpleNamespace(architecture="plainunet"), SimpleNamespace(architecture="unet")]) == (
+        "segmentation_models_pytorch",)
