@@ -455,9 +455,9 @@ def test_local_cluster_starts_while_the_scene_statistics_are_sampled(demo: Path,
     real_stats = scenestats.scene_band_stats
 
     @contextmanager
-    def recording_client(section):  # noqa: ANN001, ANN202
+    def recording_client(section, imports=()):  # noqa: ANN001, ANN202
         events.append(("start", threading.current_thread().name))
-        with real_client(section) as c:
+        with real_client(section, imports) as c:
             yield c
         events.append(("closed", threading.current_thread().name))
 
