@@ -61,12 +61,6 @@ def smp_architectures() -> dict[str, type[nn.Module]]:
     return {name: getattr(smp, name) for name in SMP_NAMES if hasattr(smp, name)}
 
 
-def __getattr__(name: str) -> Any:
-    if name == "SMP_ARCHITECTURES":  # the registry, built on first use
-        return smp_architectures()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def encoder_names() -> list[str]:
     """Encoder names smp accepts (``tu-<timm name>`` is accepted as well)."""
     return sorted(_smp().encoders.get_encoder_names())

@@ -183,8 +183,8 @@ def bilinear(src: np.ndarray, origin: tuple[int, int], size: tuple[int, int], po
             x0 = u.astype(np.int64)  # u, v >= 0.5 here: truncation is floor
             y0 = v.astype(np.int64)
         else:
-            x0 = np.clip(np.floor(np.nan_to_num(u, nan=-1.0)), 0, w).astype(np.int64)
-            y0 = np.clip(np.floor(np.nan_to_num(v, nan=-1.0)), 0, h).astype(np.int64)
+            x0 = np.clip(np.floor(u), 0, w).astype(np.int64)  # positions are finite (source_positions)
+            y0 = np.clip(np.floor(v), 0, h).astype(np.int64)
         fx = (u - x0).astype(np.float32)
         fy = (v - y0).astype(np.float32)
         flat = y0 * pad_w + x0

@@ -82,6 +82,11 @@ def _polygonal(geom: shapely.Geometry) -> shapely.Geometry:
     return merged
 
 
+def _cores() -> int:
+    """Threads for geometry work in the main process: its cores, at most 8."""
+    return min(8, os.cpu_count() or 1)
+
+
 #: Below this many geometries the vectorized calls run in the calling thread.
 PARALLEL_MIN = 4096
 
@@ -96,7 +101,7 @@ def map_threads(fn: Callable[[np.ndarray], np.ndarray], geoms: np.ndarray,
     while the Dask workers wait for the next pass. Results are the same as
     ``fn(geoms)``, element for element.
     """
-    n = threads or min(8, os.cpu_count() or 1)
+    n = threads or _cores()
     if n < 2 or geoms.size < PARALLEL_MIN:
         return fn(geoms)
     chunks = np.array_split(geoms, n * 4)
@@ -145,8 +150,8 @@ def merge_pieces(
             joined.append(k)
     if joined:
         # objects across blocks: their unions on all cores (GEOS releases the GIL), largest first
-        joined.sort(key=lambda k: -sum(int(shapely.get_num_coordinates(g)) for g in pieces[int(keys[k])]))
-        n = min(8, os.cpu_count() or 1, len(joined))
+        joined.sort(key=lambda k: -int(shapely.get_num_coordinates(pieces[int(keys[k])]).sum()))
+        n = min(_cores(), len(joined))
         with ThreadPoolExecutor(n, thread_name_prefix="union") as pool:
             unions = pool.map(lambda k: shapely.union_all(list(pieces[int(keys[k])])), joined)
             for k, geom in zip(joined, unions, strict=True):

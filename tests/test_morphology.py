@@ -444,7 +444,8 @@ SUMMARY_PARAMS = {
 }
 
 
-def _passes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def record_passes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the block functions of the passes :func:`clean_objects` makes from now on."""
     import postprocess.morphology as morphology
 
     seen: list[str] = []
@@ -482,7 +483,7 @@ def test_size_and_hole_steps_from_the_opened_masks_summaries_equal_their_passes(
     chunks = (64, 77)
     expected = reference_labels(s["prob"], s["valid"], s["grid"], params, 0.5)
     assert expected.max() > 10
-    passes = _passes(monkeypatch)
+    passes = record_passes(monkeypatch)
     objects = _with_summaries(s["prob"], s["valid"], s["grid"], params, chunks)
     np.testing.assert_array_equal(objects.labels.compute(), expected)
     np.testing.assert_array_equal(objects.mask.compute(), expected > 0)
@@ -517,7 +518,7 @@ def test_the_cases_do_what_their_names_say(nepal_scene) -> None:
 def test_summaries_in_other_chunks_are_not_used(nepal_scene, monkeypatch: pytest.MonkeyPatch) -> None:
     s = nepal_scene
     expected = reference_labels(s["prob"], s["valid"], s["grid"], PARAMS, 0.5)
-    passes = _passes(monkeypatch)
+    passes = record_passes(monkeypatch)
     objects = _with_summaries(s["prob"], s["valid"], s["grid"], PARAMS, (64, 77), summary_chunks=(100, 90))
     np.testing.assert_array_equal(objects.labels.compute(), expected)
     assert passes == ["_object_sizes", "_background", "_final_block"]

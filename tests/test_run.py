@@ -589,6 +589,7 @@ def test_first_cleaning_step_computed_with_the_inference_equals_the_postprocessi
     gives on the stored probability on its own."""
     import dask
     import xarray as xr
+    from test_morphology import record_passes
 
     import postprocess.morphology as morphology
     from pipeline.grid import Grid
@@ -603,14 +604,7 @@ def test_first_cleaning_step_computed_with_the_inference_equals_the_postprocessi
         return original(*args, **kwargs)
 
     monkeypatch.setattr(morphology, "opened_mask", counting)
-    passes: list[str] = []
-    run_blocks = morphology.run_blocks
-
-    def recording(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        passes.append(fn.__name__)
-        return run_blocks(fn, *args, **kwargs)
-
-    monkeypatch.setattr(morphology, "run_blocks", recording)
+    passes = record_passes(monkeypatch)
     cfg = _config(demo, tmp_path, grid={"block_size": 96})  # several blocks: the halos cross them
     res = run_scene(cfg, client=client)
     assert len(built) == 1  # built once, with the inference; the postprocessing started from it
