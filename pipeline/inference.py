@@ -317,8 +317,9 @@ def _predict_windows(plan: _Plan, x: np.ndarray, v: np.ndarray) -> tuple[np.ndar
         rt = _runtime(plan.options, plan.windows.tile)
         module = _module_for(ref, rt)
         xm = x[:, list(ref.channel_index)] if ref.channel_index != tuple(range(x.shape[1])) else x
-        # normalize in place when this batch is ours alone (a channel subset copy, or a single model)
-        xn = normalize(xm, v, ref.normalization, copy=not (xm is not x or len(plan.refs) == 1))
+        # normalize in place when this batch is ours alone (a channel subset copy, or a single model);
+        # ``v`` holds only pixels where every model channel is finite (:func:`_predict_owned`)
+        xn = normalize(xm, v, ref.normalization, copy=not (xm is not x or len(plan.refs) == 1), finite=True)
         probs = _forward_probs(module, xn, rt, transforms, plan.meter)  # (T, B, t, t)
         per_model.append(probs[0] if len(probs) == 1 else probs.mean(axis=0))
         members.append(probs)

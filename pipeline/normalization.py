@@ -213,7 +213,8 @@ def normalize_population(x: np.ndarray, valid: np.ndarray | None, spec: Mapping[
 
 
 def normalize(
-    x: ArrayT, valid: ArrayT | None, spec: Mapping[str, Any] | None = None, *, copy: bool = True
+    x: ArrayT, valid: ArrayT | None, spec: Mapping[str, Any] | None = None, *, copy: bool = True,
+    finite: bool = False,
 ) -> ArrayT:
     """Normalize a batch ``x`` of shape (N, C, H, W) with ``valid`` (N, H, W).
 
@@ -221,6 +222,9 @@ def normalize(
     type (numpy or torch, same device) and shape; the input is not modified
     unless ``copy=False`` is given for a float32 numpy array (then it is
     normalized in place, saving a copy in the inference hot path).
+    ``finite=True`` tells that every channel is finite wherever ``valid`` is
+    true (the inference derives ``valid`` from that): the check is skipped
+    (numpy input with a mask; a pass over the batch as long as the rest).
     """
     full = validate_spec(spec, n_channels=int(x.shape[1]) if x.ndim == 4 else None)
     if full["method"] == "scene_robust":
@@ -239,7 +243,7 @@ def normalize(
         v = None if valid is None else torch.as_tensor(valid, device=x.device).bool()
         return _normalize_torch(x, v, full)
     v_np = None if valid is None else np.asarray(valid, dtype=bool)
-    return _normalize_numpy(np.asarray(x), v_np, full, copy=copy)
+    return _normalize_numpy(np.asarray(x), v_np, full, copy=copy, finite=finite and v_np is not None)
 
 
 # -- numpy ------------------------------------------------------------------
@@ -248,11 +252,15 @@ def _zero_invalid(x: np.ndarray, mask: np.ndarray) -> None:
         np.copyto(x, np.float32(0.0), where=~mask[:, None])
 
 
-def _normalize_numpy(x: np.ndarray, valid: np.ndarray | None, spec: dict[str, Any], copy: bool) -> np.ndarray:
+def _normalize_numpy(x: np.ndarray, valid: np.ndarray | None, spec: dict[str, Any], copy: bool,
+                     finite: bool = False) -> np.ndarray:
     x = x.astype(np.float32, copy=copy)
     n, c, h, w = x.shape
-    finite = np.isfinite(x).all(axis=1)
-    mask = finite if valid is None else (valid & finite)
+    if finite and valid is not None:
+        mask = valid
+    else:
+        is_finite = np.isfinite(x).all(axis=1)
+        mask = is_finite if valid is None else (valid & is_finite)
     method = spec["method"]
     if method == "none":
         _zero_invalid(x, mask)

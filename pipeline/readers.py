@@ -165,7 +165,8 @@ class RasterSource:
         return ((right - left) / resolution[0] / self.width, (top - bottom) / resolution[1] / self.height)
 
     def read_onto(self, grid: Grid, resampling: Resampling = Resampling.bilinear,
-                  scale: tuple[float, float] | None = None, *, opener: Opener | None = None) -> np.ndarray:
+                  scale: tuple[float, float] | None = None, *, opener: Opener | None = None,
+                  out: np.ndarray | None = None) -> np.ndarray:
         """Read the part of this raster that ``grid`` needs and resample it onto ``grid``.
 
         Only the source window covering the destination bounds (plus a margin
@@ -175,9 +176,16 @@ class RasterSource:
         :meth:`warp_scale` of the full grid when ``grid`` is one block of it.
         ``opener`` gives an open dataset of a path, kept open by the caller
         (many small reads of the same files); by default the file is opened
-        for this read.
+        for this read. ``out`` (float32, ``grid``'s shape, for example one
+        channel of a block) receives the values and is returned, instead of a
+        new array.
         """
-        out = np.full(grid.shape, np.nan, dtype=np.float32)
+        if out is None:
+            out = np.full(grid.shape, np.nan, dtype=np.float32)
+        else:
+            if out.shape != grid.shape or out.dtype != np.float32:
+                raise ValueError(f"out must be float32 of shape {grid.shape}, got {out.dtype} {out.shape}")
+            out.fill(np.nan)
         failure: str | None = None
         try:
             with contextlib.nullcontext(opener(self.path)) if opener is not None else rasterio.open(self.path) as ds:
@@ -319,23 +327,26 @@ class RasterSource:
             w1 = np.where((i0 + 1 >= 0) & (i0 + 1 < size), w1, 0).astype(np.float32)
             return np.clip(i0 - start, 0, n - 1), np.clip(i0 + 1 - start, 0, n - 1), w0, w1
 
-        def along(arr: np.ndarray, t: tuple[np.ndarray, ...], axis: int) -> np.ndarray:
-            j0, j1, w0, w1 = t
-            shape = (-1, 1) if axis == 0 else (1, -1)
-            return (np.take(arr, j0, axis=axis) * w0.reshape(shape)
-                    + np.take(arr, j1, axis=axis) * w1.reshape(shape))
-
+        rx, ry = _integer_ratio(t.a / g.a), _integer_ratio(t.e / g.e)
         tx = taps(px[cols], lo[1], self.width, src.shape[1])
+        phases_x = _tap_phases(tx, rx)
+        sum_x = tx[2] + tx[3]
         for k in range(0, rows.size, _STRIP):  # strips of output rows keep temporaries small
             rs = rows[k:k + _STRIP]
             ty = taps(py[rs], lo[0], self.height, src.shape[0])
-            num = along(along(filled, ty, 0), tx, 1)
+            phases_y = _tap_phases(ty, ry)
+            num = _along(_along(filled, ty, 0, phases_y), tx, 1, phases_x)
             if complete:
                 # no no-data in the window (the usual case): the weight sum is separable,
                 # the product of the row and column sums (below 1 only at the source edges)
-                den = (ty[2] + ty[3])[:, None] * (tx[2] + tx[3])[None, :]
+                sum_y = ty[2] + ty[3]
+                if (sum_y == 1).all() and (sum_x == 1).all():
+                    # all weights sum to one (away from the source edges): num / 1 is num
+                    out[int(rs[0]):int(rs[-1]) + 1, cslice] = num
+                    continue
+                den = sum_y[:, None] * sum_x[None, :]
             else:
-                den = along(along(weights, ty, 0), tx, 1)
+                den = _along(_along(weights, ty, 0, phases_y), tx, 1, phases_x)
             with np.errstate(invalid="ignore", divide="ignore"):
                 value = np.where(den >= 1e-5, num / den, np.float32(np.nan)).astype(np.float32, copy=False)
             if not complete:
@@ -397,6 +408,60 @@ class RasterSource:
         if np.isnan(src).all():
             return
         out[:] = warp_array(src, ds.window_transform(window), self.crs, grid, resampling, scale)
+
+
+#: One phase of an integer upsampling along an axis: (first output index, first index of each
+#: tap in the source, number of outputs, weight of each tap).
+_Phase = tuple[int, int, int, int, np.float32, np.float32]
+
+
+def _integer_ratio(ratio: float) -> int:
+    """``ratio`` (source pixel size / destination pixel size) when it is an integer of 2 or more, else 0."""
+    r = round(ratio)
+    return r if r >= 2 and abs(ratio - r) < 1e-9 else 0
+
+
+def _tap_phases(taps: tuple[np.ndarray, ...], ratio: int) -> list[_Phase] | None:
+    """The bilinear taps of an integer upsampling as ``ratio`` strided phases, or None.
+
+    With an integer ratio, outputs ``p, p + ratio, p + 2 ratio, ...`` read
+    consecutive source pixels with one pair of weights: each phase is a slice
+    of the source instead of a gather. Only when that holds exactly for every
+    output of the axis (not at a source edge, where weights drop and indices
+    clip; not when the float32 weights of a phase differ in their last bit):
+    the values are then the same, bit for bit, as from the gathered taps.
+    """
+    if not ratio:
+        return None
+    j0, j1, w0, w1 = taps
+    if j0.size < ratio:
+        return None
+    phases: list[_Phase] = []
+    for p in range(ratio):
+        a0, a1, v0, v1 = j0[p::ratio], j1[p::ratio], w0[p::ratio], w1[p::ratio]
+        steps = np.arange(a0.size)
+        if not (np.array_equal(a0, a0[0] + steps) and np.array_equal(a1, a1[0] + steps)
+                and (v0 == v0[0]).all() and (v1 == v1[0]).all()):
+            return None
+        phases.append((p, int(a0[0]), int(a1[0]), int(a0.size), v0[0], v1[0]))
+    return phases
+
+
+def _along(arr: np.ndarray, taps: tuple[np.ndarray, ...], axis: int, phases: list[_Phase] | None) -> np.ndarray:
+    """Bilinear interpolation of ``arr`` along ``axis`` (0 or 1): tap 0 x weight 0 + tap 1 x weight 1,
+    per output; with ``phases`` (:func:`_tap_phases`) from slices, the same float32 operations."""
+    j0, j1, w0, w1 = taps
+    if phases is None:
+        shape = (-1, 1) if axis == 0 else (1, -1)
+        return np.take(arr, j0, axis=axis) * w0.reshape(shape) + np.take(arr, j1, axis=axis) * w1.reshape(shape)
+    ratio = len(phases)
+    out = np.empty((j0.size, arr.shape[1]) if axis == 0 else (arr.shape[0], j0.size), np.float32)
+    for p, s0, s1, m, v0, v1 in phases:
+        if axis == 0:
+            out[p::ratio] = arr[s0:s0 + m] * v0 + arr[s1:s1 + m] * v1
+        else:
+            out[:, p::ratio] = arr[:, s0:s0 + m] * v0 + arr[:, s1:s1 + m] * v1
+    return out
 
 
 def warp_array(src: np.ndarray, src_transform: Affine, src_crs: CRS, grid: Grid,

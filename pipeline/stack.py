@@ -311,8 +311,8 @@ class WarpedLayer(_GridLayer):
         self.resampling = resampling
         self.scale = source.warp_scale(grid.crs, grid.res)
 
-    def read(self, window: Grid, opener: Opener | None = None) -> np.ndarray:
-        return self.source.read_onto(window, self.resampling, self.scale, opener=opener)
+    def read(self, window: Grid, opener: Opener | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        return self.source.read_onto(window, self.resampling, self.scale, opener=opener, out=out)
 
 
 class StoredBand(_GridLayer):
@@ -420,14 +420,14 @@ class StackLayer:
             padded = self._dem_with_halo(window)
         for i, name in enumerate(names):
             if name in self.layers:
-                out[i] = self.layers[name].read(sub, self._opener)
+                self.layers[name].read(sub, self._opener, out=out[i])
             elif name == SLOPE:
                 assert padded is not None
                 out[i] = horn_slope_padded(padded, *self.grid.res)
             elif name == DEM and padded is not None:
                 out[i] = padded[1:-1, 1:-1]
             else:
-                out[i] = self.dem.read(sub, self._opener)
+                self.dem.read(sub, self._opener, out=out[i])
         return out
 
     def __getitem__(self, key: Any) -> np.ndarray:

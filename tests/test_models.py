@@ -172,6 +172,27 @@ def test_none_normalization_passes_values_but_zeroes_nan() -> None:
     np.testing.assert_array_equal(out[0, :, 1, 1], x[0, :, 1, 1])
 
 
+@pytest.mark.parametrize("spec", [
+    {"method": "fixed", "mean": [1.0, 5.0, -2.0], "std": [2.0, 1.0, 0.5], "clip": 3.0},
+    {"method": "patch_robust", "clip": 10.0},
+    {"method": "none"},
+])
+def test_a_mask_known_to_hold_only_finite_pixels_skips_the_check_with_the_same_result(spec: dict) -> None:
+    """The inference's masks exclude every non-finite pixel: ``finite=True`` skips recomputing that
+    and gives the same values, bit for bit, with NaN and infinities outside the mask."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 4, (5, 3, 16, 16)).astype(np.float32)
+    bad = rng.random((5, 16, 16)) < 0.1
+    x[:, 1][bad] = np.nan
+    x[:, 2][bad & (rng.random((5, 16, 16)) < 0.5)] = np.inf
+    valid = ~bad & (rng.random((5, 16, 16)) < 0.9)
+    valid[0] = ~bad[0]  # a patch whose only invalid pixels are the non-finite ones
+    checked = normalize(x, valid, spec)
+    hinted = normalize(x.copy(), valid, spec, copy=False, finite=True)
+    assert np.isfinite(checked).all() and (checked.transpose(1, 0, 2, 3)[:, ~valid] == 0).all()
+    np.testing.assert_array_equal(hinted.view(np.uint32), checked.view(np.uint32))
+
+
 @pytest.mark.parametrize(
     ("spec", "match"),
     [

@@ -413,6 +413,75 @@ def test_20m_to_10m_upsampling_matches_gdal_bilinear(tmp_path: Path, holes: bool
     assert np.isnan(got).any() and np.isfinite(got).mean() > 0.8
 
 
+@pytest.mark.parametrize(("ratio", "holes", "offset"), [
+    (2, False, (0, 0)), (2, True, (1, 3)), (6, False, (5, 2)), (6, True, (0, 7)), (4, False, (2, 1)), (3, False, (2, 1)),
+])
+def test_integer_upsampling_from_slices_is_bit_identical_to_the_gathered_taps(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ratio: int, holes: bool, offset: tuple[int, int]) -> None:
+    """20 m and 60 m bands upsample from strided slices of the source (one pair of weights per
+    phase) where that is exact: the same float32 values as the gathered taps, on windows inside the
+    source, reaching past its edges, and starting at any phase of its pixels."""
+    from pipeline import readers
+
+    rng = np.random.default_rng(ratio)
+    res = 10 * ratio
+    src = rng.uniform(100, 9000, (47, 53)).astype(np.uint16)
+    if holes:
+        src[10:14, 20:23] = 0
+    transform = Affine(res, 0, X0, 0, -res, Y0)
+    path = tmp_path / "band.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=53, height=47, count=1, dtype="uint16",
+                       crs="EPSG:32633", transform=transform, nodata=0) as ds:
+        ds.write(src, 1)
+    raster = open_raster(path, "band B05", scale=1e-4)
+    crs = rasterio.crs.CRS.from_epsg(32633)
+    row0, col0 = offset
+    grids = [
+        # inside the source, starting at destination pixel (row0, col0) of the source's pixels
+        Grid(crs, Affine(10, 0, X0 + 10 * (col0 + 2 * ratio), 0, -10, Y0 - 10 * (row0 + 2 * ratio)),
+             42 * ratio - col0, 36 * ratio - row0),
+        # the whole source and beyond (edges: the gathered taps)
+        Grid(crs, Affine(10, 0, X0 - 10 * col0 - 40, 0, -10, Y0 + 10 * row0 + 30), 53 * ratio + 20, 47 * ratio + 10),
+    ]
+    calls: list[bool] = []
+    real = readers._tap_phases
+
+    def spy(taps: tuple[np.ndarray, ...], r: int) -> object:
+        phases = real(taps, r)
+        calls.append(phases is not None)
+        return phases
+
+    monkeypatch.setattr(readers, "_tap_phases", spy)
+    strided = [raster.read_onto(g) for g in grids]
+    if ratio % 2 == 0:
+        assert calls[:2] == [True, True], "the strided path was not taken inside the source"
+    # an odd ratio puts some output centres on source pixel centres, where the float64 positions
+    # land on either side of the pixel: those axes keep the gathered taps (the same values)
+    monkeypatch.setattr(readers, "_tap_phases", lambda taps, r: None)
+    gathered = [raster.read_onto(g) for g in grids]
+    for a, b in zip(strided, gathered, strict=True):
+        assert np.isfinite(a).mean() > 0.5
+        np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+    # and they are GDAL's values (inside the source the weights sum to one: no division)
+    from rasterio.warp import reproject
+
+    for grid, got in zip(grids, strided, strict=True):
+        ref = np.full(grid.shape, np.nan, np.float32)
+        reproject(src.astype(np.float32) * np.float32(1e-4), ref, src_transform=transform, src_crs=crs,
+                  dst_transform=grid.transform, dst_crs=crs, resampling=Resampling.bilinear,
+                  src_nodata=0, dst_nodata=np.nan)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+        np.testing.assert_allclose(got[~np.isnan(got)], ref[~np.isnan(ref)], rtol=1e-5, atol=1e-6)
+    # into a caller's array (one channel of a block): the same values, in that array
+    buf = np.zeros((2, *grids[0].shape), np.float32)
+    channel = buf[1]
+    assert raster.read_onto(grids[0], out=channel) is channel
+    np.testing.assert_array_equal(buf[1].view(np.uint32), gathered[0].view(np.uint32))
+    assert not buf[0].any()
+    with pytest.raises(ValueError, match="out must be float32"):
+        raster.read_onto(grids[0], out=np.zeros(grids[0].shape, np.float64))
+
+
 def test_decimated_read_is_the_mean_of_the_valid_pixels_of_each_block(tmp_path: Path) -> None:
     """Quicklook reads: each coarse pixel is the mean of its block's valid pixels in physical
     units, DN 0 (no data here, though the file declares none) never enters a mean."""
