@@ -147,20 +147,31 @@ def pixel_stats(
     flat = lab.ravel()
     idx = np.flatnonzero(flat)
     keys = flat[idx]
-    out: dict[str, np.ndarray] = {"count": np.bincount(keys, minlength=n + 1)[1:].astype(np.int64)}
+    count = np.bincount(keys, minlength=n + 1)[1:].astype(np.int64)
+    out: dict[str, np.ndarray] = {"count": count}
     if first:
         w = lab.shape[1] if width is None else width
-        rows, cols = np.divmod(idx, lab.shape[1])
-        gidx = (rows + origin[0]) * w + cols + origin[1]
-        fst = np.full(n + 1, _INT64_MAX, dtype=np.int64)
-        np.minimum.at(fst, keys, gidx)
-        out["first"] = fst[1:]
+        # the block's row-major order of pixels is their order in the whole array as well:
+        # a label's first pixel in the block is its smallest index there, converted once
+        local = np.full(n + 1, _INT64_MAX, dtype=np.int64)
+        np.minimum.at(local, keys, idx)
+        local = local[1:]
+        present = local != _INT64_MAX
+        rows, cols = np.divmod(local[present], lab.shape[1])
+        fst = np.full(n, _INT64_MAX, dtype=np.int64)
+        fst[present] = (rows + origin[0]) * w + cols + origin[1]
+        out["first"] = fst
     for name, arr in (values or {}).items():
+        # float64 sums and maxima (ufunc.at has its fast path only for matching types)
         v = np.asarray(arr).ravel()[idx].astype(np.float64)
         fin = np.isfinite(v)
-        k, vf = keys[fin], v[fin]
+        if fin.all():  # the usual case: no mask to apply, the counts are the pixel counts
+            k, vf, n_fin = keys, v, count.copy()
+        else:
+            k, vf = keys[fin], v[fin]
+            n_fin = np.bincount(k, minlength=n + 1)[1:].astype(np.int64)
         out[f"{name}_sum"] = np.bincount(k, weights=vf, minlength=n + 1)[1:]
-        out[f"{name}_n"] = np.bincount(k, minlength=n + 1)[1:].astype(np.int64)
+        out[f"{name}_n"] = n_fin
         mx = np.full(n + 1, -np.inf)
         np.maximum.at(mx, k, vf)
         out[f"{name}_max"] = mx[1:]

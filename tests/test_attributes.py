@@ -129,3 +129,38 @@ def test_statistics_of_a_global_label_raster_are_reduced_block_by_block():
     np.testing.assert_array_equal(stats["first"], [2 * 20 + 12, 6 * 20 + 5])
     np.testing.assert_allclose(stats["dem_sum"] / stats["dem_n"], [501.5, 1000.0])
     np.testing.assert_allclose(stats["slope_max"], [40.0, 30.0])
+
+
+@pytest.mark.parametrize("origin", [(0, 0), (37, 120)])
+def test_block_pixel_statistics_match_a_label_by_label_computation(origin: tuple[int, int]) -> None:
+    """``pixel_stats`` of one block against plain per-label reductions: counts, the first pixel in
+    the whole array, sums, finite counts and maxima of float32 layers with and without NaN, and
+    labels without pixels in the block."""
+    from scipy import ndimage
+
+    from postprocess.labels import pixel_stats
+
+    rng = np.random.default_rng(11)
+    lab, n = ndimage.label(rng.random((60, 75)) < 0.45)
+    lab = lab.astype(np.int32)
+    lab[lab == 5] = 0  # a label without pixels
+    width = 500
+    clean = rng.normal(100, 30, lab.shape).astype(np.float32)
+    holes = rng.normal(0, 10, lab.shape).astype(np.float32)
+    holes[rng.random(lab.shape) < 0.2] = np.nan
+    holes[lab == 3] = np.nan  # an object without any finite value
+    stats = pixel_stats(lab, n, {"clean": clean, "holes": holes}, origin=origin, width=width, first=True)
+    for k in range(1, n + 1):
+        where = lab == k
+        rows, cols = np.nonzero(where)
+        assert stats["count"][k - 1] == where.sum()
+        expected_first = (rows[0] + origin[0]) * width + cols[0] + origin[1] if rows.size else np.iinfo(np.int64).max
+        assert stats["first"][k - 1] == expected_first
+        for name, arr in (("clean", clean), ("holes", holes)):
+            vals = arr[where].astype(np.float64)
+            vals = vals[np.isfinite(vals)]
+            assert stats[f"{name}_n"][k - 1] == vals.size
+            np.testing.assert_allclose(stats[f"{name}_sum"][k - 1], vals.sum(), rtol=1e-12)
+            assert stats[f"{name}_max"][k - 1] == (vals.max() if vals.size else -np.inf)
+    assert stats["count"][4] == 0 and stats["holes_n"][2] == 0
+    assert stats["clean_n"].dtype == np.int64 and stats["clean_sum"].dtype == np.float64
