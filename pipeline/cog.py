@@ -202,6 +202,9 @@ def write_rasters(outputs: Sequence[RasterOutput], grid: Grid,
             names = ", ".join(p["path"].name for p in plans)
             collections = [store, *(also([p["data"] for p in plans]) if also is not None else [])]
             extra = list(compute(collections, f"computing {names} ({plans[0]['data'].npartitions} block(s))")[1:])
+        hook = BEFORE_CONVERT.get()
+        if hook is not None:
+            hook()
         sources = [_convert(p) for p in plans]  # every conversion before any file moves into place
         done = [_move(src, p["path"]) for src, p in zip(sources, plans, strict=True)]
     except BaseException:
@@ -265,6 +268,13 @@ def _convert(plan: dict[str, Any]) -> Path:
 #: by threads running at a lowered CPU priority: GDAL's worker threads are created by the first
 #: thread that needs them and inherit its priority for the rest of the process.
 GDAL_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("cog_gdal_threads", default=None)
+
+
+#: Called by :func:`write_rasters` in the writing thread once the blocks are computed, before the
+#: COG copies: a thread whose waiting is harmless but whose own CPU work (the copies) should yield
+#: to other work lowers its priority there (its graph was built and sent at normal priority).
+BEFORE_CONVERT: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "cog_before_convert", default=None)
 
 
 def gdal_threads() -> int:

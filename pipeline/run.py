@@ -420,7 +420,7 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
     def start_mask_outputs(cleaned: Any) -> None:
         if cfg.output.mask_cog:
             jobs["mask"] = _submit(pool, write_cog, cleaned.astype("uint8"), grid, run_dir / "mask.tif",
-                                   dtype="uint8", nodata=255)
+                                   graph_first=True, dtype="uint8", nodata=255)
 
     # the mask's graphs may still be sent from the pool's threads until it has shut down
     with _mask_in_graphs(grid):
@@ -540,11 +540,24 @@ def _in_background(fn: Any) -> Any:
     return fn()
 
 
-def _submit(pool: ThreadPoolExecutor, fn: Any, *args: Any, **kwargs: Any) -> Any:
+def _after_compute_in_background(fn: Any) -> Any:
+    from .cog import BEFORE_CONVERT, GDAL_THREADS
+
+    # the Dask graph is built and sent at normal priority (a fraction of a second): the workers
+    # start on it at once instead of when this process's other threads leave the CPU idle
+    BEFORE_CONVERT.set(_lower_thread_priority)
+    GDAL_THREADS.set(1)  # the copies run at the low priority
+    return fn()
+
+
+def _submit(pool: ThreadPoolExecutor, fn: Any, *args: Any, graph_first: bool = False, **kwargs: Any) -> Any:
     """``pool.submit`` at the lowest CPU priority (:func:`_lower_thread_priority`), in a copy of this
     thread's context (a Dask client made current with ``Client.as_current()`` stays the one that
-    computes)."""
-    return pool.submit(contextvars.copy_context().run, _in_background, functools.partial(fn, *args, **kwargs))
+    computes). ``graph_first``: ``fn`` writes rasters from a Dask computation
+    (:func:`pipeline.cog.write_rasters`), and the thread keeps its priority until that computation
+    is sent and done; only the COG copies run at the lowest priority."""
+    job = _after_compute_in_background if graph_first else _in_background
+    return pool.submit(contextvars.copy_context().run, job, functools.partial(fn, *args, **kwargs))
 
 
 @contextmanager

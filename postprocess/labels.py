@@ -145,6 +145,8 @@ def pixel_stats(
     Reductions across blocks are given by :func:`reduction_of`.
     """
     flat = lab.ravel()
+    if not first and not values:  # counts only: no need to find the labelled pixels
+        return {"count": np.bincount(flat, minlength=n + 1)[1:n + 1].astype(np.int64)}
     idx = np.flatnonzero(flat)
     keys = flat[idx]
     count = np.bincount(keys, minlength=n + 1)[1:].astype(np.int64)

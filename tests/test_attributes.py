@@ -163,4 +163,7 @@ def test_block_pixel_statistics_match_a_label_by_label_computation(origin: tuple
             np.testing.assert_allclose(stats[f"{name}_sum"][k - 1], vals.sum(), rtol=1e-12)
             assert stats[f"{name}_max"][k - 1] == (vals.max() if vals.size else -np.inf)
     assert stats["count"][4] == 0 and stats["holes_n"][2] == 0
+    counts_only = pixel_stats(lab, n)  # the size and hole steps' summaries
+    assert set(counts_only) == {"count"} and counts_only["count"].dtype == np.int64
+    np.testing.assert_array_equal(counts_only["count"], stats["count"])
     assert stats["clean_n"].dtype == np.int64 and stats["clean_sum"].dtype == np.float64

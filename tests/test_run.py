@@ -582,6 +582,50 @@ def test_output_threads_run_at_the_lowest_priority_and_leave_the_caller_alone() 
     assert os.getpriority(os.PRIO_PROCESS, 0) == main  # the process's main thread
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are a Linux feature")
+def test_the_mask_raster_is_sent_to_the_workers_at_normal_priority_and_copied_at_the_lowest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mask raster's thread builds and sends its Dask graph at the caller's priority (the
+    workers start on it while this process merges polygons) and lowers itself for the COG copy."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import dask.array as da
+    import rasterio
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    import pipeline.cog as cog
+    from pipeline.grid import Grid
+    from pipeline.run import _submit
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen: dict[str, int] = {}
+    real_convert = cog._convert
+
+    def convert(plan: dict) -> Path:
+        seen["convert"], seen["gdal_threads"] = nice(), cog.gdal_threads()
+        return real_convert(plan)
+
+    def write(*args: object, **kwargs: object) -> Path:
+        seen["start"] = nice()
+        return cog.write_cog(*args, **kwargs)
+
+    main = nice()
+    grid = Grid(CRS.from_epsg(32633), Affine(10, 0, 500000, 0, -10, 4000000), 64, 48)
+    mask = da.from_array((np.arange(48 * 64).reshape(48, 64) % 3 == 0).astype(np.uint8), chunks=32)
+    monkeypatch.setattr(cog, "_convert", convert)
+    with ThreadPoolExecutor(1) as pool:
+        path = _submit(pool, write, mask, grid, tmp_path / "mask.tif", graph_first=True, dtype="uint8",
+                       nodata=255).result()
+    assert seen == {"start": main, "convert": max(main, 19), "gdal_threads": 1}
+    with rasterio.open(path) as ds:
+        np.testing.assert_array_equal(ds.read(1), mask.compute())
+    assert nice() == main
+
+
 def test_first_cleaning_step_computed_with_the_inference_equals_the_postprocessing_alone(
         demo: Path, tmp_path: Path, client, monkeypatch: pytest.MonkeyPatch) -> None:
     """The run thresholds, opens and closes each block as it is inferred and summarizes it for the
