@@ -322,9 +322,11 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
         from .scenestats import scene_band_stats
 
         with timer("scene-stats"):
-            # in this process's threads while a local cluster is still starting
+            # in this process's threads while a local cluster is still starting, one core left to
+            # the starting workers: their imports (PyTorch) decide when the inference can begin
             scene_stats = scene_band_stats(cfg, model_channels(population),
-                                           scheduler="threads" if cluster.starting else None)
+                                           scheduler="threads" if cluster.starting else None,
+                                           threads=max(1, (os.cpu_count() or 1) - 1) if cluster.starting else None)
 
     rule_bands = [b for bands in cfg.postprocess.rule_bands().values() for b in bands]
     wanted = list(dict.fromkeys(["SLOPE", "DEM", *rule_bands]))

@@ -71,7 +71,7 @@ def _spread(n: int, k: int) -> list[int]:
 
 
 def _sample(data: Any, valid: Any, origins: Sequence[tuple[int, int]], size: int, stride: int,
-            scheduler: str | None = None) -> np.ndarray:
+            scheduler: str | None = None, threads: int | None = None) -> np.ndarray:
     """Valid pixels (C, N) of the windows at ``origins``, every ``stride``-th row and column.
 
     ``data`` (C, H, W) and ``valid`` (H, W) are numpy or dask arrays.
@@ -83,17 +83,18 @@ def _sample(data: Any, valid: Any, origins: Sequence[tuple[int, int]], size: int
     for r, c in origins:
         win = (slice(r, min(r + size, h), stride), slice(c, min(c + size, w), stride))
         parts.append((data[(slice(None), *win)], valid[win]))
-    values = dask.compute(*parts, scheduler=scheduler)
+    extra = {"num_workers": threads} if threads and scheduler == "threads" else {}
+    values = dask.compute(*parts, scheduler=scheduler, **extra)
     n_c = data.shape[0]
     out = [np.asarray(d, np.float32).reshape(n_c, -1)[:, np.asarray(v, bool).ravel()] for d, v in values]
     return np.concatenate(out, axis=1) if out else np.empty((n_c, 0), np.float32)
 
 
 def _stats(data: Any, valid: Any, channels: Sequence[str], windows: int, size: int, min_pixels: int,
-           scheduler: str | None = None) -> BandStats:
+           scheduler: str | None = None, threads: int | None = None) -> BandStats:
     height, width = valid.shape
     origins = sample_origins(height, width, windows, size)
-    values = _sample(data, valid, origins, size, 1, scheduler)
+    values = _sample(data, valid, origins, size, 1, scheduler, threads)
     how = "the whole scene" if size >= max(height, width) else f"{len(origins)} windows of {size} px"
     n_r, n_c = math.ceil(height / size), math.ceil(width / size)
     if values.shape[1] < min_pixels and len(origins) < n_r * n_c:
@@ -102,7 +103,7 @@ def _stats(data: Any, valid: Any, channels: Sequence[str], windows: int, size: i
         log.info("scene statistics: %d valid pixels in the sample; reading the whole scene (every %d-th pixel)",
                  values.shape[1], stride)
         everywhere = [(i * size, j * size) for i in range(n_r) for j in range(n_c)]
-        values = _sample(data, valid, everywhere, size, stride, scheduler)
+        values = _sample(data, valid, everywhere, size, stride, scheduler, threads)
         how = f"the whole scene, every {stride}-th pixel"
     stats = band_stats(values, list(channels))
     log.info("scene statistics of %d channels from %d valid pixels (%s)", len(channels), stats.n_pixels, how)
@@ -141,12 +142,13 @@ def scene_band_stats(
     size: int = SAMPLE_SIZE,
     min_pixels: int = MIN_PIXELS,
     scheduler: str | None = None,
+    threads: int | None = None,
 ) -> BandStats:
     """Median and robust scale of ``channels`` over the scene of ``cfg`` (a sample, see the module doc).
 
     Computes on the current Dask client when there is one, or with the given
     Dask ``scheduler`` (``"threads"``: in this process, for example while a
-    local cluster is still starting).
+    local cluster is still starting; ``threads`` of them, default one per core).
     """
     from .stack import stack_scene
 
@@ -164,6 +166,6 @@ def scene_band_stats(
     kept_open = stack.reader.files_kept_open() if stack.reader is not None else contextlib.nullcontext()
     with kept_open:
         stats = _stats(stack.data.data, stack.valid.data, [str(c) for c in stack.data.band.values],
-                       windows, size, min_pixels, scheduler)
+                       windows, size, min_pixels, scheduler, threads)
     log.debug("scene statistics in %.1f s", time.perf_counter() - t0)
     return stats

@@ -220,3 +220,28 @@ def test_scene_statistics_of_a_real_product_read_only_the_sample(tmp_path: Path)
     assert coarse.n_pixels < whole.n_pixels / 2
     assert fallback.n_pixels == whole.n_pixels
     np.testing.assert_allclose(coarse.median, whole.median, rtol=0.25)
+
+
+def test_the_sample_is_read_on_the_threads_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a local cluster starts, the run samples on one core fewer than the machine has (the
+    workers' imports get the other): the same pixels on any number of threads."""
+    from pipeline import scenestats
+
+    rng = np.random.default_rng(5)
+    arr = rng.normal(size=(14, 512, 768)).astype(np.float32)
+    valid = rng.random((512, 768)) < 0.8
+    data, v = _arrays(arr, valid)
+    origins = sample_origins(512, 768, windows=4)
+    seen: list[tuple[object, object]] = []
+    real = dask.compute
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append((kwargs.get("scheduler"), kwargs.get("num_workers")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dask, "compute", spy)
+    one = scenestats._sample(data.data, v.data, origins, 256, 1, "threads", 1)
+    default = scenestats._sample(data.data, v.data, origins, 256, 1, "threads")
+    assert seen == [("threads", 1), ("threads", None)]
+    np.testing.assert_array_equal(one, default)
+    assert one.shape == (14, sum(int(valid[r:r + 256, c:c + 256].sum()) for r, c in origins))
