@@ -130,6 +130,12 @@ def _worker_settings() -> tuple[str | None, str | None, int]:
     return os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
 
 
+def _profiling(dask_worker) -> tuple[bool, bool]:  # noqa: ANN001 - runs on a worker
+    import dask
+
+    return bool(dask.config.get("distributed.worker.profile.enabled")), "profile" in dask_worker.periodic_callbacks
+
+
 def _imported(names: tuple[str, ...]) -> list[bool]:
     import sys
 
@@ -233,4 +239,10 @@ def test_local_cluster_workers_keep_adaptive_malloc_and_one_thread_per_task(monk
         import os
 
         assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # this process's environment is left as it was
+        # and without Dask's statistical profiler (a stack sample of every thread every 10 ms)
+        profiling = list(client.run(_profiling).values())
     assert settings == [(None, "1", 1)]
+    assert profiling == [(False, False)]
+    import dask
+
+    assert dask.config.get("distributed.worker.profile.enabled") is True  # this process's settings untouched
