@@ -243,7 +243,7 @@ def normalize(
         v = None if valid is None else torch.as_tensor(valid, device=x.device).bool()
         return _normalize_torch(x, v, full)
     v_np = None if valid is None else np.asarray(valid, dtype=bool)
-    return _normalize_numpy(np.asarray(x), v_np, full, copy=copy, finite=finite and v_np is not None)
+    return _normalize_numpy(np.asarray(x), v_np, full, copy=copy, finite=finite)
 
 
 # -- numpy ------------------------------------------------------------------

@@ -331,6 +331,7 @@ class RasterSource:
         tx = taps(px[cols], lo[1], self.width, src.shape[1])
         phases_x = _tap_phases(tx, rx)
         sum_x = tx[2] + tx[3]
+        unit_x = bool((sum_x == 1).all())
         for k in range(0, rows.size, _STRIP):  # strips of output rows keep temporaries small
             rs = rows[k:k + _STRIP]
             ty = taps(py[rs], lo[0], self.height, src.shape[0])
@@ -340,7 +341,7 @@ class RasterSource:
                 # no no-data in the window (the usual case): the weight sum is separable,
                 # the product of the row and column sums (below 1 only at the source edges)
                 sum_y = ty[2] + ty[3]
-                if (sum_y == 1).all() and (sum_x == 1).all():
+                if unit_x and (sum_y == 1).all():
                     # all weights sum to one (away from the source edges): num / 1 is num
                     out[int(rs[0]):int(rs[-1]) + 1, cslice] = num
                     continue

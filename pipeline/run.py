@@ -533,22 +533,17 @@ def _lower_thread_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), BACKGROUND_NICE))
 
 
-def _in_background(fn: Any) -> Any:
-    from .cog import GDAL_THREADS
-
-    _lower_thread_priority()  # the pool's threads serve only this run's outputs and end with it
-    # no GDAL worker threads from here: they would inherit the low priority and outlive the pool
-    GDAL_THREADS.set(1)  # (in this job's own copy of the context)
-    return fn()
-
-
-def _after_compute_in_background(fn: Any) -> Any:
+def _in_background(fn: Any, graph_first: bool = False) -> Any:
     from .cog import BEFORE_CONVERT, GDAL_THREADS
 
-    # the Dask graph is built and sent at normal priority (a fraction of a second): the workers
-    # start on it at once instead of when this process's other threads leave the CPU idle
-    BEFORE_CONVERT.set(_lower_thread_priority)
-    GDAL_THREADS.set(1)  # the copies run at the low priority
+    if graph_first:
+        # the Dask graph is built and sent at normal priority (a fraction of a second): the workers
+        # start on it at once instead of when this process's other threads leave the CPU idle
+        BEFORE_CONVERT.set(_lower_thread_priority)
+    else:
+        _lower_thread_priority()  # the pool's threads serve only this run's outputs and end with it
+    # no GDAL worker threads from here: they would inherit the low priority and outlive the pool
+    GDAL_THREADS.set(1)  # (in this job's own copy of the context)
     return fn()
 
 
@@ -558,8 +553,8 @@ def _submit(pool: ThreadPoolExecutor, fn: Any, *args: Any, graph_first: bool = F
     computes). ``graph_first``: ``fn`` writes rasters from a Dask computation
     (:func:`pipeline.cog.write_rasters`), and the thread keeps its priority until that computation
     is sent and done; only the COG copies run at the lowest priority."""
-    job = _after_compute_in_background if graph_first else _in_background
-    return pool.submit(contextvars.copy_context().run, job, functools.partial(fn, *args, **kwargs))
+    return pool.submit(contextvars.copy_context().run, _in_background, functools.partial(fn, *args, **kwargs),
+                       graph_first)
 
 
 @contextmanager
