@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -207,8 +208,10 @@ def dask_client(section: DaskSection, imports: Sequence[str] = ()) -> Iterator[o
     log.info("started a local Dask cluster: %d worker process(es) x %d thread(s)", section.n_workers, threads)
     warming: list[object] = []
     try:
+        t0 = time.perf_counter()
         warming = _warm_workers(client, (*WORKER_IMPORTS, *imports))
         _settle(client, warming, timeout=WARM_TIMEOUT)
+        log.debug("workers ready (imports done) %.1f s after the cluster started", time.perf_counter() - t0)
         yield client
     finally:
         try:

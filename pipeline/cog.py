@@ -241,6 +241,10 @@ def _start(out: RasterOutput, grid: Grid) -> dict[str, Any]:
         "tiled": True, "blockxsize": tile, "blockysize": tile, "bigtiff": "IF_SAFER",
         "interleave": "pixel" if count <= 4 and out.cog else "band",
         **({"compress": "ZSTD", "zstd_level": 1} if out.cog else {"compress": "NONE"}),
+        # every tile is written by the store: without this GDAL writes every tile of an
+        # uncompressed file as zeros first (about 2 s for a full tile's stored layers, before the
+        # inference can start)
+        "sparse_ok": True,
     }
     try:
         with rasterio.open(tmp_tiff, "w", **profile) as dst:

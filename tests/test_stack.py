@@ -442,6 +442,31 @@ def test_cog_from_a_plain_tiled_intermediate(tmp_path: Path, monkeypatch: pytest
     assert sorted(p.name for p in tmp_path.iterdir()) == [".p.tif", "p.tif"]
 
 
+def test_plain_intermediate_is_created_without_writing_its_tiles_first(tmp_path: Path) -> None:
+    """The temporary tiled GeoTIFF is created sparse (GDAL would otherwise write every tile of an
+    uncompressed file as zeros before the first block is computed); once stored, every tile is in
+    the file, even blocks of zeros, and the values read back exactly."""
+    from pipeline.cog import RasterOutput, _start, write_rasters
+
+    grid = Grid.from_bounds((500000, 4000000, 500000 + 20480, 4000000 + 20480), "EPSG:32633", 10)
+    values = np.zeros((2, *grid.shape), np.float32)
+    values[0, :1024] = 1.5  # the other blocks stay zero: they must be written all the same
+    lazy = dask.array.from_array(values, chunks=(2, 512, 512))
+    out = RasterOutput(lazy, tmp_path / ".layers.tif", "float32", None, cog=False)
+    plan = _start(out, grid)
+    full = 2 * grid.height * grid.width * 4
+    assert plan["tmp_tiff"].stat().st_size < full // 100  # nothing but the header and tile index
+    plan["tmp_tiff"].unlink()
+    plain, = write_rasters([out], grid)
+    assert plain.stat().st_size >= full
+    with rasterio.open(plain) as ds:
+        assert ds.block_shapes == [(512, 512)] * 2
+        np.testing.assert_array_equal(ds.read(), values)
+        offsets = [ds.get_tag_item(f"BLOCK_OFFSET_{i}_{j}", "TIFF", bidx=b)
+                   for b in (1, 2) for i in range(ds.width // 512) for j in range(ds.height // 512)]
+    assert all(o is not None and int(o) > 0 for o in offsets)  # no tile left out as sparse
+
+
 def test_blockwise_slope_with_halo_equals_whole_grid_slope(iburi: Path) -> None:
     """Per-block slope from the DEM grown by one pixel equals Horn on the whole reprojected DEM."""
     stack = stack_scene(iburi_cfg(iburi, "pre", block=256), ["DEM", "SLOPE"])
