@@ -154,6 +154,42 @@ def test_pieces_merge_on_a_geographic_grid_with_inexact_coordinates():
     assert len(gdf.geometry.iloc[0].exterior.coords) == 5
 
 
+def test_validity_after_the_map_transform_is_checked_only_where_it_can_round(monkeypatch: pytest.MonkeyPatch):
+    """A 10 m UTM grid with an integer origin maps pixel corners exactly (no second validity pass,
+    and the polygons are valid all the same); a fractional origin, a degree grid or non-integer
+    vertices are checked."""
+    import postprocess.vectorize as vec
+
+    square = shapely.box(2, 3, 7, 9)
+    assert vec.maps_exactly(np.array([square]), Affine(10, 0, 600000, 0, -10, 5000040))
+    assert not vec.maps_exactly(np.array([square]), Affine(10, 0, 600000.5, 0, -10, 5000040))
+    assert not vec.maps_exactly(np.array([square]), Affine(8.983e-05, 0, 141.89, 0, -8.983e-05, 42.77))
+    assert not vec.maps_exactly(np.array([shapely.box(2, 3, 7.5, 9)]), Affine(10, 0, 600000, 0, -10, 5000040))
+    assert not vec.maps_exactly(np.array([square]), Affine(10, 1, 600000, 0, -10, 5000040))
+
+    checked: list[int] = []
+    real = vec.map_threads
+
+    def counting(fn, geoms, threads=None):  # noqa: ANN001, ANN202
+        if fn is shapely.is_valid:
+            checked.append(geoms.size)
+        return real(fn, geoms, threads)
+
+    monkeypatch.setattr(vec, "map_threads", counting)
+    labels = np.zeros((40, 40), np.int32)
+    labels[3:30, 4:33] = 1
+    labels[10:14, 10:14] = 0
+    labels[14, 14] = 0  # a hole touching another at a corner
+    labels[33:38, 2:9] = 2
+    for origin, passes in ((600000.0, 1), (600000.5, 2)):
+        checked.clear()
+        grid = Grid(CRS.from_epsg(32633), Affine(10, 0, origin, 0, -10, 5000040), 40, 40)
+        gdf = vectorize_labels(da.from_array(labels, chunks=(16, 16)), grid)
+        assert len(gdf) == 2 and gdf.geometry.is_valid.all()
+        assert len(checked) == passes
+        np.testing.assert_array_equal(rasterize_back(gdf, grid), labels)
+
+
 def test_simplification_in_metres_keeps_valid_polygons_with_fewer_vertices(nepal_labels):
     labels, grid = nepal_labels
     exact = vectorize_labels(da.from_array(labels, chunks=64), grid)
