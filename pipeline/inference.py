@@ -26,6 +26,7 @@ distributed worker process loads the artefact from its path once.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -440,22 +441,39 @@ def _finish_block(n_out: int, owned: _BlockSums,
 
 def _blend_block(n_out: int, owned: _BlockSums,
                  spills: Sequence[tuple[tuple[int, int], tuple[np.ndarray, np.ndarray] | None]]) -> np.ndarray:
+    """The block's probability: its own window sums plus the strips earlier blocks left on it, divided
+    by the summed weights.
+
+    The block's own sums are read in place (they are the task's input: never modified); only the
+    cells of the block that strips cover are copied and added to, each strip in the order given
+    (the same sums, bit for bit, as adding every strip to a copy of the whole block).
+    """
     bh, bw = owned.block_valid.shape
     if not owned.block_valid.any():
         return np.full((n_out, bh, bw), np.nan, np.float32)
     if owned.acc is not None and owned.wsum is not None:
-        acc = owned.acc[:, :bh, :bw].copy()
-        wsum = owned.wsum[:bh, :bw].copy()
+        acc, wsum = owned.acc[:, :bh, :bw], owned.wsum[:bh, :bw]
     else:
-        acc = np.zeros((n_out, bh, bw), np.float64)
-        wsum = np.zeros((bh, bw), np.float64)
-    for (r, c), part in spills:
-        if part is None:
-            continue
-        a, w = part
-        acc[:, r : r + w.shape[0], c : c + w.shape[1]] += a
-        wsum[r : r + w.shape[0], c : c + w.shape[1]] += w
-    return finalize(acc, wsum, owned.block_valid)
+        acc, wsum = np.zeros((n_out, bh, bw), np.float64), np.zeros((bh, bw), np.float64)
+    parts = [(r, c, a, w) for (r, c), part in spills if part is not None for a, w in (part,)]
+    out = finalize(acc, wsum, owned.block_valid)
+    if not parts:
+        return out
+    # cells between every strip edge: each is covered by a fixed set of strips, or by none
+    ys = sorted({0, bh, *(r for r, _, _, w in parts), *(r + w.shape[0] for r, _, _, w in parts)})
+    xs = sorted({0, bw, *(c for _, c, _, w in parts), *(c + w.shape[1] for _, c, _, w in parts)})
+    for y0, y1 in itertools.pairwise(ys):
+        for x0, x1 in itertools.pairwise(xs):
+            over = [(r, c, a, w) for r, c, a, w in parts
+                    if r <= y0 and y1 <= r + w.shape[0] and c <= x0 and x1 <= c + w.shape[1]]
+            if not over:
+                continue
+            cell_acc, cell_w = acc[:, y0:y1, x0:x1].copy(), wsum[y0:y1, x0:x1].copy()
+            for r, c, a, w in over:
+                cell_acc += a[:, y0 - r : y1 - r, x0 - c : x1 - c]
+                cell_w += w[y0 - r : y1 - r, x0 - c : x1 - c]
+            out[:, y0:y1, x0:x1] = finalize(cell_acc, cell_w, owned.block_valid[y0:y1, x0:x1])
+    return out
 
 
 # -- the graph -------------------------------------------------------------------

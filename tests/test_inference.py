@@ -464,3 +464,41 @@ def test_a_missing_band_value_invalidates_the_pixel_without_a_mask() -> None:
     assert np.isnan(out[40:50, 60:70]).all()
     np.testing.assert_allclose(np.delete(out.ravel(), np.flatnonzero(np.isnan(out))), 0.6, atol=1e-6)
     assert np.isnan(out).sum() == 100
+
+
+def test_block_blend_adds_the_strips_of_earlier_blocks_bit_for_bit() -> None:
+    """A block's own window sums are read in place and only the cells that strips cover are
+    copied: the result equals adding every strip, in order, to a copy of the whole block, and the
+    block's own sums are left as they were."""
+    from pipeline.inference import _blend_block, _BlockSums
+    from tiling.stitch import finalize
+
+    rng = np.random.default_rng(7)
+    bh, bw, reach = 70, 90, 24
+    valid = rng.random((bh, bw)) > 0.05
+    acc = rng.random((2, bh + reach, bw + reach))
+    wsum = rng.random((bh + reach, bw + reach)) + (rng.random((bh + reach, bw + reach)) > 0.1)
+    owned = _BlockSums(valid, acc, wsum)
+    before = acc.copy(), wsum.copy()
+
+    def strip(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        return rng.random((2, h, w)), rng.random((h, w))
+
+    spills = [((0, 0), strip(reach, reach)),  # from the block above and to the left
+              ((0, 0), strip(reach, bw)),  # from the block above
+              ((0, 0), None),  # a neighbour whose windows left nothing here
+              ((0, 0), strip(bh, reach)),  # from the block to the left
+              ((0, 30), strip(reach, 40))]  # a narrower strip, overlapping the others
+
+    expect_acc, expect_w = acc[:, :bh, :bw].copy(), wsum[:bh, :bw].copy()
+    for (r, c), part in spills:
+        if part is not None:
+            a, w = part
+            expect_acc[:, r:r + w.shape[0], c:c + w.shape[1]] += a
+            expect_w[r:r + w.shape[0], c:c + w.shape[1]] += w
+    expected = finalize(expect_acc, expect_w, valid)
+    got = _blend_block(2, owned, spills)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(acc, before[0])
+    np.testing.assert_array_equal(wsum, before[1])
+    np.testing.assert_array_equal(_blend_block(2, owned, [((0, 0), None)]), finalize(acc[:, :bh, :bw], wsum[:bh, :bw], valid))
