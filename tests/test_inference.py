@@ -243,8 +243,18 @@ class ArrayReader:
         return self.arr[bands, r0 : r0 + h, c0 : c0 + w].copy()
 
 
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_a_window_reader_gives_the_same_raster_with_one_read_per_block(with_mask: bool) -> None:
+@pytest.mark.parametrize(("with_mask", "normalization"), [
+    (False, {"method": "patch_robust"}),
+    (True, {"method": "patch_robust"}),
+    # per-pixel methods: a block read for its task alone is normalized whole, before its windows
+    # are cut; the windows get the same values as when each batch is normalized
+    (True, {"method": "fixed", "mean": [0.1 * i for i in range(14)], "std": [0.5 + 0.1 * i for i in range(14)],
+            "clip": 1.5}),
+    (True, {"method": "none"}),
+])
+def test_a_window_reader_gives_the_same_raster_with_one_read_per_block(
+    with_mask: bool, normalization: dict, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     mask = np.ones((300, 330), bool)
     if with_mask:  # the pixels are missing there too, as a stack's are outside its mask
         mask[40:90, 200:260] = False
@@ -252,20 +262,39 @@ def test_a_window_reader_gives_the_same_raster_with_one_read_per_block(with_mask
     if with_mask:  # and pixels the mask excludes although their bands have values (clouds, an AOI)
         mask[150:170, 20:90] = False
         valid = xr.DataArray(da.from_array(mask, chunks=96), dims=("y", "x"))
-    art = _art(_tiny_unet(), normalization={"method": "patch_robust"})
+    art = _art(_tiny_unet(), normalization=normalization)
     opts = InferenceOptions(overlap=16, block_size=96)
     keep = ["DEM", "B02"]
     ref = predict(data, valid if with_mask else None, grid, [art], opts, keep=keep)
     reader = ArrayReader(np.asarray(data.data))
+    import pipeline.inference as inference
+
+    shapes: list[tuple[int, ...]] = []
+    real_normalize = inference.normalize
+
+    def recording(x, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        shapes.append(tuple(x.shape))
+        return real_normalize(x, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "normalize", recording)
     pred = predict(data, valid if with_mask else None, grid, [art], opts, keep=keep, reader=reader)
     out = _compute(pred.probability)
+    monkeypatch.setattr(inference, "normalize", real_normalize)
+    # whole blocks (each block with windows to run) for per-pixel methods, batches of 64 px windows otherwise
+    blockwise = [s for s in shapes if s[0] == 1 and s[2:] != (64, 64)]
+    if normalization["method"] == "patch_robust":
+        assert not blockwise and shapes
+    else:
+        assert shapes == blockwise and 0 < len(blockwise) <= len(reader.reads)
     # one read per block (4 x 4 blocks of 96 px, stride 48), each the block plus its windows' reach
     assert len(reader.reads) == 16
     assert len(set(reader.reads)) == 16
     assert all(h <= 96 + 64 and w <= 96 + 64 for _, _, h, w in reader.reads)
     np.testing.assert_allclose(out, _compute(ref.probability), rtol=0, atol=1e-6)
+    if normalization["method"] != "patch_robust":
+        np.testing.assert_array_equal(out, _compute(ref.probability))
     assert np.isnan(out[~mask]).all() and np.isfinite(out[mask]).all()
-    for name in keep:
+    for name in keep:  # passed through as read, not normalized
         np.testing.assert_array_equal(_compute(pred.layers[name]), _compute(ref.layers[name]))
     with pytest.raises(GridError, match="reader"):
         predict(data, None, grid, [art], opts, reader=ArrayReader(np.zeros((14, 10, 10), np.float32)))
