@@ -158,6 +158,9 @@ class Prediction:
     #: label under which the block tasks report the time spent in the model's forward pass to Dask's
     #: performance metrics (:func:`forward_seconds`); unique per prediction
     meter: str = "model-forward"
+    #: :func:`predict`'s ``coarse``: (channels, rows // factor, cols // factor) means, or None
+    coarse: da.Array | None = None
+    coarse_factor: int = 0
 
 
 # -- model cache (one instance per process) -------------------------------------
@@ -276,6 +279,8 @@ class _Plan:
     with_uncertainty: bool
     keep_index: tuple[int, ...] = ()  # input channels copied to the output after the probability
     meter: str = "model-forward"  # label of the forward-pass time in Dask's performance metrics
+    coarse_index: tuple[int, ...] = ()  # input channels averaged onto a coarse grid (:func:`predict`'s ``coarse``)
+    coarse_factor: int = 0
 
 
 def _forward_probs(
@@ -344,6 +349,41 @@ class _BlockSums:
     acc: np.ndarray | None  # (k, eh, ew) float64 weighted sums, None when no window ran
     wsum: np.ndarray | None  # (eh, ew) float64 summed weights
     kept: np.ndarray | None = None  # (n_keep, bh, bw) float32 input channels passed through
+    coarse: np.ndarray | None = None  # (n_coarse, bh // f, bw // f) float32 means of the block's own pixels
+
+
+def _coarse_means(data: np.ndarray, bh: int, bw: int, plan: _Plan) -> np.ndarray:
+    """Means of the finite values of the ``plan.coarse_index`` channels of the block (starting at
+    ``data``'s origin, ``bh`` x ``bw``) over cells of ``plan.coarse_factor`` pixels (NaN where a cell
+    has none); the block's last rows or columns that do not fill a cell are left out, as the
+    coarse grid of the whole scene leaves them out."""
+    f = plan.coarse_factor
+    rows, cols = bh // f, bw // f
+    out = np.empty((len(plan.coarse_index), rows, cols), np.float32)
+    for o, k in enumerate(plan.coarse_index):
+        x = data[k, : rows * f, : cols * f]
+        finite = np.isfinite(x)
+        if finite.all():
+            out[o] = _cell_sums(x, f) / (f * f)
+            continue
+        count = _cell_sums(finite, f)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[o] = np.where(count > 0, _cell_sums(np.where(finite, x, np.float32(0)), f) / count, np.nan)
+    return out
+
+
+def _cell_sums(x: np.ndarray, f: int) -> np.ndarray:
+    """Sums of ``x`` (rows * f, cols * f) over cells of f x f: the f rows of each cell first, whole
+    rows added at once (float32), then the f columns of the f times smaller result (float64): a
+    quarter of the time of one reduction over both axes of the cells."""
+    rows, cols = x.shape[0] // f, x.shape[1] // f
+    by_rows = x.reshape(rows, f, cols * f).sum(axis=1, dtype=np.float32)
+    return by_rows.reshape(rows, cols, f).sum(axis=2, dtype=np.float64)
+
+
+def _coarse_of(owned: _BlockSums) -> np.ndarray:
+    assert owned.coarse is not None
+    return owned.coarse
 
 
 def _block_normalization(plan: _Plan, n_channels: int) -> dict[str, Any] | None:
@@ -376,6 +416,7 @@ def _predict_owned(
     # a pixel is valid where the mask says so and every channel has a value
     # (a list index copies: the kept channels never hold the block's input alive)
     kept = np.asarray(data[list(plan.keep_index), :bh, :bw], np.float32) if plan.keep_index else None
+    coarse = _coarse_means(data, bh, bw, plan) if plan.coarse_index else None
     model_bands = sorted({i for r in plan.refs for i in r.channel_index})
     if len(model_bands) == data.shape[0]:
         finite = np.isfinite(data).all(axis=0)
@@ -387,12 +428,12 @@ def _predict_owned(
     block_valid = valid[:bh, :bw]
     wr, wc = wg.block_windows(rows, cols)
     if not len(wr) or not len(wc) or not valid.any():
-        return _BlockSums(block_valid, None, None, kept)
+        return _BlockSums(block_valid, None, None, kept, coarse)
     rr, cc = wr - rows[0], wc - cols[0]  # window origins in the slice
     counts = valid_counts(valid, rr, cc, tile)
     todo = [(int(r), int(c)) for i, r in enumerate(rr) for j, c in enumerate(cc) if counts[i, j] > 0]
     if not todo:
-        return _BlockSums(block_valid, None, None, kept)
+        return _BlockSums(block_valid, None, None, kept, coarse)
     spec = _block_normalization(plan, data.shape[0]) if own and data.dtype == np.float32 else None
     if spec is not None:  # after the kept channels were copied: those stay as read
         normalize(data[None], valid[None], spec, copy=False, finite=True)
@@ -416,7 +457,7 @@ def _predict_owned(
         for k, (r, c) in enumerate(group):
             w = window_weights(tile, wg.overlap, plan.margin, r + rows[0], c + cols[0], wg.height, wg.width)
             add_window(acc, wsum, values[k], w, r, c)
-    return _BlockSums(block_valid, acc, wsum, kept)
+    return _BlockSums(block_valid, acc, wsum, kept, coarse)
 
 
 class WindowReader(Protocol):
@@ -537,6 +578,7 @@ def predict(
     scene_stats: BandStats | None = None,
     keep: Sequence[str] = (),
     reader: WindowReader | None = None,
+    coarse: tuple[Sequence[str], int] | None = None,
 ) -> Prediction:
     """Lazy probability raster of ``models`` on a stacked scene.
 
@@ -562,6 +604,14 @@ def predict(
     stacking the scene again, provided they are stored in the same
     computation as the probability (:func:`write_prediction`). Kept channels
     that the models do not use do not restrict where the models predict.
+
+    ``coarse`` = (channels, factor) asks for those input channels averaged
+    onto a grid ``factor`` times coarser (cells of factor x factor pixels,
+    the mean of their finite values), from the same block tasks
+    (:attr:`Prediction.coarse`; a quicklook's background without reading
+    the bands again). Only when the models read those channels and the
+    block size is a multiple of ``factor``; else :attr:`Prediction.coarse`
+    is None.
 
     ``reader`` reads any window of ``data`` at once (the stack's own reader,
     :attr:`pipeline.stack.Stack.reader`, same bands in the same order). Each
@@ -609,10 +659,11 @@ def predict(
     remap = {old: new for new, old in enumerate(used)}
     refs = tuple(_with_index(r, tuple(remap[i] for i in r.channel_index)) for r in refs)
     meter = f"model-forward-{uuid.uuid4().hex[:12]}"
-    plan = _Plan(wg, margin, refs, tuple(float(w) for w in weights), opts, with_unc,
-                 tuple(remap[i] for i in keep_bands), meter)
-
     block = inference_block_size(opts.block_size, tile, opts.overlap)
+    coarse_index, coarse_factor = _coarse_plan(coarse, bands, remap, block)
+    plan = _Plan(wg, margin, refs, tuple(float(w) for w in weights), opts, with_unc,
+                 tuple(remap[i] for i in keep_bands), meter, coarse_index, coarse_factor)
+
     x = _as_dask(data, (-1, block, block))
     x = x[used] if used != list(range(x.shape[0])) else x
     if reader is not None and tuple(getattr(reader, "shape", ())) != tuple(data.shape):
@@ -675,6 +726,14 @@ def predict(
             row_blocks.append(da.from_delayed(task, shape=shape, dtype=np.float32))
         grid_of_blocks.append(row_blocks)
     out = da.block(grid_of_blocks)
+    coarse_means = None
+    if coarse_index:
+        f = coarse_factor
+        coarse_means = da.block([[
+            da.from_delayed(dask.delayed(_coarse_of, pure=True)(
+                owned[i, j], dask_key_name=f"predict-coarse-{token}-{rows[0]}-{cols[0]}"),
+                shape=(len(coarse_index), (rows[1] - rows[0]) // f, (cols[1] - cols[0]) // f), dtype=np.float32)
+            for j, cols in enumerate(cols_spans)] for i, rows in enumerate(rows_spans)])
 
     coords = {k: data.coords[k] for k in ("y", "x") if k in data.coords}
     probability = _raster(out[0], coords, grid, "landslide probability")
@@ -686,7 +745,22 @@ def predict(
         grid.height, grid.width, len(wg), tile, opts.overlap, len(rows_spans) * len(cols_spans), block,
         len(models), " with TTA" if opts.tta else "",
     )
-    return Prediction(probability, uncertainty, grid, threshold, len(wg), layers, meter)
+    return Prediction(probability, uncertainty, grid, threshold, len(wg), layers, meter, coarse_means, coarse_factor)
+
+
+def _coarse_plan(coarse: tuple[Sequence[str], int] | None, bands: Sequence[str], remap: dict[int, int],
+                 block: int) -> tuple[tuple[int, ...], int]:
+    """Channel indices (in the block tasks' data) and factor of :func:`predict`'s ``coarse``, or
+    ``((), 0)`` when the block tasks cannot compute it: a channel the models do not read, or blocks
+    that do not start on the coarse grid."""
+    if coarse is None:
+        return (), 0
+    names, factor = coarse
+    factor = int(factor)
+    if factor < 1 or block % factor or not all(n in bands and bands.index(n) in remap for n in names):
+        log.debug("coarse means of %s by %d not computed with the inference (block %d px)", list(names), factor, block)
+        return (), 0
+    return tuple(remap[bands.index(n)] for n in names), factor
 
 
 async def _send_heartbeat(dask_worker: Any) -> None:  # runs on each worker

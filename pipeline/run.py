@@ -340,9 +340,10 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
     # may still be starting: the run waits for the cluster right before it computes
     with timer("infer"), before_first_compute(lambda: cluster.wait(timer)):
         options = InferenceOptions.from_config(cfg.model, block_size=cfg.grid.block_size)
-        # the mask without the bands' own no-data: each block derives that from the pixels it reads
+        # the mask without the bands' own no-data: each block derives that from the pixels it reads;
+        # the quicklook's true colour is averaged onto its coarse grid by the blocks that read it
         pred = predict(stack.data, stack.mask, grid, models, options, scene_stats=scene_stats, keep=keep,
-                       reader=stack.reader)
+                       reader=stack.reader, coarse=_quicklook_coarse(grid) if cfg.output.quicklook else None)
         # An intermediate, plain tiled GeoTIFF (a rerun after a crash replaces it): the later stages
         # read it at once, and the probability COG is made from it while they run.
         plain_prob = run_dir / ".probability.tif"
@@ -360,11 +361,13 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
             known = codes != PROB_NODATA
             prob = codes.map_blocks(_decode_probability, dtype=np.float32)
             opened = opened_mask(prob, known, grid, cfg.postprocess, threshold)
-            return [pack_mask(opened), known.sum(), opened_summaries(opened, known)]
+            coarse = [pred.coarse] if pred.coarse is not None else []
+            return [pack_mask(opened), known.sum(), opened_summaries(opened, known), *coarse]
 
         # uint8: probability x 254, 255 = no data (an eighth of float32 on disk)
-        _, (packed, n_valid, summaries) = write_prediction(pred, plain_prob, uncertainty_path=unc_path, layers_path=layers_path,
-                                                dtype="uint8", probability_cog=False, also=first_step)
+        _, (packed, n_valid, summaries, *coarse) = write_prediction(
+            pred, plain_prob, uncertainty_path=unc_path, layers_path=layers_path, dtype="uint8",
+            probability_cog=False, also=first_step)
     client = cluster.wait(timer)
     try:
         from postprocess.morphology import OpenedSummaries, unpack_mask
@@ -373,7 +376,8 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
                            plain_prob, unc_path, layers_path, keep, wanted, pred.threshold,
                            lambda seconds: _inference_figures(client, pred, seconds, own=cluster.own),
                            opened=unpack_mask(packed, chunks), n_valid=int(n_valid),
-                           summaries=OpenedSummaries.collect(chunks, summaries))
+                           summaries=OpenedSummaries.collect(chunks, summaries),
+                           true_colour=(coarse[0], pred.coarse_factor) if coarse else None)
     finally:
         plain_prob.unlink(missing_ok=True)
         if layers_path is not None:
@@ -382,7 +386,7 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
 
 def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run_id, scene_stats,  # noqa: ANN001, PLR0913
                 prob_path, unc_path, layers_path, keep, wanted, model_threshold, inference_figures,
-                opened, n_valid, summaries=None) -> RunResult:
+                opened, n_valid, summaries=None, true_colour=None) -> RunResult:
     from postprocess.gpkg import write_geopackage
     from postprocess.pipeline import polygons_from_probability
 
@@ -427,7 +431,8 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
     # the mask's graphs may still be sent from the pool's threads until it has shut down
     with _mask_in_graphs(grid):
         try:
-            background = _submit(pool, _quicklook_background, cfg, grid, prob_path) if cfg.output.quicklook else None
+            background = (_submit(pool, _quicklook_background, cfg, grid, prob_path, true_colour)
+                          if cfg.output.quicklook else None)
             with timer("postprocess"):
                 gdf, cleaned = polygons_from_probability(
                     probability, valid, grid, cfg.postprocess,
@@ -585,24 +590,43 @@ def _write_quicklook(background: Any, grid: Any, gdf: Any, path: Path) -> None:
         write_quicklook_coarse(small, factor, grid, gdf, path, valid=shown)
 
 
-def _quicklook_background(cfg: SceneConfig, grid: Any, prob_path: Path) -> tuple[Any, int, Any] | None:
+def _quicklook_coarse(grid: Any) -> tuple[tuple[str, ...], int]:
+    """The quicklook's true-colour channels and its coarsening factor on ``grid``."""
+    from postprocess.quicklook import TRUE_COLOUR, downsample_factor
+
+    return tuple(TRUE_COLOUR), downsample_factor(grid.shape, QUICKLOOK_SIZE)
+
+
+#: Longest edge of the quicklook, in pixels (at most).
+QUICKLOOK_SIZE = 2048
+
+
+def _quicklook_background(cfg: SceneConfig, grid: Any, prob_path: Path,
+                          true_colour: tuple[Any, int] | None = None) -> tuple[Any, int, Any] | None:
     """The quicklook's true colour averaged straight onto its coarse grid, the coarsening factor and
-    where something was analysed (elsewhere the quicklook is black); None without true-colour bands."""
+    where something was analysed (elsewhere the quicklook is black); None without true-colour bands.
+
+    ``true_colour`` is (means, factor) when the inference averaged the bands already as it read
+    them (:func:`pipeline.inference.predict`'s ``coarse``); else they are read here, decimated.
+    """
     import rasterio
     from rasterio.enums import Resampling
     from rasterio.windows import Window
 
-    from postprocess.quicklook import TRUE_COLOUR, downsample_factor
+    from postprocess.quicklook import TRUE_COLOUR
 
     from .errors import ChannelError
     from .stack import read_coarse
 
-    factor = downsample_factor(grid.shape, 2048)
-    try:
-        small = read_coarse(cfg, TRUE_COLOUR, grid, factor)
-    except ChannelError as exc:
-        log.info("no quicklook: %s", exc)
-        return None
+    _, factor = _quicklook_coarse(grid)
+    if true_colour is not None and true_colour[1] == factor:
+        small = np.asarray(true_colour[0], np.float32)
+    else:
+        try:
+            small = read_coarse(cfg, TRUE_COLOUR, grid, factor)
+        except ChannelError as exc:
+            log.info("no quicklook: %s", exc)
+            return None
     rows, cols = small.shape[1:]
     with rasterio.open(prob_path) as src:  # uncompressed uint8: cheap to read even without overviews
         prob = src.read(1, window=Window(0, 0, cols * factor, rows * factor), out_shape=(rows, cols),

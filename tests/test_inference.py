@@ -531,3 +531,36 @@ def test_block_blend_adds_the_strips_of_earlier_blocks_bit_for_bit() -> None:
     np.testing.assert_array_equal(acc, before[0])
     np.testing.assert_array_equal(wsum, before[1])
     np.testing.assert_array_equal(_blend_block(2, owned, [((0, 0), None)]), finalize(acc[:, :bh, :bw], wsum[:bh, :bw], valid))
+
+
+@pytest.mark.parametrize("with_reader", [False, True])
+def test_coarse_means_of_input_channels_come_from_the_block_tasks(with_reader: bool) -> None:
+    """``coarse`` = (channels, factor): the mean of each channel's finite values over cells of
+    factor x factor pixels (NaN where a cell has none; the last rows and columns that do not fill a
+    cell are left out), computed by the block tasks from the pixels they read, raw (before the
+    normalization), in the same computation as the probability."""
+    mask = np.ones((250, 302), bool)
+    mask[40:90, 100:180] = False  # whole cells without data, and cells partly without
+    mask[7, 9] = False
+    data, valid, grid = _scene(250, 302, valid=mask, seed=5, chunks=96)
+    arr = np.asarray(data.data)
+    art = _art(_tiny_unet(), normalization={"method": "fixed", "mean": [0.3] * 14, "std": [2.0] * 14})
+    opts = InferenceOptions(overlap=16, block_size=96)  # blocks of 96 px: 4 px cells fit, 5 px do not
+    names = ["B04", "B03", "B02"]
+    reader = ArrayReader(arr) if with_reader else None
+    pred = predict(data, valid, grid, [art], opts, reader=reader, coarse=(names, 4))
+    assert pred.coarse_factor == 4 and pred.coarse.shape == (3, 62, 75)
+    got, prob = dask.compute(pred.coarse, pred.probability.data)
+    cells = arr[[CHANNELS.index(n) for n in names], :248, :300].reshape(3, 62, 4, 75, 4)
+    finite = np.isfinite(cells)
+    with np.errstate(invalid="ignore"):
+        expected = np.where(finite, cells, 0).sum(axis=(2, 4), dtype=np.float64) / finite.sum(axis=(2, 4))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert np.isnan(got[:, 11:22, 25:45]).all() and np.isfinite(got[:, 1, 2]).all()
+    np.testing.assert_array_equal(prob, _compute(predict(data, valid, grid, [art], opts).probability))
+    # not computed when a cell would straddle two blocks, or a channel is not read by the models
+    assert predict(data, valid, grid, [art], opts, coarse=(names, 5)).coarse is None
+    partial = ModelArtefact("PlainUnet", None, CHANNELS[:4] + CHANNELS[5:], normalization=dict(NONE),  # no B05
+                            tile_size=64, module=_tiny_unet().eval())
+    assert predict(data, valid, grid, [art], opts, coarse=(["B05"], 4)).coarse is not None
+    assert predict(data, valid, grid, [partial], opts, coarse=(["B05"], 4)).coarse is None

@@ -61,12 +61,23 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
         return original_aux(cfg, stack, wanted)
 
     monkeypatch.setattr(run_module, "aux_layers", recording_aux)
+    import pipeline.stack as stack_module
+
+    read_again: list[object] = []
+    original_coarse = stack_module.read_coarse
+
+    def recording_coarse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        read_again.append(args)
+        return original_coarse(*args, **kwargs)
+
+    monkeypatch.setattr(stack_module, "read_coarse", recording_coarse)
     cfg = _config(demo, tmp_path)
     res = run_scene(cfg, client=client)
     assert res.status == "completed"
-    # slope and elevation for the attributes come with the probability, and the quicklook reads
-    # its bands straight onto its coarse grid: nothing stacks the scene a second time
-    assert stacked_again == []
+    # slope and elevation for the attributes come with the probability, and the quicklook's true
+    # colour is averaged onto its coarse grid by the inference blocks that read the bands: nothing
+    # stacks or reads the scene a second time
+    assert stacked_again == [] and read_again == []
     assert not [p.name for p in res.run_dir.iterdir() if p.name.startswith(".")]  # intermediates removed
     report = json.loads((res.run_dir / REPORT).read_text())
     for stage in ("stack-graph", "scene-stats", "infer", "postprocess", "write"):
