@@ -113,8 +113,14 @@ def _simplify(tolerance: float) -> Callable[[np.ndarray], np.ndarray]:
     return lambda geoms: shapely.simplify(geoms, tolerance, preserve_topology=True)
 
 
-def clean_geometries(geoms: np.ndarray) -> np.ndarray:
-    """Valid, polygonal, collinear-free, normalized geometries (vectorized)."""
+def clean_geometries(geoms: np.ndarray, seams: np.ndarray | None = None) -> np.ndarray:
+    """Valid, polygonal, collinear-free, normalized geometries (vectorized).
+
+    ``seams`` marks the geometries that may hold collinear vertices (unions of pieces cut by block
+    seams, unless their seams were cleaned already); the others (pieces as :func:`block_pieces`
+    made them: GDAL's polygonizer puts vertices at corners only) skip the pass that drops them.
+    None: every geometry may (a repaired one always may).
+    """
     if geoms.size == 0:
         return geoms
     bad = ~map_threads(shapely.is_valid, geoms)
@@ -123,7 +129,13 @@ def clean_geometries(geoms: np.ndarray) -> np.ndarray:
         geoms = geoms.copy()
         geoms[bad] = [_polygonal(g) for g in shapely.make_valid(geoms[bad])]
     # tolerance 0 drops only exactly collinear vertices (block seams)
-    geoms = map_threads(_simplify(0.0), geoms)
+    if seams is None:
+        geoms = map_threads(_simplify(0.0), geoms)
+    else:
+        redo = np.flatnonzero(np.asarray(seams, bool) | bad)
+        if redo.size:
+            geoms = geoms.copy()
+            geoms[redo] = map_threads(_simplify(0.0), geoms[redo])
     return map_threads(shapely.normalize, geoms)
 
 
@@ -152,11 +164,14 @@ def merge_pieces(
         # objects across blocks: their unions on all cores (GEOS releases the GIL), largest first
         joined.sort(key=lambda k: -int(shapely.get_num_coordinates(pieces[int(keys[k])]).sum()))
         n = min(_cores(), len(joined))
+        # each union without the collinear vertices its seams leave, in the same thread
+        seamless = _simplify(0.0)
         with ThreadPoolExecutor(n, thread_name_prefix="union") as pool:
-            unions = pool.map(lambda k: shapely.union_all(list(pieces[int(keys[k])])), joined)
+            unions = pool.map(lambda k: seamless(shapely.union_all(list(pieces[int(keys[k])]))), joined)
             for k, geom in zip(joined, unions, strict=True):
                 out[k] = geom
-    out = clean_geometries(out)
+    # no geometry holds collinear vertices now: the pieces never had any
+    out = clean_geometries(out, seams=np.zeros(keys.size, bool))
     if simplify_px > 0 and out.size:
         out = map_threads(_simplify(simplify_px), out)
         out = clean_geometries(out)
