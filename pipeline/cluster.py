@@ -74,7 +74,8 @@ def _quiet_distributed() -> None:
 #: samples the scene statistics). Tasks must not arrive during those imports: a task unpickled
 #: while the import task is half-way through rasterio's (circular) Cython modules can fail with
 #: ``ImportError: cannot import name guard_transform``.
-WORKER_IMPORTS = ("pipeline.models", "pipeline.device", "pipeline.inference", "postprocess.pipeline")
+WORKER_IMPORTS = ("pipeline.models", "pipeline.device", "pipeline.inference", "postprocess.morphology",
+                  "postprocess.vectorize")
 
 
 #: Seconds a new local cluster waits for its workers' imports before it is handed out anyway.

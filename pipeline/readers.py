@@ -133,19 +133,32 @@ class RasterSource:
         return transform_bounds(self.crs, crs, *self.bounds, densify_pts=21)
 
     # -- pixel access ------------------------------------------------------
-    def to_physical(self, raw: np.ndarray) -> np.ndarray:
-        """Stored values -> float32 physical values with NaN for no-data."""
-        out = raw.astype(np.float32, copy=True)
-        bad = np.isnan(out) if out.dtype.kind == "f" else np.zeros(out.shape, bool)
-        for value in self.nodata:
-            if math.isnan(value):
-                continue
-            bad |= raw == value
+    def to_physical(self, raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Stored values -> float32 physical values with NaN for no-data.
+
+        ``out`` (float32, ``raw``'s shape, for example a window of a block's channel) receives the
+        values and is returned instead of a new array: the conversion, offset and scale are applied
+        on the way in (the same float32 operations, the same values).
+        """
+        if out is None:
+            out = np.empty(raw.shape, np.float32)
+        elif out.shape != raw.shape or out.dtype != np.float32:
+            raise ValueError(f"out must be float32 of shape {raw.shape}, got {out.dtype} {out.shape}")
+        values = [v for v in self.nodata if not math.isnan(v)]
+        bad = None
+        if raw.dtype.kind == "f":
+            bad = np.isnan(raw)
+        for value in values:
+            hit = raw == value
+            bad = hit if bad is None else np.logical_or(bad, hit, out=bad)
         if self.offset != 0.0:
-            out += np.float32(self.offset)
+            np.add(raw, np.float32(self.offset), out=out, dtype=np.float32, casting="unsafe")
+        else:
+            np.copyto(out, raw, casting="unsafe")
         if self.scale != 1.0:
-            out *= np.float32(self.scale)
-        out[bad] = np.nan
+            np.multiply(out, np.float32(self.scale), out=out)
+        if bad is not None:
+            np.copyto(out, np.float32(np.nan), where=bad)
         return out
 
     def warp_scale(self, crs: CRS, resolution: tuple[float, float]) -> tuple[float, float]:
@@ -272,7 +285,7 @@ class RasterSource:
         if r1 <= r0 or c1 <= c0:
             return
         raw = ds.read(self.band, window=Window(c0, r0, c1 - c0, r1 - r0))
-        out[r0 - row0:r1 - row0, c0 - col0:c1 - col0] = self.to_physical(raw)
+        self.to_physical(raw, out=out[r0 - row0:r1 - row0, c0 - col0:c1 - col0])
 
     def _separable(self, grid: Grid, resampling: Resampling) -> bool:
         """True when ``grid`` upsamples this raster in its own CRS (20 m / 60 m bands to 10 m)."""

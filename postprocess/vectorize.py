@@ -22,11 +22,10 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
 import dask.array as da
-import geopandas as gpd
 import numpy as np
 import shapely
 from affine import Affine
@@ -36,6 +35,9 @@ from rasterio.features import shapes
 from pipeline.grid import Grid
 
 from .labels import BlockLayout
+
+if TYPE_CHECKING:
+    import geopandas as gpd
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +244,8 @@ def vectorize_labels(
     ]
     grouped = group_pieces(dask.compute(*tasks))
     keys, geoms = merge_pieces(grouped, grid.transform, simplify_px=simplify_m / grid.res[0])
+    import geopandas as gpd
+
     return gpd.GeoDataFrame({"label": keys.astype(np.int32)}, geometry=list(geoms), crs=grid.crs)
 
 

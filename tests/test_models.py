@@ -227,18 +227,21 @@ def test_robust_statistics_match_numpy_percentile_including_ties(n: int) -> None
 
 def test_the_default_model_runs_without_importing_the_model_library() -> None:
     """segmentation-models-pytorch (and torchvision with it) is imported only for its architectures:
-    a worker serving the shipped PlainUnet skips seconds of imports."""
+    a worker serving the shipped PlainUnet skips seconds of imports. The workers' modules do not
+    import GeoPandas either (the polygons' table is built in the main process)."""
     import subprocess
     import sys
 
     code = (
-        "import sys, numpy as np, torch\n"
-        "import pipeline.models, pipeline.inference, pipeline.device, postprocess.pipeline\n"
+        "import sys, importlib, numpy as np, torch\n"
+        "import pipeline.models\n"
+        "from pipeline.cluster import WORKER_IMPORTS\n"
+        "for name in WORKER_IMPORTS: importlib.import_module(name)\n"
         "from pipeline.artefact import load_artefact\n"
         "from pipeline.config import DEFAULT_MODEL\n"
         "m = load_artefact(DEFAULT_MODEL)\n"
         "m.module.eval()(torch.zeros(1, len(m.channels), 128, 128))\n"
-        "print(sorted(n for n in ('segmentation_models_pytorch', 'torchvision') if n in sys.modules))\n"
+        "print(sorted(n for n in ('segmentation_models_pytorch', 'torchvision', 'geopandas') if n in sys.modules))\n"
         "pipeline.models.build_model('Unet', 'resnet18', 3)\n"
         "print('segmentation_models_pytorch' in sys.modules)\n"
     )

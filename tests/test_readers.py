@@ -355,6 +355,46 @@ def test_open_raster_reads_no_pixels_and_reports_metadata(tmp_path: Path) -> Non
     np.testing.assert_allclose(src.to_physical(raw), [[np.nan, 0.0, 0.2]], atol=1e-7)
 
 
+@pytest.mark.parametrize(("dtype", "nodata", "offset", "scale"), [
+    ("uint16", (0.0,), -1000.0, 1e-4),  # Sentinel-2 L2A since baseline 04.00
+    ("uint16", (0.0, 65535.0), 0.0, 1e-4),
+    ("int16", (-9999.0, -32768.0), 0.0, 1.0),  # a DEM with two void values
+    ("float32", (float("nan"), -9999.0), 0.0, 1.0),
+    ("float64", (), 2.5, 0.5),
+])
+def test_physical_values_written_into_a_given_array_are_the_same(tmp_path: Path, dtype: str, nodata: tuple,
+                                                                 offset: float, scale: float) -> None:
+    """to_physical(raw, out=...) writes into a window of a larger array (a block's channel) the
+    same float32 values, bit for bit, as the conversion, offset, scale and no-data steps one by one."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(11)
+    raw = (rng.random((40, 50)) * 3000).astype(dtype)
+    raw[3, :7] = -9999 if dtype != "uint16" else 0
+    if dtype == "float32":
+        raw[5, 5] = np.nan
+    if dtype == "uint16":
+        raw[6, :4] = 65535
+    src = replace(open_raster(_tif(tmp_path / "B02.tif"), "band B02"),
+                  nodata=nodata, offset=offset, scale=scale)
+    expected = raw.astype(np.float32)
+    bad = np.isnan(expected)
+    for v in nodata:
+        if not np.isnan(v):
+            bad |= raw == v
+    expected += np.float32(offset)
+    expected *= np.float32(scale)
+    expected[bad] = np.nan
+    block = np.full((3, 60, 70), 7.0, np.float32)
+    got = src.to_physical(raw, out=block[1, 10:50, 5:55])
+    assert got.base is block
+    np.testing.assert_array_equal(block[1, 10:50, 5:55], expected)
+    np.testing.assert_array_equal(src.to_physical(raw), expected)
+    assert (block[0] == 7).all() and (block[1, :10] == 7).all() and (block[2] == 7).all()
+    with pytest.raises(ValueError, match="float32"):
+        src.to_physical(raw, out=np.zeros((40, 50), np.float64))
+
+
 def test_cloud_buffer_grows_clouds_and_shadows_but_not_water(tmp_path: Path, dn: dict[str, np.ndarray]) -> None:
     scl = np.full((SIZE, SIZE), 4, np.uint8)
     scl[40:50, 40:50] = 8                      # cloud medium probability
