@@ -238,8 +238,12 @@ def normalize(
         raise ModelError(
             f"normalize: valid mask shape {tuple(valid.shape)} does not match input {tuple(x.shape)}"
         )
-    torch = sys.modules.get("torch")  # a tensor means PyTorch is imported; numpy input never needs it
-    if torch is not None and isinstance(x, torch.Tensor):
+    # a tensor means PyTorch is imported; numpy input never needs it. PyTorch may be half-way through
+    # its import in another thread (a worker's first tasks): then it has no Tensor yet, and ``x``,
+    # made before, is not one
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+    if tensor is not None and isinstance(x, tensor):
+        torch = sys.modules["torch"]
         v = None if valid is None else torch.as_tensor(valid, device=x.device).bool()
         return _normalize_torch(x, v, full)
     v_np = None if valid is None else np.asarray(valid, dtype=bool)

@@ -245,3 +245,25 @@ def test_the_sample_is_read_on_the_threads_it_is_given(monkeypatch: pytest.Monke
     assert seen == [("threads", 1), ("threads", None)]
     np.testing.assert_array_equal(one, default)
     assert one.shape == (14, sum(int(valid[r:r + 256, c:c + 256].sum()) for r, c in origins))
+
+
+def test_numpy_input_is_normalized_while_pytorch_is_half_way_through_its_import(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker's first block normalizes its pixels while another thread may still be importing
+    PyTorch: ``sys.modules["torch"]`` is then a module without ``Tensor`` yet, and numpy input is
+    normalized as numpy (it used to raise AttributeError); tensors still go the PyTorch way."""
+    import sys
+    import types
+
+    spec = {"method": "fixed", "mean": [1.0, 2.0], "std": [2.0, 4.0], "clip": None}
+    x = np.arange(2 * 2 * 3 * 3, dtype=np.float32).reshape(2, 2, 3, 3)
+    expected = normalize(x, None, spec)
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))  # partially initialized
+    got = normalize(x, None, spec)
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_array_equal(got, expected)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    as_tensor = normalize(torch.from_numpy(x), None, spec)
+    assert isinstance(as_tensor, torch.Tensor)
+    np.testing.assert_allclose(as_tensor.numpy(), expected, rtol=1e-6)
