@@ -516,7 +516,7 @@ def _blend_block(n_out: int, owned: _BlockSums,
         acc, wsum = owned.acc[:, :bh, :bw], owned.wsum[:bh, :bw]
     else:
         acc, wsum = np.zeros((n_out, bh, bw), np.float64), np.zeros((bh, bw), np.float64)
-    parts = [(r, c, a, w) for (r, c), part in spills if part is not None for a, w in (part,)]
+    parts = [(r, c, *part) for (r, c), part in spills if part is not None]
     out = finalize(acc, wsum, owned.block_valid)
     if not parts:
         return out

@@ -377,7 +377,7 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
                            lambda seconds: _inference_figures(client, pred, seconds, own=cluster.own),
                            opened=unpack_mask(packed, chunks), n_valid=int(n_valid),
                            summaries=OpenedSummaries.collect(chunks, summaries),
-                           true_colour=(coarse[0], pred.coarse_factor) if coarse else None)
+                           true_colour=coarse[0] if coarse else None)
     finally:
         plain_prob.unlink(missing_ok=True)
         if layers_path is not None:
@@ -602,28 +602,27 @@ QUICKLOOK_SIZE = 2048
 
 
 def _quicklook_background(cfg: SceneConfig, grid: Any, prob_path: Path,
-                          true_colour: tuple[Any, int] | None = None) -> tuple[Any, int, Any] | None:
+                          true_colour: Any = None) -> tuple[Any, int, Any] | None:
     """The quicklook's true colour averaged straight onto its coarse grid, the coarsening factor and
     where something was analysed (elsewhere the quicklook is black); None without true-colour bands.
 
-    ``true_colour`` is (means, factor) when the inference averaged the bands already as it read
-    them (:func:`pipeline.inference.predict`'s ``coarse``); else they are read here, decimated.
+    ``true_colour`` holds the means when the inference averaged the bands already as it read them
+    (:func:`pipeline.inference.predict`'s ``coarse``, asked for with :func:`_quicklook_coarse`);
+    else they are read here, decimated.
     """
     import rasterio
     from rasterio.enums import Resampling
     from rasterio.windows import Window
 
-    from postprocess.quicklook import TRUE_COLOUR
-
     from .errors import ChannelError
     from .stack import read_coarse
 
-    _, factor = _quicklook_coarse(grid)
-    if true_colour is not None and true_colour[1] == factor:
-        small = np.asarray(true_colour[0], np.float32)
+    channels, factor = _quicklook_coarse(grid)
+    if true_colour is not None:
+        small = np.asarray(true_colour, np.float32)
     else:
         try:
-            small = read_coarse(cfg, TRUE_COLOUR, grid, factor)
+            small = read_coarse(cfg, channels, grid, factor)
         except ChannelError as exc:
             log.info("no quicklook: %s", exc)
             return None

@@ -115,13 +115,12 @@ def _simplify(tolerance: float) -> Callable[[np.ndarray], np.ndarray]:
     return lambda geoms: shapely.simplify(geoms, tolerance, preserve_topology=True)
 
 
-def clean_geometries(geoms: np.ndarray, seams: np.ndarray | None = None) -> np.ndarray:
+def clean_geometries(geoms: np.ndarray, collinear_free: bool = False) -> np.ndarray:
     """Valid, polygonal, collinear-free, normalized geometries (vectorized).
 
-    ``seams`` marks the geometries that may hold collinear vertices (unions of pieces cut by block
-    seams, unless their seams were cleaned already); the others (pieces as :func:`block_pieces`
-    made them: GDAL's polygonizer puts vertices at corners only) skip the pass that drops them.
-    None: every geometry may (a repaired one always may).
+    ``collinear_free``: no geometry holds collinear vertices (pieces as :func:`block_pieces` made
+    them, GDAL's polygonizer putting vertices at corners only, and unions already cleaned of their
+    seams), so only repaired ones go through the pass that drops them.
     """
     if geoms.size == 0:
         return geoms
@@ -131,13 +130,10 @@ def clean_geometries(geoms: np.ndarray, seams: np.ndarray | None = None) -> np.n
         geoms = geoms.copy()
         geoms[bad] = [_polygonal(g) for g in shapely.make_valid(geoms[bad])]
     # tolerance 0 drops only exactly collinear vertices (block seams)
-    if seams is None:
+    if not collinear_free:
         geoms = map_threads(_simplify(0.0), geoms)
-    else:
-        redo = np.flatnonzero(np.asarray(seams, bool) | bad)
-        if redo.size:
-            geoms = geoms.copy()
-            geoms[redo] = map_threads(_simplify(0.0), geoms[redo])
+    elif bad.any():
+        geoms[bad] = map_threads(_simplify(0.0), geoms[bad])
     return map_threads(shapely.normalize, geoms)
 
 
@@ -173,7 +169,7 @@ def merge_pieces(
             for k, geom in zip(joined, unions, strict=True):
                 out[k] = geom
     # no geometry holds collinear vertices now: the pieces never had any
-    out = clean_geometries(out, seams=np.zeros(keys.size, bool))
+    out = clean_geometries(out, collinear_free=True)
     if simplify_px > 0 and out.size:
         out = map_threads(_simplify(simplify_px), out)
         out = clean_geometries(out)
