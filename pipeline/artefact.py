@@ -49,6 +49,8 @@ if TYPE_CHECKING:  # PyTorch is imported where weights are read, written or buil
 log = logging.getLogger(__name__)
 
 FORMAT = "landslide-pipeline.model"
+#: Sentinel-2 processing levels.
+LEVELS: tuple[str, ...] = ("L1C", "L2A")
 FORMAT_VERSION = "1"
 SUFFIX = ".safetensors"
 _MAX_HEADER = 64 * 1024 * 1024
@@ -70,7 +72,10 @@ class ModelArtefact:
     architecture: str
     encoder: str | None
     channels: list[str]
-    normalization: dict[str, Any] = field(default_factory=lambda: {"method": "patch_robust", "clip": 10.0})
+    normalization: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
+    #: Sentinel-2 processing levels the model was trained to serve (L1C: top of atmosphere,
+    #: L2A: surface reflectance); a scene of another level is run with a warning in the log and report
+    levels: list[str] = field(default_factory=lambda: ["L1C"])
     tile_size: int = 128
     threshold: float = 0.5
     training: dict[str, Any] = field(default_factory=dict)
@@ -164,7 +169,14 @@ def _validate_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
     if dups:
         raise ModelError(f"{where}: channels: duplicated channel(s) {', '.join(dups)}")
     out["channels"] = canon
-    out["normalization"] = validate_spec(meta["normalization"], n_channels=len(canon))
+    try:
+        out["normalization"] = validate_spec(meta["normalization"], n_channels=len(canon))
+    except ModelError as exc:
+        raise ModelError(f"{where}: {exc}") from None
+    levels = meta.get("levels", ["L1C"])
+    if not isinstance(levels, list) or not levels or not set(levels) <= set(LEVELS):
+        raise ModelError(f"{where}: levels must be a non-empty list of {', '.join(LEVELS)}, got {levels!r}")
+    out["levels"] = list(levels)
     tile = meta["tile_size"]
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
         raise ModelError(f"{where}: tile_size must be a positive integer, got {tile!r}")

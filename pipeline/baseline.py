@@ -1,22 +1,23 @@
-"""Random Forest baseline: per-pixel spectral, NDVI and terrain features.
+"""Conventional per-pixel baselines: Random Forest and RBF support vector machine.
 
-The conventional baseline the seed papers compare against. Every pixel is a
-sample; its features are
+The baselines the seed papers compare against. Every pixel is a sample; its
+features are
 
-* every channel of the patch after the model normalization
-  (:func:`pipeline.normalization.normalize`, per-patch robust by default),
-  so spectral bands and terrain (SLOPE, DEM) are on the same footing as for
-  the networks;
-* NDVI = (B08 - B04) / (B08 + B04) from the raw values when both bands are
-  present (on Landslide4Sense the bands are rescaled by unknown constants,
-  so this is an NDVI-like index, consistent within the dataset);
+* every channel of the patch after the normalization of the training
+  patches (:func:`pipeline.normalization.normalize`, fixed statistics in
+  physical units), so spectral bands and terrain are on the same footing
+  as for the networks;
+* NDVI = (B08 - B04) / (B08 + B04) from the physical values when both
+  bands are present;
 * optionally the 3x3 neighbourhood mean of each normalized channel
   (``context``; off by default to stay per-pixel).
 
 Training pixels are subsampled per patch (``pixels_per_patch``) with
 landslide pixels kept preferentially; classes are balanced by weight. The
-decision threshold is chosen on out-of-bag predictions of the training
-pixels (pooled F1), never on the evaluation patches.
+decision threshold is chosen on the training pixels alone, never on the
+evaluation patches: out-of-bag votes for the Random Forest, 3-fold
+out-of-sample decision values for the SVM (an RBF SVM's cost grows with
+the square of its samples, hence its smaller sample).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -47,6 +48,18 @@ class RandomForestConfig(BaseModel):
     pixels_per_patch: int = Field(3000, ge=10, description="training pixels sampled per patch")
     context: bool = Field(False, description="add 3x3 mean of each normalized channel")
     n_jobs: int = Field(1, description="scikit-learn n_jobs (cores are shared: keep small)")
+    seed: int = 0
+
+
+class SVMConfig(BaseModel):
+    """RBF support vector machine hyper-parameters (scikit-learn's defaults for C and gamma)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    C: float = Field(1.0, gt=0)
+    gamma: float | Literal["scale", "auto"] = "scale"
+    pixels_per_patch: int = Field(400, ge=10, description="training pixels sampled per patch")
+    context: bool = Field(False, description="add 3x3 mean of each normalized channel")
     seed: int = 0
 
 
@@ -90,10 +103,10 @@ def pixel_features(
 
 
 @dataclass
-class RandomForestBaseline:
-    """Per-pixel Random Forest with an out-of-bag threshold."""
+class PixelBaseline:
+    """A per-pixel classifier (Random Forest or SVM) with a threshold chosen on its training pixels."""
 
-    config: RandomForestConfig = field(default_factory=RandomForestConfig)
+    config: RandomForestConfig | SVMConfig = field(default_factory=RandomForestConfig)
     channels: tuple[str, ...] = ()
     threshold: float = 0.5
     model: Any = None
@@ -119,19 +132,32 @@ class RandomForestBaseline:
         features: Sequence[np.ndarray],
         masks: Sequence[np.ndarray],
         valids: Sequence[np.ndarray],
-    ) -> RandomForestBaseline:
+    ) -> PixelBaseline:
         """Train on per-patch features (F,H,W), masks (H,W) and valid masks (H,W)."""
         rng = np.random.default_rng(self.config.seed)
         pairs = [self.sample(f, m, v, rng) for f, m, v in zip(features, masks, valids, strict=True)]
         return self.fit_samples(np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs]))
 
-    def fit_samples(self, x: np.ndarray, y: np.ndarray) -> RandomForestBaseline:
+    @property
+    def kind(self) -> str:
+        return "svm" if isinstance(self.config, SVMConfig) else "random forest"
+
+    def fit_samples(self, x: np.ndarray, y: np.ndarray) -> PixelBaseline:
         """Train on sampled pixels ``x`` (n, F) with labels ``y`` (n,)."""
+        if y.all() or not y.any():
+            raise ValueError(f"the {self.kind} baseline needs both landslide and background pixels to train")
+        scores = self._fit_svm(x, y) if isinstance(self.config, SVMConfig) else self._fit_forest(x, y)
+        scored = np.isfinite(scores)
+        self.threshold, self.oob_f1 = select_threshold(scores[scored], y[scored])
+        log.info("%s: %d pixels, %d features, out-of-sample threshold %.3f (F1 %.3f)",
+                 self.kind, x.shape[0], x.shape[1], self.threshold, self.oob_f1)
+        return self
+
+    def _fit_forest(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         from sklearn.ensemble import RandomForestClassifier
 
         cfg = self.config
-        if y.all() or not y.any():
-            raise ValueError("Random Forest baseline needs both landslide and background pixels to train")
+        assert isinstance(cfg, RandomForestConfig)
         self.model = RandomForestClassifier(
             n_estimators=cfg.n_estimators,
             max_depth=cfg.max_depth,
@@ -142,23 +168,42 @@ class RandomForestBaseline:
             random_state=cfg.seed,
         )
         with warnings.catch_warnings():
-            # few trees leave some pixels without out-of-bag votes; they are skipped below
+            # few trees leave some pixels without out-of-bag votes; they are skipped
             warnings.filterwarnings("ignore", message="Some inputs do not have OOB scores")
             self.model.fit(x, y)
-        oob = self.model.oob_decision_function_[:, 1]
-        scored = np.isfinite(oob)
-        self.threshold, self.oob_f1 = select_threshold(oob[scored], y[scored])
-        log.info("random forest: %d pixels, %d features, OOB threshold %.3f (F1 %.3f)",
-                 x.shape[0], x.shape[1], self.threshold, self.oob_f1)
-        return self
+        return self.model.oob_decision_function_[:, 1]
+
+    def _fit_svm(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Fit, and return 3-fold out-of-sample probabilities of the training pixels (for the threshold)."""
+        from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+        folds = StratifiedKFold(3, shuffle=True, random_state=self.config.seed)
+        scores = cross_val_predict(self._svm(), x, y, cv=folds, method="decision_function")
+        self.model = self._svm().fit(x, y)
+        # decision values -> (0, 1) so that thresholds read like the other models' probabilities
+        return _logistic(scores)
+
+    def _svm(self) -> Any:
+        from sklearn.svm import SVC
+
+        cfg = self.config
+        assert isinstance(cfg, SVMConfig)
+        return SVC(C=cfg.C, kernel="rbf", gamma=cfg.gamma, class_weight="balanced", random_state=cfg.seed)
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Landslide probability (H, W) of one patch's features (F, H, W)."""
         if self.model is None:
-            raise ValueError("Random Forest baseline is not trained")
+            raise ValueError(f"the {self.kind} baseline is not trained")
         f = features.reshape(features.shape[0], -1).T
-        prob = self.model.predict_proba(f)[:, 1]
+        if isinstance(self.config, SVMConfig):
+            prob = _logistic(self.model.decision_function(f))
+        else:
+            prob = self.model.predict_proba(f)[:, 1]
         return prob.reshape(features.shape[1:]).astype(np.float32)
+
+
+def _logistic(scores: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(scores, np.float64)))
 
 
 def dataset_features(dataset: Any, indices: Sequence[int], context: bool = False) -> list[np.ndarray]:
@@ -172,25 +217,26 @@ def dataset_features(dataset: Any, indices: Sequence[int], context: bool = False
 
 
 def fit_predict(
-    dataset: Any,
-    train_idx: Sequence[int],
-    test_idx: Sequence[int],
-    config: RandomForestConfig | None = None,
-) -> tuple[np.ndarray, RandomForestBaseline]:
-    """Train on ``train_idx`` patches, return probabilities (n, H, W) for ``test_idx`` and the model.
+    train: Any,
+    test: Any,
+    config: RandomForestConfig | SVMConfig | None = None,
+) -> tuple[np.ndarray, PixelBaseline]:
+    """Train on the patches of ``train``, return probabilities (n, H, W) for ``test`` and the model.
 
-    Patches are processed one at a time (features of the whole training set never sit in memory).
+    ``train`` and ``test`` are :class:`pipeline.datasets.PatchDataset` s; ``test`` should be
+    normalized with ``train``'s statistics. Patches are processed one at a time (features of
+    the whole training set never sit in memory).
     """
     cfg = config or RandomForestConfig()
-    rf = RandomForestBaseline(config=cfg, channels=tuple(dataset.channels))
+    model = PixelBaseline(config=cfg, channels=tuple(train.channels))
     rng = np.random.default_rng(cfg.seed)
     xs, ys = [], []
-    for i in train_idx:
-        _, mask, valid = dataset.normalized(i)
-        feat = dataset_features(dataset, [i], cfg.context)[0]
-        x, y = rf.sample(feat, mask, valid, rng)
+    for i in range(len(train)):
+        _, mask, valid = train.normalized(i)
+        feat = dataset_features(train, [i], cfg.context)[0]
+        x, y = model.sample(feat, mask, valid, rng)
         xs.append(x)
         ys.append(y)
-    rf.fit_samples(np.concatenate(xs), np.concatenate(ys))
-    probs = np.stack([rf.predict_proba(dataset_features(dataset, [i], cfg.context)[0]) for i in test_idx])
-    return probs, rf
+    model.fit_samples(np.concatenate(xs), np.concatenate(ys))
+    probs = np.stack([model.predict_proba(dataset_features(test, [i], cfg.context)[0]) for i in range(len(test))])
+    return probs, model

@@ -52,3 +52,44 @@ def canonical(name: str) -> str:
             f"unknown channel {name!r}; expected one of {', '.join(ALL_CHANNELS)}"
         )
     return key
+
+
+#: Physical units of every channel, the units models see: Sentinel-2 bands as reflectance
+#: (0-1, top of atmosphere for L1C, surface for L2A), slope in degrees, elevation in metres.
+UNITS: dict[str, str] = {**{band: "reflectance" for band in S2_BANDS}, SLOPE: "degree", DEM: "metre"}
+
+#: The Landslide4Sense scaling: each of the 14 channels is its original value divided by this
+#: vector (the dataset author's answer in iarai/Landslide4Sense-2022 issues #2 and #4). The
+#: original values are Sentinel-2 L1C digital numbers (reflectance x 10000), degrees and metres.
+L4S_DIVISOR: tuple[float, ...] = (
+    1111.81236406, 824.63171476, 663.41636217, 445.17289745, 645.8582926, 1547.73508126,
+    1960.44401001, 1941.32229668, 674.07572865, 9.04787384, 1113.98338755, 519.90397929,
+    20.29228266, 772.83144788,
+)
+
+#: Sentinel-2 digital numbers per unit of reflectance (the products' quantification value).
+S2_QUANTIFICATION = 10000.0
+
+
+def physical_factors(channels: tuple[str, ...] | list[str], units: str) -> list[float]:
+    """Per-channel factors that turn stored values in ``units`` into physical units.
+
+    ``units``: ``physical`` (already reflectance, degrees, metres), ``dn``
+    (Sentinel-2 bands as digital numbers, reflectance x 10000; terrain in
+    degrees and metres) or ``l4s`` (the Landslide4Sense scaling, which
+    needs the 14 channels in :data:`L4S_CHANNELS` order or a subset by name).
+    """
+    names = [canonical(c) for c in channels]
+    if units == "physical":
+        return [1.0] * len(names)
+    if units == "dn":
+        return [1.0 / S2_QUANTIFICATION if c in S2_BANDS else 1.0 for c in names]
+    if units == "l4s":
+        factors = []
+        for c in names:
+            if c not in L4S_CHANNELS:
+                raise ValueError(f"channel {c} is not a Landslide4Sense channel; units 'l4s' cannot scale it")
+            divisor = L4S_DIVISOR[L4S_CHANNELS.index(c)]
+            factors.append(divisor / S2_QUANTIFICATION if c in S2_BANDS else divisor)
+        return factors
+    raise ValueError(f"unknown units {units!r}; expected physical, dn or l4s")

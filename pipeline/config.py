@@ -59,6 +59,13 @@ class SceneSection(Strict):
     quantification: float = Field(10000.0, gt=0, description="quantification value of per-band files")
     nodata: float | None = Field(0.0, description="DN no-data value of per-band files (JP2/TIFF without a nodata tag)")
     acquisition_date: dt.date | None = None
+    level: Literal["L1C", "L2A"] | None = Field(
+        None,
+        description=(
+            "processing level of per-band files (L1C top of atmosphere, L2A surface reflectance); "
+            "SAFE products read it from their metadata. Checked against the levels the models serve"
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> SceneSection:

@@ -13,14 +13,24 @@ Two on-disk layouts are read unchanged:
   ``source_channels``, or are the Landslide4Sense order for 14 bands. Pixels
   that are nodata or non-finite in any band are invalid.
 
+Every reader returns physical units (reflectance, degrees, metres; see
+:data:`pipeline.channels.UNITS`). Landslide4Sense patches are multiplied
+back by the dataset's published divisors (:data:`pipeline.channels.L4S_DIVISOR`).
+Chips declare their units (``units``: ``physical``, ``dn`` or ``l4s``, from
+the training config or the file's ``UNITS`` metadata tag) and are taken as
+physical otherwise; a chip whose reflectance bands look like digital numbers
+is refused rather than guessed.
+
 Images and masks are paired by the part of the file name after the prefix
 (``image_12.h5`` <-> ``mask_12.h5``, ``chip_a.tif`` <-> ``chip_a.tif``).
 
-:class:`PatchDataset` yields normalized patches (through
-:func:`pipeline.normalization.normalize`, the one place normalization lives),
-then augments them (flips, 90-degree rotations, Gaussian noise in normalized
-units). Augmentation draws from a generator seeded by (seed, epoch, index), so
-a run is reproducible whatever the number of loader workers.
+:class:`PatchDataset` augments patches in physical units (the radiometric
+difference between L1C and L2A products, :class:`RadiometricConfig`), then
+normalizes them (through :func:`pipeline.normalization.normalize`, the one
+place normalization lives) and augments them geometrically (flips, 90-degree
+rotations, Gaussian noise in normalized units). Augmentation draws from a
+generator seeded by (seed, epoch, index), so a run is reproducible whatever
+the number of loader workers.
 """
 
 from __future__ import annotations
@@ -37,9 +47,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
-from .channels import L4S_CHANNELS, canonical
+from .channels import L4S_CHANNELS, S2_BANDS, canonical, physical_factors
 from .errors import ChannelError, InputError
-from .normalization import BandStats, band_stats, needs_population, resolve_spec
+from .normalization import BandStats, band_stats, fixed_spec, is_resolved, validate_spec
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +65,9 @@ MASK_DIRS = ("mask", "masks", "label", "labels")
 H5_SUFFIXES = (".h5", ".hdf5")
 TIF_SUFFIXES = (".tif", ".tiff")
 _PREFIX = re.compile(r"^(image|img|mask|label|labels)[_-]?", re.IGNORECASE)
+UNITS = ("physical", "dn", "l4s")
+#: A reflectance above this in the median of a band means the values are not reflectance.
+_MAX_MEDIAN_REFLECTANCE = 1.5
 
 
 @dataclass(frozen=True)
@@ -68,9 +81,9 @@ class PatchRecord:
 
 @dataclass(frozen=True)
 class Patch:
-    """One patch in memory (raw values, before normalization)."""
+    """One patch in memory (physical values, before normalization)."""
 
-    image: np.ndarray  # (C, H, W) float32, in the order of ``channels``
+    image: np.ndarray  # (C, H, W) float32 physical units, in the order of ``channels``
     valid: np.ndarray  # (H, W) bool
     mask: np.ndarray | None  # (H, W) uint8 in {0, 1}
     channels: tuple[str, ...]
@@ -91,7 +104,38 @@ class AugmentConfig(BaseModel):
         return self.hflip or self.vflip or self.rot90 or self.noise_std > 0
 
 
+class RadiometricConfig(BaseModel):
+    """Radiometric augmentation in physical units: a patch made to look like another processing level.
+
+    The training patches are L1C (top of atmosphere); L2A (surface
+    reflectance) is darker in the visible bands by the path radiance that
+    the atmospheric correction removes, and somewhat brighter in the near
+    and short-wave infrared. With probability ``p`` a patch gets
+    ``x' = gain_b * (x - u * path_b)`` with one ``u ~ U(0, 1)`` per patch
+    (the atmosphere's thickness), ``path_b`` the dark-object value of band b
+    (``path_quantile`` of the training patches' values, a classic estimate
+    of the path reflectance) for the bands up to ``path_bands``, and
+    ``gain_b = 1 + u * nir_gain`` for the red-edge to SWIR bands. Every
+    patch also gets a per-band gain ``U(1 - jitter, 1 + jitter)`` (sensor,
+    sun angle, season). Terrain channels are left alone.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    p: float = Field(0.0, ge=0, le=1, description="share of patches made to look like surface reflectance")
+    path_quantile: float = Field(1.0, gt=0, lt=50, description="percentile of the training values taken as path reflectance")
+    path_bands: list[str] = Field(default_factory=lambda: ["B01", "B02", "B03", "B04", "B05"])
+    nir_bands: list[str] = Field(default_factory=lambda: ["B06", "B07", "B08", "B8A", "B09", "B11", "B12"])
+    nir_gain: float = Field(0.08, ge=0, le=0.5, description="largest relative brightening of nir_bands")
+    jitter: float = Field(0.0, ge=0, le=0.5, description="per-band gain jitter on every patch")
+
+    @property
+    def enabled(self) -> bool:
+        return self.p > 0 or self.jitter > 0
+
+
 NO_AUGMENT = AugmentConfig(hflip=False, vflip=False, rot90=False, noise_std=0.0)
+NO_RADIOMETRIC = RadiometricConfig()
 
 
 # --------------------------------------------------------------------------
@@ -200,16 +244,23 @@ def _h5_dataset(h5: object, path: Path, preferred: str) -> np.ndarray:
     raise InputError(f"{path}: HDF5 dataset {preferred!r} not found (has {datasets})")
 
 
-def read_image(path: Path, source_channels: Sequence[str] | None = None) -> Patch:
-    """Read one image patch as (C, H, W) float32 with its channel names and valid mask."""
+def read_image(path: Path, source_channels: Sequence[str] | None = None, units: str | None = None) -> Patch:
+    """Read one image patch as (C, H, W) float32 physical values with its channel names and valid mask.
+
+    ``units`` says how the file stores its values (see the module's docstring); by default
+    Landslide4Sense HDF5 patches are ``l4s`` and GeoTIFF chips say so in their ``UNITS`` tag
+    or are ``physical``.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
+    tag = None
     try:
         if suffix in H5_SUFFIXES:
             import h5py
 
             with h5py.File(path, "r") as h5:
                 arr = _h5_dataset(h5, path, "img")
+            tag = "l4s"
             if arr.ndim != 3:
                 raise InputError(f"{path}: img must be (H, W, C) band-last, got shape {arr.shape}")
             image = np.ascontiguousarray(np.moveaxis(arr, -1, 0), dtype=np.float32)
@@ -222,6 +273,7 @@ def read_image(path: Path, source_channels: Sequence[str] | None = None) -> Patc
                 image = src.read(out_dtype="float32")
                 valid = src.dataset_mask() > 0
                 descriptions = tuple(src.descriptions)
+                tag = src.tags().get("UNITS", "physical").lower()
         else:
             raise InputError(f"{path}: unsupported patch format (expected .h5/.hdf5/.tif/.tiff)")
     except (OSError, KeyError) as exc:
@@ -243,7 +295,34 @@ def read_image(path: Path, source_channels: Sequence[str] | None = None) -> Patc
     if len(names) != count:
         raise ChannelError(f"{path}: {count} bands but {len(names)} channel names {list(names)}")
     valid &= np.isfinite(image).all(axis=0)
+    to_physical(image, names, units or tag or "physical", valid, path)
     return Patch(image=image, valid=valid, mask=None, channels=names)
+
+
+def to_physical(image: np.ndarray, channels: Sequence[str], units: str, valid: np.ndarray, where: Path) -> None:
+    """Convert ``image`` (C, H, W) from ``units`` to physical units in place, with a plausibility check.
+
+    Raises :class:`ChannelError` when the units are unknown or a reflectance band's median is
+    far above 1 (digital numbers, or Landslide4Sense values, declared as reflectance).
+    """
+    if units not in UNITS:
+        raise ChannelError(f"{where}: unknown units {units!r}; expected one of {', '.join(UNITS)}")
+    try:
+        factors = physical_factors(list(channels), units)
+    except ValueError as exc:
+        raise ChannelError(f"{where}: {exc}") from None
+    for band, factor in zip(image, factors, strict=True):
+        if factor != 1.0:
+            band *= np.float32(factor)
+    if valid.any():
+        for name, band in zip(channels, image, strict=True):
+            median = float(np.median(band[valid])) if name in S2_BANDS else 0.0
+            if median > _MAX_MEDIAN_REFLECTANCE:
+                raise ChannelError(
+                    f"{where}: band {name} has median {median:g} in units {units!r}, far above any "
+                    "reflectance; declare the units of the chips (data.units: dn for digital numbers, "
+                    "l4s for Landslide4Sense scaling, or a UNITS tag in the GeoTIFF)"
+                )
 
 
 def read_mask(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -292,9 +371,10 @@ def load_patch(
     record: PatchRecord,
     channels: Sequence[str] | None = None,
     source_channels: Sequence[str] | None = None,
+    units: str | None = None,
 ) -> Patch:
     """Read a patch with its mask, keeping ``channels`` (default: all) in that order."""
-    patch = read_image(record.image, source_channels)
+    patch = read_image(record.image, source_channels, units)
     image, names = patch.image, patch.channels
     if channels is not None:
         idx = channel_indices(names, channels)
@@ -358,57 +438,98 @@ def augment(
     return image, np.ascontiguousarray(mask), np.ascontiguousarray(valid)
 
 
+def radiometric(
+    image: np.ndarray, channels: Sequence[str], cfg: RadiometricConfig, path: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """A copy of ``image`` (C, H, W, physical units) with :class:`RadiometricConfig`'s random change.
+
+    ``path`` holds the path reflectance of each channel (0 where none is subtracted).
+    """
+    u = float(rng.random()) if cfg.p > 0 and rng.random() < cfg.p else 0.0
+    gain = rng.uniform(1 - cfg.jitter, 1 + cfg.jitter, len(channels)) if cfg.jitter > 0 else None
+    return surface_look(image, channels, cfg, path, u, gain)
+
+
+def surface_look(
+    image: np.ndarray, channels: Sequence[str], cfg: RadiometricConfig, path: np.ndarray, u: float,
+    gain: np.ndarray | None = None,
+) -> np.ndarray:
+    """``image`` as an L2A product of atmosphere ``u`` (0: unchanged, 1: the whole path reflectance
+    removed) would show it, times an optional per-band ``gain``; terrain channels unchanged."""
+    out = np.array(image, dtype=np.float32, copy=True)
+    g = np.ones(len(channels), np.float32) if gain is None else np.asarray(gain, np.float32).copy()
+    nir = np.array([ch in cfg.nir_bands for ch in channels])
+    g[nir] *= np.float32(1 + u * cfg.nir_gain)
+    offset = -np.float32(u) * np.asarray(path, np.float32)
+    spectral = np.array([ch in S2_BANDS for ch in channels])
+    g[~spectral], offset[~spectral] = 1.0, 0.0
+    out += offset[:, None, None]
+    out *= g[:, None, None]
+    return out
+
+
 # --------------------------------------------------------------------------
 # Dataset
 # --------------------------------------------------------------------------
-def normalize_patch(image: np.ndarray, valid: np.ndarray, spec: dict[str, object]) -> np.ndarray:
-    """Normalize one (C, H, W) patch with :func:`pipeline.normalization.normalize`."""
-    from .normalization import normalize
-
-    out = normalize(image[None].astype(np.float32, copy=False), valid[None], spec)
-    return np.asarray(out[0], dtype=np.float32)
-
-
 class PatchDataset(Dataset):  # type: ignore[type-arg]
     """Normalized (and optionally augmented) patches for training and evaluation.
 
-    Items are dicts of tensors: ``image`` (C, H, W) float32, ``mask`` (1, H, W)
-    float32 (zeros when unlabelled), ``valid`` (1, H, W) bool, ``index`` int.
+    ``normalization`` is an artefact's spec, or a training spec without
+    statistics (``{"method": "fixed"}``): then the median and interquartile
+    range of these patches' valid pixels become its ``mean`` and ``std``
+    (:attr:`normalization` holds the resolved spec, :attr:`stats` the
+    statistics). Items are dicts of tensors: ``image`` (C, H, W) float32,
+    ``mask`` (1, H, W) float32 (zeros when unlabelled), ``valid`` (1, H, W)
+    bool, ``index`` int.
     """
 
     def __init__(
         self,
         records: Sequence[PatchRecord],
         channels: Sequence[str],
-        normalization: dict[str, object],
+        normalization: dict[str, object] | None,
         augment: AugmentConfig | None = None,
         source_channels: Sequence[str] | None = None,
         seed: int = 0,
         cache: bool = True,
         require_masks: bool = True,
-        stats: BandStats | None = None,
+        radiometric: RadiometricConfig | None = None,
+        units: str | None = None,
     ) -> None:
         if not records:
             raise InputError("no patches given")
         self.records = list(records)
         self.channels = _canonical_list(channels, "channels")
-        self.normalization = dict(normalization)
         self.augment = augment or NO_AUGMENT
+        self.radiometric = radiometric or NO_RADIOMETRIC
         self.source_channels = tuple(source_channels) if source_channels else None
+        self.units = units
         self.seed = int(seed)
         self.epoch = 0
         self.cache = cache
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._cache: dict[int, Patch] = {}
         if require_masks:
             missing = [r.image for r in self.records if r.mask is None]
             if missing:
                 raise InputError(f"{missing[0]}: patch has no mask ({len(missing)} of {len(self.records)} lack one)")
-        # scene_robust: the statistics of the population (given, or this patch set's own,
-        # computed here before any data-loader worker forks)
-        self.stats = None
-        if needs_population(self.normalization):
-            self.stats = stats if stats is not None else self.population_stats()
-        self._spec = resolve_spec(self.normalization, self.stats)
+        self.stats: BandStats | None = None
+        self.path = np.zeros(len(self.channels), np.float32)
+        self._resolve(normalization)
+
+    def _resolve(self, normalization: dict[str, object] | None) -> None:
+        """Set :attr:`normalization`, taking missing statistics (and the path reflectance of the
+        radiometric augmentation) from these patches."""
+        spec = validate_spec(normalization, len(self.channels), resolved=False)
+        if not is_resolved(spec) or self.radiometric.p > 0:
+            self.stats, path = self._statistics(self.radiometric.path_quantile)
+            path_bands = set(self.radiometric.path_bands)
+            self.path = np.where([c in path_bands for c in self.channels], path, 0).astype(np.float32)
+        if not is_resolved(spec):
+            assert self.stats is not None
+            source = (f"median and interquartile range of {self.stats.n_pixels} valid pixels of "
+                      f"{len(self.records)} training patches")
+            spec = fixed_spec(self.stats, spec.get("clip"), source)
+        self.normalization: dict[str, object] = spec
 
     def __len__(self) -> int:
         return len(self.records)
@@ -417,23 +538,30 @@ class PatchDataset(Dataset):  # type: ignore[type-arg]
         """Change the augmentation draw (call once per epoch)."""
         self.epoch = int(epoch)
 
-    def subset(self, indices: Sequence[int], augment: AugmentConfig | None = None) -> PatchDataset:
-        """A dataset over some of these patches, sharing the cache and the population statistics.
+    def subset(
+        self, indices: Sequence[int], augment: AugmentConfig | None = None,
+        normalization: dict[str, object] | None = None, radiometric: RadiometricConfig | None = None,
+    ) -> PatchDataset:
+        """A dataset over some of these patches, sharing the cache.
 
-        With a population normalization (``scene_robust``) the whole set stays
-        the population: a cross-validation fold is normalized like the rest of
-        its scene (statistics of the images only, no label is used).
+        ``normalization`` defaults to this dataset's (resolved) spec; a spec
+        without statistics takes them from the subset's own patches (a
+        cross-validation fold's training patches).
         """
-        sub = PatchDataset(
-            [self.records[i] for i in indices], self.channels, self.normalization, augment,
-            self.source_channels, self.seed, self.cache, require_masks=False, stats=self.stats,
-        )
-        if self.cache:
-            sub._cache = {j: self._cache[i] for j, i in enumerate(indices) if i in self._cache}
+        sub = PatchDataset.__new__(PatchDataset)
+        sub.records = [self.records[i] for i in indices]
+        sub.channels, sub.source_channels, sub.units = self.channels, self.source_channels, self.units
+        sub.seed, sub.epoch, sub.cache = self.seed, 0, self.cache
+        sub._cache = {j: self._cache[i] for j, i in enumerate(indices) if i in self._cache} if self.cache else {}
+        sub.augment = augment or NO_AUGMENT
+        sub.radiometric = radiometric or NO_RADIOMETRIC
+        sub.stats, sub.path = self.stats, self.path
+        sub._resolve(normalization or self.normalization)
         return sub
 
-    def population_stats(self, max_pixels: int = 2**22) -> BandStats:
-        """Per-channel median and robust scale over the valid pixels of all patches.
+    def _statistics(self, path_quantile: float, max_pixels: int = 2**22) -> tuple[BandStats, np.ndarray]:
+        """Per-channel median and robust scale over the valid pixels of all patches, and the
+        ``path_quantile`` percentile of each channel (the dark-object path reflectance).
 
         At most ``max_pixels`` in all: beyond that each patch contributes an
         equal, seeded random sample of its valid pixels (reproducible).
@@ -447,30 +575,34 @@ class PatchDataset(Dataset):  # type: ignore[type-arg]
                 pick = np.random.default_rng([self.seed, i]).choice(vals.shape[1], per_patch, replace=False)
                 vals = vals[:, np.sort(pick)]
             parts.append(vals.astype(np.float32, copy=False))
-        return band_stats(np.concatenate(parts, axis=1), self.channels)
+        values = np.concatenate(parts, axis=1)
+        path = (np.percentile(values, path_quantile, axis=1) if values.shape[1]
+                else np.zeros(len(self.channels)))
+        return band_stats(values, self.channels), np.asarray(path, np.float32)
 
     def raw(self, index: int) -> Patch:
-        """The patch with raw (unnormalized) values in ``channels`` order."""
-        return load_patch(self.records[index], self.channels, self.source_channels)
-
-    def normalized(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(image (C,H,W) normalized, mask (H,W) uint8, valid (H,W) bool), cached when enabled."""
+        """The patch in physical units, ``channels`` order (cached when enabled)."""
         if index in self._cache:
             return self._cache[index]
-        patch = self.raw(index)
-        image = normalize_patch(patch.image, patch.valid, self._spec)
-        mask = patch.mask if patch.mask is not None else np.zeros(patch.valid.shape, np.uint8)
-        item = (image, mask, patch.valid)
+        patch = load_patch(self.records[index], self.channels, self.source_channels, self.units)
+        if patch.mask is None:
+            patch = Patch(patch.image, patch.valid, np.zeros(patch.valid.shape, np.uint8), patch.channels)
         if self.cache:
-            self._cache[index] = item
-        return item
+            self._cache[index] = patch
+        return patch
+
+    def normalized(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image (C,H,W) normalized, mask (H,W) uint8, valid (H,W) bool), without augmentation."""
+        patch = self.raw(index)
+        assert patch.mask is not None
+        return normalize_patch(patch.image, patch.valid, self.normalization), patch.mask, patch.valid
 
     def label_counts(self) -> tuple[int, int]:
         """(landslide, background) valid pixel counts over all patches (reads masks only when not cached)."""
         pos = neg = 0
         for i, rec in enumerate(self.records):
             if i in self._cache:
-                _, mask, valid = self._cache[i]
+                mask, valid = self._cache[i].mask, self._cache[i].valid
             elif rec.mask is not None:
                 mask, valid = read_mask(rec.mask)
             else:
@@ -490,9 +622,15 @@ class PatchDataset(Dataset):  # type: ignore[type-arg]
         )
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        image, mask, valid = self.normalized(index)
+        patch = self.raw(index)
+        assert patch.mask is not None
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image = patch.image
+        if self.radiometric.enabled:
+            image = radiometric(image, self.channels, self.radiometric, self.path, rng)
+        image = normalize_patch(image, patch.valid, self.normalization)
+        mask, valid = patch.mask, patch.valid
         if self.augment.enabled:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
             image, mask, valid = augment(image, mask, valid, self.augment, rng)
         return {
             "image": torch.from_numpy(np.array(image, dtype=np.float32)),
@@ -500,3 +638,11 @@ class PatchDataset(Dataset):  # type: ignore[type-arg]
             "valid": torch.from_numpy(np.array(valid[None], dtype=bool)),
             "index": index,
         }
+
+
+def normalize_patch(image: np.ndarray, valid: np.ndarray, spec: dict[str, object]) -> np.ndarray:
+    """Normalize one (C, H, W) patch with :func:`pipeline.normalization.normalize`."""
+    from .normalization import normalize
+
+    out = normalize(image[None].astype(np.float32, copy=False), valid[None], spec)
+    return np.asarray(out[0], dtype=np.float32)

@@ -36,7 +36,7 @@ from .errors import InputError, OutputError
 
 if TYPE_CHECKING:
     from .artefact import ModelArtefact
-    from .baseline import RandomForestConfig
+    from .baseline import RandomForestConfig, SVMConfig
     from .datasets import PatchRecord
     from .train import TrainConfig
 
@@ -170,52 +170,58 @@ def cross_validate_config(
     )
 
 
-def random_forest_row(
+def baseline_row(
     records: Sequence[PatchRecord],
     channels: Sequence[str],
     folds: list[list[int]] | None = None,
     train_records: Sequence[PatchRecord] | None = None,
-    config: RandomForestConfig | None = None,
-    normalization: dict[str, Any] | None = None,
+    config: RandomForestConfig | SVMConfig | None = None,
     source_channels: Sequence[str] | None = None,
+    units: str | None = None,
 ) -> Row:
-    """The Random Forest baseline: trained on ``train_records`` or cross-validated on ``folds``."""
-    from .baseline import RandomForestConfig, fit_predict
+    """A per-pixel baseline (Random Forest, or SVM with an :class:`SVMConfig`): trained on
+    ``train_records`` or cross-validated on ``folds``.
+
+    Features are normalized with the statistics of the baseline's own training patches (each
+    fold's in cross-validation), as the networks are.
+    """
+    from .baseline import RandomForestConfig, SVMConfig, fit_predict
     from .datasets import PatchDataset
     from .metrics import pixel_metrics
 
     cfg = config or RandomForestConfig()
-    spec = normalization or {"method": "patch_robust"}
+    unresolved = {"method": "fixed", "clip": 10.0}
     if train_records is not None:
         # large training sets (the full Landslide4Sense train split) are streamed, not cached
-        ds = PatchDataset(list(train_records) + list(records), channels, spec, source_channels=source_channels,
-                          cache=len(train_records) + len(records) <= 500)
-        n = len(train_records)
-        prob, rf = fit_predict(ds, range(n), range(n, len(ds)), cfg)
-        _, y, v = ds.subset(range(n, len(ds))).arrays()
-        m = pixel_metrics(prob, y, v, rf.threshold)
+        train = PatchDataset(train_records, channels, unresolved, source_channels=source_channels,
+                             cache=len(train_records) <= 500, units=units)
+        test = PatchDataset(records, channels, train.normalization, source_channels=source_channels, units=units)
+        prob, model = fit_predict(train, test, cfg)
+        _, y, v = test.arrays()
+        m = pixel_metrics(prob, y, v, model.threshold)
         protocol = "trained on the training set"
     else:
         if folds is None:
             raise ValueError("give folds or train_records")
-        ds = PatchDataset(records, channels, spec, source_channels=source_channels)
+        ds = PatchDataset(records, channels, unresolved, source_channels=source_channels, units=units)
         _, y, v = ds.arrays()
         prob = np.zeros(y.shape, np.float32)
         thresholds = np.zeros(y.shape, np.float32)
         for held in folds:
-            train_idx = [i for i in range(len(ds)) if i not in set(held)]
-            p, rf = fit_predict(ds, train_idx, held, cfg)
-            prob[held] = p
-            thresholds[held] = rf.threshold
-        # each fold is thresholded at its own out-of-bag threshold: compare to 0/1 at 0.5
+            train = ds.subset([i for i in range(len(ds)) if i not in set(held)], normalization=unresolved)
+            prob[held], model = fit_predict(train, ds.subset(held, normalization=train.normalization), cfg)
+            thresholds[held] = model.threshold
+        # each fold is thresholded at its own out-of-sample threshold: compare to 0/1 at 0.5
         binary = (prob >= thresholds).astype(np.float32)
         m = pixel_metrics(binary, y, v, 0.5)
         m["threshold"] = float(np.mean([thresholds[h[0]].flat[0] for h in folds]))
         protocol = f"{len(folds)}-fold CV (same folds)"
+    svm = isinstance(cfg, SVMConfig)
+    detail = f"RBF kernel, C {cfg.C:g}" if svm else f"{cfg.n_estimators} trees"
     return _row_from_metrics(
-        "random forest", "baseline", protocol, channels, m,
+        "svm" if svm else "random forest", "baseline", protocol, channels, m,
         note="per-pixel bands + NDVI" + (" + terrain" if {"SLOPE", "DEM"} & set(channels) else "")
-        + f", {cfg.n_estimators} trees, OOB threshold",
+        + f", {detail}, {cfg.pixels_per_patch} px/patch, out-of-sample threshold",
         extra={"metrics": m},
     )
 
@@ -385,15 +391,18 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", type=Path, nargs="+", default=[], help="model artefact(s) to evaluate")
     g.add_argument("--recipe", type=Path, nargs="+", default=[],
                    help="training config(s) to cross-validate on --patches with shared folds")
-    g.add_argument("--baseline", choices=["rf", "none"], default="rf", help="Random Forest baseline row (default rf)")
+    g.add_argument("--baseline", choices=["rf", "svm", "none"], nargs="+", default=["rf", "svm"],
+                   help="per-pixel baseline rows: Random Forest, RBF SVM (default both), or none")
     g.add_argument("--baseline-channels", default=None,
-                   help="comma-separated channels of the Random Forest (default: the first model's or all 14)")
+                   help="comma-separated channels of the baselines (default: the first model's or all 14)")
     g.add_argument("--train-patches", type=Path, default=None,
-                   help="train the Random Forest here instead of cross-validating it on --patches")
+                   help="train the baselines here instead of cross-validating them on --patches")
     g.add_argument("--train-split", default=None, help="split of --train-patches")
     g.add_argument("--source-channels", default=None, help="comma-separated names of unnamed GeoTIFF chip bands")
-    g.add_argument("--folds", type=int, default=5, help="folds for recipes and the Random Forest (default 5)")
-    g.add_argument("--seed", type=int, default=0, help="fold assignment and Random Forest seed")
+    g.add_argument("--units", choices=["physical", "dn", "l4s"], default=None,
+                   help="units of GeoTIFF chips (default: their UNITS tag, else physical; .h5 patches are l4s)")
+    g.add_argument("--folds", type=int, default=5, help="folds for recipes and the baselines (default 5)")
+    g.add_argument("--seed", type=int, default=0, help="fold assignment and baseline seed")
     g.add_argument("--rf-trees", type=int, default=200, help="Random Forest trees (default 200)")
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--device", default="cpu", help="torch device for the models (default cpu)")
@@ -416,7 +425,7 @@ def _split(text: str | None) -> list[str] | None:
 
 def cli_evaluate(args: argparse.Namespace) -> int:
     """Entry point of ``python -m pipeline evaluate``."""
-    from .baseline import RandomForestConfig
+    from .baseline import RandomForestConfig, SVMConfig
     from .channels import L4S_CHANNELS
     from .datasets import data_checksum, find_patches
 
@@ -438,23 +447,23 @@ def cli_evaluate(args: argparse.Namespace) -> int:
             rows.append(row)
             first_channels = first_channels or row.channels.split(",")
         folds = None
-        if args.recipe or (args.baseline == "rf" and args.train_patches is None):
+        baselines = [b for b in args.baseline if b != "none"]
+        if args.recipe or (baselines and args.train_patches is None):
             folds = shared_folds(records, args.folds, args.seed)
         for cfg_path in args.recipe:
             from .train import load_train_config
 
             cfg = load_train_config(cfg_path)
             rows.append(cross_validate_config(cfg, records, folds or [], name=Path(cfg_path).stem))
-        if args.baseline == "rf":
-            channels = _split(args.baseline_channels) or first_channels or list(L4S_CHANNELS)
-            train_records = (
-                find_patches(args.train_patches, args.train_split, require_masks=True)
-                if args.train_patches is not None else None
-            )
-            rows.append(random_forest_row(
-                records, channels, folds, train_records,
-                RandomForestConfig(n_estimators=args.rf_trees, seed=args.seed), source_channels=source,
-            ))
+        channels = _split(args.baseline_channels) or first_channels or list(L4S_CHANNELS)
+        train_records = (
+            find_patches(args.train_patches, args.train_split, require_masks=True)
+            if args.train_patches is not None and baselines else None
+        )
+        for kind in baselines:
+            config = (RandomForestConfig(n_estimators=args.rf_trees, seed=args.seed) if kind == "rf"
+                      else SVMConfig(seed=args.seed))
+            rows.append(baseline_row(records, channels, folds, train_records, config, source, args.units))
     objects = None
     if args.detections is not None:
         if args.inventory is None:

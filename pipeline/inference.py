@@ -54,7 +54,7 @@ from .artefact import (
 )
 from .errors import ConfigError, GridError, InputError, ModelError
 from .grid import Grid
-from .normalization import BandStats, needs_population, normalize, resolve_spec, validate_spec
+from .normalization import normalize, validate_spec
 
 if TYPE_CHECKING:
     import torch
@@ -389,13 +389,12 @@ def _coarse_of(owned: _BlockSums) -> np.ndarray:
 def _block_normalization(plan: _Plan, n_channels: int) -> dict[str, Any] | None:
     """The normalization to apply to a whole block before its windows are cut, when that gives the
     windows exactly what normalizing each batch would: one model reading every channel of the
-    block, with a per-pixel method (``fixed``, which ``scene_robust`` becomes, or ``none``).
+    block (every normalization method is per-pixel).
     Overlapping windows share pixels (128 px windows every 96 px: 1.8 times the block's pixels), so
     normalizing the block does a little over half the work."""
     if len(plan.refs) != 1 or plan.refs[0].channel_index != tuple(range(n_channels)):
         return None
-    spec = validate_spec(plan.refs[0].normalization, n_channels=n_channels)
-    return spec if spec["method"] in ("fixed", "none") else None
+    return validate_spec(plan.refs[0].normalization, n_channels=n_channels)
 
 
 def _predict_owned(
@@ -555,16 +554,14 @@ def _as_dask(arr: xr.DataArray, chunks: tuple[int, ...]) -> da.Array:
     return da.from_array(np.asarray(data), chunks=chunks)
 
 
-def _model_refs(
-    models: Sequence[ModelArtefact], bands: Sequence[str], stats: BandStats | None = None
-) -> tuple[_ModelRef, ...]:
+def _model_refs(models: Sequence[ModelArtefact], bands: Sequence[str]) -> tuple[_ModelRef, ...]:
     refs = []
     for m in models:
         index = m.check_channels(bands)
         path = str(m.path) if m.path is not None and m.sha256 else None
         if path is None and m.module is None:
             raise ModelError(f"model {m.name or m.architecture!r} is neither loaded nor saved to a file")
-        spec = resolve_spec(m.normalization, stats.select(m.channels) if stats is not None else None)
+        spec = validate_spec(m.normalization, n_channels=len(m.channels))
         refs.append(_ModelRef(m.key, path, tuple(index), spec, float(m.threshold), m.module))
     return tuple(refs)
 
@@ -575,7 +572,6 @@ def predict(
     grid: Grid,
     models: Sequence[ModelArtefact],
     options: InferenceOptions | None = None,
-    scene_stats: BandStats | None = None,
     keep: Sequence[str] = (),
     reader: WindowReader | None = None,
     coarse: tuple[Sequence[str], int] | None = None,
@@ -592,11 +588,9 @@ def predict(
     size. Raises :class:`MissingChannelsError` when ``data`` lacks a model
     channel, :class:`GridError` when shapes disagree.
 
-    Models normalized with ``scene_robust`` use ``scene_stats`` (per-band
-    statistics of the scene, :mod:`pipeline.scenestats`). When they are not
-    given they are computed here from ``data`` (this reads a sample of the
-    scene now; :func:`pipeline.scenestats.scene_band_stats` is cheaper for a
-    lazy stack with large blocks).
+    Each model normalizes with the fixed statistics of its artefact, so a
+    pixel's probability depends on its neighbourhood (the model's window)
+    alone, not on what else is in the scene.
 
     ``keep`` names input channels (of ``data``) to pass through unchanged in
     :attr:`Prediction.layers`, from the same block tasks: a later stage that
@@ -633,15 +627,7 @@ def predict(
         )
     weights = check_ensemble(models, opts.weights)
     bands = [str(b) for b in data.coords["band"].values] if "band" in data.coords else []
-    if scene_stats is None and any(needs_population(m.normalization) for m in models):
-        from .scenestats import array_band_stats
-
-        used_bands = list(dict.fromkeys(c for m in models if needs_population(m.normalization) for c in m.channels))
-        index = [bands.index(c) for c in used_bands if c in bands]
-        if len(index) == len(used_bands):
-            mask = valid if valid is not None else xr.ones_like(data.isel(band=0), dtype=bool)
-            scene_stats = array_band_stats(data.isel(band=index), mask)
-    refs = _model_refs(models, bands, scene_stats)
+    refs = _model_refs(models, bands)
     missing = [k for k in keep if k not in bands]
     if missing:
         raise InputError(f"channels to keep {missing} are not in the stack (it has {bands})")

@@ -150,6 +150,35 @@ def load_models(cfg: SceneConfig, *, weights: bool = True) -> list[Any]:
     return models
 
 
+def processing_level(models: list[Any], product: str, configured: str | None) -> dict[str, Any]:
+    """The scene's Sentinel-2 processing level against the levels the models serve.
+
+    The level comes from the product metadata (SAFE) or ``scene.level`` (per-band files). A level
+    a model was not trained for, or an unknown one, is run all the same, with a warning
+    (:func:`log_processing_level`) and ``served: false`` in the report: the detections of such a
+    scene are less reliable (docs/model-card.md gives the measured cost).
+    """
+    level = product[3:] if product.startswith("S2_") else configured
+    source = "product metadata" if product.startswith("S2_") else ("scene.level" if configured else None)
+    served = {m.name or m.architecture: list(m.levels) for m in models}
+    unserved = sorted(name for name, levels in served.items() if level not in levels)
+    return {"scene": level, "source": source, "models": served, "served": level is not None and not unserved,
+            "unserved": unserved}
+
+
+def log_processing_level(info: dict[str, Any]) -> None:
+    """Log :func:`processing_level`'s verdict: a warning when a model does not serve the scene's level."""
+    if info["scene"] is None:
+        log.warning("processing level of the scene unknown (per-band files without scene.level); the models "
+                    "serve %s; set scene.level: L1C or L2A to have it checked", info["models"])
+    elif info["unserved"]:
+        log.warning("scene is %s (%s) but model(s) %s were not trained for it (they serve %s): detections may "
+                    "be less reliable (see docs/model-card.md)", info["scene"], info["source"],
+                    ", ".join(info["unserved"]), info["models"])
+    else:
+        log.info("scene is %s (%s); the models serve it", info["scene"], info["source"])
+
+
 def model_channels(models: list[Any]) -> list[str]:
     """Channels the stack must supply: every member's, first member's order first."""
     return list(dict.fromkeys(c for m in models for c in m.channels))
@@ -177,6 +206,7 @@ def run_scene(cfg: SceneConfig, *, force: bool = False, client: Any = None) -> R
         block = inference_block_size(cfg.grid.block_size, models[0].tile_size, cfg.model.overlap)
         stack_cfg = cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"block_size": block})})
         stack = stack_scene(stack_cfg, model_channels(models))
+    log_processing_level(processing_level(models, stack.product, cfg.scene.level))
     scene_dir = cfg.output.dir / _safe_name(stack.scene_id)
     run_dir = scene_dir / f"run-{key[:12]}"
     gpkg_path = run_dir / f"{_safe_name(stack.scene_id)}_landslides.gpkg"
@@ -300,7 +330,6 @@ def aux_layers(cfg: SceneConfig, stack: Any, wanted: list[str]) -> dict[str, Any
 
 def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cluster) -> RunResult:  # noqa: ANN001, PLR0913
     from .inference import InferenceOptions, predict, write_prediction
-    from .normalization import needs_population
     from .progress import before_first_compute
 
     run_id = f"{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
@@ -314,19 +343,6 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
         cluster.wait(timer)
         with timer("save-stack"):
             save_stack(stack, run_dir / "stack.tif")
-
-    scene_stats = None
-    population = [m for m in models if needs_population(m.normalization)]
-    if population:
-        # scene_robust models: per-band statistics of the whole scene, from a sample of it
-        from .scenestats import scene_band_stats
-
-        with timer("scene-stats"):
-            # in this process's threads while a local cluster is still starting, one core left to
-            # the starting workers: their imports (PyTorch) decide when the inference can begin
-            scene_stats = scene_band_stats(cfg, model_channels(population),
-                                           scheduler="threads" if cluster.starting else None,
-                                           threads=max(1, (os.cpu_count() or 1) - 1) if cluster.starting else None)
 
     rule_bands = [b for bands in cfg.postprocess.rule_bands().values() for b in bands]
     wanted = list(dict.fromkeys(["SLOPE", "DEM", *rule_bands]))
@@ -342,7 +358,7 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
         options = InferenceOptions.from_config(cfg.model, block_size=cfg.grid.block_size)
         # the mask without the bands' own no-data: each block derives that from the pixels it reads;
         # the quicklook's true colour is averaged onto its coarse grid by the blocks that read it
-        pred = predict(stack.data, stack.mask, grid, models, options, scene_stats=scene_stats, keep=keep,
+        pred = predict(stack.data, stack.mask, grid, models, options, keep=keep,
                        reader=stack.reader, coarse=_quicklook_coarse(grid) if cfg.output.quicklook else None)
         # An intermediate, plain tiled GeoTIFF (a rerun after a crash replaces it): the later stages
         # read it at once, and the probability COG is made from it while they run.
@@ -372,7 +388,7 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
     try:
         from postprocess.morphology import OpenedSummaries, unpack_mask
 
-        return _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run_id, scene_stats,
+        return _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run_id,
                            plain_prob, unc_path, layers_path, keep, wanted, pred.threshold,
                            lambda seconds: _inference_figures(client, pred, seconds, own=cluster.own),
                            opened=unpack_mask(packed, chunks), n_valid=int(n_valid),
@@ -384,7 +400,7 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
             layers_path.unlink(missing_ok=True)
 
 
-def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run_id, scene_stats,  # noqa: ANN001, PLR0913
+def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run_id,  # noqa: ANN001, PLR0913
                 prob_path, unc_path, layers_path, keep, wanted, model_threshold, inference_figures,
                 opened, n_valid, summaries=None, true_colour=None) -> RunResult:
     from postprocess.gpkg import write_geopackage
@@ -475,7 +491,7 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
         "models": [{"name": m.name, "path": str(p), "sha256": m.sha256, "threshold": m.threshold}
                    for m, p in zip(models, cfg.model.paths, strict=True)],
         "grid": grid.to_dict(),
-        "scene_statistics": scene_stats.to_dict() if scene_stats is not None else None,
+        "processing_level": processing_level(models, stack.product, cfg.scene.level),
         "timings_s": {**timer.seconds, "total": round(seconds, 3)},
         "inference": inference_figures(seconds),
         "counts": {

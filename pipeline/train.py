@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .channels import L4S_CHANNELS, canonical
 from .config import RelPath
-from .datasets import AugmentConfig
+from .datasets import UNITS, AugmentConfig, RadiometricConfig
 from .errors import ConfigError
 from .losses import LossConfig
 from .yamlio import line_of, load_yaml
@@ -75,6 +75,14 @@ class DataSection(_Strict):
     valid_root: RelPath | None = Field(None, description="root of the validation split; default: root")
     valid_split: str | None = Field(None, description="validation split (valid -> ValidData); none: k-fold CV")
     source_channels: list[str] | None = Field(None, description="channel names of GeoTIFF chips without band descriptions")
+    units: Literal[UNITS] | None = Field(  # type: ignore[valid-type]
+        None,
+        description=(
+            "how GeoTIFF chips store their values: physical (reflectance, degrees, metres), dn "
+            "(reflectance x 10000) or l4s (Landslide4Sense scaling); default: the chips' UNITS tag, "
+            "else physical. Landslide4Sense HDF5 patches are always l4s"
+        ),
+    )
     cache: bool = Field(True, description="keep normalized patches in memory (turn off for the full dataset with workers)")
 
 
@@ -85,7 +93,14 @@ class ModelSection(_Strict):
     encoder: str | None = "mobilenet_v2"
     options: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments, e.g. decoder_channels")
     channels: list[str] = Field(default_factory=lambda: list(L4S_CHANNELS))
-    normalization: dict[str, Any] = Field(default_factory=lambda: {"method": "scene_robust", "clip": 10.0})
+    normalization: dict[str, Any] = Field(
+        default_factory=lambda: {"method": "fixed", "clip": 10.0},
+        description="fixed: per-channel median and IQR of the training patches in physical units (or given mean/std)",
+    )
+    levels: list[Literal["L1C", "L2A"]] = Field(
+        default_factory=lambda: ["L1C"],
+        description="processing levels the model serves; L2A needs radiometric augmentation (the patches are L1C)",
+    )
     tile_size: int = Field(128, ge=16)
     name: str = "landslide-segmentation"
     version: str = "1"
@@ -99,6 +114,17 @@ class ModelSection(_Strict):
         if not out:
             raise ValueError("give at least one channel")
         return out
+
+    @field_validator("normalization")
+    @classmethod
+    def _normalization(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from .errors import ModelError
+        from .normalization import validate_spec
+
+        try:
+            return validate_spec(value, resolved=False)
+        except ModelError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class OptimizerSection(_Strict):
@@ -164,6 +190,7 @@ class TrainConfig(_Strict):
     loss: LossConfig = LossConfig()
     optimizer: OptimizerSection = OptimizerSection()
     augment: AugmentConfig = AugmentConfig()
+    radiometric: RadiometricConfig = RadiometricConfig()
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(8, ge=1)
     early_stopping: EarlyStoppingSection = EarlyStoppingSection()
@@ -179,6 +206,11 @@ class TrainConfig(_Strict):
     def _check(self) -> TrainConfig:
         if self.model.tile_size % 32 and self.model.architecture.lower() != "plainunet":
             raise ValueError(f"model.tile_size must be a multiple of 32 for {self.model.architecture}")
+        if "L2A" in self.model.levels and self.radiometric.p == 0:
+            raise ValueError(
+                "model.levels includes L2A but radiometric.p is 0: the patches are L1C, so a model serves L2A "
+                "only when trained with patches made to look like surface reflectance (radiometric.p > 0)"
+            )
         return self
 
 
@@ -508,20 +540,33 @@ class CVResult:
     threshold: float
     metrics: dict[str, Any]
     seconds: float
+    #: each fold's trained weights and the normalization of its training patches
+    states: list[dict[str, Any]] = field(default_factory=list)
+    normalizations: list[dict[str, Any]] = field(default_factory=list)
+    #: each fold's path reflectance (radiometric augmentation), per channel
+    paths: list[np.ndarray] = field(default_factory=list)
 
 
-def make_dataset(cfg: TrainConfig, records: Sequence[PatchRecord], augment: bool = True) -> PatchDataset:
-    """A :class:`PatchDataset` with the config's channels, normalization and augmentation."""
+def make_dataset(
+    cfg: TrainConfig, records: Sequence[PatchRecord], augment: bool = True,
+    normalization: dict[str, Any] | None = None,
+) -> PatchDataset:
+    """A :class:`PatchDataset` with the config's channels, normalization and augmentation.
+
+    ``normalization`` (a resolved spec, e.g. the training set's) replaces the config's.
+    """
     from .datasets import NO_AUGMENT, PatchDataset
 
     return PatchDataset(
         records,
         cfg.model.channels,
-        cfg.model.normalization,
+        normalization or cfg.model.normalization,
         augment=cfg.augment if augment else NO_AUGMENT,
         source_channels=cfg.data.source_channels,
         seed=cfg.seed,
         cache=cfg.data.cache,
+        radiometric=cfg.radiometric if augment else None,
+        units=cfg.data.units,
     )
 
 
@@ -533,10 +578,12 @@ def cross_validate(
 ) -> CVResult:
     """K-fold cross-validation: out-of-fold probabilities, pooled metrics, per-fold scores.
 
-    The threshold is chosen on the pooled out-of-fold probabilities; the
-    reported metrics use it (``micro``) and 0.5 (``micro_at_0.5``). Early
-    stopping and the threshold see the held-out folds, so the scores are
-    slightly optimistic.
+    Each fold is normalized with the statistics of its own training patches
+    (the config's spec, resolved on them), exactly as a new scene is
+    normalized with the artefact's. The threshold is chosen on the pooled
+    out-of-fold probabilities; the reported metrics use it (``micro``) and
+    0.5 (``micro_at_0.5``). Early stopping and the threshold see the
+    held-out folds, so the scores are slightly optimistic.
     """
     from .datasets import NO_AUGMENT
     from .metrics import pixel_metrics, select_threshold
@@ -546,19 +593,24 @@ def cross_validate(
         folds = kfold_indices(masks.reshape(len(masks), -1).mean(axis=1), cfg.cv.folds, cfg.seed)
     oof = np.zeros(masks.shape, dtype=np.float32)
     best_epochs, fold_scores = [], []
+    states, normalizations, paths = [], [], []
     start = time.perf_counter()
     for k, held in enumerate(folds):
         train_idx = [i for i in range(len(dataset)) if i not in set(held)]
+        train_k = dataset.subset(train_idx, cfg.augment, cfg.model.normalization, cfg.radiometric)
         res = fit(
             cfg,
-            dataset.subset(train_idx, cfg.augment),
-            dataset.subset(held, NO_AUGMENT),
+            train_k,
+            dataset.subset(held, NO_AUGMENT, train_k.normalization),
             run_seed=cfg.seed + 1000 * (k + 1),
             label=f"fold {k + 1}/{len(folds)}",
             log_file=log_file,
         )
         assert res.val_prob is not None
         oof[held] = res.val_prob
+        states.append(res.state)
+        normalizations.append(train_k.normalization)
+        paths.append(train_k.path)
         best_epochs.append(res.best_epoch)
         fs = _val_scores(res.val_prob, masks[held], valid[held])
         fs.update(fold=k + 1, best_epoch=res.best_epoch, patches=len(held))
@@ -582,6 +634,7 @@ def cross_validate(
     return CVResult(
         folds=folds, oof_prob=oof, masks=masks, valid=valid, best_epochs=best_epochs, fold_scores=fold_scores,
         threshold=threshold, metrics=metrics, seconds=time.perf_counter() - start,
+        states=states, normalizations=normalizations, paths=paths,
     )
 
 
@@ -628,14 +681,14 @@ def train(cfg: TrainConfig, source: Path | None = None) -> TrainResult:
         "patch_ids": [r.id for r in records],
         "checksum_sha256": data_checksum(records),
     }
+    normalization = dict(dataset.normalization)
     if dataset.stats is not None:
-        # scene_robust: the training population's statistics, kept for diagnostics
-        # (a scene is normalized with its own statistics, not with these)
-        data_info["population_stats"] = dataset.stats.to_dict()
+        data_info["statistics"] = dataset.stats.to_dict()
+        normalization["source"] = f"{normalization['source']} (data checksum sha256 {data_info['checksum_sha256']})"
     try:
         if d.valid_split is not None:
             val_records = find_patches(d.valid_root or d.root, d.valid_split, require_masks=True)
-            val_ds = make_dataset(cfg, val_records, augment=False)
+            val_ds = make_dataset(cfg, val_records, augment=False, normalization=normalization)
             data_info.update(
                 valid_split=d.valid_split, valid_patches=len(val_records),
                 valid_checksum_sha256=data_checksum(val_records),
@@ -707,15 +760,19 @@ def train(cfg: TrainConfig, source: Path | None = None) -> TrainResult:
     if caveat:
         training["caveat"] = caveat
         metrics["caveat"] = caveat
-    path = save_trained(cfg, module, threshold, training, metrics)
+    path = save_trained(cfg, module, threshold, training, metrics, normalization)
     log.info("wrote %s (threshold %.3f)", path, threshold)
     return TrainResult(artefact=path, threshold=threshold, metrics=metrics, training=training, module=module)
 
 
 def save_trained(
-    cfg: TrainConfig, module: nn.Module, threshold: float, training: dict[str, Any], metrics: dict[str, Any]
+    cfg: TrainConfig, module: nn.Module, threshold: float, training: dict[str, Any], metrics: dict[str, Any],
+    normalization: dict[str, Any],
 ) -> Path:
-    """Write ``module`` with its metadata as a model artefact (float16 weights if configured)."""
+    """Write ``module`` with its metadata as a model artefact (float16 weights if configured).
+
+    ``normalization`` is the resolved spec the module was trained with (statistics included).
+    """
     from .artefact import ModelArtefact, save_artefact
     from .normalization import validate_spec
 
@@ -724,7 +781,8 @@ def save_trained(
         architecture=m.architecture,
         encoder=m.encoder,
         channels=list(m.channels),
-        normalization=validate_spec(m.normalization, len(m.channels)),
+        normalization=validate_spec(normalization, len(m.channels)),
+        levels=list(m.levels),
         tile_size=m.tile_size,
         threshold=float(threshold),
         training=training,
