@@ -200,6 +200,14 @@ class DaskSection(Strict):
     memory_limit: str = "auto"
 
 
+class ReferenceSection(Strict):
+    """Known landslide polygons to score a run's detections against (object recall and precision)."""
+
+    path: RelPath = Field(..., description="reference polygons: GeoPackage, shapefile or zipped shapefile")
+    layer: str | None = Field(None, description="layer of a multi-layer file")
+    iou: float = Field(0.1, gt=0, le=1, description="intersection over union that matches a detection to a reference")
+
+
 class SceneConfig(Strict):
     scene: SceneSection
     dem: DemSection
@@ -211,6 +219,9 @@ class SceneConfig(Strict):
     postprocess: PostprocessSection = PostprocessSection()
     output: OutputSection = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
     dask: DaskSection = DaskSection()
+    reference: ReferenceSection | None = Field(
+        None, description="reference polygons; the run prints object recall and precision against them",
+    )
     source: Path | None = Field(None, exclude=True, description="the YAML file this came from")
 
 

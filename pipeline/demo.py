@@ -26,9 +26,18 @@ river valley; 200-1200 m, slopes above 40 degrees) given as a function of UTM
 coordinates (:class:`DemoTerrain`), so the DEM is the same surface sampled at
 its own lon/lat pixel centres; forest, meadows and bare fields, a river, a
 few clouds with their shadows, and 6-12 landslide scars: elongated
-downslope tongues of bare soil on steep slopes. Reflectance spectra per class
-follow typical surface reflectance (vegetation: dark visible, red-edge rise,
-NIR 0.35-0.45; fresh scar: bright visible 0.12-0.18, NIR 0.25, high SWIR).
+downslope tongues of bare soil on steep slopes. Besides them, bare ground that
+is *not* a landslide and not in the truth (look-alikes, a handful of each on
+the default scene, never within 3 pixels of a scar): rock outcrops on slopes
+steeper than 35 degrees, gravel bars on the river banks, one or two roads
+(thin lines, one along the valley floor) and rectangular clear-cuts in the
+forest. Reflectance spectra per class (:data:`SPECTRA`) are not hand-set but
+measured: the median top-of-atmosphere spectra of the labelled
+Landslide4Sense patches per pixel class (landslide, forest, meadow, bare
+gentle ground, bare steep rock, water; :func:`patch_classes`), turned into
+surface reflectance by inverting this module's atmosphere
+(:func:`spectra_from_patches`); only clouds keep a hand-set spectrum, and
+there is no snow (the patches hold none).
 Digital numbers follow the product's own encoding: reflectance =
 (DN + offset) / 10000 with offset -1000 from baseline 04.00 on, DN 0 outside
 the swath (a no-data corner as in real tiles).
@@ -61,7 +70,7 @@ from pyproj import Transformer
 from rasterio.crs import CRS
 from scipy import ndimage
 
-from .channels import S2_BANDS
+from .channels import S2_BANDS, SLOPE
 from .errors import ConfigError, OutputError, PipelineError
 
 log = logging.getLogger(__name__)
@@ -752,29 +761,53 @@ def horn_slope(elevation: np.ndarray, res: float) -> np.ndarray:
 # Synthetic scene
 # ---------------------------------------------------------------------------
 
-#: Surface reflectance per class (L2A, BOA). Columns: forest, meadow, field soil, scar, water, cloud.
-_CLASSES = ("forest", "meadow", "field", "scar", "water", "cloud")
+#: Surface reflectance per class (L2A, BOA); columns as in :data:`_CLASSES`.
+#: Rule and source: medians of the 15 labelled Landslide4Sense patches (shared
+#: ``l4s/train``, Sentinel-2 L1C top-of-atmosphere) per class of
+#: :func:`patch_classes`, B8A = B08 (the patches have no B8A), inverted through
+#: :data:`_ATMOSPHERE` and clipped at 0 (:func:`spectra_from_patches`), rounded to
+#: 4 decimals. Pixels: forest 120087, meadow 89899, bare 727, rock 590,
+#: scar 8932, water 89; snow 0 (no snow spectrum, so no snow in
+#: the scene). A class darker at the top of the atmosphere than the path
+#: reflectance (B10 of water) is clipped to 0 at the surface. ``cloud`` is
+#: hand-set (the patches hold no clouds).
+#: tests/test_demo.py recomputes these from the patches.
+_CLASSES = ("forest", "meadow", "bare", "rock", "scar", "water", "cloud")
 SPECTRA: dict[str, tuple[float, ...]] = {
-    "B01": (0.025, 0.035, 0.080, 0.100, 0.045, 0.55),
-    "B02": (0.030, 0.040, 0.100, 0.120, 0.050, 0.56),
-    "B03": (0.055, 0.080, 0.130, 0.155, 0.045, 0.57),
-    "B04": (0.030, 0.050, 0.150, 0.180, 0.030, 0.58),
-    "B05": (0.090, 0.120, 0.180, 0.210, 0.022, 0.59),
-    "B06": (0.250, 0.270, 0.200, 0.225, 0.015, 0.60),
-    "B07": (0.320, 0.350, 0.210, 0.235, 0.012, 0.60),
-    "B08": (0.360, 0.400, 0.220, 0.245, 0.010, 0.61),
-    "B8A": (0.380, 0.420, 0.230, 0.255, 0.008, 0.61),
-    "B09": (0.370, 0.410, 0.230, 0.260, 0.006, 0.58),
-    "B10": (0.003, 0.003, 0.006, 0.007, 0.001, 0.25),
-    "B11": (0.170, 0.220, 0.280, 0.320, 0.004, 0.45),
-    "B12": (0.080, 0.110, 0.220, 0.270, 0.003, 0.33),
+    "B01": (0.0151, 0.0225, 0.0797, 0.0449, 0.0483, 0.0039, 0.55),
+    "B02": (0.0189, 0.0301, 0.0957, 0.0699, 0.0689, 0.0036, 0.56),
+    "B03": (0.0342, 0.0447, 0.1023, 0.0835, 0.0808, 0.0019, 0.57),
+    "B04": (0.0226, 0.0380, 0.1071, 0.0937, 0.0904, 0.0007, 0.58),
+    "B05": (0.0610, 0.0700, 0.1206, 0.0997, 0.1090, 0.0017, 0.59),
+    "B06": (0.1777, 0.1545, 0.1612, 0.1275, 0.1486, 0.0071, 0.60),
+    "B07": (0.2176, 0.1830, 0.1823, 0.1392, 0.1647, 0.0091, 0.60),
+    "B08": (0.2253, 0.1859, 0.1655, 0.1316, 0.1663, 0.0070, 0.61),
+    "B8A": (0.2229, 0.1839, 0.1637, 0.1302, 0.1646, 0.0069, 0.61),
+    "B09": (0.2437, 0.1994, 0.1574, 0.1960, 0.1966, 0.0194, 0.58),
+    "B10": (0.0040, 0.0080, 0.0080, 0.0140, 0.0040, 0.0000, 0.25),
+    "B11": (0.1161, 0.1263, 0.2040, 0.1593, 0.1986, 0.0047, 0.45),
+    "B12": (0.0526, 0.0660, 0.1628, 0.1176, 0.1516, 0.0023, 0.33),
 }
-#: L1C top of atmosphere ~ path + transmittance * surface (clear-sky, reflectance units).
+
+
+def class_spectrum(name: str, product: Product = "L2A") -> dict[str, float]:
+    """Band -> reflectance of class ``name`` in :data:`SPECTRA`: surface (L2A) or top of atmosphere (L1C)."""
+    if name not in _CLASSES:
+        raise ValueError(f"class {name!r}: expected one of {', '.join(_CLASSES)}")
+    col = _CLASSES.index(name)
+    if product == "L2A":
+        return {b: SPECTRA[b][col] for b in SPECTRA}
+    return {b: _ATMOSPHERE[b][0] + _ATMOSPHERE[b][1] * SPECTRA[b][col] for b in SPECTRA}
+
+
+#: L1C top of atmosphere ~ path + transmittance * surface (clear-sky, reflectance units). The path
+#: terms are the dark-object values of the labelled Landslide4Sense patches (the 0.5th percentile of
+#: each band's top-of-atmosphere reflectance; B8A as B08); the transmittances are typical clear-sky ones.
 _ATMOSPHERE: dict[str, tuple[float, float]] = {
-    "B01": (0.120, 0.75), "B02": (0.090, 0.80), "B03": (0.060, 0.86), "B04": (0.040, 0.90),
-    "B05": (0.035, 0.90), "B06": (0.030, 0.92), "B07": (0.025, 0.93), "B08": (0.020, 0.93),
-    "B8A": (0.020, 0.94), "B09": (0.010, 0.35), "B10": (0.001, 0.05), "B11": (0.005, 0.92),
-    "B12": (0.003, 0.88),
+    "B01": (0.078, 0.75), "B02": (0.050, 0.80), "B03": (0.030, 0.86), "B04": (0.016, 0.90),
+    "B05": (0.015, 0.90), "B06": (0.020, 0.92), "B07": (0.022, 0.93), "B08": (0.019, 0.93),
+    "B8A": (0.019, 0.94), "B09": (0.012, 0.35), "B10": (0.001, 0.05), "B11": (0.006, 0.92),
+    "B12": (0.002, 0.88),
 }
 #: How much vegetation vigour (NIR plateau) drives each band (exponent).
 _VIGOUR_WEIGHT: dict[str, float] = {
@@ -782,6 +815,124 @@ _VIGOUR_WEIGHT: dict[str, float] = {
     "B08": 1.0, "B8A": 1.0, "B09": 1.0, "B10": 0.0, "B11": -0.3, "B12": -0.3,
 }
 _NOISE_SIGMA = 0.004  # sensor noise, reflectance units, per native pixel
+
+
+#: Fewest pixels a class needs in :func:`spectra_from_patches` to get a data-derived spectrum.
+MIN_CLASS_PIXELS = 50
+#: Classes of :func:`spectra_from_patches`, in the order their pixel rules claim pixels.
+PATCH_CLASSES = ("scar", "snow", "water", "rock", "bare", "forest", "meadow")
+
+
+@dataclass(frozen=True)
+class PatchSpectra:
+    """What :func:`patch_spectra` found: per-class pixel counts and median spectra.
+
+    ``toa``: median top-of-atmosphere reflectance per class and band (L1C,
+    B8A copied from B08); ``surface``: the same inverted through
+    :data:`_ATMOSPHERE`, clipped at 0. Classes with fewer than
+    :data:`MIN_CLASS_PIXELS` pixels have a count but no spectrum.
+    """
+
+    counts: dict[str, int]
+    toa: dict[str, dict[str, float]]
+    surface: dict[str, dict[str, float]]
+
+
+def patch_classes(image: np.ndarray, mask: np.ndarray, channels: Sequence[str]) -> dict[str, np.ndarray]:
+    """Boolean class masks of one Landslide4Sense patch (physical units, L1C TOA).
+
+    Pixel rules, first rule wins (NDVI = (B08-B04)/(B08+B04), NDWI =
+    (B03-B08)/(B03+B08), NDSI = (B03-B11)/(B03+B11)):
+
+    - ``scar``: landslide pixels (mask 1); every other class is mask 0;
+    - ``snow``: NDSI > 0.4 and B03 > 0.3 (bright; dark high-NDSI pixels are shadow or water);
+    - ``water``: NDWI > 0 on slopes under 15 degrees (steeper NDWI > 0 pixels are terrain shadow);
+    - ``rock`` (bare rock outcrop): NDVI < 0.25, B04 >= 0.06 (not shadow), slope >= 30 degrees;
+    - ``bare`` (gravel, roads, field or clear-cut soil): the same on slopes under 15 degrees;
+    - ``forest``: NDVI >= 0.65;
+    - ``meadow``: 0.45 <= NDVI < 0.65.
+
+    Pixels no rule claims (shadows, mixed NDVI 0.25-0.45, bare ground at 15-30
+    degrees, which may be soil or rock) are left out.
+    """
+    idx = {c: i for i, c in enumerate(channels)}
+    b03, b04, b08, b11 = (image[idx[c]].astype(np.float64) for c in ("B03", "B04", "B08", "B11"))
+    slope = image[idx[SLOPE]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ndvi = (b08 - b04) / (b08 + b04)
+        ndwi = (b03 - b08) / (b03 + b08)
+        ndsi = (b03 - b11) / (b03 + b11)
+    finite = np.isfinite(image).all(axis=0) & np.isfinite(ndvi) & np.isfinite(ndwi) & np.isfinite(ndsi)
+    bare_like = (ndvi < 0.25) & (b04 >= 0.06)
+    rules = {
+        "scar": mask == 1,
+        "snow": (ndsi > 0.4) & (b03 > 0.3),
+        "water": (ndwi > 0) & (slope < 15.0),
+        "rock": bare_like & (slope >= 30.0),
+        "bare": bare_like & (slope < 15.0),
+        "forest": ndvi >= 0.65,
+        "meadow": (ndvi >= 0.45) & (ndvi < 0.65),
+    }
+    free = finite.copy()
+    out: dict[str, np.ndarray] = {}
+    for name in PATCH_CLASSES:
+        sel = rules[name] & free
+        if name != "scar":
+            sel &= mask == 0
+        out[name] = sel
+        free &= ~sel
+    return out
+
+
+def surface_from_toa(band: str, toa: float) -> float:
+    """Invert the demo's atmosphere, ``toa = path + trans * surface``, clipped at 0."""
+    path, trans = _ATMOSPHERE[band]
+    return max(0.0, (toa - path) / trans)
+
+
+def patch_spectra(root: Path) -> PatchSpectra:
+    """Per-class pixel counts and median spectra of the labelled patches under ``root``.
+
+    ``root`` is a folder with ``img``/``mask`` (e.g. the shared
+    ``l4s/train``). Pixels are classed by :func:`patch_classes`; the median of
+    each class's pixels over all patches is its spectrum. The patches carry
+    no B8A: its value is B08's. Surface reflectance inverts :data:`_ATMOSPHERE`.
+    """
+    from .datasets import find_patches, read_image, read_mask
+
+    pixels: dict[str, list[np.ndarray]] = {c: [] for c in PATCH_CLASSES}
+    channels: tuple[str, ...] | None = None
+    for rec in find_patches(root, require_masks=True):
+        patch = read_image(rec.image)
+        assert rec.mask is not None
+        mask, mask_valid = read_mask(rec.mask)
+        channels = patch.channels
+        valid = patch.valid & mask_valid
+        for name, sel in patch_classes(patch.image, mask, channels).items():
+            pixels[name].append(patch.image[:, sel & valid])
+    assert channels is not None
+    idx = {c: i for i, c in enumerate(channels)}
+    counts: dict[str, int] = {}
+    toa: dict[str, dict[str, float]] = {}
+    surface: dict[str, dict[str, float]] = {}
+    for name, parts in pixels.items():
+        values = np.concatenate(parts, axis=1)
+        counts[name] = int(values.shape[1])
+        if counts[name] < MIN_CLASS_PIXELS:
+            continue
+        median = np.median(values.astype(np.float64), axis=1)
+        toa[name] = {b: float(median[idx["B08" if b == "B8A" else b]]) for b in S2_BANDS}
+        surface[name] = {b: surface_from_toa(b, v) for b, v in toa[name].items()}
+    return PatchSpectra(counts, toa, surface)
+
+
+def spectra_from_patches(root: Path) -> dict[str, dict[str, float]]:
+    """Median surface reflectance per class (class -> band -> value) from the labelled patches.
+
+    The classes with at least :data:`MIN_CLASS_PIXELS` pixels under the rules
+    of :func:`patch_classes`; see :func:`patch_spectra`.
+    """
+    return patch_spectra(root).surface
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale_px: float) -> np.ndarray:
@@ -910,6 +1061,10 @@ class DemoScene:
         self.revegetation = np.clip(0.06 + 0.06 * _smooth_noise(rng, shape, 3), 0.0, 0.18).astype(np.float32)
         self.aot = (0.12 + 0.015 * _smooth_noise(rng, shape, 60)).astype(np.float32)
         self.wvp = (2.2 - 0.0008 * (self.elevation - 700.0) + 0.1 * _smooth_noise(rng, shape, 60)).astype(np.float32)
+
+        # Look-alikes (not landslides, not in the truth): own random stream, so the rest is unchanged.
+        self.lookalikes: dict[str, np.ndarray] = {}
+        self._paint_lookalikes(np.random.default_rng([seed, 3]))
 
     # -- geometry -----------------------------------------------------------
     def grid(self, res: int) -> tuple[Affine, int]:
@@ -1048,12 +1203,142 @@ class DemoScene:
         frac = np.clip(0.5 - signed / 10.0, 0.0, 1.0).astype(np.float32)
         return frac, (r0, r1, c0, c1)
 
+    # -- look-alikes ----------------------------------------------------------
+    def _paint_lookalikes(self, rng: np.random.Generator) -> None:
+        """Bare ground that is not a landslide: rock outcrops, gravel bars, roads, clear-cuts.
+
+        Each kind gets a fraction field in :attr:`lookalikes` (0 within 3 pixels
+        of a scar); the land cover fractions below are reduced to make room.
+        Counts are a handful per kind on the default 1020 px scene, scaled with
+        the area (at least one each). No snow: the patches gave no snow spectrum.
+        """
+        size = self.size
+        shape = (size, size)
+        X, Y = self.x[np.newaxis, :], self.y[:, np.newaxis]
+        keep_out = ndimage.binary_dilation(self.scar_fraction > 0, iterations=3)
+        clear = self.valid10 & (self.cloud < 0.01) & (self.shadow < 0.01)
+        edge = 0.5 / 10.0  # fraction per metre across a soft 10 m edge
+        area = (size / 1020.0) ** 2
+        roughness = _smooth_noise(rng, shape, 2.0)
+
+        def count(lo: int, hi: int) -> int:
+            return max(1, round(int(rng.integers(lo, hi + 1)) * area))
+
+        def place(name: str, n: int, centres: np.ndarray, draw: Any) -> None:
+            """Draw shapes at random ``centres`` until ``n`` fit clear of scars and each other."""
+            frac = np.zeros(shape, np.float32)
+            taken = sum(self.lookalikes.values(), np.zeros(shape, np.float32)) > 0
+            placed = 0
+            for flat in rng.permutation(np.flatnonzero(centres))[:400]:
+                if placed >= n:
+                    break
+                r, c = divmod(int(flat), size)
+                shape_frac, window = draw(r, c)
+                if shape_frac is None:
+                    continue
+                ws = (slice(window[0], window[1]), slice(window[2], window[3]))
+                inside = shape_frac > 0
+                if (keep_out[ws] & inside).any() or (taken[ws] & inside).any() or (frac[ws] > 0)[inside].any():
+                    continue
+                if int((shape_frac >= 0.5).sum()) < 6:
+                    continue
+                frac[ws] = np.maximum(frac[ws], shape_frac)
+                placed += 1
+            self.lookalikes[name] = frac
+
+        def window_around(r: int, c: int, radius_px: int) -> tuple[int, int, int, int]:
+            return (max(r - radius_px, 0), min(r + radius_px + 1, size),
+                    max(c - radius_px, 0), min(c + radius_px + 1, size))
+
+        # Rock outcrops: irregular blobs 60-300 m across on slopes >= 35 degrees, only where steep.
+        def outcrop(r: int, c: int) -> tuple[np.ndarray | None, tuple[int, int, int, int]]:
+            a, b = rng.uniform(30.0, 150.0), rng.uniform(25.0, 80.0)
+            angle = rng.uniform(0, np.pi)
+            win = window_around(r, c, int(a / 10) + 3)
+            dx = self.x[win[2]:win[3]][np.newaxis, :] - self.x[c]
+            dy = self.y[win[0]:win[1]][:, np.newaxis] - self.y[r]
+            u = dx * math.cos(angle) + dy * math.sin(angle)
+            v = -dx * math.sin(angle) + dy * math.cos(angle)
+            signed = (np.hypot(u / a, v / b) - 1.0) * b + 8.0 * roughness[win[0]:win[1], win[2]:win[3]]
+            frac = np.clip(0.5 - signed * edge, 0.0, 1.0) * (self.slope[win[0]:win[1], win[2]:win[3]] >= 28.0)
+            parts, _ = ndimage.label(frac > 0, structure=np.ones((3, 3), bool))
+            centre = parts[r - win[0], c - win[2]]
+            if centre == 0:
+                return None, win
+            return np.where(parts == centre, frac, 0.0).astype(np.float32), win  # one piece
+
+        place("rock", count(6, 10), (self.slope >= 35.0) & clear, outcrop)
+
+        # Gravel bars: lenses 150-400 m long, 20-60 m wide, on one bank of the river, half in the channel.
+        river = self.terrain.river_distance(X, Y)
+
+        def gravel_bar(r: int, c: int) -> tuple[np.ndarray | None, tuple[int, int, int, int]]:
+            length, width = rng.uniform(150.0, 400.0), rng.uniform(20.0, 60.0)
+            side = 1.0 if rng.uniform() < 0.5 else -1.0
+            win = window_around(r, c, int(length / 20) + 8)
+            d = side * river[win[0]:win[1], win[2]:win[3]]
+            along = np.hypot(self.x[win[2]:win[3]][np.newaxis, :] - self.x[c],
+                             self.y[win[0]:win[1]][:, np.newaxis] - self.y[r]) / (length / 2)
+            w = width * np.sqrt(np.clip(1.0 - along ** 2, 0.0, 1.0))
+            frac = np.clip(np.minimum(d - 2.0, 2.0 + w - d) * edge + 0.5, 0.0, 1.0) * (along < 1.0)
+            return frac.astype(np.float32), win
+
+        place("gravel", count(4, 6), (np.abs(river) < 5.0) & clear, gravel_bar)
+
+        # Clear-cuts: rotated rectangles 60-250 x 50-150 m, wholly in forest on slopes under 35 degrees.
+        forest = (self.fractions["forest"] >= 1.0) & (self.slope < 35.0)
+
+        def clearcut(r: int, c: int) -> tuple[np.ndarray | None, tuple[int, int, int, int]]:
+            half_a, half_b = rng.uniform(30.0, 125.0), rng.uniform(25.0, 75.0)
+            angle = rng.uniform(0, np.pi / 2)
+            win = window_around(r, c, int(math.hypot(half_a, half_b) / 10) + 2)
+            dx = self.x[win[2]:win[3]][np.newaxis, :] - self.x[c]
+            dy = self.y[win[0]:win[1]][:, np.newaxis] - self.y[r]
+            u = np.abs(dx * math.cos(angle) + dy * math.sin(angle))
+            v = np.abs(-dx * math.sin(angle) + dy * math.cos(angle))
+            frac = np.clip(0.5 - np.maximum(u - half_a, v - half_b) * edge, 0.0, 1.0)
+            if not forest[win[0]:win[1], win[2]:win[3]][frac > 0].all():
+                return None, win
+            return frac.astype(np.float32), win
+
+        place("clearcut", count(4, 8), forest & clear, clearcut)
+
+        # Roads: 1-2 thin lines, 12-20 m wide with their cleared verges: one along the valley floor beside the river, one
+        # winding across the scene; cut where they would come near a scar.
+        roads = np.zeros(shape, np.float32)
+        n_roads = int(rng.integers(1, 3))
+        for i in range(n_roads):
+            width = rng.uniform(12.0, 20.0)
+            if i == 0:
+                offset = (1.0 if rng.uniform() < 0.5 else -1.0) * rng.uniform(60.0, 120.0)
+                across = river - offset
+            else:
+                angle = rng.uniform(0, np.pi)
+                ca, sa = math.cos(angle), math.sin(angle)
+                dx, dy = X - self.terrain.cx, Y - self.terrain.cy
+                wave, phase = 2 * np.pi / rng.uniform(800.0, 2000.0), rng.uniform(0, 2 * np.pi)
+                along = dx * ca + dy * sa
+                across = -dx * sa + dy * ca - rng.uniform(-0.3, 0.3) * 10.0 * size \
+                    - rng.uniform(40.0, 120.0) * np.sin(wave * along + phase)
+            line = np.clip(0.5 - (np.abs(across) - width / 2) * edge, 0.0, 1.0)
+            roads = np.maximum(roads, line.astype(np.float32))
+        taken = sum(self.lookalikes.values(), np.zeros(shape, np.float32))
+        roads = np.minimum(roads, 1.0 - taken)
+        roads[keep_out | (self.fractions["water"] > 0)] = 0.0
+        self.lookalikes["road"] = roads.astype(np.float32)
+
+        total = sum(self.lookalikes.values(), np.zeros(shape, np.float32))
+        total = np.clip(total, 0.0, 1.0)
+        for name in ("forest", "meadow", "field", "water"):
+            self.fractions[name] = (self.fractions[name] * (1.0 - total)).astype(np.float32)
+        assert not (total > 0)[self.scar_fraction > 0].any()
+
     # -- radiometry ---------------------------------------------------------
     def classes_scl(self) -> np.ndarray:
         """Scene classification at 10 m (before aggregation to 20/60 m)."""
         f = self.fractions
         scl = np.full((self.size, self.size), 4, np.uint8)
-        scl[(f["field"] > 0.5) | (self.scar_fraction >= 0.5)] = 5
+        scl[(f["field"] > 0.5) | (self.scar_fraction >= 0.5) | (self.lookalike_fraction() > 0.5)] = 5
         scl[f["water"] >= 0.5] = 6
         scl[self.cos_incidence < 0.12] = 2
         scl[self.shadow > 0.3] = 3
@@ -1091,6 +1376,7 @@ class DemoScene:
         col = {name: i for i, name in enumerate(_CLASSES)}
         spec = SPECTRA[band]
         f = self.fractions
+        la = self.lookalikes  # zero wherever a scar is
         vig = self.vigour ** _VIGOUR_WEIGHT[band]
         swir = band in ("B11", "B12")
         scar = self.scar_fraction
@@ -1099,7 +1385,9 @@ class DemoScene:
         ground = (
             (f["forest"] * (1 - scar) + reveg) * spec[col["forest"]] * self.canopy * vig
             + f["meadow"] * (1 - scar) * spec[col["meadow"]] * vig
-            + f["field"] * (1 - scar) * spec[col["field"]] * self.soil_texture
+            + f["field"] * (1 - scar) * spec[col["bare"]] * self.soil_texture
+            + (la["gravel"] + la["road"] + la["clearcut"]) * spec[col["bare"]] * self.soil_texture
+            + la["rock"] * spec[col["rock"]] * self.soil_texture
             + soil * spec[col["scar"]] * self.scar_brightness * self.soil_texture
             * (1 - self.scar_moisture * (2.0 if swir else 0.5))
         ) * self.illumination + f["water"] * (1 - scar) * spec[col["water"]]
@@ -1114,6 +1402,11 @@ class DemoScene:
         out = out + noise_rng.normal(0.0, _NOISE_SIGMA, out.shape).astype(np.float32)
         out[~self.swath_valid(native)] = np.nan
         return out
+
+    def lookalike_fraction(self) -> np.ndarray:
+        """Cover of all look-alikes (rock, gravel, road, clear-cut) per 10 m pixel, 0..1."""
+        total = sum(self.lookalikes.values(), np.zeros((self.size, self.size), np.float32))
+        return np.clip(total, 0.0, 1.0).astype(np.float32)
 
     def truth_mask(self) -> np.ndarray:
         """1 where a scar covers at least half of the 10 m pixel."""
@@ -1272,6 +1565,9 @@ def _scene_yaml(safe_name: str) -> str:
         "  path: dem.tif\n"
         "output:\n"
         "  dir: output\n"
+        "reference:                # the painted scars: the run prints object recall and precision\n"
+        "  path: truth_scars.gpkg\n"
+        "  iou: 0.1\n"
     )
 
 

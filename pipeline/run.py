@@ -359,6 +359,7 @@ def _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, clu
         # the mask without the bands' own no-data: each block derives that from the pixels it reads;
         # the quicklook's true colour is averaged onto its coarse grid by the blocks that read it
         pred = predict(stack.data, stack.mask, grid, models, options, keep=keep,
+                       level=processing_level(models, stack.product, cfg.scene.level)["scene"],
                        reader=stack.reader, coarse=_quicklook_coarse(grid) if cfg.output.quicklook else None)
         # An intermediate, plain tiled GeoTIFF (a rerun after a crash replaces it): the later stages
         # read it at once, and the probability COG is made from it while they run.
@@ -717,4 +718,12 @@ def cli_run(args: argparse.Namespace) -> int:
         f"{res.scene_id}: {res.n_polygons} landslide polygon(s), "
         f"{res.total_area_m2 / 1e4:.2f} ha, {res.seconds:.1f} s"
     )
+    if cfg.reference is not None:
+        from .evaluate import evaluate_objects
+
+        ref = cfg.reference
+        m = evaluate_objects(res.geopackage, ref.path, ref.iou, inventory_layer=ref.layer)
+        print(f"against {ref.path.name} (IoU >= {ref.iou:g}): object recall {m['recall']:.2f} "
+              f"({m['matched']} of {m['references']} references found), precision {m['precision']:.2f} "
+              f"({m['matched']} of {m['detections']} detections match)")
     return 0

@@ -22,15 +22,22 @@ from rasterio.warp import Resampling, reproject
 from safe_builder import build_safe, decode_dn
 from scipy import ndimage
 
-from pipeline.channels import S2_BANDS
+from pipeline.channels import L4S_CHANNELS, S2_BANDS
 from pipeline.config import load_scene_config
 from pipeline.demo import (
+    _ATMOSPHERE,
     BAND_IDS,
+    MIN_CLASS_PIXELS,
+    PATCH_CLASSES,
+    SPECTRA,
     DemoPaths,
     DemoScene,
     add_demo_arguments,
+    class_spectrum,
     cli_demo,
     make_scene,
+    patch_classes,
+    patch_spectra,
     write_demo_data,
 )
 from pipeline.errors import ConfigError, OutputError
@@ -237,18 +244,22 @@ def test_scars_are_bare_soil_among_vegetation(demo: DemoPaths) -> None:
         return np.repeat(np.repeat(r, factor, 0), factor, 1)
 
     red, nir, nir20, swir = refl("B04"), refl("B08"), refl("B8A"), refl("B11")
-    ndvi = (nir - red) / (nir + red)
+    with np.errstate(divide="ignore", invalid="ignore"):  # forest and water red are 0 (see SPECTRA)
+        ndvi = (nir - red) / (nir + red)
     truth = read(demo.truth_mask)[0].astype(bool)
     labels, n = ndimage.label(truth)
     assert 6 <= n <= 12
     scl20, _, _ = read(band_file(demo.safe, "SCL", 20))
     scl = np.repeat(np.repeat(scl20, 2, 0), 2, 1)
     ring = ndimage.binary_dilation(truth, iterations=6) & ~ndimage.binary_dilation(truth, iterations=2) & (scl == 4)
+    scar, forest = class_spectrum("scar"), class_spectrum("forest")
     for i in range(1, n + 1):
-        assert np.median(ndvi[labels == i]) < 0.3
-        assert 0.10 < np.median(red[labels == i]) < 0.22  # bright in the visible
+        assert np.median(ndvi[labels == i]) < min(0.6, np.median(ndvi[ring]) - 0.3)
+        # Bright in the visible next to the forest: the data-derived scar red, give or take shading.
+        assert 0.5 * scar["B04"] < np.median(red[labels == i]) < 1.5 * scar["B04"]
+        assert np.median(red[labels == i]) > np.median(red[ring]) + 0.03
     assert np.median(ndvi[ring]) > 0.7
-    assert 0.3 < np.median(nir[ring]) < 0.5
+    assert 0.6 * forest["B08"] < np.median(nir[ring]) < 1.4 * forest["B08"]
     # Bare soil: SWIR above NIR; vegetation: SWIR well below NIR.
     assert np.median(swir[truth] / nir20[truth]) > 0.9
     assert np.median(swir[ring] / nir20[ring]) < 0.6
@@ -439,3 +450,92 @@ def test_builder_refuses_what_a_real_product_cannot_hold(tmp_path: Path) -> None
         build_safe(tmp_path, {"B01": (dn, t, "EPSG:32633"), "B09": (dn, t, "EPSG:32634")})
     l1c = build_safe(tmp_path, {"B10": (dn, t, "EPSG:32633")}, product="L1C")
     assert [p.name for p in (granule_of(l1c) / "IMG_DATA").iterdir()] == ["T54TWN_20230615T015619_B10.jp2"]
+
+
+# -- data-derived spectra and look-alikes ---------------------------------------------
+
+#: Look-alike kind -> the SPECTRA class it is painted with.
+LOOKALIKES = {"rock": "rock", "gravel": "bare", "road": "bare", "clearcut": "bare"}
+
+
+def test_spectra_are_the_medians_of_the_labelled_patches(shared_data: Path) -> None:
+    stats = patch_spectra(shared_data / "l4s" / "train")
+    assert set(stats.surface) == {"forest", "meadow", "bare", "rock", "scar", "water"}
+    assert all(stats.counts[c] >= MIN_CLASS_PIXELS for c in stats.surface)
+    assert stats.counts["snow"] < MIN_CLASS_PIXELS  # no snow in the patches, so none in the scene
+    for name, toa in stats.toa.items():
+        assert toa["B8A"] == toa["B08"]  # the patches have no B8A
+        for band in S2_BANDS:
+            path, trans = _ATMOSPHERE[band]
+            assert stats.surface[name][band] == pytest.approx(max(0.0, (toa[band] - path) / trans))
+            # The constants shipped in demo.py are these values, rounded to 4 decimals.
+            assert class_spectrum(name)[band] == pytest.approx(round(stats.surface[name][band], 4), abs=1e-12)
+    assert class_spectrum("cloud")["B02"] == 0.56  # hand-set: the patches hold no clouds
+    assert set(SPECTRA) == set(S2_BANDS)
+
+
+def test_patch_class_rules_on_chosen_pixels() -> None:
+    # Columns: scar, snow, water, rock, bare, forest, meadow, shadow (no class).
+    image = np.full((len(L4S_CHANNELS), 1, 8), 0.1, np.float32)
+    band = {c: image[i, 0] for i, c in enumerate(L4S_CHANNELS)}
+    band["B03"][:] = [0.05, 0.50, 0.05, 0.10, 0.10, 0.05, 0.06, 0.03]
+    band["B04"][:] = [0.03, 0.48, 0.02, 0.10, 0.10, 0.03, 0.05, 0.02]
+    band["B08"][:] = [0.25, 0.45, 0.02, 0.14, 0.14, 0.25, 0.20, 0.03]
+    band["B11"][:] = [0.10, 0.10, 0.01, 0.15, 0.15, 0.10, 0.12, 0.02]
+    band["SLOPE"][:] = [40, 20, 2, 40, 5, 30, 30, 40]
+    band["DEM"][:] = 1000
+    mask = np.array([[1, 0, 0, 0, 0, 0, 0, 0]], np.uint8)
+    classes = patch_classes(image, mask, L4S_CHANNELS)
+    assert list(classes) == list(PATCH_CLASSES)
+    for col, name in enumerate(("scar", "snow", "water", "rock", "bare", "forest", "meadow")):
+        assert np.flatnonzero(classes[name][0]).tolist() == [col], name
+    assert not any(c[0, 7] for c in classes.values())  # shadow: no class
+
+
+def test_lookalikes_are_painted_outside_the_truth(demo: DemoPaths, scene: DemoScene) -> None:
+    truth = read(demo.truth_mask)[0].astype(bool)
+    assert np.array_equal(truth, scene.truth_mask().astype(bool))
+    scars = gpd.read_file(demo.truth_scars)
+    burned = rasterize(list(scars.geometry), out_shape=truth.shape, transform=scene.transform).astype(bool)
+    near_truth = ndimage.binary_dilation(truth | burned, iterations=2)
+    for kind in LOOKALIKES:
+        frac = scene.lookalikes[kind]
+        assert (frac >= 0.5).sum() > 0, kind
+        assert not (frac > 0)[near_truth].any(), kind
+        assert not (frac > 0)[scene.scar_fraction > 0].any(), kind
+    total = scene.lookalike_fraction()
+    cover = sum(scene.fractions.values()) + total
+    assert np.allclose(cover, 1.0, atol=1e-5)  # look-alikes replace the land cover, not add to it
+    # Not vegetation in the scene classification.
+    assert np.mean(scene.classes_scl()[total >= 0.9] == 5) > 0.8
+    # Same seed, same look-alikes.
+    again = make_scene(120, 7).lookalikes
+    assert all(np.array_equal(v, again[k]) for k, v in make_scene(120, 7).lookalikes.items())
+
+
+def test_lookalikes_on_the_default_scene_are_a_handful_of_realistic_sizes() -> None:
+    scene = make_scene(1020, 0)
+    eight = np.ones((3, 3), bool)
+    for kind in ("rock", "gravel", "clearcut"):
+        labels, n = ndimage.label(scene.lookalikes[kind] > 0, structure=eight)
+        assert 3 <= n <= 20, (kind, n)
+        for sl in ndimage.find_objects(labels):
+            extent = max(s.stop - s.start for s in sl)
+            assert 3 <= extent <= 50, (kind, extent)  # 30-500 m
+    road = scene.lookalikes["road"] >= 0.5
+    assert road.sum() > 200
+    assert ndimage.distance_transform_edt(road).max() <= 2  # thin lines, 1-3 pixels across
+
+
+def test_lookalikes_have_the_brightness_of_their_class(tmp_path: Path, scene: DemoScene) -> None:
+    paths = write_demo_data(tmp_path / "l1c", size=SIZE, seed=SEED, product="L1C")
+    dn, _, _ = read(band_file(paths.safe, "B04"))
+    red = (dn.astype(np.float64) - 1000) / 10000
+    clear = scene.valid10 & (scene.cloud == 0) & (scene.shadow == 0)
+    forest = class_spectrum("forest", "L1C")["B04"]
+    for kind, cls in LOOKALIKES.items():
+        sel = clear & (scene.lookalikes[kind] >= (0.75 if kind == "road" else 0.9))  # roads are sub-pixel
+        assert sel.sum() > 5, kind
+        expected = class_spectrum(cls, "L1C")["B04"]  # data-derived surface, back through the atmosphere
+        assert np.median(red[sel]) == pytest.approx(expected, rel=0.2), kind
+        assert np.median(red[sel]) > forest + 0.04, kind
