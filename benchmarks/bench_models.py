@@ -13,9 +13,10 @@ an RBF SVM are cross-validated on the same folds and channels.
 Reported per seed: pooled out-of-fold precision, recall and F1 (the
 competition metric) of each row, and for the networks the F1 of the same
 fold models at the same threshold on the held-out patches given the
-surface-reflectance look of an L2A product (:func:`pipeline.datasets.surface_look`
-at full strength): the cost of the other processing level, as far as the
-simulation captures it.
+surface-reflectance look of an L2A product (:func:`pipeline.datasets.surface_look`),
+harmonized as a run harmonizes an L2A scene, for the typical atmosphere and
+for ones half and 1.5 times as thick, and without harmonization: the cost of
+the other processing level, as far as the simulation captures it.
 """
 
 from __future__ import annotations
@@ -34,25 +35,36 @@ sys.path.insert(0, str(ROOT))
 DEFAULT_CONFIGS = [ROOT / "configs" / "train_default.yaml", ROOT / "configs" / "train_rgb_terrain.yaml"]
 
 
+#: Looks of L2A products: (label, atmosphere u relative to the training patches' typical path, harmonized)
+LOOKS = (("l2a", 1.0, True), ("l2a_thin", 0.5, True), ("l2a_thick", 1.5, True), ("l2a_raw", 1.0, False))
+
+
 def level_cost(cfg: Any, dataset: Any, cv: Any) -> dict[str, float]:
-    """Pooled out-of-fold metrics of the fold models on their held-out patches made to look like L2A."""
+    """Pooled out-of-fold F1 of the fold models, at the out-of-fold threshold, on their held-out patches
+    given L2A looks (:data:`LOOKS`): harmonized with the fold's L2A statistics (what a run does with an
+    L2A scene), for the typical atmosphere and for ones half and 1.5 times as thick, and unharmonized."""
     import numpy as np
 
     from pipeline.datasets import normalize_patch, surface_look
     from pipeline.metrics import pixel_metrics
+    from pipeline.normalization import level_spec
     from pipeline.train import _build, predict_probabilities
 
-    prob = np.zeros(cv.masks.shape, np.float32)
-    for held, state, spec, path in zip(cv.folds, cv.states, cv.normalizations, cv.paths, strict=True):
-        module = _build(cfg)
-        module.load_state_dict(state)
-        images = []
-        for i in held:
-            patch = dataset.raw(i)
-            look = surface_look(patch.image, dataset.channels, cfg.radiometric, path, 1.0)
-            images.append(normalize_patch(look, patch.valid, spec))
-        prob[held] = predict_probabilities(module, np.stack(images))
-    return pixel_metrics(prob, cv.masks, cv.valid, cv.threshold)["micro"]
+    out = {}
+    for label, u, harmonized in LOOKS:
+        prob = np.zeros(cv.masks.shape, np.float32)
+        for held, state, spec, path in zip(cv.folds, cv.states, cv.normalizations, cv.paths, strict=True):
+            module = _build(cfg)
+            module.load_state_dict(state)
+            use = level_spec(spec, "L2A" if harmonized else None)
+            images = []
+            for i in held:
+                patch = dataset.raw(i)
+                look = surface_look(patch.image, dataset.channels, cfg.radiometric, path, u)
+                images.append(normalize_patch(look, patch.valid, use))
+            prob[held] = predict_probabilities(module, np.stack(images))
+        out[label] = pixel_metrics(prob, cv.masks, cv.valid, cv.threshold)["micro"]["f1"]
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,11 +95,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             l2a = level_cost(cfg, dataset, cv)
             rows.append({"seed": seed, "name": name, "kind": "network", "channels": cfg.model.channels,
                          "precision": m["precision"], "recall": m["recall"], "f1": m["f1"],
-                         "threshold": cv.threshold, "f1_l2a": l2a["f1"], "precision_l2a": l2a["precision"],
-                         "recall_l2a": l2a["recall"], "seconds": time.perf_counter() - t0})
+                         "threshold": cv.threshold, **{f"f1_{k}": v for k, v in l2a.items()},
+                         "seconds": time.perf_counter() - t0})
             print(f"seed {seed} {name:34s} F1 {m['f1']:.3f} P {m['precision']:.3f} R {m['recall']:.3f} "
-                  f"(threshold {cv.threshold:.3f}); L2A look F1 {l2a['f1']:.3f} "
-                  f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+                  f"(threshold {cv.threshold:.3f}); L2A looks F1 "
+                  + " ".join(f"{k} {v:.3f}" for k, v in l2a.items()) + f" [{time.perf_counter() - t0:.0f} s]",
+                  flush=True)
             for kind, bcfg in (("random forest", RandomForestConfig(seed=seed)), ("svm", SVMConfig(seed=seed))):
                 if kind not in args.baselines:
                     continue
@@ -104,9 +117,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def table(out: dict[str, Any]) -> str:
     """Markdown: one row per model and seed, then the medians and the seed-by-seed verdict."""
     rows = out["rows"]
-    lines = ["| model | seed | precision | recall | F1 | F1, L2A look |", "|---|---|---|---|---|---|"]
+    lines = ["| model | seed | precision | recall | F1 | F1 L2A | F1 L2A, thin / thick atmosphere | F1 L2A unharmonized |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        l2a = f"{r['f1_l2a']:.3f}" if "f1_l2a" in r else ""
+        l2a = (f"{r['f1_l2a']:.3f} | {r['f1_l2a_thin']:.3f} / {r['f1_l2a_thick']:.3f} | {r['f1_l2a_raw']:.3f}"
+               if "f1_l2a" in r else " | | ")
         lines.append(f"| {r['name']} | {r['seed']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {l2a} |")
     lines.append("")
     for name in dict.fromkeys(r["name"] for r in rows):

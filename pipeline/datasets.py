@@ -105,28 +105,34 @@ class AugmentConfig(BaseModel):
 
 
 class RadiometricConfig(BaseModel):
-    """Radiometric augmentation in physical units: a patch made to look like another processing level.
+    """The atmosphere in physical units: how an L2A product differs from L1C, and how hazes vary.
 
     The training patches are L1C (top of atmosphere); L2A (surface
-    reflectance) is darker in the visible bands by the path radiance that
+    reflectance) is darker in the visible bands by the path reflectance that
     the atmospheric correction removes, and somewhat brighter in the near
-    and short-wave infrared. With probability ``p`` a patch gets
-    ``x' = gain_b * (x - u * path_b)`` with one ``u ~ U(0, 1)`` per patch
-    (the atmosphere's thickness), ``path_b`` the dark-object value of band b
+    and short-wave infrared. :func:`surface_look` models that: ``x' = g_b *
+    (x - u * path_b)`` with ``path_b`` the dark-object value of band b
     (``path_quantile`` of the training patches' values, a classic estimate
-    of the path reflectance) for the bands up to ``path_bands``, and
-    ``gain_b = 1 + u * nir_gain`` for the red-edge to SWIR bands. Every
-    patch also gets a per-band gain ``U(1 - jitter, 1 + jitter)`` (sensor,
-    sun angle, season). Terrain channels are left alone.
+    of the path reflectance) for ``path_bands``, and ``g_b = 1 + u *
+    nir_gain`` for ``nir_bands``; ``u = 1`` is the training patches' typical
+    atmosphere removed. A model serves L2A scenes by undoing that (``u =
+    1``) before its normalization (:func:`pipeline.normalization.level_spec`).
+
+    Training varies the atmosphere around what the model sees: with
+    probability ``p`` a patch gets ``u ~ U(-spread, spread)`` (hazier or
+    clearer than typical), and every patch a per-band gain ``U(1 - jitter,
+    1 + jitter)`` (sensor, sun angle, season). Terrain channels are left
+    alone.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    p: float = Field(0.0, ge=0, le=1, description="share of patches made to look like surface reflectance")
+    p: float = Field(0.0, ge=0, le=1, description="share of patches given another atmosphere")
+    spread: float = Field(0.5, ge=0, le=1, description="atmospheres from -spread to +spread of the typical path")
     path_quantile: float = Field(1.0, gt=0, lt=50, description="percentile of the training values taken as path reflectance")
     path_bands: list[str] = Field(default_factory=lambda: ["B01", "B02", "B03", "B04", "B05"])
     nir_bands: list[str] = Field(default_factory=lambda: ["B06", "B07", "B08", "B8A", "B09", "B11", "B12"])
-    nir_gain: float = Field(0.08, ge=0, le=0.5, description="largest relative brightening of nir_bands")
+    nir_gain: float = Field(0.08, ge=0, le=0.5, description="relative brightening of nir_bands in surface reflectance")
     jitter: float = Field(0.0, ge=0, le=0.5, description="per-band gain jitter on every patch")
 
     @property
@@ -445,7 +451,7 @@ def radiometric(
 
     ``path`` holds the path reflectance of each channel (0 where none is subtracted).
     """
-    u = float(rng.random()) if cfg.p > 0 and rng.random() < cfg.p else 0.0
+    u = float(rng.uniform(-cfg.spread, cfg.spread)) if cfg.p > 0 and rng.random() < cfg.p else 0.0
     gain = rng.uniform(1 - cfg.jitter, 1 + cfg.jitter, len(channels)) if cfg.jitter > 0 else None
     return surface_look(image, channels, cfg, path, u, gain)
 
@@ -454,12 +460,13 @@ def surface_look(
     image: np.ndarray, channels: Sequence[str], cfg: RadiometricConfig, path: np.ndarray, u: float,
     gain: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``image`` as an L2A product of atmosphere ``u`` (0: unchanged, 1: the whole path reflectance
-    removed) would show it, times an optional per-band ``gain``; terrain channels unchanged."""
+    """``image`` with ``u`` times the typical atmosphere removed (1: an L2A product's look; negative:
+    a hazier scene), times an optional per-band ``gain``; terrain channels unchanged."""
     out = np.array(image, dtype=np.float32, copy=True)
     g = np.ones(len(channels), np.float32) if gain is None else np.asarray(gain, np.float32).copy()
     nir = np.array([ch in cfg.nir_bands for ch in channels])
     g[nir] *= np.float32(1 + u * cfg.nir_gain)
+    path = np.where([ch in cfg.path_bands for ch in channels], path, 0)
     offset = -np.float32(u) * np.asarray(path, np.float32)
     spectral = np.array([ch in S2_BANDS for ch in channels])
     g[~spectral], offset[~spectral] = 1.0, 0.0
@@ -514,6 +521,7 @@ class PatchDataset(Dataset):  # type: ignore[type-arg]
                 raise InputError(f"{missing[0]}: patch has no mask ({len(missing)} of {len(self.records)} lack one)")
         self.stats: BandStats | None = None
         self.path = np.zeros(len(self.channels), np.float32)
+        self.nir_gain = np.zeros(len(self.channels), np.float32)
         self._resolve(normalization)
 
     def _resolve(self, normalization: dict[str, object] | None) -> None:
@@ -524,6 +532,8 @@ class PatchDataset(Dataset):  # type: ignore[type-arg]
             self.stats, path = self._statistics(self.radiometric.path_quantile)
             path_bands = set(self.radiometric.path_bands)
             self.path = np.where([c in path_bands for c in self.channels], path, 0).astype(np.float32)
+            self.nir_gain = np.where([c in self.radiometric.nir_bands for c in self.channels],
+                                     self.radiometric.nir_gain, 0.0).astype(np.float32)
         if not is_resolved(spec):
             assert self.stats is not None
             source = (f"median and interquartile range of {self.stats.n_pixels} valid pixels of "
@@ -555,7 +565,7 @@ class PatchDataset(Dataset):  # type: ignore[type-arg]
         sub._cache = {j: self._cache[i] for j, i in enumerate(indices) if i in self._cache} if self.cache else {}
         sub.augment = augment or NO_AUGMENT
         sub.radiometric = radiometric or NO_RADIOMETRIC
-        sub.stats, sub.path = self.stats, self.path
+        sub.stats, sub.path, sub.nir_gain = self.stats, self.path, self.nir_gain
         sub._resolve(normalization or self.normalization)
         return sub
 

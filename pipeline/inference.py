@@ -54,7 +54,7 @@ from .artefact import (
 )
 from .errors import ConfigError, GridError, InputError, ModelError
 from .grid import Grid
-from .normalization import normalize, validate_spec
+from .normalization import level_spec, normalize, validate_spec
 
 if TYPE_CHECKING:
     import torch
@@ -554,14 +554,16 @@ def _as_dask(arr: xr.DataArray, chunks: tuple[int, ...]) -> da.Array:
     return da.from_array(np.asarray(data), chunks=chunks)
 
 
-def _model_refs(models: Sequence[ModelArtefact], bands: Sequence[str]) -> tuple[_ModelRef, ...]:
+def _model_refs(
+    models: Sequence[ModelArtefact], bands: Sequence[str], level: str | None = None
+) -> tuple[_ModelRef, ...]:
     refs = []
     for m in models:
         index = m.check_channels(bands)
         path = str(m.path) if m.path is not None and m.sha256 else None
         if path is None and m.module is None:
             raise ModelError(f"model {m.name or m.architecture!r} is neither loaded nor saved to a file")
-        spec = validate_spec(m.normalization, n_channels=len(m.channels))
+        spec = validate_spec(level_spec(m.normalization, level), n_channels=len(m.channels))
         refs.append(_ModelRef(m.key, path, tuple(index), spec, float(m.threshold), m.module))
     return tuple(refs)
 
@@ -573,6 +575,7 @@ def predict(
     models: Sequence[ModelArtefact],
     options: InferenceOptions | None = None,
     keep: Sequence[str] = (),
+    level: str | None = None,
     reader: WindowReader | None = None,
     coarse: tuple[Sequence[str], int] | None = None,
 ) -> Prediction:
@@ -590,7 +593,10 @@ def predict(
 
     Each model normalizes with the fixed statistics of its artefact, so a
     pixel's probability depends on its neighbourhood (the model's window)
-    alone, not on what else is in the scene.
+    alone, not on what else is in the scene. ``level`` is the scene's
+    Sentinel-2 processing level (``L1C``, ``L2A`` or None): an artefact
+    with statistics for that level uses them (surface reflectance brought
+    back to the radiometry the model was trained on).
 
     ``keep`` names input channels (of ``data``) to pass through unchanged in
     :attr:`Prediction.layers`, from the same block tasks: a later stage that
@@ -627,7 +633,7 @@ def predict(
         )
     weights = check_ensemble(models, opts.weights)
     bands = [str(b) for b in data.coords["band"].values] if "band" in data.coords else []
-    refs = _model_refs(models, bands)
+    refs = _model_refs(models, bands, level)
     missing = [k for k in keep if k not in bands]
     if missing:
         raise InputError(f"channels to keep {missing} are not in the stack (it has {bands})")

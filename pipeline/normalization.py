@@ -15,7 +15,10 @@ Methods (``spec["method"]``):
     (:func:`band_stats`) here, with their provenance in ``source``. A pixel's
     normalized value depends on that pixel alone, never on what else is in
     the scene. In a training config ``mean``/``std`` may be left out: the
-    training patches supply them.
+    training patches supply them. ``levels`` may hold the ``mean``/``std``
+    that apply to another Sentinel-2 processing level (``{"L2A": {...}}``):
+    the same normalization after the level's radiometry is brought back to
+    the training level's (:func:`add_level`, :func:`level_spec`).
 
 ``none``
     Values pass through unchanged, except that invalid and non-finite pixels
@@ -90,7 +93,7 @@ def validate_spec(
         )
     if method not in METHODS:
         raise ModelError(f"normalization.method: unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    allowed = {"fixed": {"method", "mean", "std", "clip", "source"}, "none": {"method"}}
+    allowed = {"fixed": {"method", "mean", "std", "clip", "source", "levels"}, "none": {"method"}}
     extra = sorted(set(spec) - allowed[method])
     if extra:
         raise ModelError(f"normalization: unknown key(s) {', '.join(extra)} for method {method!r}")
@@ -109,6 +112,31 @@ def validate_spec(
             out["clip"] = _clip_value(spec["clip"])
         if spec.get("source") is not None:
             out["source"] = str(spec["source"])
+        levels = spec.get("levels")
+        if levels is not None:
+            if not isinstance(levels, Mapping) or not set(levels) <= {"L1C", "L2A"}:
+                raise ModelError(f"normalization.levels: expected a mapping of L1C/L2A to mean/std, got {levels!r}")
+            n = len(out["mean"]) if "mean" in out else n_channels
+            out["levels"] = {k: _statistics(v, n) for k, v in levels.items()}
+    return out
+
+
+def add_level(spec: Mapping[str, Any], level: str, path: Sequence[float], gain: Sequence[float]) -> dict[str, Any]:
+    """``spec`` with the statistics for inputs of ``level`` whose radiometry is ``x' = gain * (x - path)``
+    of the training level's: normalizing ``x'`` with them gives what ``spec`` gives for ``x``."""
+    out = validate_spec(spec)
+    g = np.asarray(gain, np.float64)
+    mean = g * (np.asarray(out["mean"], np.float64) - np.asarray(path, np.float64))
+    out["levels"] = {**out.get("levels", {}), level: {"mean": mean.tolist(), "std": (g * out["std"]).tolist()}}
+    return validate_spec(out)
+
+
+def level_spec(spec: Mapping[str, Any], level: str | None) -> dict[str, Any]:
+    """The spec to apply to inputs of processing ``level`` (its own statistics when it has them)."""
+    out = validate_spec(spec)
+    levels = out.pop("levels", {})
+    if level in levels:
+        out.update(levels[level])
     return out
 
 

@@ -99,7 +99,10 @@ class ModelSection(_Strict):
     )
     levels: list[Literal["L1C", "L2A"]] = Field(
         default_factory=lambda: ["L1C"],
-        description="processing levels the model serves; L2A needs radiometric augmentation (the patches are L1C)",
+        description=(
+            "processing levels the model serves; the patches are L1C, and L2A scenes are brought back to "
+            "L1C radiometry by the typical path reflectance of the training patches (radiometric section)"
+        ),
     )
     tile_size: int = Field(128, ge=16)
     name: str = "landslide-segmentation"
@@ -206,11 +209,6 @@ class TrainConfig(_Strict):
     def _check(self) -> TrainConfig:
         if self.model.tile_size % 32 and self.model.architecture.lower() != "plainunet":
             raise ValueError(f"model.tile_size must be a multiple of 32 for {self.model.architecture}")
-        if "L2A" in self.model.levels and self.radiometric.p == 0:
-            raise ValueError(
-                "model.levels includes L2A but radiometric.p is 0: the patches are L1C, so a model serves L2A "
-                "only when trained with patches made to look like surface reflectance (radiometric.p > 0)"
-            )
         return self
 
 
@@ -601,7 +599,7 @@ def cross_validate(
         res = fit(
             cfg,
             train_k,
-            dataset.subset(held, NO_AUGMENT, train_k.normalization),
+            dataset.subset(held, NO_AUGMENT, serving_normalization(cfg, train_k)),
             run_seed=cfg.seed + 1000 * (k + 1),
             label=f"fold {k + 1}/{len(folds)}",
             log_file=log_file,
@@ -609,7 +607,7 @@ def cross_validate(
         assert res.val_prob is not None
         oof[held] = res.val_prob
         states.append(res.state)
-        normalizations.append(train_k.normalization)
+        normalizations.append(serving_normalization(cfg, train_k))
         paths.append(train_k.path)
         best_epochs.append(res.best_epoch)
         fs = _val_scores(res.val_prob, masks[held], valid[held])
@@ -636,6 +634,23 @@ def cross_validate(
         threshold=threshold, metrics=metrics, seconds=time.perf_counter() - start,
         states=states, normalizations=normalizations, paths=paths,
     )
+
+
+def serving_normalization(cfg: TrainConfig, dataset: PatchDataset) -> dict[str, Any]:
+    """The normalization a model trained on ``dataset`` ships with: the patches' statistics, plus
+    those for L2A scenes when the model serves them (the typical path reflectance of the patches
+    added back, the infrared gain undone: :func:`pipeline.normalization.add_level`)."""
+    from .normalization import add_level
+
+    spec = dict(dataset.normalization)
+    if "L2A" not in cfg.model.levels or spec["method"] != "fixed":
+        return spec
+    if not dataset.path.any():
+        raise ConfigError(
+            "model.levels includes L2A but no path reflectance was estimated from the training patches: "
+            "leave normalization.mean/std to the patches or set radiometric.p > 0"
+        )
+    return add_level(spec, "L2A", dataset.path, 1.0 + dataset.nir_gain)
 
 
 @dataclass
@@ -681,7 +696,7 @@ def train(cfg: TrainConfig, source: Path | None = None) -> TrainResult:
         "patch_ids": [r.id for r in records],
         "checksum_sha256": data_checksum(records),
     }
-    normalization = dict(dataset.normalization)
+    normalization = serving_normalization(cfg, dataset)
     if dataset.stats is not None:
         data_info["statistics"] = dataset.stats.to_dict()
         normalization["source"] = f"{normalization['source']} (data checksum sha256 {data_info['checksum_sha256']})"
