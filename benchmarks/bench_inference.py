@@ -60,7 +60,7 @@ from pipeline.device import use_channels_last  # noqa: E402
 from pipeline.grid import Grid  # noqa: E402
 from pipeline.inference import InferenceOptions, clear_model_cache, predict  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.normalization import normalize_population  # noqa: E402
+from pipeline.normalization import band_stats, fixed_spec, normalize  # noqa: E402
 from tiling.windows import WindowGrid  # noqa: E402
 
 TILE = 128
@@ -236,20 +236,20 @@ def bench_memory(args: argparse.Namespace) -> dict[str, object]:
 
 # -- 3. precision ------------------------------------------------------------------
 def _l4s_batch(count: int) -> tuple[np.ndarray, str]:
+    """``count`` Landslide4Sense patches in physical units (as a scene is read), or random inputs."""
     try:
-        import h5py
+        import h5py  # noqa: F401  (read_image reads the patches with it)
     except ImportError:  # pragma: no cover
         h5py = None
+    from pipeline.datasets import read_image
+
     files = sorted((SHARED / "l4s").glob("*/img/*.h5")) if h5py else []
     if not files:
         return np.random.default_rng(1).random((count, 14, TILE, TILE), dtype=np.float32), "random inputs"
-    imgs = []
-    for f in files[:count]:
-        with h5py.File(f, "r") as h:
-            imgs.append(np.asarray(h["img"], np.float32).transpose(2, 0, 1))
+    imgs = [read_image(f).image for f in files[:count]]
     while len(imgs) < count:
         imgs.append(imgs[len(imgs) % len(files)])
-    return np.stack(imgs), f"{min(count, len(files))} Landslide4Sense patches"
+    return np.stack(imgs), f"{min(count, len(files))} Landslide4Sense patches (physical units)"
 
 
 def bench_precision(args: argparse.Namespace) -> dict[str, object]:
@@ -259,7 +259,10 @@ def bench_precision(args: argparse.Namespace) -> dict[str, object]:
     assert module is not None
     raw, source = _l4s_batch(args.precision_batch)
     raw = raw[:, art.check_channels(L4S_CHANNELS)]
-    x = torch.from_numpy(normalize_population(raw, None, art.normalization))
+    spec = art.normalization
+    if spec["method"] == "none":  # an untrained model: the batch's own median/IQR keeps its inputs near 0
+        spec = fixed_spec(band_stats(raw.transpose(1, 0, 2, 3).reshape(raw.shape[1], -1), art.channels))
+    x = torch.from_numpy(normalize(raw, None, spec))
     thr = art.threshold
     modes = {"fp32": (False, False), "fp32+channels_last": (False, True),
              "bf16": (True, False), "bf16+channels_last": (True, True)}

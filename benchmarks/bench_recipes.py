@@ -5,12 +5,14 @@
 
 Both recipes are cross-validated on the labelled patches (default
 ../shared/data/l4s/train) with the same stratified folds and the same epoch
-budget and batch size; a Random Forest baseline runs on the same folds.
+budget and batch size; per-pixel Random Forest and RBF SVM baselines run on
+the same folds (:func:`pipeline.evaluate.baseline_row`). The patches are read
+in physical units (reflectance, degrees, metres).
 
 * ours: configs/train_default.yaml (architecture, loss, augmentation,
-  AdamW + cosine schedule, scene-robust normalization, early stopping,
-  threshold chosen on the pooled out-of-fold predictions), on the same 14
-  channels as the official recipe;
+  AdamW + cosine schedule, fixed normalization with the median/IQR of each
+  fold's training patches, early stopping, threshold chosen on the pooled
+  out-of-fold predictions), on the same 14 channels as the official recipe;
 * official: the Landslide4Sense 2022 baseline (iarai/Landslide4Sense-2022,
   Train.py): plain U-Net (16-256 features), two-class cross-entropy (one
   logit + BCE is the same loss), no augmentation, Adam lr 1e-3 with weight
@@ -18,13 +20,12 @@ budget and batch size; a Random Forest baseline runs on the same folds.
   kept at the best held-out F1; inputs normalized like ours, so only the
   recipe differs;
 * official (own normalization): the same with the official per-band
-  mean/std of the Landslide4Sense values. Informative on these patches, but
-  it cannot be used on real scenes (reflectance, degrees and metres are not
-  Landslide4Sense units);
+  mean/std of the Landslide4Sense values (the dataset authors' statistics),
+  converted to physical units with the published divisors;
 * ours (official normalization): our recipe with that normalization, the
   like-for-like partner of the previous row;
-* ours / official (per-patch normalization): both recipes with the
-  per-window robust normalization (fully local, also unit-invariant).
+* random forest, svm: the per-pixel baselines (bands, NDVI, terrain;
+  normalized with each fold's training statistics).
 
 ``--recipes`` runs a subset of the rows, ``--seeds`` several seeds (the
 folds follow the seed).
@@ -48,15 +49,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.channels import L4S_CHANNELS  # noqa: E402
+from pipeline.channels import L4S_CHANNELS, physical_factors  # noqa: E402
 
-#: Per-band mean/std of the official baseline (dataset/landslide_dataset.py).
+#: Per-band mean/std of the official baseline (dataset/landslide_dataset.py), in Landslide4Sense units.
 OFFICIAL_MEAN = [-0.4914, -0.3074, -0.1277, -0.0625, 0.0439, 0.0803, 0.0644, 0.0802, 0.3000, 0.4082, 0.0823,
                  0.0516, 0.3338, 0.7819]
 OFFICIAL_STD = [0.9325, 0.8775, 0.8860, 0.8869, 0.8857, 0.8418, 0.8354, 0.8491, 0.9061, 1.6072, 0.8848, 0.9232,
                 0.9018, 1.2913]
-PATCH_ROBUST = {"method": "patch_robust", "clip": 10.0}
 DEFAULT_CONFIG = ROOT / "configs" / "train_default.yaml"
+#: The per-pixel baseline rows.
+BASELINES = ("random forest", "svm")
 
 
 def recipes(data: Path, epochs: int | None, folds: int, seed: int, threads: int,
@@ -79,14 +81,16 @@ def recipes(data: Path, epochs: int | None, folds: int, seed: int, threads: int,
     # same inputs for both recipes: all 14 channels unless chosen (the shipped default drops B10 to run on L2A)
     channels = list(channels or L4S_CHANNELS)
     pick = [list(L4S_CHANNELS).index(c) for c in channels]
+    factor = physical_factors(L4S_CHANNELS, "l4s")
     ours_d["model"]["channels"] = channels
     official = {
         **common,
         "model": {
             "architecture": "PlainUnet", "encoder": None, "options": {"base_channels": 16, "depth": 4},
             "channels": channels,
-            "normalization": {"method": "fixed", "mean": [OFFICIAL_MEAN[i] for i in pick],
-                              "std": [OFFICIAL_STD[i] for i in pick]},
+            # the official statistics are in Landslide4Sense units: (x / f - mean) / std in physical units
+            "normalization": {"method": "fixed", "mean": [OFFICIAL_MEAN[i] * factor[i] for i in pick],
+                              "std": [OFFICIAL_STD[i] * factor[i] for i in pick]},
             "name": "official-baseline",
         },
         "loss": {"name": "ce"},
@@ -98,29 +102,27 @@ def recipes(data: Path, epochs: int | None, folds: int, seed: int, threads: int,
     # the official recipe with the pipeline's normalization: same inputs as ours, only the recipe differs
     official_ours = json.loads(json.dumps(official))
     official_ours["model"]["normalization"] = ours_d["model"]["normalization"]
-    # each recipe with each other normalization: the like-for-like partners
+    # each recipe with the other's normalization: the like-for-like partners
     out = {"ours": ours_d, "official": official_ours}
-    for label, spec in (("per-patch", PATCH_ROBUST), ("official", official["model"]["normalization"])):
-        mine = json.loads(json.dumps(ours_d))
-        mine["model"]["normalization"] = spec
-        out[f"ours ({label} normalization)"] = mine
-        theirs = json.loads(json.dumps(official))
-        theirs["model"]["normalization"] = spec
-        out["official (own normalization)" if label == "official" else f"official ({label} normalization)"] = theirs
+    mine = json.loads(json.dumps(ours_d))
+    mine["model"]["normalization"] = official["model"]["normalization"]
+    out["ours (official normalization)"] = mine
+    out["official (own normalization)"] = official
     return {name: TrainConfig.model_validate(cfg) for name, cfg in out.items()}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from pipeline.baseline import RandomForestConfig, SVMConfig
     from pipeline.datasets import find_patches
-    from pipeline.evaluate import random_forest_row, shared_folds
+    from pipeline.evaluate import baseline_row, shared_folds
     from pipeline.metrics import pixel_metrics
     from pipeline.train import cross_validate, make_dataset
 
     torch.set_num_threads(args.threads)
     records = find_patches(args.data, require_masks=True)
-    names = [*recipes(args.data, args.epochs, args.folds, 0, args.threads, args.config, args.channels), "random forest"]
+    names = [*recipes(args.data, args.epochs, args.folds, 0, args.threads, args.config, args.channels), *BASELINES]
     chosen = args.recipes or names
     unknown = sorted(set(chosen) - set(names))
     if unknown:
@@ -146,18 +148,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"seed {seed} {name:28s} F1 {own['f1']:.3f} (P {own['precision']:.3f} R {own['recall']:.3f}) "
                   f"F1@0.5 {at05['f1']:.3f} F1@best {cv.metrics['micro']['f1']:.3f} "
                   f"[{time.perf_counter() - t0:.0f} s]", flush=True)
-        if "random forest" not in chosen:
-            continue
-        t0 = time.perf_counter()
-        from pipeline.baseline import RandomForestConfig
-
-        rf = random_forest_row(records, args.channels, folds, config=RandomForestConfig(seed=seed))
-        results["random forest"].append({
-            "f1": rf.micro["f1"], "precision": rf.micro["precision"], "recall": rf.micro["recall"],
-            "iou": rf.micro["iou"], "seconds": time.perf_counter() - t0, "seed": seed,
-        })
-        print(f"seed {seed} {'random forest':28s} F1 {rf.micro['f1']:.3f} (P {rf.micro['precision']:.3f} "
-              f"R {rf.micro['recall']:.3f}) [{time.perf_counter() - t0:.0f} s]", flush=True)
+        for name in BASELINES:
+            if name not in chosen:
+                continue
+            t0 = time.perf_counter()
+            config = RandomForestConfig(seed=seed) if name == "random forest" else SVMConfig(seed=seed)
+            row = baseline_row(records, args.channels, folds, config=config)
+            results[name].append({
+                "f1": row.micro["f1"], "precision": row.micro["precision"], "recall": row.micro["recall"],
+                "iou": row.micro["iou"], "seconds": time.perf_counter() - t0, "seed": seed,
+            })
+            print(f"seed {seed} {name:28s} F1 {row.micro['f1']:.3f} (P {row.micro['precision']:.3f} "
+                  f"R {row.micro['recall']:.3f}) [{time.perf_counter() - t0:.0f} s]", flush=True)
     summary = {
         name: {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "seed"}
         for name, runs in results.items()
@@ -218,9 +220,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{s.get('f1_at_0.5', float('nan')):.3f} | {s.get('f1_best_threshold', float('nan')):.3f} | "
               f"{s['seconds']:.0f} |")
     s = out["summary"]
-    for mine, other in (("ours", "official"), ("ours (per-patch normalization)", "official (per-patch normalization)"),
-                        ("ours (official normalization)", "official (own normalization)"),
-                        ("ours", "official (own normalization)"), ("ours", "random forest")):
+    for mine, other in (("ours", "official"), ("ours (official normalization)", "official (own normalization)"),
+                        ("ours", "official (own normalization)"), ("ours", "random forest"), ("ours", "svm")):
         if mine not in s or other not in s:
             continue
         verdict = "wins" if s[mine]["f1"] > s[other]["f1"] else "does NOT win"

@@ -29,6 +29,9 @@ from pipeline.errors import ChannelError, InputError, ModelError
 from pipeline.models import build_model
 
 ARCH_KWARGS = {"base_channels": 4, "depth": 2}
+#: fixed statistics in physical units, one per channel (reflectance, degrees, metres)
+NORMALIZATION = {"method": "fixed", "mean": [0.1] * 12 + [15.0, 800.0], "std": [0.05] * 12 + [10.0, 400.0],
+                 "clip": 10.0, "source": "test"}
 
 
 def _meta(**overrides: object) -> dict:
@@ -37,7 +40,7 @@ def _meta(**overrides: object) -> dict:
         "encoder": None,
         "arch_kwargs": ARCH_KWARGS,
         "channels": list(L4S_CHANNELS),
-        "normalization": {"method": "patch_robust", "clip": 10.0},
+        "normalization": NORMALIZATION,
         "tile_size": 128,
         "threshold": 0.42,
         "training": {"data": "Landslide4Sense train", "epochs": 3},
@@ -61,6 +64,9 @@ def test_round_trip_keeps_weights_and_metadata(tmp_path: Path) -> None:
     assert loaded.metadata() == saved.metadata()
     assert loaded.threshold == 0.42 and loaded.channels == list(L4S_CHANNELS)
     assert loaded.training == {"data": "Landslide4Sense train", "epochs": 3}
+    assert loaded.normalization == NORMALIZATION and loaded.levels == ["L1C"]  # levels default to L1C
+    assert load_artefact(save_artefact(tmp_path / "l2a.safetensors", module, _meta(levels=["L1C", "L2A"])).path
+                         ).levels == ["L1C", "L2A"]
     assert loaded.created  # filled in on save
     assert loaded.sha256 == saved.sha256 == file_sha256(tmp_path / "m.safetensors")
     x = torch.randn(2, 14, 32, 32)
@@ -133,6 +139,12 @@ def _rewrite_metadata(path: Path, meta: dict) -> None:
         ({"architecture": "Nope"}, "unknown architecture"),
         ({"surprise": 1}, "unknown metadata field"),
         ({"normalization": {"method": "magic"}}, "unknown method"),
+        ({"normalization": {"method": "fixed"}}, "mean/std: required"),
+        ({"normalization": {**NORMALIZATION, "mean": [0.1] * 13, "std": [1.0] * 13}}, "13 values given but the model has 14"),
+        ({"normalization": {"method": "patch_robust", "clip": 10.0}}, "retrain"),
+        ({"normalization": {"method": "scene_robust", "clip": 10.0}}, "retrain"),
+        ({"levels": ["L3"]}, "levels"),
+        ({"levels": []}, "levels"),
     ],
 )
 def test_invalid_metadata_is_refused_with_the_field(tmp_path: Path, change: dict, match: str) -> None:

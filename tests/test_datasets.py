@@ -11,7 +11,7 @@ import pytest
 import rasterio
 from affine import Affine
 
-from pipeline.channels import L4S_CHANNELS
+from pipeline.channels import L4S_CHANNELS, L4S_DIVISOR, S2_BANDS, physical_factors
 from pipeline.datasets import (
     AugmentConfig,
     PatchDataset,
@@ -23,7 +23,7 @@ from pipeline.datasets import (
     read_image,
 )
 from pipeline.errors import ChannelError, InputError
-from pipeline.normalization import normalize
+from pipeline.normalization import normalize, validate_spec
 
 RGB_TERRAIN = ["B02", "B03", "B04", "SLOPE", "DEM"]
 
@@ -79,8 +79,11 @@ def test_channel_subset_by_name_matches_the_hdf5_columns(shared_data: Path) -> N
         raw = h5["img"][()]
     patch = load_patch(rec, ["b2", "B3", "B04", "slope", "DEM"])
     assert patch.channels == tuple(RGB_TERRAIN)
+    factors = physical_factors(L4S_CHANNELS, "l4s")
     for k, name in enumerate(RGB_TERRAIN):
-        np.testing.assert_allclose(patch.image[k], raw[..., L4S_CHANNELS.index(name)].astype(np.float32))
+        column = L4S_CHANNELS.index(name)
+        # the column of that channel, in physical units (its own factor, not a neighbour's)
+        np.testing.assert_allclose(patch.image[k], raw[..., column] * factors[column], rtol=1e-6)
     assert patch.mask is not None and patch.mask.dtype == np.uint8 and set(np.unique(patch.mask)) <= {0, 1}
     assert channel_indices(L4S_CHANNELS, ["B13", "B14"]) == [12, 13]
     with pytest.raises(ChannelError, match="B8A"):
@@ -103,7 +106,8 @@ def _write_tif(path: Path, data: np.ndarray, descriptions: list[str] | None, nod
 def test_geotiff_chips_with_band_names_and_nodata(tmp_path: Path) -> None:
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
-    data = np.full((5, 64, 64), 100.0, dtype=np.float32)
+    data = np.full((5, 64, 64), 0.1, dtype=np.float32)  # reflectance (physical units, the default)
+    data[4] = 12.0  # SLOPE, degrees
     data[:, 0, 0] = -9999.0
     data[0] = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
     data[0, 0, 0] = -9999.0
@@ -117,6 +121,7 @@ def test_geotiff_chips_with_band_names_and_nodata(tmp_path: Path) -> None:
     patch = load_patch(records[0], ["B02", "DEM"])
     assert patch.channels == ("B02", "DEM")
     np.testing.assert_array_equal(patch.image[1, 1:, 1:], data[0, 1:, 1:])
+    np.testing.assert_array_equal(patch.image[0, 1:, 1:], data[3, 1:, 1:])
     assert not patch.valid[0, 0] and patch.valid[1:, 1:].all()
     assert patch.mask is not None and patch.mask.sum() == 100 and patch.mask.max() == 1
 
@@ -175,11 +180,16 @@ def test_noise_only_touches_valid_pixels() -> None:
 
 def test_dataset_items_are_normalized_and_augmentation_is_reproducible(shared_data: Path) -> None:
     records = find_patches(shared_data / "l4s" / "train")[:2]
-    spec = {"method": "patch_robust"}
+    # fixed statistics in physical units (reflectance, degrees, metres), used as given
+    spec = {"method": "fixed", "mean": [0.1, 0.1, 0.1, 10.0, 1000.0], "std": [0.05, 0.05, 0.05, 8.0, 500.0],
+            "clip": 10.0}
     plain = PatchDataset(records, RGB_TERRAIN, spec)
+    assert plain.normalization == validate_spec(spec) and plain.stats is None
     raw = plain.raw(0)
     expected = normalize(raw.image[None], raw.valid[None], spec)[0]
     np.testing.assert_allclose(plain[0]["image"].numpy(), expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(plain[0]["image"].numpy()[4], np.clip((raw.image[4] - 1000.0) / 500.0, -10, 10),
+                               rtol=1e-6, atol=1e-6)
     assert plain[0]["mask"].shape == (1, 128, 128)
 
     aug = AugmentConfig(noise_std=0.05)
@@ -192,3 +202,70 @@ def test_dataset_items_are_normalized_and_augmentation_is_reproducible(shared_da
     assert not np.array_equal(a[1]["image"].numpy(), b[1]["image"].numpy())
     pos, neg = plain.label_counts()
     assert pos + neg == 2 * 128 * 128 and pos == sum(int(plain[i]["mask"].sum()) for i in range(2))
+
+
+def test_a_training_spec_takes_its_statistics_from_the_patches(shared_data: Path) -> None:
+    """``{"method": "fixed"}`` without mean/std: the median and IQR of the dataset's own valid
+    pixels (physical units) become its statistics; a subset resolves on its own patches."""
+    records = find_patches(shared_data / "l4s" / "train")[:3]
+    ds = PatchDataset(records, RGB_TERRAIN, {"method": "fixed", "clip": 5.0})
+    pixels = np.concatenate([ds.raw(i).image[:, ds.raw(i).valid] for i in range(3)], axis=1)
+    q25, q50, q75 = np.percentile(pixels, [25, 50, 75], axis=1)
+    assert ds.stats is not None and ds.stats.n_pixels == 3 * 128 * 128
+    assert ds.normalization["method"] == "fixed" and ds.normalization["clip"] == 5.0
+    np.testing.assert_allclose(ds.normalization["mean"], q50, rtol=1e-6)
+    np.testing.assert_allclose(ds.normalization["std"], q75 - q25, rtol=1e-5)
+    assert "3 training patches" in str(ds.normalization["source"])
+    assert 0.0 < ds.normalization["mean"][0] < 1.0  # B02 as reflectance
+    raw = ds.raw(1)
+    np.testing.assert_allclose(ds[1]["image"].numpy(), normalize(raw.image[None], raw.valid[None], ds.normalization)[0],
+                               atol=1e-6)
+    # a subset keeps the parent's resolved spec, or resolves an unresolved one on its own patches
+    assert ds.subset([0]).normalization == ds.normalization
+    own = ds.subset([0], normalization={"method": "fixed", "clip": 5.0})
+    np.testing.assert_allclose(own.normalization["mean"], np.median(ds.raw(0).image[:, ds.raw(0).valid], axis=1),
+                               rtol=1e-6)
+    assert own.normalization["mean"] != ds.normalization["mean"]
+
+
+def test_landslide4sense_patches_are_read_in_physical_units(shared_data: Path) -> None:
+    """The published divisors undo the Landslide4Sense scaling exactly: every stored value times its
+    channel's divisor is an integer (Sentinel-2 L1C digital numbers, degrees, metres), and
+    read_image returns those integers / 10000 for the bands (reflectance) and as they are for
+    SLOPE and DEM."""
+    divisor = np.asarray(L4S_DIVISOR, np.float64)
+    quantification = np.array([1e4 if c in S2_BANDS else 1.0 for c in L4S_CHANNELS])
+    records = find_patches(shared_data / "l4s" / "train") + find_patches(shared_data / "l4s" / "unlabeled")
+    assert len(records) == 29
+    for rec in records:
+        with h5py.File(rec.image) as h5:
+            raw = np.asarray(h5["img"][()], np.float64)
+        original = raw * divisor
+        np.testing.assert_allclose(original, np.round(original), rtol=0, atol=1e-9, err_msg=rec.image.name)
+        patch = read_image(rec.image)
+        assert patch.image.dtype == np.float32 and patch.channels == L4S_CHANNELS
+        expected = np.moveaxis(np.round(original), -1, 0) / quantification[:, None, None]
+        np.testing.assert_allclose(patch.image, expected, rtol=1e-6, atol=0, err_msg=rec.image.name)
+        reflectance = patch.image[[L4S_CHANNELS.index(b) for b in S2_BANDS if b in L4S_CHANNELS]]
+        assert reflectance.min() >= 0 and np.median(reflectance) < 0.5
+
+
+def test_geotiff_chips_of_digital_numbers_need_declared_units(tmp_path: Path) -> None:
+    """A chip whose bands hold digital numbers (reflectance x 10000) is refused unless it says so
+    (``units="dn"`` or a UNITS tag), rather than fed to a model as reflectance of 1000."""
+    rng = np.random.default_rng(0)
+    dn = np.concatenate([rng.integers(200, 3000, (3, 32, 32)), np.full((1, 32, 32), 25), np.full((1, 32, 32), 900)])
+    dn = dn.astype(np.float32)
+    path = tmp_path / "chip.tif"
+    _write_tif(path, dn, RGB_TERRAIN, None)
+    with pytest.raises(ChannelError, match=r"median .* units .*data\.units: dn"):
+        read_image(path)
+    patch = read_image(path, units="dn")
+    np.testing.assert_allclose(patch.image[:3], dn[:3] / 10000, rtol=1e-6)
+    np.testing.assert_array_equal(patch.image[3:], dn[3:])  # degrees and metres unchanged
+    # the same from the file's own UNITS tag
+    with rasterio.open(path, "r+") as dst:
+        dst.update_tags(UNITS="dn")
+    np.testing.assert_allclose(read_image(path).image, patch.image)
+    with pytest.raises(ChannelError, match="unknown units"):
+        read_image(path, units="percent")

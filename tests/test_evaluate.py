@@ -1,4 +1,4 @@
-"""Evaluation: artefact pixel metrics, Random Forest baseline, object metrics, comparison tables."""
+"""Evaluation: artefact pixel metrics, Random Forest and SVM baselines, object metrics, comparison tables."""
 
 from __future__ import annotations
 
@@ -16,18 +16,18 @@ from shapely.affinity import translate
 from shapely.geometry import box
 
 from pipeline.artefact import ModelArtefact, save_artefact
-from pipeline.baseline import RandomForestConfig, feature_names, pixel_features
+from pipeline.baseline import RandomForestConfig, SVMConfig, feature_names, pixel_features
 from pipeline.datasets import data_checksum, find_patches, read_mask
 from pipeline.errors import InputError
 from pipeline.evaluate import (
     Row,
     add_evaluate_arguments,
+    baseline_row,
     cli_evaluate,
     csv_table,
     evaluate_artefact,
     evaluate_objects,
     markdown_table,
-    random_forest_row,
     read_polygons,
     shared_folds,
 )
@@ -94,20 +94,42 @@ def test_ndvi_feature_by_hand() -> None:
     assert pixel_features(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), ["B02", "DEM"]).shape == (2, 2, 2)
 
 
+BASELINE_IDS = {"1", "2", "28", "461", "512", "600"}
+
+
+def _trivial_f1(records: list) -> float:
+    """F1 of predicting landslide everywhere."""
+    positives = sum(int(read_mask(r.mask)[0].sum()) for r in records)
+    return 2 * positives / (positives + len(records) * 128 * 128)
+
+
 def test_random_forest_baseline_beats_predicting_everything(shared_data: Path) -> None:
     records = find_patches(shared_data / "l4s" / "train")
-    records = [r for r in records if r.id in {"1", "2", "28", "461", "512", "600"}]
+    records = [r for r in records if r.id in BASELINE_IDS]
     folds = shared_folds(records, 2, seed=0)
     assert sorted(i for f in folds for i in f) == list(range(len(records)))
-    row = random_forest_row(records, CHANNELS, folds, config=RandomForestConfig(n_estimators=15, seed=0))
-    positives = sum(int(read_mask(r.mask)[0].sum()) for r in records)  # type: ignore[arg-type]
-    trivial_f1 = 2 * positives / (positives + len(records) * 128 * 128)
-    assert row.kind == "baseline" and row.patches == len(records)
-    assert row.micro["f1"] > trivial_f1 + 0.05
+    row = baseline_row(records, CHANNELS, folds, config=RandomForestConfig(n_estimators=15, seed=0))
+    assert row.name == "random forest" and row.kind == "baseline" and row.patches == len(records)
+    assert row.protocol == "2-fold CV (same folds)" and "15 trees" in row.note
+    assert row.micro["f1"] > _trivial_f1(records) + 0.05
     # with a separate training set the same patches are scored by one model
-    held = random_forest_row(records[:2], CHANNELS, train_records=records[2:],
-                             config=RandomForestConfig(n_estimators=15, seed=0))
+    held = baseline_row(records[:2], CHANNELS, train_records=records[2:],
+                        config=RandomForestConfig(n_estimators=15, seed=0))
     assert held.protocol == "trained on the training set" and held.patches == 2
+    with pytest.raises(ValueError, match="folds or train_records"):
+        baseline_row(records, CHANNELS)
+
+
+def test_svm_baseline_beats_predicting_everything(shared_data: Path) -> None:
+    """The RBF SVM row is cross-validated on the same shared folds as the Random Forest."""
+    records = [r for r in find_patches(shared_data / "l4s" / "train") if r.id in BASELINE_IDS]
+    folds = shared_folds(records, 2, seed=0)
+    row = baseline_row(records, CHANNELS, folds, config=SVMConfig(pixels_per_patch=200, seed=0))
+    assert row.name == "svm" and row.kind == "baseline" and row.patches == len(records)
+    assert row.protocol == "2-fold CV (same folds)" and "RBF kernel" in row.note
+    assert 0.0 < row.threshold < 1.0
+    assert row.micro["tp"] + row.micro["fn"] == sum(int(read_mask(r.mask)[0].sum()) for r in records)  # type: ignore[arg-type]
+    assert row.micro["f1"] > _trivial_f1(records) + 0.05
 
 
 def test_comparison_table_markdown_and_csv() -> None:
@@ -156,9 +178,10 @@ def test_cli_writes_tables_for_models_and_baseline(shared_data: Path, tmp_path: 
     ])
     assert cli_evaluate(args) == 0
     rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "comparison.csv").read_text())))
-    assert [r["kind"] for r in rows] == ["model", "baseline"]
+    assert [r["kind"] for r in rows] == ["model", "baseline", "baseline"]
+    assert [r["name"] for r in rows[1:]] == ["random forest", "svm"]  # both baselines by default
     assert float(rows[0]["recall"]) == 1.0
-    assert rows[1]["channels"] == ",".join(CHANNELS)
+    assert rows[1]["channels"] == rows[2]["channels"] == ",".join(CHANNELS)
     assert "| random forest |" in (tmp_path / "out" / "comparison.md").read_text()
     payload = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert len(payload["rows"][0]["details"]["metrics"]["per_patch"]) == 15

@@ -32,6 +32,9 @@ from tiling.windows import WindowGrid
 
 CHANNELS = list(L4S_CHANNELS)
 NONE = {"method": "none"}
+#: fixed statistics of the synthetic scenes' values (uniform in [0.5, 1.5])
+FIXED = {"method": "fixed", "mean": [1.0 - 0.01 * i for i in range(14)], "std": [0.3 + 0.02 * i for i in range(14)],
+         "clip": 10.0}
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -216,7 +219,7 @@ def test_full_sentinel2_tile_builds_lazily_and_computes_a_few_blocks() -> None:
 # -- layout and scheduler independence ----------------------------------------------------
 def test_results_do_not_depend_on_block_size() -> None:
     data, valid, grid = _scene(300, 330, seed=7)
-    art = _art(_tiny_unet(), normalization={"method": "patch_robust"})
+    art = _art(_tiny_unet(), normalization=FIXED)
     outs = [
         _compute(predict(data, valid, grid, [art], InferenceOptions(overlap=24, block_size=b)).probability)
         for b in (80, 200, 4096)
@@ -243,17 +246,20 @@ class ArrayReader:
         return self.arr[bands, r0 : r0 + h, c0 : c0 + w].copy()
 
 
-@pytest.mark.parametrize(("with_mask", "normalization"), [
-    (False, {"method": "patch_robust"}),
-    (True, {"method": "patch_robust"}),
-    # per-pixel methods: a block read for its task alone is normalized whole, before its windows
-    # are cut; the windows get the same values as when each batch is normalized
+@pytest.mark.parametrize(("with_mask", "normalization", "reordered"), [
+    # a model reading the channels in another order than the stack's: each batch of windows is
+    # normalized (the block is not normalized in place)
+    (False, FIXED, True),
+    (True, FIXED, True),
+    # one model reading every channel in the stack's order: a block read for its task alone is
+    # normalized whole, before its windows are cut; the windows get the same values as when each
+    # batch is normalized
     (True, {"method": "fixed", "mean": [0.1 * i for i in range(14)], "std": [0.5 + 0.1 * i for i in range(14)],
-            "clip": 1.5}),
-    (True, {"method": "none"}),
+            "clip": 1.5}, False),
+    (True, {"method": "none"}, False),
 ])
 def test_a_window_reader_gives_the_same_raster_with_one_read_per_block(
-    with_mask: bool, normalization: dict, monkeypatch: pytest.MonkeyPatch,
+    with_mask: bool, normalization: dict, reordered: bool, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     mask = np.ones((300, 330), bool)
     if with_mask:  # the pixels are missing there too, as a stack's are outside its mask
@@ -263,6 +269,9 @@ def test_a_window_reader_gives_the_same_raster_with_one_read_per_block(
         mask[150:170, 20:90] = False
         valid = xr.DataArray(da.from_array(mask, chunks=96), dims=("y", "x"))
     art = _art(_tiny_unet(), normalization=normalization)
+    if reordered:
+        art = ModelArtefact("PlainUnet", None, CHANNELS[::-1], normalization=normalization, tile_size=64,
+                            module=_tiny_unet().eval())
     opts = InferenceOptions(overlap=16, block_size=96)
     keep = ["DEM", "B02"]
     ref = predict(data, valid if with_mask else None, grid, [art], opts, keep=keep)
@@ -280,19 +289,18 @@ def test_a_window_reader_gives_the_same_raster_with_one_read_per_block(
     pred = predict(data, valid if with_mask else None, grid, [art], opts, keep=keep, reader=reader)
     out = _compute(pred.probability)
     monkeypatch.setattr(inference, "normalize", real_normalize)
-    # whole blocks (each block with windows to run) for per-pixel methods, batches of 64 px windows otherwise
+    # whole blocks (each block with windows to run) when one model reads the block's channels as they
+    # are, batches of 64 px windows otherwise
     blockwise = [s for s in shapes if s[0] == 1 and s[2:] != (64, 64)]
-    if normalization["method"] == "patch_robust":
-        assert not blockwise and shapes
+    if reordered:
+        assert not blockwise and shapes and all(s[1:] == (14, 64, 64) for s in shapes)
     else:
         assert shapes == blockwise and 0 < len(blockwise) <= len(reader.reads)
     # one read per block (4 x 4 blocks of 96 px, stride 48), each the block plus its windows' reach
     assert len(reader.reads) == 16
     assert len(set(reader.reads)) == 16
     assert all(h <= 96 + 64 and w <= 96 + 64 for _, _, h, w in reader.reads)
-    np.testing.assert_allclose(out, _compute(ref.probability), rtol=0, atol=1e-6)
-    if normalization["method"] != "patch_robust":
-        np.testing.assert_array_equal(out, _compute(ref.probability))
+    np.testing.assert_array_equal(out, _compute(ref.probability))
     assert np.isnan(out[~mask]).all() and np.isfinite(out[mask]).all()
     for name in keep:  # passed through as read, not normalized
         np.testing.assert_array_equal(_compute(pred.layers[name]), _compute(ref.layers[name]))
@@ -321,7 +329,7 @@ def test_threaded_and_multiprocess_cluster_give_the_same_raster(tmp_path: Path) 
     saved = save_artefact(
         tmp_path / "tiny.safetensors", _tiny_unet(),
         {"architecture": "PlainUnet", "encoder": None, "arch_kwargs": {"base_channels": 4, "depth": 2},
-         "channels": CHANNELS, "normalization": {"method": "patch_robust"}, "tile_size": 64,
+         "channels": CHANNELS, "normalization": FIXED, "tile_size": 64,
          "threshold": 0.5, "version": "1"},
     )
     data, valid, grid = _scene(200, 230, seed=5, chunks=100)

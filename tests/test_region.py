@@ -33,7 +33,9 @@ def _bias_model(path: Path, bias: float) -> Path:
     save_artefact(path, module, {
         "architecture": "PlainUnet", "encoder": None, "channels": list(L4S_CHANNELS),
         "arch_kwargs": {"base_channels": 4, "depth": 2},
-        "normalization": {"method": "patch_robust", "clip": 10.0}, "tile_size": 128,
+        # fixed statistics in physical units: reflectance, slope (degrees), elevation (metres)
+        "normalization": {"method": "fixed", "mean": [0.1] * 12 + [20.0, 1000.0], "std": [0.1] * 12 + [10.0, 500.0],
+                          "clip": 10.0}, "tile_size": 128,
         "threshold": 0.5, "version": "test",
     })
     return path

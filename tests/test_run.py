@@ -80,8 +80,9 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
     assert stacked_again == [] and read_again == []
     assert not [p.name for p in res.run_dir.iterdir() if p.name.startswith(".")]  # intermediates removed
     report = json.loads((res.run_dir / REPORT).read_text())
-    for stage in ("stack-graph", "scene-stats", "infer", "postprocess", "write"):
+    for stage in ("stack-graph", "infer", "postprocess", "write"):
         assert stage in report["timings_s"]
+    assert "scene-stats" not in report["timings_s"]  # a model's statistics are its own, never the scene's
     # the worker-thread time spent in the model's forward pass, from Dask's performance metrics
     inference = report["inference"]
     from tiling.windows import WindowGrid
@@ -93,10 +94,14 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
     assert inference["worker_threads"] == threads
     assert 0 < inference["model_forward_seconds"] <= threads * report["timings_s"]["infer"]
     assert inference["model_forward_share"] is None  # a cluster the run did not start may work for others
-    # the shipped model normalizes with the scene's statistics, recorded for every channel it uses
-    stats = report["scene_statistics"]
-    assert 0 < stats["n_pixels"] <= report["counts"]["valid_pixels"]
-    assert sorted(stats["median"]) == sorted(stats["scale"]) == sorted(load_artefact(DEFAULT_MODEL).channels)
+    # the demo is an L2A SAFE product: its level comes from the product metadata and is checked
+    # against the levels the shipped model was trained for
+    assert "scene_statistics" not in report
+    served = "L2A" in art.levels
+    assert report["processing_level"] == {
+        "scene": "L2A", "source": "product metadata", "models": {art.name or art.architecture: art.levels},
+        "served": served, "unserved": [] if served else [art.name or art.architecture],
+    }
     for name in ("probability.tif", "mask.tif", "quicklook.png", res.geopackage.name):
         assert (res.run_dir / name).is_file(), name
 
@@ -362,7 +367,7 @@ def test_inference_reads_each_band_once_per_block(demo: Path, monkeypatch: pytes
     stack = stack_module.stack_scene(cfg, model_channels(models))
     assert stack.mask is not None  # the demo is an L2A product: the SCL masks clouds
     pred = predict(stack.data, stack.mask, stack.grid, models, InferenceOptions(overlap=32))
-    reads.clear()  # predict sampled the scene for its statistics
+    assert reads == []  # building the inference reads nothing (no statistics are sampled from the scene)
     # in this process (a distributed client of another test may be the default)
     dask.compute(pred.probability.data, scheduler="sync")
     assert len(reads) == 1  # one 318 px scene, one block
@@ -394,7 +399,7 @@ def test_inference_over_many_blocks_reads_each_pixel_about_once(demo: Path, monk
     stack = stack_module.stack_scene(cfg, model_channels(models))
     opts = InferenceOptions(overlap=overlap, block_size=block)
     pred = predict(stack.data, stack.mask, stack.grid, models, opts)
-    areas.clear()  # predict sampled the scene for its statistics
+    assert areas == []  # building the inference reads nothing
     out = dask.compute(pred.probability.data, scheduler="sync")[0]
     assert np.isfinite(out).any()
     wg = WindowGrid(*stack.grid.shape, tile, overlap)
@@ -449,21 +454,24 @@ def _forward_labels(dask_scheduler) -> set[str]:  # noqa: ANN001
             if isinstance(k, tuple) and len(k) == 4 and str(k[2]).startswith("model-forward")}
 
 
-def test_local_cluster_starts_while_the_scene_statistics_are_sampled(demo: Path, tmp_path: Path, client,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """The cluster starts in a background thread, the statistics are computed in this process
-    meanwhile, and the cluster is closed whether the run succeeds or fails. The run computes on
-    its own cluster although another client (the module's, entered with ``with``) is current."""
+def test_local_cluster_starts_while_the_inference_graphs_are_built(demo: Path, tmp_path: Path, client,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cluster starts in a background thread, the inference's graphs are built in this process
+    meanwhile (the run waits for the cluster only right before it computes), and the cluster is
+    closed whether the run succeeds or fails. The run computes on its own cluster although another
+    client (the module's, entered with ``with``) is current."""
     import threading
     from contextlib import contextmanager
 
+    import pipeline.inference as inference_module
+    import pipeline.run as run_module
     from pipeline import cluster as cluster_module
-    from pipeline import scenestats
     from pipeline.errors import InputError
 
     events: list[tuple[str, str]] = []
     real_client = cluster_module.dask_client
-    real_stats = scenestats.scene_band_stats
+    real_predict = inference_module.predict
+    real_wait = run_module._Cluster.wait
 
     @contextmanager
     def recording_client(section, imports=()):  # noqa: ANN001, ANN202
@@ -472,39 +480,71 @@ def test_local_cluster_starts_while_the_scene_statistics_are_sampled(demo: Path,
             yield c
         events.append(("closed", threading.current_thread().name))
 
-    schedulers: list[tuple[str | None, int | None]] = []
+    order: list[tuple[str, bool]] = []
 
-    def failing_stats(cfg, channels, **kw):  # noqa: ANN001, ANN003, ANN202
+    def failing_predict(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise InputError("bad band (test)")
 
-    def recording_stats(cfg, channels, **kw):  # noqa: ANN001, ANN003, ANN202
-        schedulers.append((kw.get("scheduler"), kw.get("threads")))
-        return real_stats(cfg, channels, **kw)
+    def recording_predict(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        order.append(("predict", threading.current_thread().name == threading.main_thread().name))
+        return real_predict(*args, **kwargs)
+
+    def recording_wait(self, timer):  # noqa: ANN001, ANN202
+        order.append(("wait", self.starting))
+        return real_wait(self, timer)
 
     monkeypatch.setattr(cluster_module, "dask_client", recording_client)
+    monkeypatch.setattr(run_module._Cluster, "wait", recording_wait)
     cfg = _config(demo, tmp_path, dask={"n_workers": 1, "threads_per_worker": 2})
-    monkeypatch.setattr(scenestats, "scene_band_stats", failing_stats)
+    monkeypatch.setattr(inference_module, "predict", failing_predict)
     with pytest.raises(InputError, match="bad band"):
         run_scene(cfg)
     assert [e[0] for e in events] == ["start", "closed"]  # waited for and closed despite the error
     assert events[0][1].startswith("start-cluster")
     events.clear()
+    order.clear()
 
-    monkeypatch.setattr(scenestats, "scene_band_stats", recording_stats)
+    monkeypatch.setattr(inference_module, "predict", recording_predict)
     before = client.run_on_scheduler(_forward_labels)
     res = run_scene(cfg)
     assert client.run_on_scheduler(_forward_labels) == before  # nothing ran on the other cluster
     assert res.status == "completed" and res.n_polygons >= 0
-    # sampled locally while the cluster was starting, leaving a core to the workers' start
-    assert schedulers == [("threads", max(1, (os.cpu_count() or 1) - 1))]
+    # the graphs were built in this process before the run first waited for the starting cluster
+    assert order[:2] == [("predict", True), ("wait", True)]
     assert [e[0] for e in events] == ["start", "closed"]
-    assert "start-cluster" in res.report["timings_s"] and "scene-stats" in res.report["timings_s"]
+    assert "start-cluster" in res.report["timings_s"] and "scene-stats" not in res.report["timings_s"]
     # on its own cluster the run reports the forward pass's share of all worker-thread time
     inference = res.report["inference"]
     assert inference["worker_threads"] == 2
     assert inference["model_forward_share"] == pytest.approx(
         inference["model_forward_seconds"] / (2 * res.report["timings_s"]["total"]), abs=1e-3)
     assert 0 < inference["model_forward_share"] < 1
+
+
+def test_the_processing_level_verdict_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """A level a model was not trained for, or an unknown one, is run with a warning naming what to do;
+    a SAFE product's own level wins over scene.level."""
+    from types import SimpleNamespace
+
+    from pipeline.run import log_processing_level, processing_level
+
+    l1c = SimpleNamespace(name="a", architecture="PlainUnet", levels=["L1C"])
+    both = SimpleNamespace(name="", architecture="Unet", levels=["L1C", "L2A"])
+    served = processing_level([l1c, both], "S2_L1C", "L2A")
+    assert served["scene"] == "L1C" and served["source"] == "product metadata" and served["served"]
+    assert served["models"] == {"a": ["L1C"], "Unet": ["L1C", "L2A"]}  # unnamed models by architecture
+    l2a = processing_level([l1c, both], "S2_L2A", None)
+    unknown = processing_level([l1c, both], "bands", None)
+    assert unknown["unserved"] == ["Unet", "a"]
+    with caplog.at_level("INFO", logger="pipeline.run"):
+        log_processing_level(served)
+        assert [r.levelname for r in caplog.records] == ["INFO"]
+        caplog.clear()
+        log_processing_level(l2a)
+        assert caplog.records[0].levelname == "WARNING" and "model(s) a were not trained for it" in caplog.text
+        caplog.clear()
+        log_processing_level(unknown)
+        assert caplog.records[0].levelname == "WARNING" and "set scene.level" in caplog.text
 
 
 def test_postprocess_mask_in_graphs_raises_no_large_graph_warnings(demo: Path, tmp_path: Path, client,

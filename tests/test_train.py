@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from pipeline.artefact import load_artefact
-from pipeline.datasets import data_checksum, find_patches
+from pipeline.datasets import PatchDataset, data_checksum, find_patches
 from pipeline.errors import ConfigError
 from pipeline.train import TrainConfig, _lr_at, kfold_indices, load_train_config, share_threshold, train
 
@@ -62,7 +62,25 @@ def test_config_paths_are_relative_to_the_yaml_file(tmp_path: Path) -> None:
     cfg = load_train_config(_yaml(tmp_path / "t.yaml", "data: {root: patches}\noutput: {artefact: m.safetensors}\n"))
     assert cfg.data.root == tmp_path / "patches"
     assert cfg.output.artefact == tmp_path / "m.safetensors"
-    assert cfg.model.normalization["method"] == "scene_robust"
+    # the default: fixed statistics, left to the training patches; a model serving L1C scenes
+    assert cfg.model.normalization == {"method": "fixed", "clip": 10.0}
+    assert cfg.model.levels == ["L1C"] and cfg.radiometric.p == 0
+
+
+def test_config_refuses_retired_normalizations_and_unknown_levels(tmp_path: Path) -> None:
+    head = "data: {root: p}\noutput: {artefact: m.safetensors}\n"
+    with pytest.raises(ConfigError, match="model.normalization.*retrain"):
+        load_train_config(_yaml(tmp_path / "t1.yaml", head + "model: {normalization: {method: scene_robust}}\n"))
+    with pytest.raises(ConfigError, match="model.normalization.*unknown key"):
+        load_train_config(_yaml(tmp_path / "t2.yaml", head + "model: {normalization: {method: fixed, scale: 2}}\n"))
+    cfg = load_train_config(_yaml(tmp_path / "t4.yaml", head + "model: {levels: [L1C, L2A]}\nradiometric: {p: 0.5}\n"))
+    assert cfg.model.levels == ["L1C", "L2A"] and cfg.radiometric.p == 0.5
+    with pytest.raises(ConfigError, match="model.levels"):
+        load_train_config(_yaml(tmp_path / "t5.yaml", head + "model: {levels: [L3]}\n"))
+    # given statistics are kept as they are
+    cfg = load_train_config(_yaml(tmp_path / "t6.yaml", head + "model: {channels: [B02, DEM], normalization: "
+                                  "{method: fixed, mean: [0.1, 900], std: [0.05, 400]}}\n"))
+    assert cfg.model.normalization == {"method": "fixed", "mean": [0.1, 900.0], "std": [0.05, 400.0]}
 
 
 def test_config_refuses_unknown_keys_duplicates_and_bad_channels(tmp_path: Path) -> None:
@@ -115,8 +133,18 @@ def test_two_epoch_cv_run_is_reproducible_and_fills_the_metadata(shared_data: Pa
 
     art = load_artefact(a.artefact)
     assert art.channels == ["B02", "B03", "B04", "B08", "SLOPE", "DEM"]
-    assert art.normalization["method"] == "scene_robust"
-    assert art.training["data"]["population_stats"]["n_pixels"] > 0
+    # the normalization is fixed: the median and IQR of the training patches, in physical units
+    norm = art.normalization
+    assert norm["method"] == "fixed" and norm["clip"] == 10.0 and len(norm["mean"]) == len(norm["std"]) == 6
+    assert "4 training patches" in norm["source"] and art.training["data"]["checksum_sha256"] in norm["source"]
+    expected = PatchDataset(find_patches(root), art.channels, {"method": "fixed", "clip": 10.0}).normalization
+    np.testing.assert_allclose(norm["mean"], expected["mean"], rtol=1e-6)
+    np.testing.assert_allclose(norm["std"], expected["std"], rtol=1e-6)
+    assert 0 < norm["mean"][0] < 1 and norm["mean"][-1] > 100  # B02 reflectance, DEM metres
+    stats = art.training["data"]["statistics"]
+    assert stats["n_pixels"] == 4 * 128 * 128 and stats["median"]["DEM"] == pytest.approx(norm["mean"][-1])
+    assert "population_stats" not in art.training["data"]
+    assert art.levels == ["L1C"] and "levels" not in norm  # an L1C model carries no L2A statistics
     policy = art.metrics["threshold_policy"]
     assert 0 < art.threshold < 1 and art.threshold == a.threshold == policy["final_threshold"]
     assert policy["oof_threshold"] == art.metrics["cv"]["threshold"]
@@ -148,6 +176,9 @@ def test_validation_split_chooses_checkpoint_and_threshold_on_validation(shared_
     assert art.metrics["patches"] == 1
     assert "validation" in art.metrics["protocol"]
     assert art.training["data"]["valid_patches"] == 1 and art.training["data"]["patches"] == 3
+    # the statistics are the training split's alone; the validation patch is normalized with them
+    assert art.training["data"]["statistics"]["n_pixels"] == 3 * 128 * 128
+    assert "3 training patches" in art.normalization["source"]
     assert 1 <= art.training["best_epoch"] <= 2
 
 
