@@ -21,6 +21,7 @@ from pipeline.channels import L4S_CHANNELS
 from pipeline.datasets import PatchDataset, RadiometricConfig, find_patches, normalize_patch, surface_look
 from pipeline.evaluate import artefact_probabilities
 from pipeline.metrics import pixel_metrics
+from pipeline.normalization import level_spec
 from pipeline.train import predict_probabilities
 
 MODELS = Path(__file__).resolve().parents[1] / "pipeline" / "models"
@@ -43,7 +44,7 @@ def test_shipped_artefact_is_small_and_documented(name: str) -> None:
     assert meta.levels == ["L1C", "L2A"]
     stats = meta.training["data"]["statistics"]
     assert 0 < stats["n_pixels"] <= 15 * 128 * 128 and sorted(stats["median"]) == sorted(meta.channels)
-    assert list(stats["median"].values()) == meta.normalization["mean"]
+    assert [stats["median"][c] for c in meta.channels] == meta.normalization["mean"]
     assert 0 < meta.threshold < 1
     cv = meta.metrics["cv"]
     assert cv["patches"] == 15 and len(cv["folds"]) == 5
@@ -68,19 +69,29 @@ def test_shipped_model_predicts_the_training_patches(name: str, shared_data: Pat
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_model_serves_surface_reflectance(name: str, shared_data: Path) -> None:
-    """The patches given the look of an L2A product (the path reflectance of the training patches
-    removed, the infrared brightened: the radiometric augmentation at full strength) are mapped
-    nearly as well as the L1C patches themselves, at the same threshold."""
+    """The patches given the look of an L2A product (the typical path reflectance of the training patches
+    removed, the infrared brightened) and normalized with the artefact's L2A statistics get the L1C
+    patches' inputs back; with an atmosphere half or 1.5 times as thick as the typical one they are
+    mapped nearly as well, at the same threshold (docs/model-card.md has the cross-validated figures)."""
     art = load_artefact(MODELS / name)
     records = find_patches(shared_data / "l4s" / "train", require_masks=True)
     cfg = RadiometricConfig(**art.training["config"]["radiometric"])
     ds = PatchDataset(records, art.channels, {"method": "fixed"}, radiometric=cfg)
     l1c, y, v = ds.arrays()
-    l2a = np.stack([normalize_patch(surface_look(ds.raw(i).image, ds.channels, cfg, ds.path, 1.0),
+    l2a_spec = level_spec(art.normalization, "L2A")
+
+    def look(u: float) -> np.ndarray:
+        return np.stack([normalize_patch(surface_look(ds.raw(i).image, ds.channels, cfg, ds.path, u),
+                                         ds.raw(i).valid, l2a_spec) for i in range(len(ds))])
+
+    np.testing.assert_allclose(look(1.0), l1c, atol=1e-3)
+    f1 = {u: pixel_metrics(predict_probabilities(art.module, x), y, v, art.threshold)["micro"]["f1"]
+          for u, x in ((0.0, l1c), (0.5, look(0.5)), (1.5, look(1.5)))}
+    assert min(f1[0.5], f1[1.5]) >= f1[0.0] - 0.2, f1  # measured: up to 0.15 lower (rgb_terrain, u 0.5)
+    # unharmonized, the surface look is another input: the L2A statistics are what makes it work
+    raw = np.stack([normalize_patch(surface_look(ds.raw(i).image, ds.channels, cfg, ds.path, 1.0),
                                     ds.raw(i).valid, art.normalization) for i in range(len(ds))])
-    assert np.abs(l2a - l1c).max() > 1.0  # the looks differ by more than an IQR somewhere
-    f1 = [pixel_metrics(predict_probabilities(art.module, x), y, v, art.threshold)["micro"]["f1"] for x in (l1c, l2a)]
-    assert f1[1] >= f1[0] - 0.1, f1
+    assert np.abs(raw - l1c).max() > 1.0
 
 
 def test_unlabelled_patches_give_sane_probabilities(shared_data: Path) -> None:
