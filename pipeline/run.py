@@ -19,6 +19,14 @@ the same inputs does nothing and says so, and a changed run writes a new
 version beside the old one (never appending to it). ``report.json`` is written
 last and marks a complete run; every file is written under a temporary name
 and renamed, so an interrupted run leaves no partial file at a final path.
+
+``report.json`` records the size and SHA-256 of every output file; a rerun
+skips only when all of them are still there with those bytes, and otherwise
+says which file and why and redoes the run. A run holds a lock on its run
+folder (``.lock``) from its start to its end: a second run of the same
+scene, model and config refuses while the first writes, and only the
+holder of the lock removes the hidden temporaries an interrupted run left
+(docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import json
 import logging
 import os
 import platform
+import re
 import sys
 import tempfile
 import threading
@@ -53,6 +62,8 @@ from .grid import Grid
 log = logging.getLogger(__name__)
 
 REPORT = "report.json"
+#: The lock file in a run folder: held (``flock``) by the run writing the folder, removed at its end.
+LOCK = ".lock"
 #: The probability COG stores round(p x 254) as uint8, 255 = no data.
 PROB_SCALE = 254.0
 #: The stored probability's no-data code.
@@ -98,6 +109,140 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class RunFolderBusy(OutputError):
+    """Another run holds the run folder's lock: it is writing the same outputs now."""
+
+
+#: The hidden temporaries a run creates in its run folder (every one starts with a dot, the lock
+#: file does not match): what a run that died left there, and only that, is removed by the next
+#: run that holds the folder's lock (:func:`remove_leftovers`).
+LEFTOVERS = tuple(re.compile(p) for p in (
+    # this module's intermediates, fixed names (:func:`_run_stages`), and GDAL's sidecar of a raster
+    r"\.(probability|layers)\.tif(\.aux\.xml)?",
+    # pipeline.cog.write_rasters and cog_from_tiff: ``.<name>.<8 hex>.tiles.tif`` and ``.cog.tif``
+    # beside each raster (``..probability.tif.<id>.tiles.tif`` for the hidden intermediates)
+    r"\..+\.[0-9a-f]{8}\.(tiles|cog)\.tif(\.aux\.xml)?",
+    # postprocess.gpkg.write_geopackage: ``.<name>.<random>.tmp.gpkg`` and SQLite's side files
+    r"\..+\.tmp\.gpkg(-journal|-wal|-shm)?",
+    # fsutil.mkstemp(prefix=".<name>.", suffix=".tmp"): the quicklook (postprocess.quicklook) and
+    # report.json (write_json_atomic)
+    r"\..+\.tmp",
+))
+
+
+def is_leftover(name: str) -> bool:
+    """Whether ``name`` is one of the temporaries a run creates in its run folder (:data:`LEFTOVERS`)."""
+    return any(p.fullmatch(name) for p in LEFTOVERS)
+
+
+def remove_leftovers(run_dir: Path) -> list[str]:
+    """Remove the temporaries of dead runs from ``run_dir``; call only while holding its lock
+    (:func:`run_folder_lock`): a live run's temporaries are the lock holder's own. Returns the names."""
+    removed = []
+    for path in sorted(run_dir.iterdir()):
+        if is_leftover(path.name) and not path.is_dir():
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("could not remove %s, left by an interrupted run: %s", path, exc.strerror or exc)
+                continue
+            removed.append(path.name)
+    if removed:
+        log.info("removed %d temporary file(s) that an interrupted run left in %s: %s", len(removed), run_dir,
+                 ", ".join(removed))
+    return removed
+
+
+@contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[bool]:
+    """Hold ``run_dir``'s lock (an exclusive ``flock`` on its :data:`LOCK` file) while the block runs;
+    yields whether it is held. Raises :class:`RunFolderBusy` when another run holds it. Where the
+    folder or its file system cannot be locked (no ``fcntl``, a read-only folder, no lock support)
+    the block runs unlocked, with a warning: it then removes no leftovers."""
+    path = run_dir / LOCK
+    fd: int | None = None
+    try:
+        fd = fsutil.acquire_lock(path)
+    except fsutil.LockHeld:
+        raise RunFolderBusy(
+            f"{run_dir}: another run is writing this run folder now (same scene, model and config; it "
+            f"holds {path.name}); wait for it to finish, or stop it, then run again"
+        ) from None
+    except (ImportError, OSError) as exc:
+        log.warning("cannot lock %s (%s): concurrent runs of this config are not detected and temporary "
+                    "files of interrupted runs are not removed", path,
+                    getattr(exc, "strerror", None) or exc)
+    if fd is None:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        fsutil.release_lock(fd, path)
+
+
+#: GDAL's sidecar files: written beside a file by whoever reads it (the GeoPackage's, with its metadata,
+#: as soon as it is opened; a raster's by QGIS's statistics), so no output of a run.
+SIDECAR = ".aux.xml"
+
+
+def output_files(run_dir: Path) -> dict[str, dict[str, int | str]]:
+    """Size and SHA-256 of every output file in ``run_dir``: its visible files, but report.json and
+    GDAL's sidecar files (:data:`SIDECAR`)."""
+    paths = sorted(p for p in run_dir.iterdir()
+                   if not p.name.startswith(".") and p.name != REPORT and not p.name.endswith(SIDECAR)
+                   and p.is_file())
+    with ThreadPoolExecutor(max(1, min(4, len(paths))), thread_name_prefix="checksums") as pool:
+        records = list(pool.map(fsutil.file_record, paths))  # hashlib releases the GIL
+    return {p.name: r for p, r in zip(paths, records, strict=True)}
+
+
+def verify_run(run_dir: Path, gpkg_path: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """The report of the completed run in ``run_dir`` when every output file it records is there
+    with the size and SHA-256 it records, else None and what is wrong (nothing when the folder holds
+    no report.json: no run completed there)."""
+    path = run_dir / REPORT
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, []
+    except (OSError, ValueError) as exc:  # ValueError: JSON and decoding errors
+        return None, [f"{REPORT} is unreadable ({getattr(exc, 'strerror', None) or exc})"]
+    try:
+        recorded = report["output_files"]
+        int(report["counts"]["polygons"]), float(report["counts"]["total_area_m2"])
+        items = [(str(name), int(rec["bytes"]), str(rec["sha256"])) for name, rec in recorded.items()]
+        if any(name != Path(name).name or name.startswith(".") for name, _, _ in items):
+            raise ValueError("not a file of the run folder")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        what = "no output checksums (written by an older version)" if isinstance(report, dict) and \
+            "output_files" not in report else "unexpected content"
+        return None, [f"{REPORT} has {what}"]
+    problems = []
+    if gpkg_path.name not in recorded:
+        problems.append(f"{REPORT} does not record the GeoPackage {gpkg_path.name}")
+    t0 = time.perf_counter()
+    for name, size, sha256 in items:
+        file = run_dir / name
+        try:
+            actual = file.stat().st_size
+            if actual != size:
+                problems.append(f"{name} has {actual} bytes, {REPORT} recorded {size}")
+            elif fsutil.file_record(file)["sha256"] != sha256:
+                problems.append(f"{name} does not have the SHA-256 that {REPORT} recorded (its content changed)")
+        except FileNotFoundError:
+            problems.append(f"{name} is missing")
+        except OSError as exc:
+            problems.append(f"{name} cannot be read ({exc.strerror or exc})")
+    if problems:
+        return None, problems
+    log.info("verified %d output file(s) (%.1f MB) against %s in %.2f s", len(items),
+             sum(size for _, size, _ in items) / 1e6, REPORT, time.perf_counter() - t0)
+    return report, []
 
 
 class StageTimer:
@@ -211,17 +356,34 @@ def run_scene(cfg: SceneConfig, *, force: bool = False, client: Any = None) -> R
     run_dir = scene_dir / f"run-{key[:12]}"
     gpkg_path = run_dir / f"{_safe_name(stack.scene_id)}_landslides.gpkg"
     report_path = run_dir / REPORT
-    if report_path.is_file() and gpkg_path.is_file() and not force:
-        report = json.loads(report_path.read_text())
-        log.info("outputs for this scene, model and config already exist in %s; nothing to do (use --force to recompute)", run_dir)
-        return RunResult(
-            stack.scene_id, "skipped", run_dir, gpkg_path,
-            int(report["counts"]["polygons"]), float(report["counts"]["total_area_m2"]),
-            time.perf_counter() - t_start, report,
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{run_dir}: cannot create the run folder ({exc.strerror or exc})") from None
 
     with ExitStack() as resources:
+        # held until everything below has ended (the cluster closed): first in, last out
+        locked = resources.enter_context(run_folder_lock(run_dir))
+        if locked:
+            remove_leftovers(run_dir)
+        if not force:
+            report, problems = verify_run(run_dir, gpkg_path)
+            if report is not None:
+                log.info("outputs for this scene, model and config already exist in %s; nothing to do "
+                         "(use --force to recompute)", run_dir)
+                return RunResult(
+                    stack.scene_id, "skipped", run_dir, gpkg_path,
+                    int(report["counts"]["polygons"]), float(report["counts"]["total_area_m2"]),
+                    time.perf_counter() - t_start, report,
+                )
+            if problems:
+                log.warning("run folder %s: %s; redoing the run", run_dir, "; ".join(problems))
+        # the folder is not complete again until this run's report is written
+        try:
+            report_path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{report_path}: cannot remove the report of the earlier run "
+                              f"({exc.strerror or exc})") from None
         if client is not None:
             cluster = _Cluster(lambda: client)
         elif cfg.dask.scheduler:
@@ -233,7 +395,10 @@ def run_scene(cfg: SceneConfig, *, force: bool = False, client: Any = None) -> R
             # the background while this process samples the scene statistics.
             cluster = _Cluster.start_local(cfg.dask, resources, worker_imports(models))
         resources.callback(cluster.release)  # before the cluster closes
-        return _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cluster)
+        result = _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cluster)
+        if locked:
+            remove_leftovers(run_dir)
+        return result
 
 
 class _Cluster:
@@ -478,6 +643,8 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
             pool.shutdown(wait=True, cancel_futures=True)
 
     total_area = float(gdf["area_m2"].sum()) if len(gdf) else 0.0
+    with timer("checksums"):  # of the files in place: a rerun checks them before it skips
+        files = output_files(run_dir)
     seconds = time.perf_counter() - t_start
     if n_valid == 0:
         log.warning("scene %s has no valid pixels (cloud, no data or outside the DEM): the GeoPackage is empty", stack.scene_id)
@@ -501,16 +668,21 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
             "valid_pixels": n_valid,
             "valid_area_m2": n_valid * grid.pixel_area,
         },
-        "outputs": sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) + [REPORT],
+        "outputs": [*files, REPORT],
+        "output_files": files,
         "versions": _package_versions(),
         "finished": dt.datetime.now(dt.UTC).isoformat(),
     }
     write_json_atomic(run_dir / REPORT, report)
     latest = run_dir.parent / LATEST
     fd, tmp = fsutil.mkstemp(dir=run_dir.parent, prefix=".latest.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(run_dir.name + "\n")
-    os.replace(tmp, latest)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(run_dir.name + "\n")
+        os.replace(tmp, latest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return RunResult(stack.scene_id, "completed", run_dir, gpkg_path, len(gdf), total_area, seconds, report)
 
 
