@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import logging
 import math
+import os
 import re
 import struct
 import xml.etree.ElementTree as ET
@@ -38,7 +40,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from .channels import S2_BANDS, canonical
-from .config import DemSection, SceneSection
+from .config import DemSection, SceneSection, is_remote_path, is_safe_scene_id, scene_id_from_name
 from .errors import ConfigError, InputError
 from .grid import Bounds, Grid
 
@@ -47,6 +49,25 @@ from .grid import Bounds, Grid
 SAFE_SPECIAL_VALUES: tuple[float, ...] = (0.0, 65535.0)
 
 log = logging.getLogger(__name__)
+
+#: GDAL configuration for every read in a process that imports this module (the pipeline and its
+#: Dask worker processes): VRT bands over raw bytes of arbitrary files and Python pixel functions
+#: are switched off. GDAL reads these from the environment at each use; raw bands obey the option
+#: from GDAL 3.12, and :func:`open_raster` refuses them itself for older GDAL.
+GDAL_SAFETY_OPTIONS: dict[str, str] = {
+    "GDAL_VRT_ENABLE_RAWRASTERBAND": "NO",
+    "GDAL_VRT_ENABLE_PYTHON": "NO",
+}
+os.environ.update(GDAL_SAFETY_OPTIONS)
+
+#: GDAL drivers of JPEG 2000 files, in order of preference (the first one this GDAL has is used).
+JP2_DRIVERS = ("JP2OpenJPEG", "JP2KAK", "JP2ECW", "JP2MrSID", "JPEG2000")
+
+#: What an input raster may be, for messages.
+EXPECTED_FORMATS = "a GeoTIFF/COG or JPEG 2000 file"
+
+#: Nested VRTs deeper than this are refused (and a VRT that names itself).
+_VRT_MAX_DEPTH = 8
 
 #: Gives an open (read-only) dataset of a path: :meth:`RasterSource.read_onto`'s ``opener``.
 Opener = Callable[[Path], "rasterio.io.DatasetReader"]
@@ -114,6 +135,7 @@ class RasterSource:
     nodata: tuple[float, ...] = ()
     offset: float = 0.0
     scale: float = 1.0
+    driver: str | None = None     # the GDAL driver the file was checked with; reads use only that one
 
     @property
     def bounds(self) -> Bounds:
@@ -201,7 +223,8 @@ class RasterSource:
             out.fill(np.nan)
         failure: str | None = None
         try:
-            with contextlib.nullcontext(opener(self.path)) if opener is not None else rasterio.open(self.path) as ds:
+            with (contextlib.nullcontext(opener(self.path)) if opener is not None
+                  else rasterio.open(self.path, driver=self.driver)) as ds:
                 direct = self._aligned_offsets(grid)
                 if direct is not None:
                     self._read_direct(ds, grid, direct, out)
@@ -244,7 +267,7 @@ class RasterSource:
         window = Window(col0, row0, cols * factor, rows * factor)
         failure: str | None = None
         try:
-            with rasterio.open(self.path) as ds:
+            with rasterio.open(self.path, driver=self.driver) as ds:
                 if self.nodata and ds.nodata is None:
                     # declare our no-data values to GDAL through a VRT so that the average skips them
                     from rasterio.vrt import WarpedVRT
@@ -504,22 +527,140 @@ def warp_array(src: np.ndarray, src_transform: Affine, src_crs: CRS, grid: Grid,
             return vrt.read(1)
 
 
-def open_raster(path: Path, role: str, *, band: int = 1, nodata: Sequence[float] = (),
-                use_file_nodata: bool = True, offset: float = 0.0, scale: float = 1.0) -> RasterSource:
-    """Open ``path`` for metadata only and check it can be used as ``role``.
+# ---------------------------------------------------------------------------
+# the input allow-list
+# ---------------------------------------------------------------------------
+def check_local_path(path: str | os.PathLike[str], role: str, expected: str = EXPECTED_FORMATS) -> Path:
+    """``path`` as a :class:`Path` when it names a local file system path, else :class:`InputError`.
 
-    Checks: the file exists, GDAL opens it, it has a CRS and a north-up
-    geotransform, the band exists and (GeoTIFF, JPEG 2000) the file is not
-    shorter than its own index says. No pixels are read. Raises
-    :class:`InputError` naming the file.
+    GDAL virtual file systems (``/vsicurl/``, ``/vsimem/``, ``/vsizip/``, ...) and URLs
+    (``scheme://``) are refused: inputs are local files, and opening one never makes a
+    network request.
     """
-    path = Path(path)
+    if is_remote_path(path):
+        raise InputError(
+            f"{os.fspath(path)}: {role} must be on the local disk; GDAL virtual file systems (/vsi...) "
+            f"and URLs are not accepted (expected {expected})"
+        )
+    return Path(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _jp2_driver() -> str:
+    with rasterio.Env() as env:
+        have = env.drivers()
+    return next((name for name in JP2_DRIVERS if name in have), JP2_DRIVERS[0])
+
+
+def _sniff_driver(path: Path) -> str | None:
+    """The only GDAL driver ``path`` may be opened with, from its first bytes: GTiff (classic and
+    BigTIFF, COG included), a JPEG 2000 driver (JP2 boxes or a raw codestream) or VRT; None for
+    anything else."""
+    with open(path, "rb") as fh:
+        head = fh.read(1024)
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "GTiff"
+    if head[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or head[:4] == b"\xff\x4f\xff\x51":
+        return _jp2_driver()
+    if b"<vrtdataset" in head.lower():
+        return "VRT"
+    return None
+
+
+def input_driver(path: str | os.PathLike[str], role: str, *, allow_vrt: bool = False,
+                 vrt_option: str = "allow_vrt") -> str:
+    """Check ``path`` against the input allow-list and return the one GDAL driver to open it with.
+
+    Accepted: a local regular file that is a GeoTIFF/COG or JPEG 2000 file, or, with
+    ``allow_vrt`` (the config option ``vrt_option``), a GDAL VRT whose sources are all accepted
+    by the same rules (nested VRTs included) and that has no raw-file band
+    (``VRTRawRasterBand``) and no Python pixel function. Everything is decided from the file's
+    bytes and the VRT's XML before GDAL parses the file. Raises :class:`InputError` naming the
+    file and what was expected.
+    """
+    return _allowed_driver(path, role, allow_vrt, vrt_option, ())
+
+
+def _allowed_driver(path: str | os.PathLike[str], role: str, allow_vrt: bool, vrt_option: str,
+                    chain: tuple[str, ...]) -> str:
+    path = check_local_path(path, role)
     if not path.exists():
         raise InputError(f"{path}: {role} file not found")
     if path.is_dir():
         raise InputError(f"{path}: {role} must be a raster file, found a directory")
+    if not path.is_file():
+        raise InputError(f"{path}: {role} must be a regular file ({EXPECTED_FORMATS})")
     try:
-        with rasterio.open(path) as ds:
+        driver = _sniff_driver(path)
+    except OSError as exc:
+        raise InputError(f"{path}: {role} cannot be read ({_detail(exc)})") from None
+    if driver is None:
+        raise InputError(
+            f"{path}: {role} cannot be opened as a raster: expected {EXPECTED_FORMATS}"
+            + (" or a GDAL VRT" if allow_vrt else "")
+        )
+    if driver == "VRT":
+        if not allow_vrt:
+            raise InputError(
+                f"{path}: {role} is a GDAL VRT, and VRT inputs are off (expected {EXPECTED_FORMATS}); "
+                f"set {vrt_option}: true to accept VRTs over local GeoTIFF/JPEG 2000 files"
+            )
+        _check_vrt(path, role, vrt_option, chain)
+    return driver
+
+
+def _check_vrt(path: Path, role: str, vrt_option: str, chain: tuple[str, ...]) -> None:
+    """Refuse a VRT with a raw-file band, a Python pixel function or a source that the allow-list
+    refuses. GDAL matches VRT element and attribute names without regard to case; so does this."""
+    key = os.path.realpath(path)
+    if key in chain or len(chain) >= _VRT_MAX_DEPTH:
+        raise InputError(f"{path}: {role}: VRTs nested too deep or naming themselves")
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as exc:
+        raise InputError(f"{path}: {role} is not a valid GDAL VRT ({_detail(exc)})") from None
+    for el in root.iter():
+        tag = _local(el.tag).lower()
+        attrs = {k.lower(): v for k, v in el.attrib.items()}
+        if tag == "vrtrasterband" and attrs.get("subclass", "").strip().lower() == "vrtrawrasterband":
+            raise InputError(
+                f"{path}: {role}: band {attrs.get('band', '?')} is a VRTRawRasterBand (raw bytes of a file "
+                f"read as pixels), which is never accepted; VRT bands must take their pixels from "
+                f"{EXPECTED_FORMATS}"
+            )
+        language = (el.text or "").strip().lower() if tag == "pixelfunctionlanguage" else ""
+        if tag == "pixelfunctioncode" or language not in ("", "c"):
+            raise InputError(
+                f"{path}: {role}: VRT with a Python pixel function is not accepted (only GDAL's built-in "
+                "pixel functions)"
+            )
+        if tag in ("sourcefilename", "sourcedataset"):
+            text = (el.text or "").strip()
+            if not text:
+                raise InputError(f"{path}: {role}: VRT <{_local(el.tag)}> is empty")
+            relative = attrs.get("relativetovrt", "0").strip() == "1"
+            if is_remote_path(text):
+                check_local_path(text, f"{role} (a source of the VRT {path})")
+            source = path.parent / text if relative else Path(text)
+            _allowed_driver(source, f"{role} (a source of the VRT {path})", True, vrt_option, (*chain, key))
+
+
+def open_raster(path: Path, role: str, *, band: int = 1, nodata: Sequence[float] = (),
+                use_file_nodata: bool = True, offset: float = 0.0, scale: float = 1.0,
+                allow_vrt: bool = False, vrt_option: str = "allow_vrt") -> RasterSource:
+    """Open ``path`` for metadata only and check it can be used as ``role``.
+
+    Checks: the file passes the input allow-list (:func:`input_driver`: a local
+    GeoTIFF/COG or JPEG 2000 file, or a checked VRT when ``allow_vrt``), GDAL
+    opens it with that driver only, it has a CRS and a north-up geotransform,
+    the band exists and (GeoTIFF, JPEG 2000) the file is not shorter than its
+    own index says. No pixels are read. Raises :class:`InputError` naming the
+    file.
+    """
+    opened_as = input_driver(path, role, allow_vrt=allow_vrt, vrt_option=vrt_option)
+    path = Path(path)
+    try:
+        with rasterio.open(path, driver=opened_as) as ds:
             crs, transform = ds.crs, ds.transform
             width, height, count = ds.width, ds.height, ds.count
             driver = ds.driver
@@ -545,7 +686,7 @@ def open_raster(path: Path, role: str, *, band: int = 1, nodata: Sequence[float]
             f"{path}: {role} must be a north-up raster without rotation, got geotransform "
             f"{tuple(transform)[:6]}; warp it first (gdalwarp)"
         )
-    if driver == "JP2OpenJPEG":
+    if driver in JP2_DRIVERS:
         _check_jp2_boxes(path, role)
     values = [float(v) for v in nodata]
     if use_file_nodata and file_nodata is not None:
@@ -553,7 +694,7 @@ def open_raster(path: Path, role: str, *, band: int = 1, nodata: Sequence[float]
     unique = tuple(dict.fromkeys(v for v in values if not math.isnan(v)))
     return RasterSource(path=path, role=role, crs=CRS.from_user_input(crs), transform=transform,
                         width=width, height=height, dtype=str(dtype), band=band, nodata=unique,
-                        offset=offset, scale=scale)
+                        offset=offset, scale=scale, driver=opened_as)
 
 
 def _check_tiff_blocks(ds: rasterio.io.DatasetReader, path: Path, role: str) -> None:
@@ -653,6 +794,12 @@ class SceneInputs:
     scl: Path | None = None
     metadata: SafeMetadata | None = None
     origin: Path | None = None        # SAFE or folder the bands came from
+    allow_vrt: bool = False           # scene.allow_vrt: band and SCL files may be (checked) VRTs
+
+    def __post_init__(self) -> None:
+        # the id names output folders: never "..", a path or anything outside the safe set
+        if not is_safe_scene_id(self.scene_id):
+            raise InputError(f"{self.describe()}: scene id {self.scene_id!r} is not a safe name; set scene.id")
 
     def describe(self) -> str:
         """Human-readable origin for messages."""
@@ -663,13 +810,15 @@ class SceneInputs:
         """Open (metadata only) and validate the file of band ``name``."""
         bf = self.bands[name]
         return open_raster(bf.path, f"band {name}", nodata=bf.nodata, use_file_nodata=bf.use_file_nodata,
-                           offset=bf.offset, scale=1.0 / bf.quantification)
+                           offset=bf.offset, scale=1.0 / bf.quantification,
+                           allow_vrt=self.allow_vrt, vrt_option="scene.allow_vrt")
 
     def open_scl(self) -> RasterSource | None:
         """Open the scene classification layer, if the scene has one."""
         if self.scl is None:
             return None
-        return open_raster(self.scl, "scene classification layer (SCL)", use_file_nodata=False)
+        return open_raster(self.scl, "scene classification layer (SCL)", use_file_nodata=False,
+                           allow_vrt=self.allow_vrt, vrt_option="scene.allow_vrt")
 
 
 def _local(tag: str) -> str:
@@ -778,7 +927,7 @@ def read_safe(safe: Path, scene_id: str | None = None) -> SceneInputs:
     Bands are taken at their native resolution (L2A offers several). Files
     listed in the metadata but missing on disk are an error naming them.
     """
-    safe = Path(safe)
+    safe = check_local_path(safe, "scene.safe", "a Sentinel-2 .SAFE directory on disk")
     if not safe.exists():
         raise InputError(f"{safe}: Sentinel-2 SAFE directory not found")
     if not safe.is_dir():
@@ -801,7 +950,10 @@ def read_safe(safe: Path, scene_id: str | None = None) -> SceneInputs:
     candidates: dict[str, dict[int, Path]] = {}
     if meta.image_files:
         listed = [safe / f"{rel}.jp2" for rel in meta.image_files]
+        inside = os.path.normpath(os.path.abspath(safe))
         for path in listed:
+            if os.path.commonpath([inside, os.path.normpath(os.path.abspath(path))]) != inside:
+                raise InputError(f"{path}: band file listed in {mtd[0].name} lies outside the product {safe}")
             token = _band_token(path.name)
             if token is None:
                 continue
@@ -832,8 +984,10 @@ def read_safe(safe: Path, scene_id: str | None = None) -> SceneInputs:
         if scl is None:
             log.warning("%s: L2A product without SCL; the valid mask ignores scene classes", safe)
 
-    product_id = scene_id or (meta.product_uri or safe.name)
-    product_id = product_id.removesuffix(".SAFE")
+    if scene_id:
+        product_id = scene_id.removesuffix(".SAFE")
+    else:  # from the product's metadata or folder name: made safe to name output folders
+        product_id = scene_id_from_name((meta.product_uri or _name_of(safe)).removesuffix(".SAFE"))
     log.info("SAFE %s: %s, baseline %s, %d bands, offsets %s", safe.name, meta.level,
              meta.processing_baseline, len(bands), sorted(set(meta.offsets.values())) or [0])
     return SceneInputs(product=f"S2_{meta.level}", scene_id=product_id,
@@ -856,7 +1010,7 @@ def read_band_folder(folder: Path, section: SceneSection) -> SceneInputs:
     Two files naming the same band make the folder ambiguous: an error.
     A file named with ``SCL`` is used as the scene classification layer.
     """
-    folder = Path(folder)
+    folder = check_local_path(folder, "scene.bands_dir", "a folder on disk")
     if not folder.is_dir():
         raise InputError(f"{folder}: scene.bands_dir: folder not found")
     found: dict[str, list[Path]] = {}
@@ -880,7 +1034,7 @@ def read_band_folder(folder: Path, section: SceneSection) -> SceneInputs:
             f"with one of {', '.join(RASTER_SUFFIXES)})"
         )
     scl = section.scl or (found["SCL"][0] if "SCL" in found else None)
-    return SceneInputs(product="bands", scene_id=section.id or folder.name,
+    return SceneInputs(product="bands", scene_id=section.id or scene_id_from_name(_name_of(folder)),
                        acquisition_date=section.acquisition_date, bands=bands, scl=scl, origin=folder)
 
 
@@ -900,8 +1054,13 @@ def read_band_mapping(mapping: Mapping[str, Path], section: SceneSection) -> Sce
     if not bands:
         raise ConfigError("scene.bands: empty mapping; give at least one band file")
     first = next(iter(bands.values())).path
-    return SceneInputs(product="bands", scene_id=section.id or first.parent.name,
+    return SceneInputs(product="bands", scene_id=section.id or scene_id_from_name(_name_of(first.parent)),
                        acquisition_date=section.acquisition_date, bands=bands, scl=section.scl, origin=None)
+
+
+def _name_of(path: Path) -> str:
+    """The last component of ``path`` made absolute (``data/..`` names its real folder, not ``..``)."""
+    return Path(os.path.abspath(path)).name
 
 
 def _band_file(path: Path, section: SceneSection) -> BandFile:
@@ -916,11 +1075,12 @@ def read_scene(section: SceneSection) -> SceneInputs:
         inputs = read_safe(section.safe, section.id)
         if section.scl is not None:
             inputs = replace(inputs, scl=section.scl)
-        return inputs
-    if section.bands_dir is not None:
-        return read_band_folder(section.bands_dir, section)
-    assert section.bands is not None
-    return read_band_mapping(section.bands, section)
+    elif section.bands_dir is not None:
+        inputs = read_band_folder(section.bands_dir, section)
+    else:
+        assert section.bands is not None
+        inputs = read_band_mapping(section.bands, section)
+    return replace(inputs, allow_vrt=section.allow_vrt) if section.allow_vrt else inputs
 
 
 # ---------------------------------------------------------------------------
@@ -928,11 +1088,13 @@ def read_scene(section: SceneSection) -> SceneInputs:
 # ---------------------------------------------------------------------------
 def open_dem(section: DemSection) -> RasterSource:
     """Open the DEM (any CRS); voids are its nodata, ``void_values`` and NaN."""
-    return open_raster(section.path, "DEM", nodata=section.void_values, use_file_nodata=True)
+    return open_raster(section.path, "DEM", nodata=section.void_values, use_file_nodata=True,
+                       allow_vrt=section.allow_vrt, vrt_option="dem.allow_vrt")
 
 
 def open_slope(section: DemSection) -> RasterSource | None:
     """Open the precomputed slope layer (degrees), if one is configured."""
     if section.slope is None:
         return None
-    return open_raster(section.slope, "slope layer", use_file_nodata=True)
+    return open_raster(section.slope, "slope layer", use_file_nodata=True,
+                       allow_vrt=section.allow_vrt, vrt_option="dem.allow_vrt")

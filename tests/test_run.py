@@ -702,7 +702,8 @@ def test_first_cleaning_step_computed_with_the_inference_equals_the_postprocessi
 
     monkeypatch.setattr(morphology, "opened_mask", counting)
     passes = record_passes(monkeypatch)
-    cfg = _config(demo, tmp_path, grid={"block_size": 96})  # several blocks: the halos cross them
+    # several blocks: the halos cross them; no terrain rule (the postprocessing alone gets no slope)
+    cfg = _config(demo, tmp_path, grid={"block_size": 96}, postprocess={"min_mean_slope_deg": None})
     res = run_scene(cfg, client=client)
     assert len(built) == 1  # built once, with the inference; the postprocessing started from it
     # the size step's summaries were made with the inference too: no pass over the mask for it
