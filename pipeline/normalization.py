@@ -189,24 +189,13 @@ class BandStats:
             "scale": dict(zip(self.channels, self.scale, strict=True)),
         }
 
-    def select(self, channels: Sequence[str]) -> BandStats:
-        """The statistics of ``channels`` (a subset, in that order)."""
-        index = {c: i for i, c in enumerate(self.channels)}
-        missing = [c for c in channels if c not in index]
-        if missing:
-            raise ModelError(f"no population statistics for channel(s) {', '.join(missing)}")
-        idx = [index[c] for c in channels]
-        return BandStats(
-            tuple(channels), tuple(self.median[i] for i in idx), tuple(self.scale[i] for i in idx), self.n_pixels
-        )
-
 
 def band_stats(values: np.ndarray, channels: Sequence[str]) -> BandStats:
     """Median and robust scale, ``max(IQR, 1e-3 |median|, 1e-6)``, of each row of ``values`` (C, N).
 
-    ``values`` holds the valid pixels of the population, one row per
-    channel; non-finite values are ignored. A population without a single
-    valid pixel gets median 0 and scale 1 (nothing will be predicted on it).
+    ``values`` holds the valid pixels of the patches, one row per channel;
+    non-finite values are ignored. Without a single valid pixel the result
+    is median 0 and scale 1.
     """
     vals = np.asarray(values, dtype=np.float32)
     if vals.ndim != 2 or vals.shape[0] != len(channels):
