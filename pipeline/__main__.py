@@ -76,6 +76,33 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _out_of_room(exc: BaseException) -> str | None:
+    """One line for a full disk (or a file size limit) that reached the command line unwrapped:
+    the writers raise :class:`~pipeline.errors.DiskFull` themselves; this is the net below them
+    (an ``[Errno 28]``, SQLite's ``database or disk is full``). ``None`` for other errors."""
+    import errno
+
+    from .fsutil import free_bytes, megabytes
+
+    text = str(exc).lower()
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code in (errno.ENOSPC, errno.EDQUOT) or "database or disk is full" in text or "no space left" in text:
+        what = "no space left on the device"
+    elif code == errno.EFBIG or "file too large" in text:
+        what = "the file size limit of this process (ulimit -f) was reached"
+    else:
+        return None
+    filename = getattr(exc, "filename", None)
+    if filename:
+        from pathlib import Path
+
+        folder = Path(filename).parent
+        free = free_bytes(folder)
+        where = f" while writing {Path(filename).name}" + (f" ({megabytes(free)} free)" if free is not None else "")
+        return f"{folder}: {what}{where}; free space there or choose another output folder (output.dir, or --out for stack)"
+    return f"{what} ({exc}); free space or choose another output folder (output.dir, or --out for stack)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_chosen_command(argv))
@@ -89,7 +116,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(handler(args) or 0)
     except PipelineError as exc:
+        # DiskFull (an OutputError) among them: one line naming the output folder
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        message = _out_of_room(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; no partial outputs were left at their final paths", file=sys.stderr)

@@ -86,8 +86,8 @@ class SceneSection(Strict):
     bands_dir: RelPath | None = Field(None, description="folder of per-band GeoTIFF/COG/JP2 files (names contain B02, B8A, ...)")
     bands: dict[str, RelPath] | None = Field(None, description="explicit mapping band name -> file")
     scl: RelPath | None = Field(None, description="scene classification layer (L2A SCL) for per-band inputs")
-    dn_offset: float = Field(0.0, description="additive offset of per-band files: reflectance = (DN + offset) / quantification; SAFE products read it from their metadata")
-    quantification: float = Field(10000.0, gt=0, description="quantification value of per-band files")
+    dn_offset: float = Field(0.0, allow_inf_nan=False, description="additive offset of per-band files: reflectance = (DN + offset) / quantification; SAFE products read it from their metadata")
+    quantification: float = Field(10000.0, gt=0, allow_inf_nan=False, description="quantification value of per-band files")
     nodata: float | None = Field(0.0, description="DN no-data value of per-band files (JP2/TIFF without a nodata tag)")
     acquisition_date: dt.date | None = None
     level: Literal["L1C", "L2A"] | None = Field(
@@ -102,6 +102,16 @@ class SceneSection(Strict):
         False,
         description="accept GDAL VRT files as band or SCL files (sources must be local GeoTIFF/COG or "
         "JPEG 2000 files; raw-file bands and Python pixel functions are always refused)",
+    )
+    verify_checksums: bool = Field(
+        True,
+        # not part of a run's fingerprint (model_dump leaves it out): it checks inputs, it does not
+        # change results
+        exclude=True,
+        description="SAFE products: check the band files and SCL a run reads, and the product metadata, "
+        "against the MD5 checksums listed in manifest.safe (a flipped bit in a JPEG 2000 codestream "
+        "otherwise decodes to wrong pixels without an error); a mismatch is an error. Costs one read "
+        "of those files (about 2 s per GB on one core; files already verified by this process are not hashed again)",
     )
 
     @field_validator("id")
@@ -156,7 +166,7 @@ class AoiSection(Strict):
 
 class GridSection(Strict):
     crs: str = Field("auto", description="'auto' = the scene's UTM zone, or any CRS string (EPSG:32633)")
-    resolution: float = Field(10.0, gt=0)
+    resolution: float = Field(10.0, gt=0, allow_inf_nan=False, description="pixel size in units of grid.crs")
     block_size: int = Field(2048, ge=256, le=16384, description="processing block edge in pixels")
 
 
@@ -195,14 +205,22 @@ class MaskSection(Strict):
 
 class ModelSection(Strict):
     path: RelPath | list[RelPath] = Field(DEFAULT_MODEL, description="model artefact, or a list for an ensemble")
-    weights: list[float] | None = Field(None, description="ensemble member weights")
+    weights: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(None, description="ensemble member weights")
     ensemble: Literal["mean", "vote"] = "mean"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    batch_size: int | Literal["auto"] = "auto"
-    overlap: int = Field(32, ge=0)
+    batch_size: int | Literal["auto"] = Field(
+        "auto", description="windows per forward pass (a positive integer), or auto: the device's policy")
+    overlap: int = Field(32, ge=0, description="px shared by neighbouring windows; smaller than the model's tile size")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     tta: bool = False
     uncertainty: bool = False
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"must be a positive integer or 'auto', got {value}")
+        return value
 
     @property
     def paths(self) -> list[Path]:
@@ -215,10 +233,10 @@ RULE_BANDS: dict[str, tuple[str, ...]] = {"max_mean_ndvi": ("B04", "B08"), "max_
 
 class PostprocessSection(Strict):
     threshold: float | None = Field(None, gt=0, lt=1, description="default: the model artefact's threshold")
-    opening_radius_m: float = Field(10.0, ge=0)
-    closing_radius_m: float = Field(10.0, ge=0)
-    min_area_m2: float = Field(500.0, ge=0)
-    max_hole_m2: float = Field(500.0, ge=0)
+    opening_radius_m: float = Field(10.0, ge=0, allow_inf_nan=False)
+    closing_radius_m: float = Field(10.0, ge=0, allow_inf_nan=False)
+    min_area_m2: float = Field(500.0, ge=0, allow_inf_nan=False)
+    max_hole_m2: float = Field(500.0, ge=0, allow_inf_nan=False)
     min_mean_slope_deg: float | None = Field(
         10.0, ge=0, le=90,
         description=(
@@ -233,7 +251,7 @@ class PostprocessSection(Strict):
         description="drop detections wetter than this: mean NDWI (B03 - B08) / (B03 + B08); open water is "
         "above 0, bare soil and rock below (needs B03, B08)",
     )
-    simplify_m: float = Field(0.0, ge=0)
+    simplify_m: float = Field(0.0, ge=0, allow_inf_nan=False)
 
     def rule_bands(self) -> dict[str, tuple[str, ...]]:
         """The bands of each configured rule that reads the scene's reflectance (:data:`RULE_BANDS`)."""
@@ -329,11 +347,52 @@ def _load(model: type[Strict], path: Path) -> Any:
         cfg = model.model_validate(data, context={"base_dir": path.resolve().parent})
     except ValidationError as exc:
         raise ConfigError(_format_validation(path, data, exc)) from None
+    if isinstance(cfg, SceneConfig):
+        problems = [f"{path}:{line_of(data, loc) or '?'}: {'.'.join(loc)}: {msg}" for loc, msg in _model_fit(cfg)]
+        if problems:
+            raise ConfigError("\n".join(problems))
     return cfg.model_copy(update={"source": path.resolve()})
 
 
+def model_tile_size(path: Path) -> int | None:
+    """The window edge (``tile_size``) a model artefact declares, from its safetensors header only
+    (the first bytes of the file); None when the file is missing or not a readable artefact (loading
+    the models reports that, with its own message)."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return None
+            (n,) = struct.unpack("<Q", head)
+            if not 2 <= n <= 64 * 1024 * 1024:
+                return None
+            header = json.loads(fh.read(n).decode("utf-8"))
+        tile = json.loads(header["__metadata__"]["metadata"])["tile_size"]
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return None
+    return tile if isinstance(tile, int) and not isinstance(tile, bool) and tile > 0 else None
+
+
+def _model_fit(cfg: SceneConfig) -> list[tuple[tuple[str, ...], str]]:
+    """Settings that contradict the configured model artefacts: (field location, message).
+
+    ``model.overlap`` must be smaller than the models' window (their ``tile_size``); otherwise a run
+    fails only at inference, after the stack and the cluster have been set up.
+    """
+    tiles = {p: t for p in cfg.model.paths if (t := model_tile_size(p)) is not None}
+    if tiles and cfg.model.overlap >= min(tiles.values()):
+        path, tile = min(tiles.items(), key=lambda item: item[1])
+        return [(("model", "overlap"),
+                 f"{cfg.model.overlap} px must be smaller than the model's window of {tile} px "
+                 f"(tile_size of {path}); the default is 32")]
+    return []
+
+
 def load_scene_config(path: Path) -> SceneConfig:
-    """Read and validate a scene YAML file."""
+    """Read and validate a scene YAML file (and ``model.overlap`` against the models' window size)."""
     return _load(SceneConfig, path)  # type: ignore[no-any-return]
 
 

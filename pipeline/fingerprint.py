@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import SceneConfig
+from .errors import InputError
 
 
 def input_files(cfg: SceneConfig) -> list[Path]:
@@ -25,6 +26,9 @@ def input_files(cfg: SceneConfig) -> list[Path]:
     if sc.safe is not None:
         files += sorted(p for p in sc.safe.rglob("*") if p.is_file() and p.suffix.lower() in {".jp2", ".xml", ".tif", ".tiff"})
     if sc.bands_dir is not None:
+        if not sc.bands_dir.is_dir():
+            where = f"{cfg.source}: " if cfg.source else ""
+            raise InputError(f"{where}scene.bands_dir: folder not found: {sc.bands_dir}")
         files += sorted(p for p in sc.bands_dir.iterdir() if p.is_file())
     if sc.bands is not None:
         files += [sc.bands[k] for k in sorted(sc.bands)]

@@ -542,9 +542,15 @@ def inference_block_size(block_size: int, tile: int, overlap: int) -> int:
 
     A stack chunked with this size gives each inference block exactly one
     input chunk plus thin strips of its neighbours (read at once through a
-    window reader when :func:`predict` has one).
+    window reader when :func:`predict` has one). An overlap outside ``[0, tile)`` is a
+    :class:`ConfigError` here, where a run first meets the models' window size, before its cluster
+    starts (rather than at inference).
     """
-    return round_block_size(block_size, tile - overlap) if 0 <= overlap < tile else block_size
+    if not 0 <= overlap < tile:
+        raise ConfigError(
+            f"model.overlap ({overlap}) must be at least 0 and smaller than the model's window of {tile} px"
+        )
+    return round_block_size(block_size, tile - overlap)
 
 
 def _as_dask(arr: xr.DataArray, chunks: tuple[int, ...]) -> da.Array:

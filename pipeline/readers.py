@@ -7,6 +7,11 @@ pixels. Pixels are read later, one destination block at a time, by
 :meth:`RasterSource.read_onto`, which reads only the source window that block
 needs and reprojects it.
 
+SAFE products list the MD5 checksums of their files in ``manifest.safe``: the
+files a run reads are checked against them before any pixel is read
+(:func:`verify_scene_files`, ``scene.verify_checksums``), because a flipped bit
+inside a JPEG 2000 codestream decodes to wrong pixels without any error.
+
 Value conventions of :meth:`RasterSource.read_onto`: float32, no-data as NaN,
 physical value = (stored value + ``offset``) * ``scale``. For Sentinel-2 bands
 that gives reflectance = (DN + offset) / quantification, with DN 0 (or the
@@ -18,11 +23,14 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
+import hashlib
 import logging
 import math
 import os
 import re
 import struct
+import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -777,6 +785,7 @@ class SafeMetadata:
     quantification: float
     offsets: dict[str, float] = field(default_factory=dict)
     image_files: tuple[str, ...] = ()
+    source: Path | None = None        # the MTD_MSIL*.xml file these come from
 
     @property
     def acquisition_date(self) -> dt.date | None:
@@ -795,6 +804,10 @@ class SceneInputs:
     metadata: SafeMetadata | None = None
     origin: Path | None = None        # SAFE or folder the bands came from
     allow_vrt: bool = False           # scene.allow_vrt: band and SCL files may be (checked) VRTs
+    #: SAFE products: their ``manifest.safe`` (None when the product has none, or for per-band files)
+    manifest: Path | None = None
+    #: what :meth:`with_verified_checksums` found (None: not asked); see :class:`ChecksumCheck`
+    checksums: ChecksumCheck | None = None
 
     def __post_init__(self) -> None:
         # the id names output folders: never "..", a path or anything outside the safe set
@@ -819,6 +832,252 @@ class SceneInputs:
             return None
         return open_raster(self.scl, "scene classification layer (SCL)", use_file_nodata=False,
                            allow_vrt=self.allow_vrt, vrt_option="scene.allow_vrt")
+
+    def files_read(self, names: Sequence[str], *, scl: bool = True) -> list[tuple[Path, str]]:
+        """(file, role) of what reading bands ``names`` (and the SCL) reads: the product metadata
+        (offsets, quantification), the band files and the SCL file."""
+        files: list[tuple[Path, str]] = []
+        if self.metadata is not None and self.metadata.source is not None:
+            files.append((self.metadata.source, "product metadata"))
+        files += [(self.bands[n].path, f"band {n}") for n in dict.fromkeys(names) if n in self.bands]
+        if scl and self.scl is not None:
+            files.append((self.scl, "scene classification layer (SCL)"))
+        return files
+
+    def with_verified_checksums(self, names: Sequence[str], *, scl: bool = True,
+                                threads: int | None = None) -> SceneInputs:
+        """This scene with :attr:`checksums` set, after checking the files that reading bands
+        ``names`` (and the SCL) reads against the checksums of the product's ``manifest.safe``.
+
+        Raises :class:`InputError` naming every file whose checksum (or size) differs from the
+        listed one, with both values. Files the manifest does not list, a product without a
+        manifest and per-band inputs are not verified (:attr:`ChecksumCheck.verified` False, with
+        the reason). Files are hashed in ``threads`` threads (default: up to 4, the CPU count);
+        a file already verified in this process, unchanged since (size, modification time), is
+        not hashed again.
+        """
+        files = self.files_read(names, scl=scl)
+        if self.origin is None or not self.product.startswith("S2_"):
+            check = ChecksumCheck(False, reason="per-band files carry no checksums (only SAFE products do)",
+                                  unlisted=tuple(str(p) for p, _ in files))
+        elif self.manifest is None:
+            check = ChecksumCheck(False, reason=f"no manifest.safe in {self.origin}",
+                                  unlisted=tuple(str(p) for p, _ in files))
+            log.info("%s: no manifest.safe: checksums of the band files not verified", self.origin)
+        else:
+            check = verify_manifest_checksums(self.manifest, self.origin, files, threads=threads)
+        return replace(self, checksums=check)
+
+
+# ---------------------------------------------------------------------------
+# SAFE checksums (manifest.safe)
+# ---------------------------------------------------------------------------
+#: ``checksumName`` values of ``manifest.safe`` -> :mod:`hashlib` algorithm. Sentinel-2 products
+#: list MD5.
+MANIFEST_HASHES: dict[str, str] = {"MD5": "md5", "SHA1": "sha1", "SHA-1": "sha1", "SHA256": "sha256",
+                                   "SHA-256": "sha256", "SHA3-256": "sha3_256", "SHA3_256": "sha3_256"}
+
+
+@dataclass(frozen=True)
+class ListedChecksum:
+    """One file's entry in ``manifest.safe``: ``<byteStream size=...>`` with its
+    ``<checksum checksumName="MD5">`` (``value`` in lower-case hex)."""
+
+    algorithm: str        # as the manifest names it, upper case: "MD5"
+    value: str
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class ChecksumCheck:
+    """What checking a scene's files against its ``manifest.safe`` found.
+
+    ``verified``: every file checked (:meth:`SceneInputs.files_read`) had a listed checksum and
+    matched it (a mismatch raises instead). ``files``: how many were verified, ``bytes`` their
+    size, ``hashed`` how many of them were hashed now (the others were verified earlier in this
+    process and have not changed), ``seconds`` the time it took. ``unlisted``: files read without
+    a listed checksum. ``reason``: why nothing (or not everything) was verified.
+    """
+
+    verified: bool
+    files: int = 0
+    bytes: int = 0
+    hashed: int = 0
+    seconds: float = 0.0
+    algorithms: tuple[str, ...] = ()
+    unlisted: tuple[str, ...] = ()
+    reason: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready summary (for a run report)."""
+        return {"verified": self.verified, "files": self.files, "bytes": self.bytes, "hashed": self.hashed,
+                "seconds": round(self.seconds, 3), "algorithms": list(self.algorithms),
+                "unlisted": list(self.unlisted), "reason": self.reason}
+
+
+def _manifest_key(relative: str) -> str:
+    """A path relative to the product root as the manifest's ``href`` gives it (``./GRANULE/...``),
+    normalised for comparison."""
+    text = relative.strip().replace("\\", "/")
+    return os.path.normpath(text).replace(os.sep, "/").lstrip("/")
+
+
+def parse_manifest_checksums(manifest: Path) -> dict[str, ListedChecksum]:
+    """The checksums ``manifest.safe`` lists: path relative to the product root (normalised, ``/``)
+    -> :class:`ListedChecksum`. Entries without a checksum are left out. Raises
+    :class:`InputError` when the file cannot be parsed."""
+    try:
+        root = ET.parse(manifest).getroot()
+    except (ET.ParseError, OSError) as exc:
+        raise InputError(
+            f"{manifest}: cannot parse the product's manifest ({_detail(exc)}); it lists the checksums of the "
+            "band files: download the product again, or set scene.verify_checksums: false to skip the check"
+        ) from None
+    listed: dict[str, ListedChecksum] = {}
+    for stream in root.iter():
+        if _local(stream.tag) != "byteStream":
+            continue
+        href = checksum = None
+        for child in stream:
+            tag = _local(child.tag)
+            if tag == "fileLocation" and child.get("href"):
+                href = child.get("href")
+            elif tag == "checksum" and child.text and child.text.strip():
+                checksum = (str(child.get("checksumName") or "MD5").strip().upper(), child.text.strip().lower())
+        if href is None or checksum is None:
+            continue
+        size_text = stream.get("size")
+        try:
+            size = int(size_text) if size_text is not None else None
+        except ValueError:
+            size = None
+        listed[_manifest_key(href)] = ListedChecksum(checksum[0], checksum[1], size)
+    return listed
+
+
+#: Files verified in this process: (real path, size, mtime_ns, inode, algorithm, value). A run
+#: stacks a scene more than once (the model stack, the attribute layers, the quicklook): each
+#: file is hashed once, and again only when it changed.
+_VERIFIED: set[tuple[object, ...]] = set()
+_VERIFIED_LOCK = threading.Lock()
+
+#: Bytes read per call when hashing.
+_HASH_CHUNK = 8 << 20
+
+
+def _stamp(path: Path, listed: ListedChecksum) -> tuple[object, ...]:
+    st = path.stat()
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino, listed.algorithm, listed.value)
+
+
+def file_checksum(path: Path, algorithm: str) -> str:
+    """Hex digest of ``path`` with the :mod:`hashlib` ``algorithm`` (read in 8 MiB pieces; hashlib
+    releases the GIL, so files hash in parallel in threads)."""
+    h = hashlib.new(algorithm)
+    buf = bytearray(_HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def verify_manifest_checksums(manifest: Path, safe: Path, files: Sequence[tuple[Path, str]], *,
+                              threads: int | None = None) -> ChecksumCheck:
+    """Check ``files`` ((path, role) inside the SAFE product ``safe``) against the checksums and
+    sizes ``manifest`` lists. Raises :class:`InputError` naming each file that differs, with the
+    computed and the listed value; returns what was verified. Files outside the product (an SCL
+    given in the config) are not listed in its manifest and are skipped."""
+    t0 = time.perf_counter()
+    listed = parse_manifest_checksums(manifest)
+    root = os.path.normpath(os.path.abspath(safe))
+    todo: list[tuple[Path, str, ListedChecksum]] = []
+    unlisted: list[str] = []
+    unknown: list[str] = []
+    for path, role in dict.fromkeys(files):
+        full = os.path.normpath(os.path.abspath(path))
+        if os.path.commonpath([root, full]) != root:
+            log.debug("%s: outside the product %s, no checksum to verify", path, safe)
+            unlisted.append(str(path))
+            continue
+        entry = listed.get(_manifest_key(os.path.relpath(full, root)))
+        if entry is None:
+            unlisted.append(str(path))
+        elif entry.algorithm not in MANIFEST_HASHES:
+            unlisted.append(str(path))
+            unknown.append(f"{path.name} ({entry.algorithm})")
+        else:
+            todo.append((path, role, entry))
+    if unknown:
+        log.warning("%s: checksum algorithm(s) not supported, files not verified: %s", manifest, ", ".join(unknown))
+
+    problems: list[str] = []
+    size_ok: list[tuple[Path, str, ListedChecksum, tuple[object, ...]]] = []
+    total = 0
+    for path, role, entry in todo:
+        try:
+            stamp = _stamp(path, entry)
+        except OSError as exc:
+            raise InputError(f"{path}: {role} cannot be read ({_detail(exc)})") from None
+        size = int(stamp[1])  # type: ignore[call-overload]
+        total += size
+        if entry.size is not None and size != entry.size:
+            problems.append(f"{path}: {role} is {size} bytes but {manifest.name} lists {entry.size} bytes "
+                            f"({entry.algorithm} {entry.value})")
+        else:
+            size_ok.append((path, role, entry, stamp))
+    with _VERIFIED_LOCK:
+        pending = [item for item in size_ok if item[3] not in _VERIFIED]
+
+    def digest(item: tuple[Path, str, ListedChecksum, tuple[object, ...]]) -> str:
+        return file_checksum(item[0], MANIFEST_HASHES[item[2].algorithm])
+
+    if pending:
+        from concurrent.futures import ThreadPoolExecutor
+
+        workers = max(1, min(len(pending), threads or min(4, os.cpu_count() or 1)))
+        try:
+            if workers == 1:
+                digests = [digest(item) for item in pending]
+            else:
+                with ThreadPoolExecutor(workers, thread_name_prefix="checksum") as pool:
+                    digests = list(pool.map(digest, pending))
+        except OSError as exc:
+            raise InputError(f"{manifest.parent}: cannot read a file to verify its checksum ({_detail(exc)})") from None
+        for (path, role, entry, stamp), actual in zip(pending, digests, strict=True):
+            if actual != entry.value:
+                problems.append(
+                    f"{path}: {role} does not match its checksum in {manifest}: {entry.algorithm} {actual} "
+                    f"computed, {entry.value} listed"
+                )
+            else:
+                with _VERIFIED_LOCK:
+                    _VERIFIED.add(stamp)
+    if problems:
+        raise InputError(
+            "corrupt input: " + "; ".join(problems)
+            + ". The file was damaged after the product was made (download, copy or disk): download the "
+            "product again (set scene.verify_checksums: false to skip the check)"
+        )
+    seconds = time.perf_counter() - t0
+    inside_unlisted = [u for u in unlisted if os.path.commonpath([root, os.path.normpath(os.path.abspath(u))]) == root]
+    if inside_unlisted and listed:
+        log.warning("%s lists no checksum for %s: not verified", manifest, ", ".join(Path(u).name for u in inside_unlisted))
+    elif not listed:
+        log.info("%s lists no checksums: the band files are not verified", manifest)
+    if todo:
+        log.info("checksums of %d file(s) (%.0f MB) verified against %s in %.2f s (%d hashed)", len(todo),
+                 total / 1e6, manifest.name, seconds, len(pending))
+    reason = None
+    if inside_unlisted:
+        reason = f"{manifest.name} lists no checksum for {len(inside_unlisted)} file(s) read"
+    elif not todo:
+        reason = "no file read is listed in manifest.safe"
+    return ChecksumCheck(
+        verified=bool(todo) and not inside_unlisted,
+        files=len(todo), bytes=total, hashed=len(pending), seconds=seconds,
+        algorithms=tuple(sorted({e.algorithm for _, _, e in todo})), unlisted=tuple(unlisted), reason=reason,
+    )
 
 
 def _local(tag: str) -> str:
@@ -901,6 +1160,7 @@ def parse_safe_metadata(xml_path: Path) -> SafeMetadata:
         quantification=quantification,
         offsets=offsets,
         image_files=images,
+        source=xml_path,
     )
 
 
@@ -990,9 +1250,10 @@ def read_safe(safe: Path, scene_id: str | None = None) -> SceneInputs:
         product_id = scene_id_from_name((meta.product_uri or _name_of(safe)).removesuffix(".SAFE"))
     log.info("SAFE %s: %s, baseline %s, %d bands, offsets %s", safe.name, meta.level,
              meta.processing_baseline, len(bands), sorted(set(meta.offsets.values())) or [0])
+    manifest = safe / "manifest.safe"
     return SceneInputs(product=f"S2_{meta.level}", scene_id=product_id,
                        acquisition_date=meta.acquisition_date, bands=bands, scl=scl,
-                       metadata=meta, origin=safe)
+                       metadata=meta, origin=safe, manifest=manifest if manifest.is_file() else None)
 
 
 def _res_of(path: Path, img: Path) -> int:
@@ -1069,8 +1330,28 @@ def _band_file(path: Path, section: SceneSection) -> BandFile:
                     nodata=nodata, use_file_nodata=True)
 
 
-def read_scene(section: SceneSection) -> SceneInputs:
-    """Find the bands of the scene described by ``section`` (SAFE, folder or mapping)."""
+def read_scene(section: SceneSection, verify: Sequence[str] | None = None) -> SceneInputs:
+    """Find the bands of the scene described by ``section`` (SAFE, folder or mapping).
+
+    ``verify``: the bands about to be read; with ``scene.verify_checksums`` (the default) the
+    files that reading them reads are checked against the product's ``manifest.safe``
+    (:meth:`SceneInputs.with_verified_checksums`), and the returned scene's ``checksums`` says
+    what was verified.
+    """
+    inputs = _find_scene(section)
+    return inputs if verify is None else verify_scene_files(inputs, section, verify)
+
+
+def verify_scene_files(scene: SceneInputs, section: SceneSection, names: Sequence[str]) -> SceneInputs:
+    """``scene`` with its ``checksums`` set: the files that reading bands ``names`` (and the SCL)
+    reads checked against the product's ``manifest.safe`` when ``section.verify_checksums`` is on
+    (:meth:`SceneInputs.with_verified_checksums`); raises :class:`InputError` on a mismatch."""
+    if section.verify_checksums:
+        return scene.with_verified_checksums(names)
+    return replace(scene, checksums=ChecksumCheck(False, reason="off (scene.verify_checksums: false)"))
+
+
+def _find_scene(section: SceneSection) -> SceneInputs:
     if section.safe is not None:
         inputs = read_safe(section.safe, section.id)
         if section.scl is not None:

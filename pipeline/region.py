@@ -88,8 +88,11 @@ def run_region(cfg: RegionConfig, *, force: bool = False, client: Any = None) ->
             try:
                 scene_cfg = _scene_config_for_region(scene_yaml, cfg)
                 res = run_scene(scene_cfg, force=force, client=client)
-            except PipelineError as exc:  # bad input: retrying does not help
+            except PipelineError as exc:  # bad input: retrying does not help, but for transient failures
                 outcome.error = str(exc)
+                if getattr(exc, "transient", False) and attempt < cfg.retries:
+                    log.warning("[%d/%d] %s failed (%s); retrying", i, n, scene_yaml, exc)
+                    continue
                 log.error("[%d/%d] %s failed: %s", i, n, scene_yaml, exc)
                 break
             except Exception as exc:  # noqa: BLE001 - one scene must not stop the night

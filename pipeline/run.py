@@ -93,6 +93,8 @@ def ensure_writable_dir(path: Path, *, field: str, source: Path | None = None) -
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
+        if exc.errno in fsutil.NO_SPACE_ERRNOS:
+            raise fsutil.write_failure(path / ".write-test", exc.strerror or str(exc), exc) from None
         raise OutputError(
             f"{where}{field}: output directory {path} is not writable ({exc.strerror or exc}); "
             "choose another output.dir or fix its permissions"
@@ -100,15 +102,11 @@ def ensure_writable_dir(path: Path, *, field: str, source: Path | None = None) -
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = fsutil.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=str)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` as JSON beside ``path`` under a temporary name, check that the file holds
+    every byte, rename it into place (:func:`pipeline.fsutil.write_atomic`: a full disk raises
+    :class:`~pipeline.errors.DiskFull`, and ``path`` keeps what it held)."""
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    fsutil.write_atomic(path, text.encode())
 
 
 class RunFolderBusy(OutputError):
@@ -359,6 +357,8 @@ def run_scene(cfg: SceneConfig, *, force: bool = False, client: Any = None) -> R
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        if exc.errno in fsutil.NO_SPACE_ERRNOS:
+            raise fsutil.write_failure(run_dir, exc.strerror or str(exc), exc) from None
         raise OutputError(f"{run_dir}: cannot create the run folder ({exc.strerror or exc})") from None
 
     with ExitStack() as resources:
@@ -392,7 +392,11 @@ def run_scene(cfg: SceneConfig, *, force: bool = False, client: Any = None) -> R
             cluster = _Cluster(lambda: started)
         else:
             # A local cluster takes seconds to start (worker processes import PyTorch): start it in
-            # the background while this process samples the scene statistics.
+            # the background while this process builds the inference graphs. distributed is imported
+            # here first: the starting thread and this one importing it at once can find it half
+            # initialized ("cannot import name 'Server' from partially initialized module")
+            import distributed  # noqa: F401
+
             cluster = _Cluster.start_local(cfg.dask, resources, worker_imports(models))
         resources.callback(cluster.release)  # before the cluster closes
         result = _run_stages(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, cluster)
@@ -660,6 +664,7 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
                    for m, p in zip(models, cfg.model.paths, strict=True)],
         "grid": grid.to_dict(),
         "processing_level": processing_level(models, stack.product, cfg.scene.level),
+        "input_checksums": stack.checksums.as_dict() if stack.checksums is not None else None,
         "timings_s": {**timer.seconds, "total": round(seconds, 3)},
         "inference": inference_figures(seconds),
         "counts": {
@@ -674,15 +679,7 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
         "finished": dt.datetime.now(dt.UTC).isoformat(),
     }
     write_json_atomic(run_dir / REPORT, report)
-    latest = run_dir.parent / LATEST
-    fd, tmp = fsutil.mkstemp(dir=run_dir.parent, prefix=".latest.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(run_dir.name + "\n")
-        os.replace(tmp, latest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fsutil.write_atomic(run_dir.parent / LATEST, (run_dir.name + "\n").encode(), prefix=".latest.", suffix="")
     return RunResult(stack.scene_id, "completed", run_dir, gpkg_path, len(gdf), total_area, seconds, report)
 
 

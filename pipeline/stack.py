@@ -58,7 +58,16 @@ from .channels import DEM, L4S_CHANNELS, S2_BANDS, SLOPE, canonical
 from .config import AoiSection, SceneConfig
 from .errors import ChannelError, ConfigError, GridError, InputError
 from .grid import Bounds, Grid, intersect_bounds, utm_crs_for
-from .readers import Opener, RasterSource, SceneInputs, open_dem, open_slope, read_scene
+from .readers import (
+    ChecksumCheck,
+    Opener,
+    RasterSource,
+    SceneInputs,
+    open_dem,
+    open_slope,
+    read_scene,
+    verify_scene_files,
+)
 from .readers import error_detail as _detail
 from .slope import horn_slope_padded
 
@@ -70,6 +79,9 @@ CONTINUOUS_RESAMPLING = Resampling.bilinear
 CLASS_RESAMPLING = Resampling.nearest
 
 UNITS = {SLOPE: "degree", DEM: "metre"}
+
+#: The smallest grid edge in pixels whatever the configuration (see :func:`minimum_grid_size`).
+MIN_GRID_PX = 4
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,10 @@ class Stack:
     #: whose blocks overlap (:func:`pipeline.inference.predict`), one read per block instead of
     #: a chunk plus strips of its neighbours.
     reader: StackLayer | None = None
+    #: SAFE products: the band files, SCL and metadata this stack reads, checked against the
+    #: product's ``manifest.safe`` (``scene.verify_checksums``): whether they were verified, how
+    #: many files, bytes and seconds (:meth:`pipeline.readers.ChecksumCheck.as_dict` for a report)
+    checksums: ChecksumCheck | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -232,8 +248,37 @@ def build_grid(cfg: SceneConfig, sources: Sequence[RasterSource]) -> tuple[Grid,
             log.warning("%s extends beyond the scene; cut to the scene footprint", desc)
         extent = inside
     grid = Grid.from_bounds(extent, crs, cfg.grid.resolution)
+    smallest, why = minimum_grid_size(cfg)
+    if min(grid.width, grid.height) < smallest:
+        what = desc if cfg.aoi is not None else "the scene's band files"
+        raise GridError(
+            f"{what} gives a grid of {grid.width} x {grid.height} px at {cfg.grid.resolution:g} "
+            f"({grid.width * grid.res[0]:g} x {grid.height * grid.res[1]:g} in {crs.to_string()} units), smaller "
+            f"than the minimum of {smallest} x {smallest} px that {why} needs; "
+            + ("give a larger area of interest" if cfg.aoi is not None else "give a larger scene")
+        )
     log.info("grid: %s, %d x %d px at %g", crs.to_string(), grid.width, grid.height, cfg.grid.resolution)
     return grid, geoms
+
+
+def minimum_grid_size(cfg: SceneConfig) -> tuple[int, str]:
+    """The smallest grid edge (pixels) a run of ``cfg`` can process, and what sets it.
+
+    The opening and closing of the postprocessing run block by block with a halo of all four
+    erosion and dilation radii (:func:`postprocess.morphology.open_close`), and Dask cannot give
+    a halo wider than the array: an area of interest a few pixels across failed there, after the
+    inference, with ``ValueError: The overlapping depth 4 is larger than your array 1``.
+    """
+    from postprocess.morphology import disk
+
+    res = cfg.grid.resolution
+    pp = cfg.postprocess
+    halo = sum(2 * (fp.shape[0] // 2) for fp in (disk(pp.opening_radius_m / res), disk(pp.closing_radius_m / res))
+               if fp is not None)
+    if halo < MIN_GRID_PX:
+        return MIN_GRID_PX, "the pipeline"
+    return halo, (f"the postprocessing (opening and closing of postprocess.opening_radius_m "
+                  f"{pp.opening_radius_m:g} and closing_radius_m {pp.closing_radius_m:g} at {res:g} per pixel)")
 
 
 # ---------------------------------------------------------------------------
@@ -489,7 +534,10 @@ def scl_exclusion(scl: da.Array, excluded: Sequence[int], buffered: Sequence[int
     cloud = da.isin(scl, np.asarray(list(buffered), np.float32))
     radius = int(np.floor(buffer_px))
     if buffered and radius >= 1:
-        cloud = cloud.map_overlap(_dilate, depth=radius, boundary=False, footprint=_disk(buffer_px),
+        # a halo wider than the array (an area of interest a few pixels across) reaches nothing more:
+        # clipped to the array's size, which dask requires and which gives the same result
+        depth = {axis: min(radius, size) for axis, size in enumerate(cloud.shape)}
+        cloud = cloud.map_overlap(_dilate, depth=depth, boundary=False, footprint=_disk(buffer_px),
                                   dtype=bool, meta=np.empty((0, 0), bool))
     return out | cloud
 
@@ -522,6 +570,9 @@ def stack_scene(cfg: SceneConfig, channels: Sequence[str] | None = None) -> Stac
     names = resolve_channels(channels if channels is not None else (cfg.channels or L4S_CHANNELS))
     scene = read_scene(cfg.scene)
     check_channels(names, scene)
+    # the files whose pixels are read, against the product's manifest.safe (a bit flip inside a JPEG
+    # 2000 codestream decodes to wrong pixels without an error)
+    scene = verify_scene_files(scene, cfg.scene, [n for n in names if n in S2_BANDS])
 
     bands = {n: scene.open_band(n) for n in names if n in S2_BANDS}
     dem = open_dem(cfg.dem)
@@ -588,7 +639,7 @@ def stack_scene(cfg: SceneConfig, channels: Sequence[str] | None = None) -> Stac
              len(names), ", ".join(names), block)
     return Stack(data=data_xr, valid=valid_xr, grid=grid, scene_id=scene.scene_id,
                  acquisition_date=scene.acquisition_date, product=scene.product, mask=mask_xr,
-                 reader=layer)
+                 reader=layer, checksums=scene.checksums)
 
 
 def read_coarse(cfg: SceneConfig, names: Sequence[str], grid: Grid, factor: int, *,
@@ -614,6 +665,8 @@ def read_coarse(cfg: SceneConfig, names: Sequence[str], grid: Grid, factor: int,
     missing = [n for n in names if n not in scene.bands]
     if missing:
         raise ChannelError(f"{scene.describe()} has no band {', '.join(missing)}")
+    # checked against manifest.safe like the stack's bands (files verified already are not hashed again)
+    verify_scene_files(scene, cfg.scene, names)
     rows, cols = grid.height // factor, grid.width // factor
     coarse = Grid(grid.crs, grid.transform * Affine.scale(factor), cols, rows)
     sources = [scene.open_band(n) for n in names]

@@ -20,20 +20,29 @@ from pathlib import Path
 from .channels import L4S_CHANNELS, S2_BANDS, SLOPE
 from .config import SceneConfig, load_scene_config
 from .errors import PipelineError
-from .readers import RasterSource, open_dem, open_slope, read_scene
+from .readers import RasterSource, open_dem, open_slope, read_scene, verify_scene_files
 from .stack import build_grid, check_channels, check_overlap, resolve_channels, save_stack, stack_scene
 
 log = logging.getLogger(__name__)
 
+#: Exit status for bad input (config, files, models): the same as ``run`` (``python -m pipeline``
+#: exits 2 on a :class:`~pipeline.errors.PipelineError`).
+BAD_INPUT = 2
 
-def validate_scene(cfg: SceneConfig, channels: Sequence[str] | None = None) -> list[str]:
+
+def validate_scene(cfg: SceneConfig, channels: Sequence[str] | None = None, *,
+                   check_supply: bool = True) -> list[str]:
     """Problems with the inputs of ``cfg`` (empty list: all good). Reads no pixels.
 
     Checks that every file exists, opens with GDAL, has a CRS and is not
     visibly truncated; that the inputs supply the requested channels
     (``channels``, else ``cfg.channels``, else the Landslide4Sense order);
     that the bands share a footprint; that the AOI lies inside the scene; and
-    that the DEM (and slope / SCL layers) overlap it.
+    that the DEM (and slope / SCL layers) overlap it; and, for SAFE products with
+    ``scene.verify_checksums``, that the files a run reads match the checksums of
+    the product's ``manifest.safe``. With ``check_supply`` False (the channels
+    are unknown: the model could not be read) the channels are not checked and
+    the inputs are checked on the finest band.
     """
     problems: list[str] = []
 
@@ -44,7 +53,8 @@ def validate_scene(cfg: SceneConfig, channels: Sequence[str] | None = None) -> l
             problems.append(str(exc))
             return None
 
-    names = attempt(resolve_channels, channels if channels is not None else (cfg.channels or L4S_CHANNELS))
+    names = (attempt(resolve_channels, channels if channels is not None else (cfg.channels or L4S_CHANNELS))
+             if check_supply else None)
     scene = attempt(read_scene, cfg.scene)
     dem = attempt(open_dem, cfg.dem)
     slope = attempt(open_slope, cfg.dem) if cfg.dem.slope is not None else None
@@ -53,6 +63,9 @@ def validate_scene(cfg: SceneConfig, channels: Sequence[str] | None = None) -> l
     if names is not None:
         attempt(check_channels, names, scene)
     wanted = [n for n in (names or ()) if n in scene.bands and n in S2_BANDS]
+    # the files a run reads, against the product's manifest.safe, as the run checks them (reads their
+    # bytes, decodes no pixels)
+    attempt(verify_scene_files, scene, cfg.scene, wanted)
     bands: list[RasterSource] = []
     for name in wanted:
         src = attempt(scene.open_band, name)
@@ -114,7 +127,8 @@ def skipped_rules(cfg: SceneConfig) -> list[str]:
 
 
 def cli_validate(args: argparse.Namespace) -> int:
-    """Check a scene config, its model(s) and its inputs; print the problems. Exit code 0 when all is well.
+    """Check a scene config, its model(s) and its inputs; print the problems. Exit code 0 when all is well,
+    :data:`BAD_INPUT` (2, as ``run``) for a bad config, model or input.
 
     Without ``--channels`` (and without ``channels:`` in the config) the
     channels checked are those the configured model(s) need.
@@ -125,10 +139,11 @@ def cli_validate(args: argparse.Namespace) -> int:
         cfg = load_scene_config(args.config)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return BAD_INPUT
     problems: list[str] = []
     channels = args.channels or cfg.channels
     model_note = ""
+    models_ok = True
     if channels is None:
         try:
             models = load_models(cfg)  # the weights checked too, before a run
@@ -136,11 +151,14 @@ def cli_validate(args: argparse.Namespace) -> int:
             model_note = " for model " + " + ".join(f"{m.name} ({len(m.channels)} channels)" for m in models)
         except PipelineError as exc:
             problems.append(str(exc))
-    problems += validate_scene(cfg, channels)
+            models_ok = False
+    # without the model its channels are unknown: checking the 14 Landslide4Sense channels instead
+    # would add a misleading "cannot supply B10" to the model's own error
+    problems += validate_scene(cfg, channels, check_supply=models_ok)
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     if problems:
-        return 1
+        return BAD_INPUT
     for note in skipped_rules(cfg):
         print(f"warning: {note}", file=sys.stderr)
     print(f"{args.config}: OK - inputs readable, georeferenced and overlapping; channels available{model_note}")
@@ -166,6 +184,6 @@ def cli_stack(args: argparse.Namespace) -> int:
         save_stack(stack, out)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return BAD_INPUT
     print(out)
     return 0

@@ -4,8 +4,11 @@
 file beside the target, adds the QGIS style the way QGIS itself stores it
 (the ``layer_styles`` table, registered in ``gpkg_contents``, with the
 layer's row marked ``useAsDefault``, so QGIS applies it on opening), checks
-the result, then moves it into place with :func:`os.replace`. A failure at
-any step leaves no file at the final path.
+the result (:func:`verify_geopackage`: SQLite's ``quick_check``, the feature
+count, the style row), then moves it into place with :func:`os.replace`. A
+failure at any step leaves no file at the final path and no temporary file;
+a full disk raises :class:`~pipeline.errors.DiskFull` naming the folder,
+whatever GDAL or SQLite said (:func:`pipeline.fsutil.write_failure`).
 
 Run metadata go three ways: the layer DESCRIPTION (``gpkg_contents``), GDAL
 layer and dataset metadata items (``gpkg_metadata``), and the full run
@@ -24,10 +27,12 @@ from typing import Any, Literal
 
 import geopandas as gpd
 import pyogrio
+import pyogrio.errors
 import shapely
 
 from pipeline import fsutil
 from pipeline.errors import OutputError
+from pipeline.fsutil import WriteCheckFailed
 
 from .style import default_qml, default_sld
 
@@ -63,6 +68,8 @@ def _output_dir(path: Path) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        if exc.errno in fsutil.NO_SPACE_ERRNOS:
+            raise fsutil.write_failure(path, exc.strerror or str(exc), exc) from None
         raise OutputError(f"output directory {directory} cannot be created: {exc.strerror or exc}") from exc
     if not directory.is_dir():
         raise OutputError(f"output directory {directory} is not a directory")
@@ -73,6 +80,8 @@ def _temporary_path(directory: Path, name: str) -> Path:
     try:
         fd, tmp = fsutil.mkstemp(prefix=f".{name}.", suffix=".tmp.gpkg", dir=directory)
     except OSError as exc:
+        if exc.errno in fsutil.NO_SPACE_ERRNOS:
+            raise fsutil.write_failure(directory / name, exc.strerror or str(exc), exc) from None
         raise OutputError(
             f"output directory {directory} is not writable: {exc.strerror or exc}; "
             "choose another output.dir or fix its permissions"
@@ -198,16 +207,23 @@ def write_geopackage(
             name=f"{layer} (probability classes)",
             description="Landslide polygons by mean probability",
         )
-        info = pyogrio.read_info(tmp, layer=layer)
-        if info["features"] != len(frame):
-            raise OutputError(f"{tmp}: wrote {info['features']} features, expected {len(frame)}")
+        verify_geopackage(tmp, layer, len(frame))
         os.replace(tmp, path)
+    except WriteCheckFailed as exc:
+        failure = fsutil.write_failure(path, f"{tmp.name} read back: {exc}", written=_files(tmp),
+                                       what="cannot write the GeoPackage")
+        _remove(tmp)
+        raise failure from None
     except OutputError:
         _remove(tmp)
         raise
-    except OSError as exc:
+    except (OSError, sqlite3.Error, pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as exc:
+        # a full disk surfaces as any of these: GDAL's "Failed to commit transaction", SQLite's
+        # "database or disk is full", "[Errno 28] No space left on device"
+        failure = fsutil.write_failure(path, str(exc), exc, written=_files(tmp),
+                                       what="cannot write the GeoPackage")
         _remove(tmp)
-        raise OutputError(f"cannot write {path} in {directory}: {exc}") from exc
+        raise failure from None
     except BaseException:
         _remove(tmp)
         raise
@@ -215,8 +231,40 @@ def write_geopackage(
     return path
 
 
+def verify_geopackage(path: Path | str, layer: str, features: int) -> None:
+    """Read back a GeoPackage just written, before it moves into place: SQLite's
+    ``PRAGMA quick_check`` (every page and record readable; a truncated file fails), the number
+    of rows of ``layer`` and GDAL's feature count, both ``features``, and the layer's default
+    style. Opened read-only. Raises :class:`~pipeline.fsutil.WriteCheckFailed`."""
+    path = Path(path)
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            problems = [row[0] for row in con.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise WriteCheckFailed(f"SQLite quick_check: {'; '.join(map(str, problems[:3]))}")
+            rows = con.execute(f'SELECT count(*) FROM "{layer.replace(chr(34), chr(34) * 2)}"').fetchone()[0]
+            styled = con.execute("SELECT count(*) FROM layer_styles WHERE f_table_name = ? AND useAsDefault",
+                                 (layer,)).fetchone()[0]
+        finally:
+            con.close()
+        info = pyogrio.read_info(path, layer=layer)
+    except WriteCheckFailed:
+        raise
+    except (OSError, sqlite3.Error, pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as exc:
+        raise WriteCheckFailed(f"cannot read it back ({exc})") from None
+    if rows != features or info["features"] != features:
+        raise WriteCheckFailed(f"{rows} rows ({info['features']} features for GDAL) read back, expected {features}")
+    if not styled:
+        raise WriteCheckFailed(f"layer {layer!r} has no default style")
+
+
+def _files(path: Path) -> list[Path]:
+    return [path, Path(f"{path}-journal"), Path(f"{path}-wal"), Path(f"{path}-shm")]
+
+
 def _remove(path: Path) -> None:
-    for p in (path, Path(f"{path}-journal"), Path(f"{path}-wal"), Path(f"{path}-shm")):
+    for p in _files(path):
         try:
             p.unlink()
         except FileNotFoundError:

@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 
 from pipeline import fsutil
 from pipeline.errors import ChannelError, OutputError
+from pipeline.fsutil import WriteCheckFailed
 from pipeline.grid import Grid
 
 log = logging.getLogger(__name__)
@@ -191,20 +192,53 @@ def _render(pixels: np.ndarray, factor: int, grid: Grid, polygons: gpd.GeoDataFr
 
 
 def save_png_atomic(image: Image.Image, path: Path, **kwargs: Any) -> None:
-    """Save a PNG to a temporary file beside ``path``, then rename it into place."""
+    """Save a PNG to a temporary file beside ``path``, check it (:func:`verify_png`), then
+    rename it into place. A failed write raises :class:`~pipeline.errors.DiskFull` when the disk
+    is full, else :class:`~pipeline.errors.OutputError`; the temporary file is removed."""
     directory = path.parent
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = fsutil.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     except OSError as exc:
+        if exc.errno in fsutil.NO_SPACE_ERRNOS:
+            raise fsutil.write_failure(path, exc.strerror or str(exc), exc) from None
         raise OutputError(f"output directory {directory} is not writable: {exc.strerror or exc}") from exc
+    failure: OutputError | None = None
     try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG", **kwargs)
-        os.replace(tmp, path)
-    except BaseException as exc:
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                image.save(fh, format="PNG", **kwargs)
+                fh.flush()
+                written = fh.tell()
+            verify_png(tmp, written, image.size)
+            os.replace(tmp, path)
+        except (OSError, WriteCheckFailed) as exc:
+            failure = fsutil.write_failure(path, str(exc), exc, written=[tmp])
+    except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write {path}: {exc}") from exc
         raise
+    if failure is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise failure
+
+
+def verify_png(path: str | os.PathLike[str], size: int | None = None,
+               dimensions: tuple[int, int] | None = None) -> None:
+    """Read back a PNG just written: its size on disk (``size`` bytes written), its width and
+    height, and Pillow's ``verify`` (every chunk's CRC, up to the end chunk; a truncated file
+    fails). Raises :class:`~pipeline.fsutil.WriteCheckFailed`."""
+    on_disk = os.stat(path).st_size
+    if size is not None and on_disk != size:
+        raise WriteCheckFailed(f"the file holds {on_disk} of the {size} bytes written")
+    try:
+        with Image.open(path) as im:
+            if dimensions is not None and im.size != tuple(dimensions):
+                raise WriteCheckFailed(f"{im.size[0]} x {im.size[1]} px read back, expected "
+                                       f"{dimensions[0]} x {dimensions[1]}")
+            im.verify()
+    except WriteCheckFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow raises SyntaxError, OSError, struct.error ...
+        raise WriteCheckFailed(f"not a readable PNG ({type(exc).__name__}: {exc})") from None

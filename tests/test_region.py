@@ -248,3 +248,26 @@ def test_local_cluster_workers_keep_adaptive_malloc_and_one_thread_per_task(monk
     import dask
 
     assert dask.config.get("distributed.worker.profile.enabled") is True  # this process's settings untouched
+
+
+def test_a_scene_whose_workers_died_is_retried_and_bad_input_is_not(region: Path, monkeypatch) -> None:
+    """Worker deaths (out of memory, say) are transient: the scene is retried (region.retries) and
+    completes; a bad input fails at once."""
+    import pipeline.run as run_mod
+    from pipeline.progress import WorkerDeathError
+
+    real = run_mod.run_scene
+    calls: list[str] = []
+
+    def flaky(cfg, **kwargs):  # noqa: ANN001, ANN003
+        calls.append(cfg.scene.id)
+        if cfg.scene.id == "demo1" and calls.count("demo1") == 1:
+            raise WorkerDeathError("stage infer: task block-0-0 killed 3 workers")
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(run_mod, "run_scene", flaky)  # the region job imports it when it starts
+    cfg = load_region_config(region)
+    result = run_region(cfg.model_copy(update={"retries": 1}))
+    assert [o.status for o in result.outcomes][:2] in (["completed", "completed"], ["skipped", "skipped"])
+    assert calls.count("demo1") == 2 and result.outcomes[0].attempts == 2
+    assert result.outcomes[2].status == "failed" and result.outcomes[2].attempts == 1

@@ -102,6 +102,8 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
         "scene": "L2A", "source": "product metadata", "models": {art.name or art.architecture: art.levels},
         "served": served, "unserved": [] if served else [art.name or art.architecture],
     }
+    # the demo's manifest lists no checksums: the report says the inputs were not verified, and why
+    assert report["input_checksums"]["verified"] is False and report["input_checksums"]["reason"]
     for name in ("probability.tif", "mask.tif", "quicklook.png", res.geopackage.name):
         assert (res.run_dir / name).is_file(), name
 

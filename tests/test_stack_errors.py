@@ -94,8 +94,8 @@ def _assert_refused(config: Path, error: type[PipelineError], *needles: str, fou
     problems = validate_scene(cfg)
     if found_by_validate:
         assert any(all(n in p for n in needles) for p in problems), problems
-        assert _validate_cli(config) == 1
-    assert _stack_cli(config) == 1
+        assert _validate_cli(config) == 2
+    assert _stack_cli(config) == 2
     if capsys is not None:
         err = capsys.readouterr().err
         assert all(n in err for n in needles), err
