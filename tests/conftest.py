@@ -28,3 +28,36 @@ def _few_threads() -> None:
         torch.set_num_threads(1)
     except ImportError:  # pragma: no cover
         pass
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A local Dask cluster with one worker process of 2 threads, shared by a module's runs."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The scene.yaml of a small demo scene (318 px, seed 3), written once per module."""
+    from pipeline.demo import write_demo_data
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    paths = write_demo_data(out, size=318, seed=3)
+    return Path(paths.scene_yaml)
+
+
+def demo_config(scene_yaml: Path, tmp_path: Path, **updates):  # noqa: ANN201
+    """The scene config of ``scene_yaml`` writing under ``tmp_path/out`` (with the mask COG), with
+    ``updates`` per section (``postprocess={"min_area_m2": 0}``)."""
+    from pipeline.config import load_scene_config
+
+    cfg = load_scene_config(scene_yaml)
+    out = cfg.output.model_copy(update={"dir": tmp_path / "out", "mask_cog": True})
+    cfg = cfg.model_copy(update={"output": out})
+    for section, values in updates.items():
+        cfg = cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=values)})
+    return cfg

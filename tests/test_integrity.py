@@ -18,41 +18,16 @@ from pathlib import Path
 import pandas as pd
 import pyogrio
 import pytest
-from conftest import ROOT
+from conftest import ROOT, demo_config
 
 from pipeline import fsutil
-from pipeline.config import load_scene_config
 from pipeline.errors import OutputError
 from pipeline.run import LOCK, REPORT, RunFolderBusy, is_leftover, run_scene, verify_run
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def client():
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address="127.0.0.1:0") as cluster, \
-            Client(cluster) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.demo import write_demo_data
-
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    paths = write_demo_data(out, size=318, seed=3)
-    return Path(paths.scene_yaml)
-
-
-def _config(scene_yaml: Path, tmp_path: Path, **updates):
-    cfg = load_scene_config(scene_yaml)
-    out = cfg.output.model_copy(update={"dir": tmp_path / "out", "mask_cog": True})
-    cfg = cfg.model_copy(update={"output": out})
-    for section, values in updates.items():
-        cfg = cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=values)})
-    return cfg
+_config = demo_config
 
 
 def _features(gpkg: Path) -> tuple[pd.DataFrame, list[bytes]]:
