@@ -340,7 +340,8 @@ def test_threaded_and_multiprocess_cluster_give_the_same_raster(tmp_path: Path) 
         distributed = np.asarray(client.compute(pred.probability.data).result())
         cached = client.run(lambda: len(inference._CACHE))
     np.testing.assert_allclose(distributed, threaded, rtol=0, atol=1e-6)
-    assert set(cached.values()) == {1}  # each worker process loaded the model once
+    # each worker process that ran blocks loaded the model once (one may have run none: scheduling)
+    assert 1 in cached.values() and set(cached.values()) <= {0, 1}, cached
 
 
 # -- models, channels, options -----------------------------------------------------------
