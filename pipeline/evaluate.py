@@ -24,7 +24,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -230,18 +231,36 @@ def baseline_row(
 # Object metrics
 # --------------------------------------------------------------------------
 def read_polygons(path: Path, layer: str | None = None) -> Any:
-    """Read a polygon file (GeoPackage, shapefile, zipped shapefile) as a GeoDataFrame."""
+    """Read a polygon file (GeoPackage, shapefile, zipped shapefile) as a GeoDataFrame.
+
+    Reading leaves nothing beside the file: GDAL would write the GeoPackage's dataset metadata to a
+    ``.aux.xml`` sidecar on closing it (its persistent auxiliary metadata, switched off here).
+    """
     import geopandas as gpd
 
     target = _vector_source(Path(path))
+    with _no_sidecars():
+        try:
+            if layer is None:
+                layer = _polygon_layer(path, target)
+            return gpd.read_file(target, layer=layer) if layer else gpd.read_file(target)
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pyogrio raises many types
+            raise InputError(f"{path}: cannot read polygons: {exc}") from None
+
+
+@contextmanager
+def _no_sidecars() -> Iterator[None]:
+    """GDAL's persistent auxiliary metadata (``.aux.xml`` files) off while the block runs."""
+    import pyogrio
+
+    before = pyogrio.get_gdal_config_option("GDAL_PAM_ENABLED")
+    pyogrio.set_gdal_config_options({"GDAL_PAM_ENABLED": "NO"})
     try:
-        if layer is None:
-            layer = _polygon_layer(path, target)
-        return gpd.read_file(target, layer=layer) if layer else gpd.read_file(target)
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - pyogrio raises many types
-        raise InputError(f"{path}: cannot read polygons: {exc}") from None
+        yield
+    finally:
+        pyogrio.set_gdal_config_options({"GDAL_PAM_ENABLED": before})
 
 
 #: Tables GIS tools keep beside the data in a GeoPackage (QGIS stores layer styles here).

@@ -232,3 +232,21 @@ def test_polygons_come_from_the_data_layer_not_the_style_table(tmp_path: Path) -
     with pytest.raises(InputError, match=r"several layers \(landslides, other, layer_styles\).*--detections-layer"):
         read_polygons(path)
     assert len(read_polygons(path, "other")) == 1
+
+
+def test_reading_a_run_geopackage_leaves_no_sidecar(tmp_path: Path) -> None:
+    """A run's GeoPackage carries dataset metadata; reading it (evaluate, a run's reference check) used to
+    leave a .gpkg.aux.xml beside it. GDAL's own setting is restored afterwards."""
+    import pyogrio
+
+    from postprocess.gpkg import write_geopackage
+
+    path = tmp_path / "run_landslides.gpkg"
+    gdf = gpd.GeoDataFrame({"label": [1]}, geometry=[box(0, 0, 10, 10)], crs="EPSG:32633")
+    write_geopackage(gdf, path, layer="landslides", metadata={"run_id": "x", "threshold": 0.5})
+    before = pyogrio.get_gdal_config_option("GDAL_PAM_ENABLED")
+    assert len(read_polygons(path)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert pyogrio.get_gdal_config_option("GDAL_PAM_ENABLED") == before
+    gpd.read_file(path, layer="landslides")  # without it GDAL writes the sidecar: the check has teeth
+    assert (tmp_path / (path.name + ".aux.xml")).is_file()
