@@ -8,6 +8,7 @@ Commands:
   demo-data   write a small synthetic Sentinel-2 L2A product and DEM
   train       train a model from Landslide4Sense-style patches
   evaluate    pixel/object metrics and model comparison tables
+  config-docs write docs/configuration.md and docs/schema/*.schema.json from the config models
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ _COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "demo-data": ("pipeline.demo", "add_demo_arguments", "cli_demo", "write a synthetic Sentinel-2 L2A product + DEM"),
     "train": ("pipeline.train", "add_train_arguments", "cli_train", "train a segmentation model"),
     "evaluate": ("pipeline.evaluate", "add_evaluate_arguments", "cli_evaluate", "evaluate models and outputs"),
+    "config-docs": ("pipeline.config_docs", "add_config_docs_arguments", "cli_config_docs",
+                    "write the configuration reference and JSON Schemas (docs/)"),
 }
 
 
