@@ -288,8 +288,9 @@ def _start(out: RasterOutput, grid: Grid) -> dict[str, Any]:
     }
     try:
         with rasterio.open(tmp_tiff, "w", **profile) as dst:
-            if out.band_names is not None:
-                for i, name in enumerate(out.band_names, start=1):
+            names = out.band_names if out.band_names is not None else _long_name(out.arr, count)
+            if names is not None:
+                for i, name in enumerate(names, start=1):
                     dst.set_band_description(i, str(name))
             if out.tags:
                 dst.update_tags(**out.tags)
@@ -300,6 +301,13 @@ def _start(out: RasterOutput, grid: Grid) -> dict[str, Any]:
         raise failure from None
     return {"out": out, "path": path, "data": data, "count": count, "dtype": np_dtype,
             "tmp_tiff": tmp_tiff, "tmp_cog": tmp_cog}
+
+
+def _long_name(arr: Any, count: int) -> list[str] | None:
+    """The band description of a one-band DataArray without band names: its ``long_name``
+    attribute (the uncertainty's "landslide probability standard deviation"), if any."""
+    name = getattr(arr, "attrs", {}).get("long_name") if isinstance(arr, xr.DataArray) else None
+    return [str(name)] if name and count == 1 else None
 
 
 def _convert(plan: dict[str, Any]) -> Path:
@@ -330,7 +338,8 @@ def gdal_threads() -> int:
 
 
 def _copy_as_cog(source: Path, dest: Path, path: Path, *, compress: str, overview: bool,
-                 overview_resampling: str) -> Path:
+                 overview_resampling: str, band_descriptions: Sequence[str] | None = None,
+                 band_tags: Sequence[dict[str, str]] | None = None) -> Path:
     """GDAL's COG copy of ``source`` at ``dest`` (errors name ``path``, the file it becomes)."""
     options = {
         "COMPRESS": compress, "PREDICTOR": "YES", "BLOCKSIZE": str(TILE), "BIGTIFF": "IF_SAFER",
@@ -343,7 +352,11 @@ def _copy_as_cog(source: Path, dest: Path, path: Path, *, compress: str, overvie
     try:
         with rasterio.open(source) as src:
             expected = {"width": src.width, "height": src.height, "count": src.count, "dtype": src.dtypes[0]}
-        rasterio.shutil.copy(source, dest, driver="COG", **options)
+        if band_descriptions or band_tags:
+            with _described(source, band_descriptions or (), band_tags or ()) as vrt:
+                rasterio.shutil.copy(vrt, dest, driver="COG", **options)
+        else:
+            rasterio.shutil.copy(source, dest, driver="COG", **options)
     except (RasterioError, OSError) as exc:
         failure = fsutil.write_failure(path, _detail(exc), exc, needed=_size(source), written=[dest],
                                        what="cannot write the COG")
@@ -352,6 +365,19 @@ def _copy_as_cog(source: Path, dest: Path, path: Path, *, compress: str, overvie
     # GDAL's COG driver with several threads reports no failed write: read the copy back
     _verify_or_raise(dest, path, **expected, needed=_size(source), written=[dest])
     return dest
+
+
+@contextlib.contextmanager
+def _described(source: Path, descriptions: Sequence[str], tags: Sequence[dict[str, str]]) -> Any:
+    """An in-memory VRT of ``source`` with these band descriptions and band tags (its path)."""
+    with rasterio.MemoryFile(ext=".vrt") as mem:  # removed on exit (VSIUnlink of the VRT alone)
+        rasterio.shutil.copy(source, mem.name, driver="VRT")
+        with rasterio.open(mem.name, "r+") as dst:
+            for i, text in enumerate(descriptions, start=1):
+                dst.set_band_description(i, str(text))
+            for i, items in enumerate(tags, start=1):
+                dst.update_tags(i, **{k: str(v) for k, v in items.items()})
+        yield mem.name
 
 
 def _size(path: Path) -> int:
@@ -426,15 +452,20 @@ def _verify_level(src: Any, file_size: int, sparse: bool, label: str) -> None:
 
 
 def cog_from_tiff(source: str | os.PathLike[str], path: str | os.PathLike[str], *, overview: bool = True,
-                  overview_resampling: str = "average", compress: str = "DEFLATE") -> Path:
+                  overview_resampling: str = "average", compress: str = "DEFLATE",
+                  band_descriptions: Sequence[str] | None = None,
+                  band_tags: Sequence[dict[str, str]] | None = None) -> Path:
     """Copy a GeoTIFF (for example the plain tiled one that :func:`write_rasters` writes with
     ``cog=False``) into a COG at ``path``, with overviews, atomically. Tags, band descriptions and
-    no-data carry over; ``source`` is left as it is. Raises :class:`OutputError`."""
+    no-data carry over; ``source`` is left as it is. ``band_descriptions`` and ``band_tags`` (one
+    per band, from the first) are set on the copy instead (through an in-memory VRT of
+    ``source``: the COG layout is written once, never updated). Raises :class:`OutputError`."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.cog.tif"
     try:
         _move(_copy_as_cog(Path(source), tmp, path, compress=compress, overview=overview,
-                           overview_resampling=overview_resampling), path)
+                           overview_resampling=overview_resampling,
+                           band_descriptions=band_descriptions, band_tags=band_tags), path)
     except BaseException:
         _cleanup(tmp)
         raise

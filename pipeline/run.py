@@ -575,6 +575,7 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
                 opened, n_valid, summaries=None, true_colour=None) -> RunResult:
     from postprocess.gpkg import write_geopackage
     from postprocess.pipeline import polygons_from_probability
+    from postprocess.raster_style import write_raster_styles
 
     from .cog import cog_from_tiff, write_cog
 
@@ -607,7 +608,9 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
     pool = ThreadPoolExecutor(4, thread_name_prefix="outputs")
     jobs: dict[str, Any] = {}
     if cfg.output.probability_cog:
-        jobs["probability"] = _submit(pool, cog_from_tiff, prob_path, run_dir / "probability.tif")
+        jobs["probability"] = _submit(pool, cog_from_tiff, prob_path, run_dir / "probability.tif",
+                                      band_descriptions=["landslide probability x 254 (255 = no data)"],
+                                      band_tags=[{"threshold": str(threshold)}])
 
     def start_mask_outputs(cleaned: Any) -> None:
         if cfg.output.mask_cog:
@@ -642,6 +645,8 @@ def _finish_run(cfg, models, stack, run_dir, gpkg_path, key, timer, t_start, run
                 for name in ("quicklook", "mask", "probability"):
                     if name in jobs:
                         jobs[name].result()
+                # QGIS styles beside probability.tif and uncertainty.tif (outputs, checksummed below)
+                write_raster_styles(run_dir, threshold)
         finally:
             # on an error, what has not started does not start (what runs finishes: its output is atomic)
             pool.shutdown(wait=True, cancel_futures=True)

@@ -96,3 +96,62 @@ def test_geopackage_opens_in_qgis_with_crs_count_and_stored_style(polygons, tmp_
         assert "mean_prob" in layer["fields"] and "landslide_id" in layer["fields"]
     assert seen["plain.gpkg"]["isValid"]
     assert seen["plain.gpkg"]["renderer"] == "singleSymbol"
+
+
+def test_run_rasters_open_in_qgis_with_a_colour_ramp_and_transparent_no_data(demo, client, tmp_path):
+    """probability.tif (and uncertainty.tif) of a real run load with the .qml beside them: a
+    pseudocolor ramp over the codes 0-254 with the threshold marked, 255 as no data; drawn by
+    QGIS to PNGs under tmp_path (coloured, not grey)."""
+    if reason := _qgis_missing():
+        pytest.skip(reason)
+    import rasterio
+    from conftest import demo_config
+    from PIL import Image
+
+    from pipeline.run import run_scene
+
+    cfg = demo_config(demo, tmp_path, model={"tta": True, "uncertainty": True})
+    res = run_scene(cfg, client=client)
+    run_dir = res.run_dir
+    report = json.loads((run_dir / "report.json").read_text())
+    threshold = cfg.postprocess.threshold if cfg.postprocess.threshold is not None else report["models"][0]["threshold"]
+    # the styles are outputs: checksummed with the rasters
+    for name in ("probability.qml", "uncertainty.qml"):
+        assert name in report["output_files"] and name in report["outputs"], name
+    with rasterio.open(run_dir / "probability.tif") as src:
+        assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert src.descriptions[0].startswith("landslide probability")
+        assert float(src.tags(1)["threshold"]) == pytest.approx(threshold)
+    with rasterio.open(run_dir / "uncertainty.tif") as src:
+        assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert src.descriptions[0] == "landslide probability standard deviation"
+
+    renders = tmp_path / "renders"
+    renders.mkdir()
+    result = subprocess.run(
+        [SYSTEM_PYTHON, str(CHECK), "--raster", "--render", str(renders),
+         str(run_dir / "probability.tif"), str(run_dir / "uncertainty.tif")],
+        capture_output=True, text=True, env=_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    seen = {Path(d["path"]).name: d for d in map(json.loads, (x for x in result.stdout.splitlines() if x.startswith("{")))}
+
+    prob = seen["probability.tif"]
+    assert prob["isValid"] and prob["crs"] == report["grid"]["crs"]
+    assert prob["renderer"] == "singlebandpseudocolor" and prob["band"] == 1
+    assert (prob["classificationMin"], prob["classificationMax"]) == (0.0, 254.0)
+    assert (prob["shaderMin"], prob["shaderMax"]) == (0.0, 254.0)
+    assert prob["sourceHasNoData"] and prob["sourceNoData"] == 255.0 and prob["useSourceNoData"]
+    values = [item[0] for item in prob["items"]]
+    assert values[0] == 0.0 and values[-1] == 254.0
+    assert any(v == pytest.approx(threshold * 254, abs=0.011) for v in values)  # the threshold shows
+    assert prob["items"][0][2] == 0  # probability 0 transparent
+    unc = seen["uncertainty.tif"]
+    assert unc["isValid"] and unc["renderer"] == "singlebandpseudocolor"
+    assert unc["sourceHasNoData"]  # NaN
+
+    # QGIS drew colour: pixels whose red, green and blue differ (a grey band has none)
+    for name in ("probability", "uncertainty"):
+        png = renders / f"{name}.png"
+        pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+        spread = pixels.max(axis=2) - pixels.min(axis=2)
+        assert (spread > 30).mean() > 0.01, name
