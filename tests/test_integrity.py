@@ -117,6 +117,7 @@ def test_the_temporaries_a_run_creates_are_known_as_leftovers(completed: Complet
         ".mask.tif.<id>.tiles.tif", ".mask.tif.<id>.cog.tif",
         ".probability.tif.<id>.cog.tif",  # cog.cog_from_tiff
         f".{gpkg}.<id>.tmp.gpkg", ".quicklook.png.<id>.tmp", ".report.json.<id>.tmp",  # fsutil.mkstemp
+        ".probability.qml.<id>.tmp",  # postprocess.raster_style: QGIS's style beside the raster
     }
     seen = set()
     for name in completed.temporaries:
