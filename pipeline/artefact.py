@@ -24,7 +24,6 @@ threshold that goes with the combination.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -287,11 +286,7 @@ def _check_state(reference: Mapping[str, torch.Tensor], state: Mapping[str, torc
 # -- load ----------------------------------------------------------------------
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return fsutil.file_digest(path)
 
 
 def _read_header(path: Path) -> dict[str, Any]:

@@ -46,14 +46,6 @@ def _file_stamp(path: Path) -> list[object]:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def result_config(cfg: SceneConfig) -> dict[str, object]:
     """The part of the config that changes results (not where or how it runs)."""
     data = cfg.model_dump(mode="json", exclude={"dask": True, "source": True})

@@ -45,6 +45,13 @@ def mkstemp(*, prefix: str, suffix: str = "", dir: str | os.PathLike[str]) -> tu
 
 
 # -- checksums ---------------------------------------------------------------
+def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
+    """Hex digest of a file with the :mod:`hashlib` ``algorithm`` (hashlib releases the GIL, so
+    files hash in parallel in threads)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, algorithm).hexdigest()
+
+
 def file_record(path: str | os.PathLike[str]) -> dict[str, int | str]:
     """``{"bytes": size, "sha256": hex digest}`` of a file, the size taken from the open file
     that is hashed (the two describe the same bytes)."""

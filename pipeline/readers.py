@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -47,6 +46,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
+from . import fsutil
 from .channels import S2_BANDS, canonical
 from .config import DemSection, SceneSection, is_remote_path, is_safe_scene_id, scene_id_from_name
 from .errors import ConfigError, InputError
@@ -962,24 +962,11 @@ _VERIFIED: set[tuple[object, ...]] = set()
 _VERIFIED_LOCK = threading.Lock()
 
 #: Bytes read per call when hashing.
-_HASH_CHUNK = 8 << 20
 
 
 def _stamp(path: Path, listed: ListedChecksum) -> tuple[object, ...]:
     st = path.stat()
     return (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino, listed.algorithm, listed.value)
-
-
-def file_checksum(path: Path, algorithm: str) -> str:
-    """Hex digest of ``path`` with the :mod:`hashlib` ``algorithm`` (read in 8 MiB pieces; hashlib
-    releases the GIL, so files hash in parallel in threads)."""
-    h = hashlib.new(algorithm)
-    buf = bytearray(_HASH_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def verify_manifest_checksums(manifest: Path, safe: Path, files: Sequence[tuple[Path, str]], *,
@@ -1030,7 +1017,7 @@ def verify_manifest_checksums(manifest: Path, safe: Path, files: Sequence[tuple[
         pending = [item for item in size_ok if item[3] not in _VERIFIED]
 
     def digest(item: tuple[Path, str, ListedChecksum, tuple[object, ...]]) -> str:
-        return file_checksum(item[0], MANIFEST_HASHES[item[2].algorithm])
+        return fsutil.file_digest(item[0], MANIFEST_HASHES[item[2].algorithm])
 
     if pending:
         from concurrent.futures import ThreadPoolExecutor
