@@ -268,9 +268,7 @@ def _start(out: RasterOutput, grid: Grid) -> dict[str, Any]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        if exc.errno in fsutil.NO_SPACE_ERRNOS:
-            raise fsutil.write_failure(path, _detail(exc), exc) from None
-        raise OutputError(f"{path}: cannot create the output folder ({_detail(exc)})") from None
+        raise fsutil.folder_failure(exc, path, f"{path}: cannot create the output folder ({_detail(exc)})") from None
     stem = f".{path.name}.{uuid.uuid4().hex[:8]}"
     tmp_tiff = path.parent / f"{stem}.tiles.tif"
     tmp_cog = path.parent / f"{stem}.cog.tif"

@@ -219,20 +219,23 @@ def write_failure(path: str | os.PathLike[str], detail: str, exc: BaseException 
             f"{folder}: no space left on the device while writing {path.name} ({where}); free space "
             "there or choose another output folder (output.dir, or --out for stack)",
             folder=str(folder), file=path.name, free_bytes=free)
-    cap = f" of {megabytes(limit)}" if limit is not None else ""
-    if too_large:
+    if too_large or maybe_too_large:
+        cap = f" of {megabytes(limit)}" if limit is not None else ""
+        how, said = ("stopped", "") if too_large else ("probably stopped", f"{detail}; ")
         return FileSizeLimit(
-            f"{folder}: the file size limit{cap} of this process (ulimit -f) stopped the writing of "
-            f"{path.name} ({where} on the device); raise the limit (ulimit -f unlimited) or choose "
+            f"{folder}: the file size limit{cap} of this process (ulimit -f) {how} the writing of "
+            f"{path.name} ({said}{where} on the device); raise the limit (ulimit -f unlimited) or choose "
             "smaller outputs",
             folder=str(folder), file=path.name, free_bytes=free)
-    if maybe_too_large:
-        return FileSizeLimit(
-            f"{folder}: the file size limit{cap} of this process (ulimit -f) probably stopped the "
-            f"writing of {path.name} ({detail}; {where} on the device); raise the limit (ulimit -f "
-            "unlimited) or choose smaller outputs",
-            folder=str(folder), file=path.name, free_bytes=free)
     return OutputError(f"{path}: {what} ({detail})")
+
+
+def folder_failure(exc: OSError, path: str | os.PathLike[str], message: str) -> OutputError:
+    """The error for ``exc``, raised while preparing to write ``path`` (creating its folder or a
+    temporary file): :func:`write_failure`'s when the device is full, else ``message``."""
+    if exc.errno in NO_SPACE_ERRNOS:
+        return write_failure(path, exc.strerror or str(exc), exc)
+    return OutputError(message)
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes, *, prefix: str | None = None,

@@ -93,12 +93,9 @@ def ensure_writable_dir(path: Path, *, field: str, source: Path | None = None) -
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        if exc.errno in fsutil.NO_SPACE_ERRNOS:
-            raise fsutil.write_failure(path / ".write-test", exc.strerror or str(exc), exc) from None
-        raise OutputError(
-            f"{where}{field}: output directory {path} is not writable ({exc.strerror or exc}); "
-            "choose another output.dir or fix its permissions"
-        ) from None
+        raise fsutil.folder_failure(
+            exc, path / ".write-test", f"{where}{field}: output directory {path} is not writable "
+            f"({exc.strerror or exc}); choose another output.dir or fix its permissions") from None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -357,9 +354,8 @@ def run_scene(cfg: SceneConfig, *, force: bool = False, client: Any = None) -> R
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        if exc.errno in fsutil.NO_SPACE_ERRNOS:
-            raise fsutil.write_failure(run_dir, exc.strerror or str(exc), exc) from None
-        raise OutputError(f"{run_dir}: cannot create the run folder ({exc.strerror or exc})") from None
+        raise fsutil.folder_failure(
+            exc, run_dir, f"{run_dir}: cannot create the run folder ({exc.strerror or exc})") from None
 
     with ExitStack() as resources:
         # held until everything below has ended (the cluster closed): first in, last out

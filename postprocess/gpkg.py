@@ -68,9 +68,8 @@ def _output_dir(path: Path) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        if exc.errno in fsutil.NO_SPACE_ERRNOS:
-            raise fsutil.write_failure(path, exc.strerror or str(exc), exc) from None
-        raise OutputError(f"output directory {directory} cannot be created: {exc.strerror or exc}") from exc
+        raise fsutil.folder_failure(
+            exc, path, f"output directory {directory} cannot be created: {exc.strerror or exc}") from exc
     if not directory.is_dir():
         raise OutputError(f"output directory {directory} is not a directory")
     return directory
@@ -80,12 +79,9 @@ def _temporary_path(directory: Path, name: str) -> Path:
     try:
         fd, tmp = fsutil.mkstemp(prefix=f".{name}.", suffix=".tmp.gpkg", dir=directory)
     except OSError as exc:
-        if exc.errno in fsutil.NO_SPACE_ERRNOS:
-            raise fsutil.write_failure(directory / name, exc.strerror or str(exc), exc) from None
-        raise OutputError(
-            f"output directory {directory} is not writable: {exc.strerror or exc}; "
-            "choose another output.dir or fix its permissions"
-        ) from exc
+        raise fsutil.folder_failure(
+            exc, directory / name, f"output directory {directory} is not writable: {exc.strerror or exc}; "
+            "choose another output.dir or fix its permissions") from exc
     os.close(fd)
     os.unlink(tmp)  # GDAL creates the file itself
     return Path(tmp)

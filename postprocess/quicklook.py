@@ -200,9 +200,8 @@ def save_png_atomic(image: Image.Image, path: Path, **kwargs: Any) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = fsutil.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     except OSError as exc:
-        if exc.errno in fsutil.NO_SPACE_ERRNOS:
-            raise fsutil.write_failure(path, exc.strerror or str(exc), exc) from None
-        raise OutputError(f"output directory {directory} is not writable: {exc.strerror or exc}") from exc
+        raise fsutil.folder_failure(
+            exc, path, f"output directory {directory} is not writable: {exc.strerror or exc}") from exc
     failure: OutputError | None = None
     try:
         try:
