@@ -10,16 +10,14 @@ from pathlib import Path
 import dask
 import numpy as np
 import pytest
-import rasterio
 import yaml
-from affine import Affine
+from small_scene import X0, Y0, scene_yaml, write_scene
 
 from pipeline.config import DEFAULT_MODEL, load_scene_config, model_tile_size
 from pipeline.errors import ConfigError, GridError, PipelineError
 from pipeline.stack import minimum_grid_size, scl_exclusion, stack_scene
 from pipeline.validate import BAD_INPUT, add_validate_arguments, cli_validate, validate_scene
 
-X0, Y0 = 465180.0, 5080260.0
 SIZE = 64
 RGB_MODEL = DEFAULT_MODEL.parent / "rgb_terrain.safetensors"
 
@@ -37,34 +35,12 @@ def _write_yaml(tmp_path: Path, text: str, name: str = "scene.yaml") -> Path:
     return path
 
 
-def _raster(path: Path, data: np.ndarray, transform: Affine) -> Path:
-    with rasterio.open(path, "w", driver="GTiff", width=data.shape[1], height=data.shape[0], count=1,
-                       dtype=data.dtype.name, crs="EPSG:32633", transform=transform) as ds:
-        ds.write(data, 1)
-    return path
 
 
 @pytest.fixture
 def scene(tmp_path: Path) -> Path:
     """B02, B03, B04 (64 x 64 px at 10 m) and a DEM in EPSG:32633."""
-    rng = np.random.default_rng(0)
-    (tmp_path / "bands").mkdir()
-    for band in ("B02", "B03", "B04"):
-        _raster(tmp_path / "bands" / f"T33TVM_{band}.tif", rng.integers(300, 3000, (SIZE, SIZE)).astype(np.uint16),
-                Affine(10, 0, X0, 0, -10, Y0))
-    dem = 500 + np.add.outer(np.arange(SIZE + 10.0), np.arange(SIZE + 10.0)).astype(np.float32)
-    _raster(tmp_path / "dem.tif", dem, Affine(10, 0, X0 - 50, 0, -10, Y0 + 50))
-    return tmp_path
-
-
-def _config(root: Path, **sections: object) -> Path:
-    data: dict[str, object] = {"scene": {"bands_dir": "bands"}, "dem": {"path": "dem.tif"},
-                               "channels": ["B02", "B03", "B04", "SLOPE", "DEM"],
-                               "grid": {"block_size": 256}, "output": {"dir": "out"}}
-    data.update(sections)
-    path = root / "scene.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return write_scene(tmp_path, SIZE)
 
 
 def _validate(config: Path) -> int:
@@ -150,7 +126,7 @@ def test_the_run_meets_the_window_size_before_its_cluster_starts() -> None:
 def test_an_aoi_of_a_few_pixels_is_refused_with_its_size_and_the_minimum(scene: Path, px: int) -> None:
     """It failed after the inference with ``The overlapping depth 4 is larger than your array 1``."""
     x, y = X0 + 200, Y0 - 200
-    config = _config(scene, aoi={"bbox": [x, y - px * 10 + 1, x + px * 10 - 1, y], "crs": "EPSG:32633"})
+    config = scene_yaml(scene, aoi={"bbox": [x, y - px * 10 + 1, x + px * 10 - 1, y], "crs": "EPSG:32633"})
     cfg = load_scene_config(config)
     assert minimum_grid_size(cfg)[0] == 4
     with pytest.raises(GridError) as err:
@@ -165,22 +141,22 @@ def test_an_aoi_of_a_few_pixels_is_refused_with_its_size_and_the_minimum(scene: 
 def test_the_minimum_follows_the_postprocessing_radii(scene: Path) -> None:
     x, y = X0 + 200, Y0 - 200
     radii = {"opening_radius_m": 30, "closing_radius_m": 20}  # halo 2 x 3 + 2 x 2 px
-    small = load_scene_config(_config(scene, aoi={"bbox": [x, y - 89, x + 89, y], "crs": "EPSG:32633"},
+    small = load_scene_config(scene_yaml(scene, aoi={"bbox": [x, y - 89, x + 89, y], "crs": "EPSG:32633"},
                                       postprocess=radii))
     assert minimum_grid_size(small)[0] == 10
     with pytest.raises(GridError, match=r"grid of 9 x 9 px .* minimum of 10 x 10 px .*opening_radius_m 30"):
         stack_scene(small)
-    enough = load_scene_config(_config(scene, aoi={"bbox": [x, y - 99, x + 99, y], "crs": "EPSG:32633"},
+    enough = load_scene_config(scene_yaml(scene, aoi={"bbox": [x, y - 99, x + 99, y], "crs": "EPSG:32633"},
                                        postprocess=radii))
     assert stack_scene(enough).grid.shape == (10, 10)
     # no halo at all: still a floor of a few pixels
-    none = load_scene_config(_config(scene, postprocess={"opening_radius_m": 0, "closing_radius_m": 0}))
+    none = load_scene_config(scene_yaml(scene, postprocess={"opening_radius_m": 0, "closing_radius_m": 0}))
     assert minimum_grid_size(none) == (4, "the pipeline")
 
 
 def test_an_aoi_at_the_minimum_is_stacked(scene: Path) -> None:
     x, y = X0 + 200, Y0 - 200
-    cfg = load_scene_config(_config(scene, aoi={"bbox": [x, y - 39, x + 39, y], "crs": "EPSG:32633"}))
+    cfg = load_scene_config(scene_yaml(scene, aoi={"bbox": [x, y - 39, x + 39, y], "crs": "EPSG:32633"}))
     stack = stack_scene(cfg)
     assert stack.grid.shape == (4, 4)
     with dask.config.set(scheduler="synchronous"):
@@ -210,7 +186,7 @@ def test_a_tiny_aoi_fails_the_run_before_anything_is_started_or_written(scene: P
     from pipeline.run import run_scene
 
     x, y = X0 + 200, Y0 - 200
-    config = _config(scene, aoi={"bbox": [x, y - 9, x + 9, y], "crs": "EPSG:32633"},
+    config = scene_yaml(scene, aoi={"bbox": [x, y - 9, x + 9, y], "crs": "EPSG:32633"},
                      model={"path": str(RGB_MODEL)})
     data = yaml.safe_load(config.read_text())
     del data["channels"]
@@ -289,7 +265,7 @@ def test_validate_exits_2_for_a_bad_config_like_run(tmp_path: Path, capsys: pyte
 
 def test_validate_exits_2_for_bad_inputs(scene: Path) -> None:
     (scene / "dem.tif").unlink()
-    assert _validate(_config(scene)) == 2
+    assert _validate(scene_yaml(scene)) == 2
 
 
 def test_a_model_error_comes_without_a_misleading_channel_message(scene: Path,
@@ -297,7 +273,7 @@ def test_a_model_error_comes_without_a_misleading_channel_message(scene: Path,
     """Without a readable model its channels are unknown: validate used to check the 14
     Landslide4Sense channels instead and add "cannot supply channel(s) B01, B05, ... B10"."""
     (scene / "broken.safetensors").write_bytes(b"\x00" * 64)
-    config = _config(scene, model={"path": "broken.safetensors"})
+    config = scene_yaml(scene, model={"path": "broken.safetensors"})
     data = yaml.safe_load(config.read_text())
     del data["channels"]
     config.write_text(yaml.safe_dump(data))

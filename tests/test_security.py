@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import rasterio
 import yaml
-from affine import Affine
+from small_scene import X0, Y0, write_raster, write_scene
 
 from pipeline.config import load_region_config, load_scene_config, scene_id_from_name
 from pipeline.errors import ConfigError, InputError
@@ -35,32 +35,19 @@ from pipeline.readers import (
 )
 from pipeline.validate import validate_scene
 
-X0, Y0 = 465180.0, 5080260.0
 SIZE = 32
 PASSWD = Path("/etc/passwd")
 
 
-def _write(path: Path, data: np.ndarray, transform: Affine | None = None) -> Path:
-    with rasterio.open(path, "w", driver="GTiff", width=data.shape[1], height=data.shape[0], count=1,
-                       dtype=data.dtype.name, crs="EPSG:32633",
-                       transform=transform or Affine(10, 0, X0, 0, -10, Y0)) as ds:
-        ds.write(data, 1)
-    return path
 
 
 @pytest.fixture
 def scene(tmp_path: Path) -> Path:
     """A small valid scene: B02, B03, B04 GeoTIFFs in bands/ and a DEM, all in EPSG:32633."""
-    rng = np.random.default_rng(0)
-    (tmp_path / "bands").mkdir()
-    for band in ("B02", "B03", "B04"):
-        _write(tmp_path / "bands" / f"T33TVM_{band}.tif", rng.integers(300, 3000, (SIZE, SIZE)).astype(np.uint16))
-    dem = 500 + np.add.outer(np.arange(SIZE + 10.0), np.arange(SIZE + 10.0)).astype(np.float32)
-    _write(tmp_path / "dem.tif", dem, Affine(10, 0, X0 - 50, 0, -10, Y0 + 50))
-    return tmp_path
+    return write_scene(tmp_path, SIZE)
 
 
-def _config(root: Path, **overrides: object):  # type: ignore[no-untyped-def]
+def scene_yaml(root: Path, **overrides: object):  # type: ignore[no-untyped-def]
     data: dict[str, object] = {"scene": {"bands_dir": "bands"}, "dem": {"path": "dem.tif"},
                                "channels": ["B02", "B03", "B04", "SLOPE", "DEM"], "output": {"dir": "out"}}
     for key, value in overrides.items():  # sections are merged into the defaults
@@ -129,7 +116,7 @@ def no_gdal_open(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("allow_vrt", [False, True])
 def test_passwd_vrt_as_dem_is_refused(scene: Path, allow_vrt: bool) -> None:
     vrt = _raw_vrt(scene / "dem.vrt", _secret(scene))
-    cfg = _config(scene, dem={"path": "dem.vrt", "allow_vrt": allow_vrt})
+    cfg = scene_yaml(scene, dem={"path": "dem.vrt", "allow_vrt": allow_vrt})
     with pytest.raises(InputError) as caught:
         open_dem(cfg.dem)
     msg = str(caught.value)
@@ -142,7 +129,7 @@ def test_passwd_vrt_as_dem_is_refused(scene: Path, allow_vrt: bool) -> None:
 @pytest.mark.parametrize("allow_vrt", [False, True])
 def test_passwd_vrt_as_band_file_is_refused(scene: Path, allow_vrt: bool) -> None:
     vrt = _raw_vrt(scene / "bands" / "evil.vrt", _secret(scene))
-    cfg = _config(scene, scene={"bands": {"B02": "bands/evil.vrt", "B03": "bands/T33TVM_B03.tif",
+    cfg = scene_yaml(scene, scene={"bands": {"B02": "bands/evil.vrt", "B03": "bands/T33TVM_B03.tif",
                                           "B04": "bands/T33TVM_B04.tif"}, "allow_vrt": allow_vrt})
     with pytest.raises(InputError) as caught:
         read_scene(cfg.scene).open_band("B02")
@@ -154,7 +141,7 @@ def test_passwd_vrt_as_band_file_is_refused(scene: Path, allow_vrt: bool) -> Non
 
 def test_passwd_vrt_as_slope_or_scl_is_refused(scene: Path) -> None:
     vrt = _raw_vrt(scene / "evil.vrt", _secret(scene))
-    cfg = _config(scene, dem={"slope": "evil.vrt", "allow_vrt": True},
+    cfg = scene_yaml(scene, dem={"slope": "evil.vrt", "allow_vrt": True},
                   scene={"scl": "evil.vrt", "allow_vrt": True})
     with pytest.raises(InputError, match="VRTRawRasterBand"):
         open_slope(cfg.dem)
@@ -203,7 +190,7 @@ def test_vrt_with_a_python_pixel_function_is_refused(scene: Path) -> None:
     "/vsizip//data/dem.zip/dem.tif",
 ])
 def test_vsi_dem_is_refused_without_opening_it(scene: Path, no_gdal_open: None, path: str) -> None:
-    cfg = _config(scene, dem={"path": path})
+    cfg = scene_yaml(scene, dem={"path": path})
     with pytest.raises(InputError, match="must be on the local disk") as caught:
         open_dem(cfg.dem)
     assert "DEM" in str(caught.value)
@@ -217,11 +204,11 @@ def test_url_or_vsi_band_is_refused_without_opening_it(no_gdal_open: None, path:
 
 
 def test_vsi_band_in_a_config_is_refused(scene: Path, no_gdal_open: None) -> None:
-    cfg = _config(scene, scene={"bands": {"B02": "/vsicurl/http://127.0.0.1:9/B02.tif"}})
+    cfg = scene_yaml(scene, scene={"bands": {"B02": "/vsicurl/http://127.0.0.1:9/B02.tif"}})
     with pytest.raises(InputError, match="must be on the local disk"):
         read_scene(cfg.scene).open_band("B02")
     with pytest.raises(InputError, match="must be on the local disk"):
-        read_scene(_config(scene, scene={"bands_dir": "/vsizip//data/x.zip"}).scene)
+        read_scene(scene_yaml(scene, scene={"bands_dir": "/vsizip//data/x.zip"}).scene)
 
 
 @pytest.mark.parametrize("source", ["/vsicurl/http://127.0.0.1:9/dem.tif", "http://127.0.0.1:9/dem.tif",
@@ -229,7 +216,7 @@ def test_vsi_band_in_a_config_is_refused(scene: Path, no_gdal_open: None) -> Non
 def test_allowed_vrt_with_a_network_source_is_refused_before_gdal(scene: Path, no_gdal_open: None,
                                                                   source: str) -> None:
     vrt = _sourced_vrt(scene / "dem.vrt", source, relative=False)
-    cfg = _config(scene, dem={"path": "dem.vrt", "allow_vrt": True})
+    cfg = scene_yaml(scene, dem={"path": "dem.vrt", "allow_vrt": True})
     with pytest.raises(InputError, match="must be on the local disk") as caught:
         open_dem(cfg.dem)
     assert str(vrt) in str(caught.value)
@@ -237,16 +224,16 @@ def test_allowed_vrt_with_a_network_source_is_refused_before_gdal(scene: Path, n
 
 def test_harmless_vrt_is_refused_by_default_and_accepted_when_opted_in(scene: Path) -> None:
     vrt = _sourced_vrt(scene / "dem.vrt", "dem.tif")
-    cfg = _config(scene, dem={"path": "dem.vrt"})
+    cfg = scene_yaml(scene, dem={"path": "dem.vrt"})
     with pytest.raises(InputError, match="dem.allow_vrt") as caught:
         open_dem(cfg.dem)
     assert str(vrt) in str(caught.value)
 
-    cfg = _config(scene, dem={"path": "dem.vrt", "allow_vrt": True})
+    cfg = scene_yaml(scene, dem={"path": "dem.vrt", "allow_vrt": True})
     assert validate_scene(cfg) == []
     src = open_dem(cfg.dem)
     assert src.driver == "VRT"
-    direct = open_dem(_config(scene).dem)
+    direct = open_dem(scene_yaml(scene).dem)
     grid = Grid(crs=direct.crs, transform=direct.transform, width=direct.width, height=direct.height)
     np.testing.assert_array_equal(src.read_onto(grid), direct.read_onto(grid))
 
@@ -255,8 +242,8 @@ def test_harmless_band_vrt_needs_scene_allow_vrt(scene: Path) -> None:
     _sourced_vrt(scene / "bands" / "b02.vrt", "T33TVM_B02.tif", size=SIZE, origin=(X0, Y0))
     bands = {"B02": "bands/b02.vrt", "B03": "bands/T33TVM_B03.tif", "B04": "bands/T33TVM_B04.tif"}
     with pytest.raises(InputError, match="scene.allow_vrt"):
-        read_scene(_config(scene, scene={"bands": bands}).scene).open_band("B02")
-    cfg = _config(scene, scene={"bands": bands, "allow_vrt": True})
+        read_scene(scene_yaml(scene, scene={"bands": bands}).scene).open_band("B02")
+    cfg = scene_yaml(scene, scene={"bands": bands, "allow_vrt": True})
     assert validate_scene(cfg) == []
     assert read_scene(cfg.scene).open_band("B02").driver == "VRT"
 
@@ -275,7 +262,7 @@ def test_other_raster_formats_are_refused(scene: Path) -> None:
 @pytest.mark.parametrize("bad", ["..", ".", "a/b", "../x", "/abs", ".hidden", "", "a\\b", "x" * 121, "a b"])
 def test_unsafe_scene_id_is_refused_naming_the_field(scene: Path, bad: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        _config(scene, scene={"id": bad})
+        scene_yaml(scene, scene={"id": bad})
     msg = str(caught.value)
     assert "scene.id" in msg and "not a safe name" in msg
     assert str(scene / "scene.yaml") in msg
@@ -283,7 +270,7 @@ def test_unsafe_scene_id_is_refused_naming_the_field(scene: Path, bad: str) -> N
 
 @pytest.mark.parametrize("good", ["S2A_MSIL2A_20220301T101021_N0400_R022_T33TVM", "iburi-2018.v2", "x" * 120])
 def test_safe_scene_id_is_accepted(scene: Path, good: str) -> None:
-    assert _config(scene, scene={"id": good}).scene.id == good
+    assert scene_yaml(scene, scene={"id": good}).scene.id == good
 
 
 def test_derived_ids_are_made_safe(tmp_path: Path) -> None:
@@ -292,7 +279,7 @@ def test_derived_ids_are_made_safe(tmp_path: Path) -> None:
     assert scene_id_from_name("my scene (v2)") == "my_scene__v2_"
     folder = tmp_path / ".odd name"
     folder.mkdir()
-    _write(folder / "T33TVM_B02.tif", np.ones((4, 4), np.uint16))
+    write_raster(folder / "T33TVM_B02.tif", np.ones((4, 4), np.uint16))
     (tmp_path / "scene.yaml").write_text(yaml.safe_dump({"scene": {"bands_dir": ".odd name/sub/.."},
                                                          "dem": {"path": "dem.tif"}}))
     (folder / "sub").mkdir()
@@ -331,7 +318,7 @@ def test_band_file_listed_outside_the_product_is_refused(tmp_path: Path) -> None
 @pytest.mark.parametrize("out", ["/vsimem/out", "/vsis3/bucket/out", "s3://bucket/out"])
 def test_vsi_output_dir_is_refused(scene: Path, out: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        _config(scene, output={"dir": out})
+        scene_yaml(scene, output={"dir": out})
     msg = str(caught.value)
     assert "output.dir" in msg and "not a local folder" in msg
     region = scene / "region.yaml"

@@ -17,8 +17,8 @@ import dask
 import numpy as np
 import pytest
 import rasterio
-import yaml
 from affine import Affine
+from small_scene import X0, Y0, scene_yaml, write_raster, write_scene
 
 from pipeline.config import load_scene_config
 from pipeline.errors import ChannelError, GridError, InputError, PipelineError
@@ -31,43 +31,15 @@ from pipeline.validate import (
     validate_scene,
 )
 
-X0, Y0 = 465180.0, 5080260.0
 SIZE = 64
 
 
-def _write(path: Path, data: np.ndarray, *, crs: str | None = "EPSG:32633", **profile: object) -> Path:
-    opts: dict[str, object] = {"driver": "GTiff", "width": data.shape[1], "height": data.shape[0], "count": 1,
-                               "dtype": data.dtype.name, "transform": Affine(10, 0, X0, 0, -10, Y0)}
-    if crs is not None:
-        opts["crs"] = crs
-    opts.update(profile)
-    with rasterio.open(path, "w", **opts) as ds:
-        ds.write(data, 1)
-    return path
 
 
 @pytest.fixture
 def scene(tmp_path: Path) -> Path:
     """A small scene folder: B02, B03, B04 (tiled, compressed) and a DEM, all in EPSG:32633."""
-    rng = np.random.default_rng(0)
-    bands = tmp_path / "bands"
-    bands.mkdir()
-    for band in ("B02", "B03", "B04"):
-        dn = rng.integers(300, 3000, (SIZE, SIZE)).astype(np.uint16)
-        _write(bands / f"T33TVM_{band}.tif", dn, tiled=True, blockxsize=16, blockysize=16, compress="deflate")
-    dem = 500 + np.add.outer(np.arange(SIZE + 10.0), np.arange(SIZE + 10.0)).astype(np.float32)
-    _write(tmp_path / "dem.tif", dem, transform=Affine(10, 0, X0 - 50, 0, -10, Y0 + 50))
-    return tmp_path
-
-
-def _config(root: Path, **overrides: object) -> Path:
-    data: dict[str, object] = {"scene": {"bands_dir": "bands"}, "dem": {"path": "dem.tif"},
-                               "channels": ["B02", "B03", "B04", "SLOPE", "DEM"],
-                               "grid": {"block_size": 256}, "output": {"dir": "out"}}
-    data.update(overrides)
-    path = root / "scene.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return write_scene(tmp_path, SIZE, tiled=True, blockxsize=16, blockysize=16, compress="deflate")
 
 
 def _stack_cli(config: Path) -> int:
@@ -104,14 +76,14 @@ def _assert_refused(config: Path, error: type[PipelineError], *needles: str, fou
 
 
 def test_good_scene_passes_and_writes(scene: Path) -> None:
-    config = _config(scene)
+    config = scene_yaml(scene)
     assert validate_scene(load_scene_config(config)) == []
     assert _stack_cli(config) == 0
     assert [p.name for p in (scene / "out").iterdir()] == ["bands_stack.tif"]
 
 
 def test_missing_band_file_in_a_mapping(scene: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = _config(scene, scene={"bands": {"B02": "bands/T33TVM_B02.tif", "B03": "bands/gone_B03.tif",
+    config = scene_yaml(scene, scene={"bands": {"B02": "bands/T33TVM_B02.tif", "B03": "bands/gone_B03.tif",
                                              "B04": "bands/T33TVM_B04.tif"}})
     _assert_refused(config, InputError, str(scene / "bands" / "gone_B03.tif"), "band B03", "not found",
                     capsys=capsys)
@@ -119,14 +91,14 @@ def test_missing_band_file_in_a_mapping(scene: Path, capsys: pytest.CaptureFixtu
 
 def test_missing_dem_file(scene: Path) -> None:
     (scene / "dem.tif").unlink()
-    _assert_refused(_config(scene), InputError, str(scene / "dem.tif"), "DEM file not found")
+    _assert_refused(scene_yaml(scene), InputError, str(scene / "dem.tif"), "DEM file not found")
 
 
 def test_truncated_raster_is_refused_before_reading(scene: Path) -> None:
     victim = scene / "bands" / "T33TVM_B03.tif"
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) * 2 // 3])
-    _assert_refused(_config(scene), InputError, str(victim), "truncated")
+    _assert_refused(scene_yaml(scene), InputError, str(victim), "truncated")
 
 
 def test_corrupt_tile_fails_when_read_not_silently_zero(scene: Path) -> None:
@@ -138,8 +110,8 @@ def test_corrupt_tile_fails_when_read_not_silently_zero(scene: Path) -> None:
     raw = bytearray(victim.read_bytes())
     raw[offset:offset + size] = b"\xff" * size
     victim.write_bytes(bytes(raw))
-    _assert_refused(_config(scene), InputError, str(victim), "cannot read pixels", found_by_validate=False)
-    assert validate_scene(load_scene_config(_config(scene))) == []  # metadata alone looks fine
+    _assert_refused(scene_yaml(scene), InputError, str(victim), "cannot read pixels", found_by_validate=False)
+    assert validate_scene(load_scene_config(scene_yaml(scene))) == []  # metadata alone looks fine
 
 
 def test_truncated_jpeg2000_is_refused(scene: Path) -> None:
@@ -153,45 +125,45 @@ def test_truncated_jpeg2000_is_refused(scene: Path) -> None:
     (scene / "bands" / "T33TVM_B03.tif").unlink()
     raw = jp2.read_bytes()
     jp2.write_bytes(raw[: len(raw) - 200])
-    _assert_refused(_config(scene), InputError, str(jp2), "truncated")
+    _assert_refused(scene_yaml(scene), InputError, str(jp2), "truncated")
 
 
 def test_file_that_is_not_a_raster(scene: Path) -> None:
     victim = scene / "bands" / "T33TVM_B02.tif"
     victim.write_text("this is not a GeoTIFF")
-    _assert_refused(_config(scene), InputError, str(victim), "cannot be opened as a raster")
+    _assert_refused(scene_yaml(scene), InputError, str(victim), "cannot be opened as a raster")
 
 
 def test_raster_without_crs(scene: Path) -> None:
     victim = scene / "bands" / "T33TVM_B03.tif"
-    _write(victim, np.full((SIZE, SIZE), 1000, np.uint16), crs=None)
-    _assert_refused(_config(scene), InputError, str(victim), "no CRS")
+    write_raster(victim, np.full((SIZE, SIZE), 1000, np.uint16), crs=None)
+    _assert_refused(scene_yaml(scene), InputError, str(victim), "no CRS")
 
 
 def test_dem_that_does_not_overlap(scene: Path) -> None:
     far = 500 + np.zeros((40, 40), np.float32)
-    _write(scene / "dem.tif", far, crs="EPSG:4326", transform=Affine(0.001, 0, 140.0, 0, -0.001, 43.0))
-    _assert_refused(_config(scene), GridError, str(scene / "dem.tif"), "DEM does not overlap the scene")
+    write_raster(scene / "dem.tif", far, crs="EPSG:4326", transform=Affine(0.001, 0, 140.0, 0, -0.001, 43.0))
+    _assert_refused(scene_yaml(scene), GridError, str(scene / "dem.tif"), "DEM does not overlap the scene")
 
 
 def test_aoi_outside_the_scene(scene: Path) -> None:
-    config = _config(scene, aoi={"bbox": [10.0, 40.0, 10.1, 40.1], "crs": "EPSG:4326"})
+    config = scene_yaml(scene, aoi={"bbox": [10.0, 40.0, 10.1, 40.1], "crs": "EPSG:4326"})
     _assert_refused(config, GridError, "aoi.bbox [10.0, 40.0, 10.1, 40.1] (EPSG:4326)", "outside the scene")
 
 
 def test_channel_the_inputs_cannot_supply(scene: Path) -> None:
-    config = _config(scene, channels=["B02", "B08", "B8A", "DEM"])
+    config = scene_yaml(scene, channels=["B02", "B08", "B8A", "DEM"])
     _assert_refused(config, ChannelError, "B08, B8A", "it has B02, B03, B04, SLOPE, DEM")
 
 
 def test_unknown_and_repeated_channels(scene: Path) -> None:
-    _assert_refused(_config(scene, channels=["B02", "NDVI"]), ChannelError, "unknown channel 'NDVI'")
-    _assert_refused(_config(scene, channels=["B02", "b2"]), ChannelError, "B02 asked for twice")
+    _assert_refused(scene_yaml(scene, channels=["B02", "NDVI"]), ChannelError, "unknown channel 'NDVI'")
+    _assert_refused(scene_yaml(scene, channels=["B02", "b2"]), ChannelError, "B02 asked for twice")
 
 
 def test_error_while_writing_leaves_no_partial_file(scene: Path) -> None:
     """A failure in the middle of the stream removes the temporary files; an old output survives."""
-    config = _config(scene)
+    config = scene_yaml(scene)
     cfg = load_scene_config(config)
     out = scene / "out" / "stack.tif"
     out.parent.mkdir()
@@ -220,17 +192,17 @@ def test_error_while_writing_leaves_no_partial_file(scene: Path) -> None:
 ], ids=["folder-missing", "folder-empty"])
 def test_band_folder_missing_or_empty(scene: Path, make_bad: Callable[[Path], object]) -> None:
     make_bad(scene)
-    _assert_refused(_config(scene), InputError, str(scene / "bands"), "scene.bands_dir")
+    _assert_refused(scene_yaml(scene), InputError, str(scene / "bands"), "scene.bands_dir")
 
 
 def test_validate_warns_about_rules_the_bands_cannot_feed(scene: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """B08 is missing: the water and vegetation rules would be skipped by a run. Validate says so,
     naming the rule and the band, and still passes (the run itself works)."""
-    config = _config(scene, postprocess={"max_mean_ndwi": 0.0, "max_mean_ndvi": 0.5, "min_mean_slope_deg": 10.0})
+    config = scene_yaml(scene, postprocess={"max_mean_ndwi": 0.0, "max_mean_ndvi": 0.5, "min_mean_slope_deg": 10.0})
     assert _validate_cli(config) == 0
     err = capsys.readouterr().err
     assert "postprocess.max_mean_ndwi is set but the scene has no B08" in err
     assert "postprocess.max_mean_ndvi is set but the scene has no B08" in err
     assert "min_mean_slope_deg" not in err  # the slope comes from the DEM
-    assert _validate_cli(_config(scene)) == 0
+    assert _validate_cli(scene_yaml(scene)) == 0
     assert "warning" not in capsys.readouterr().err
