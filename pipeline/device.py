@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -135,9 +136,20 @@ def is_oom_error(exc: BaseException) -> bool:
 
 @dataclass
 class BatchLimit:
-    """The largest batch size that fits; lowered after out-of-memory errors and kept."""
+    """The largest batch size that fits; lowered after out-of-memory errors and kept.
+
+    Shared by the threads of a worker: :meth:`lower` only ever lowers it, under a lock, so
+    a thread that saw an older, larger size cannot raise it back.
+    """
 
     size: int
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def lower(self, failed: int) -> int:
+        """Record that ``failed`` samples did not fit; return the new size (at most ``failed // 2``)."""
+        with self._lock:
+            self.size = max(1, min(self.size, failed // 2))
+            return self.size
 
 
 def run_batched(
@@ -166,8 +178,8 @@ def run_batched(
                     "out of memory even with batch size 1: use a smaller model, model.device: cpu, "
                     "or free GPU memory"
                 ) from exc
-            limit.size = size // 2
-            log.warning("out of memory with batch size %d; retrying with %d", size, limit.size)
+            new = limit.lower(size)
+            log.warning("out of memory with batch size %d; retrying with %d", size, new)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue

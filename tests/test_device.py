@@ -105,3 +105,27 @@ def test_other_errors_are_not_retried() -> None:
     assert limit.size == 8
     assert is_oom_error(RuntimeError("MPS backend out of memory"))
     assert not is_oom_error(RuntimeError("expected 4 channels"))
+
+
+def test_a_thread_that_saw_a_larger_batch_cannot_raise_the_limit_back() -> None:
+    """Two threads fail at once: one with 16 samples, one (already lowered) with 4.
+
+    Whatever the order, the shared limit ends at the smaller size.
+    """
+    import threading
+
+    for order in ((16, 4), (4, 16)):
+        limit = BatchLimit(16)
+        barrier = threading.Barrier(2)
+
+        def fail(size: int) -> None:
+            barrier.wait()
+            limit.lower(size)
+
+        threads = [threading.Thread(target=fail, args=(s,)) for s in order]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert limit.size == 2, order
+    assert BatchLimit(3).lower(1) == 1  # never below one sample
