@@ -3,7 +3,7 @@
 Three measurements, all printed as medians:
 
 1. Throughput: windows per second of the whole inference stage
-   (:func:`pipeline.inference.predict` computed with the Dask threaded
+   (:func:`pipeline.inference.tiled.predict` computed with the Dask threaded
    scheduler: slicing, normalization, batching, forward pass, blending) on a
    synthetic scene at overlap 0, against the raw forward pass of the same
    model (same memory format, batch size and total threads) on random
@@ -54,13 +54,13 @@ from rasterio.crs import CRS
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.artefact import ModelArtefact, load_artefact  # noqa: E402
-from pipeline.channels import L4S_CHANNELS  # noqa: E402
-from pipeline.device import use_channels_last  # noqa: E402
-from pipeline.grid import Grid  # noqa: E402
-from pipeline.inference import InferenceOptions, clear_model_cache, predict  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
-from pipeline.normalization import band_stats, fixed_spec, normalize  # noqa: E402
+from pipeline.model.artefact import ModelArtefact, load_artefact  # noqa: E402
+from pipeline.core.channels import L4S_CHANNELS  # noqa: E402
+from pipeline.model.device import use_channels_last  # noqa: E402
+from pipeline.core.grid import Grid  # noqa: E402
+from pipeline.inference.tiled import InferenceOptions, clear_model_cache, predict  # noqa: E402
+from pipeline.model.registry import build_model  # noqa: E402
+from pipeline.model.normalization import band_stats, fixed_spec, normalize  # noqa: E402
 from tiling.windows import WindowGrid  # noqa: E402
 
 TILE = 128
@@ -189,7 +189,7 @@ def bench_throughput(args: argparse.Namespace) -> dict[str, object]:
 # -- 2. memory -------------------------------------------------------------------
 def run_memory(args: argparse.Namespace) -> dict[str, object]:
     """Runs in a fresh process (see bench_memory): the stage on a lazily generated scene, written as a COG."""
-    from pipeline.cog import write_cog
+    from pipeline.io.cog import write_cog
 
     n = args.mem_size
     torch.set_num_threads(1)
@@ -241,7 +241,7 @@ def _l4s_batch(count: int) -> tuple[np.ndarray, str]:
         import h5py  # noqa: F401  (read_image reads the patches with it)
     except ImportError:  # pragma: no cover
         h5py = None
-    from pipeline.datasets import read_image
+    from pipeline.training.datasets import read_image
 
     files = sorted((SHARED / "l4s").glob("*/img/*.h5")) if h5py else []
     if not files:

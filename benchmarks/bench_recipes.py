@@ -6,7 +6,7 @@
 Both recipes are cross-validated on the labelled patches (default
 ../shared/data/l4s/train) with the same stratified folds and the same epoch
 budget and batch size; per-pixel Random Forest and RBF SVM baselines run on
-the same folds (:func:`pipeline.evaluate.baseline_row`). The patches are read
+the same folds (:func:`pipeline.training.evaluate.baseline_row`). The patches are read
 in physical units (reflectance, degrees, metres).
 
 * ours: configs/train_default.yaml (architecture, loss, augmentation,
@@ -49,7 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.channels import L4S_CHANNELS, physical_factors  # noqa: E402
+from pipeline.core.channels import L4S_CHANNELS, physical_factors  # noqa: E402
 
 #: Per-band mean/std of the official baseline (dataset/landslide_dataset.py), in Landslide4Sense units.
 OFFICIAL_MEAN = [-0.4914, -0.3074, -0.1277, -0.0625, 0.0439, 0.0803, 0.0644, 0.0802, 0.3000, 0.4082, 0.0823,
@@ -64,7 +64,7 @@ BASELINES = ("random forest", "svm")
 def recipes(data: Path, epochs: int | None, folds: int, seed: int, threads: int,
             config: Path = DEFAULT_CONFIG, channels: list[str] | None = None) -> dict[str, Any]:
     """The TrainConfigs of every row, built on the same data, budget and seed; ours from ``config``."""
-    from pipeline.train import TrainConfig, load_train_config
+    from pipeline.training.fit import TrainConfig, load_train_config
 
     ours = load_train_config(config)
     common = {
@@ -114,11 +114,11 @@ def recipes(data: Path, epochs: int | None, folds: int, seed: int, threads: int,
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from pipeline.baseline import RandomForestConfig, SVMConfig
-    from pipeline.datasets import find_patches
-    from pipeline.evaluate import baseline_row, shared_folds
-    from pipeline.metrics import pixel_metrics
-    from pipeline.train import cross_validate, make_dataset
+    from pipeline.training.baseline import RandomForestConfig, SVMConfig
+    from pipeline.training.datasets import find_patches
+    from pipeline.training.evaluate import baseline_row, shared_folds
+    from pipeline.training.metrics import pixel_metrics
+    from pipeline.training.fit import cross_validate, make_dataset
 
     torch.set_num_threads(args.threads)
     records = find_patches(args.data, require_masks=True)

@@ -3,7 +3,7 @@
 Builds (streaming, strip by strip) a 10980 x 10980 px tile: 13 bands as tiled
 GeoTIFFs at their native 10/20/60 m in EPSG:32633 and a ~30 m DEM in
 EPSG:4326 (1 arc-second) with a void. Then stacks it to the Landslide4Sense
-channels with :func:`pipeline.stack.stack_scene` and consumes the stack block
+channels with :func:`pipeline.stack.layers.stack_scene` and consumes the stack block
 by block: per-channel means over valid pixels, or (``--cog``) the stack COG.
 Reports wall time and peak resident memory of the process and its children.
 
@@ -37,9 +37,9 @@ from rasterio.windows import Window
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.channels import L4S_CHANNELS, S2_BANDS  # noqa: E402
-from pipeline.config import SceneConfig  # noqa: E402
-from pipeline.stack import save_stack, stack_scene  # noqa: E402
+from pipeline.core.channels import L4S_CHANNELS, S2_BANDS  # noqa: E402
+from pipeline.core.config import SceneConfig  # noqa: E402
+from pipeline.stack.layers import save_stack, stack_scene  # noqa: E402
 
 X0, Y0 = 399960.0, 5100000.0   # origin of a Sentinel-2 tile in UTM 33N
 CRS = "EPSG:32633"

@@ -19,21 +19,21 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from . import __version__
-from .errors import PipelineError
+from pipeline import __version__
+from pipeline.core.errors import PipelineError
 
 log = logging.getLogger("pipeline")
 
 # command -> (module, add-arguments function, handler, help)
 _COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "run": ("pipeline.run", "add_run_arguments", "cli_run", "process one scene end to end"),
-    "region": ("pipeline.region", "add_region_arguments", "cli_region", "process many scenes (nightly job), resumable"),
-    "validate": ("pipeline.validate", "add_validate_arguments", "cli_validate", "check a scene config and its inputs"),
-    "stack": ("pipeline.validate", "add_stack_arguments", "cli_stack", "stack a scene and write the 14-channel COG"),
-    "demo-data": ("pipeline.demo", "add_demo_arguments", "cli_demo", "write a synthetic Sentinel-2 L2A product + DEM"),
-    "train": ("pipeline.train", "add_train_arguments", "cli_train", "train a segmentation model"),
-    "evaluate": ("pipeline.evaluate", "add_evaluate_arguments", "cli_evaluate", "evaluate models and outputs"),
-    "config-docs": ("pipeline.config_docs", "add_config_docs_arguments", "cli_config_docs",
+    "run": ("pipeline.run.scene", "add_run_arguments", "cli_run", "process one scene end to end"),
+    "region": ("pipeline.run.region", "add_region_arguments", "cli_region", "process many scenes (nightly job), resumable"),
+    "validate": ("pipeline.run.validate", "add_validate_arguments", "cli_validate", "check a scene config and its inputs"),
+    "stack": ("pipeline.run.validate", "add_stack_arguments", "cli_stack", "stack a scene and write the 14-channel COG"),
+    "demo-data": ("pipeline.demo.synthetic", "add_demo_arguments", "cli_demo", "write a synthetic Sentinel-2 L2A product + DEM"),
+    "train": ("pipeline.training.fit", "add_train_arguments", "cli_train", "train a segmentation model"),
+    "evaluate": ("pipeline.training.evaluate", "add_evaluate_arguments", "cli_evaluate", "evaluate models and outputs"),
+    "config-docs": ("pipeline.cli.config_docs", "add_config_docs_arguments", "cli_config_docs",
                     "write the configuration reference and JSON Schemas (docs/)"),
 }
 
@@ -81,11 +81,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def _out_of_room(exc: BaseException) -> str | None:
     """One line for a full disk (or a file size limit) that reached the command line unwrapped:
-    the writers raise :class:`~pipeline.errors.DiskFull` themselves; this is the net below them
+    the writers raise :class:`~pipeline.core.errors.DiskFull` themselves; this is the net below them
     (an ``[Errno 28]``, SQLite's ``database or disk is full``). ``None`` for other errors."""
     import errno
 
-    from .fsutil import free_bytes, megabytes
+    from pipeline.core.fsutil import free_bytes, megabytes
 
     text = str(exc).lower()
     code = exc.errno if isinstance(exc, OSError) else None

@@ -34,7 +34,7 @@ import shapely
 from pyproj import Transformer
 from rasterio.crs import CRS
 
-from pipeline.grid import Grid
+from pipeline.core.grid import Grid
 
 from .labels import BlockLayout, pixel_stats, reduce_by
 

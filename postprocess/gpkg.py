@@ -7,8 +7,8 @@ layer's row marked ``useAsDefault``, so QGIS applies it on opening), checks
 the result (:func:`verify_geopackage`: SQLite's ``quick_check``, the feature
 count, the style row), then moves it into place with :func:`os.replace`. A
 failure at any step leaves no file at the final path and no temporary file;
-a full disk raises :class:`~pipeline.errors.DiskFull` naming the folder,
-whatever GDAL or SQLite said (:func:`pipeline.fsutil.write_failure`).
+a full disk raises :class:`~pipeline.core.errors.DiskFull` naming the folder,
+whatever GDAL or SQLite said (:func:`pipeline.core.fsutil.write_failure`).
 
 Run metadata go three ways: the layer DESCRIPTION (``gpkg_contents``), GDAL
 layer and dataset metadata items (``gpkg_metadata``), and the full run
@@ -30,9 +30,9 @@ import pyogrio
 import pyogrio.errors
 import shapely
 
-from pipeline import fsutil
-from pipeline.errors import OutputError
-from pipeline.fsutil import WriteCheckFailed
+from pipeline.core import fsutil
+from pipeline.core.errors import OutputError
+from pipeline.core.fsutil import WriteCheckFailed
 
 from .style import default_qml, default_sld
 
@@ -231,7 +231,7 @@ def verify_geopackage(path: Path | str, layer: str, features: int) -> None:
     """Read back a GeoPackage just written, before it moves into place: SQLite's
     ``PRAGMA quick_check`` (every page and record readable; a truncated file fails), the number
     of rows of ``layer`` and GDAL's feature count, both ``features``, and the layer's default
-    style. Opened read-only. Raises :class:`~pipeline.fsutil.WriteCheckFailed`."""
+    style. Opened read-only. Raises :class:`~pipeline.core.fsutil.WriteCheckFailed`."""
     path = Path(path)
     try:
         con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)

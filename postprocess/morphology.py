@@ -51,9 +51,9 @@ import dask.array as da
 import numpy as np
 from scipy import ndimage as ndi
 
-from pipeline.config import PostprocessSection
-from pipeline.errors import ConfigError
-from pipeline.grid import Grid
+from pipeline.core.config import PostprocessSection
+from pipeline.core.errors import ConfigError
+from pipeline.core.grid import Grid
 
 from .labels import (
     BlockLayout,

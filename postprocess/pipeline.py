@@ -17,9 +17,9 @@ import geopandas as gpd
 import numpy as np
 import xarray as xr
 
-from pipeline.config import PostprocessSection
-from pipeline.errors import ConfigError
-from pipeline.grid import Grid
+from pipeline.core.config import PostprocessSection
+from pipeline.core.errors import ConfigError
+from pipeline.core.grid import Grid
 
 from .attributes import build_attributes, empty_frame
 from .morphology import CleanedObjects, clean_objects

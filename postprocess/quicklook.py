@@ -4,7 +4,7 @@ The background is B04/B03/B02 averaged by an integer factor so that the
 longest edge is at most ``max_size`` pixels, then stretched per band between
 two percentiles of the valid pixels. :func:`write_quicklook_coarse` takes
 bands already averaged on the coarse grid (the run reads them that way with
-GDAL, :func:`pipeline.stack.read_coarse`); :func:`write_quicklook` averages
+GDAL, :func:`pipeline.stack.layers.read_coarse`); :func:`write_quicklook` averages
 a stack block-wise (:func:`dask.array.coarsen`; only the small result is
 loaded). Polygon outlines are
 drawn with :class:`PIL.ImageDraw.ImageDraw`. The PNG is written atomically.
@@ -27,10 +27,10 @@ import shapely
 import xarray as xr
 from PIL import Image, ImageDraw
 
-from pipeline import fsutil
-from pipeline.errors import ChannelError, OutputError
-from pipeline.fsutil import WriteCheckFailed
-from pipeline.grid import Grid
+from pipeline.core import fsutil
+from pipeline.core.errors import ChannelError, OutputError
+from pipeline.core.fsutil import WriteCheckFailed
+from pipeline.core.grid import Grid
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def write_quicklook_coarse(
 ) -> Path:
     """Write the quicklook from true colour already averaged by ``factor``: ``small`` is
     (3, rows, cols) B04/B03/B02 on ``grid`` coarsened ``factor`` times
-    (:func:`pipeline.stack.read_coarse`), ``valid`` an optional (rows, cols)
+    (:func:`pipeline.stack.layers.read_coarse`), ``valid`` an optional (rows, cols)
     mask of the analysed pixels (others are black and do not set the stretch)."""
     if small.ndim != 3 or small.shape[0] != 3:
         raise ValueError(f"expected (3, rows, cols) true colour, got shape {small.shape}")
@@ -193,8 +193,8 @@ def _render(pixels: np.ndarray, factor: int, grid: Grid, polygons: gpd.GeoDataFr
 
 def save_png_atomic(image: Image.Image, path: Path, **kwargs: Any) -> None:
     """Save a PNG to a temporary file beside ``path``, check it (:func:`verify_png`), then
-    rename it into place. A failed write raises :class:`~pipeline.errors.DiskFull` when the disk
-    is full, else :class:`~pipeline.errors.OutputError`; the temporary file is removed."""
+    rename it into place. A failed write raises :class:`~pipeline.core.errors.DiskFull` when the disk
+    is full, else :class:`~pipeline.core.errors.OutputError`; the temporary file is removed."""
     directory = path.parent
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -227,7 +227,7 @@ def verify_png(path: str | os.PathLike[str], size: int | None = None,
                dimensions: tuple[int, int] | None = None) -> None:
     """Read back a PNG just written: its size on disk (``size`` bytes written), its width and
     height, and Pillow's ``verify`` (every chunk's CRC, up to the end chunk; a truncated file
-    fails). Raises :class:`~pipeline.fsutil.WriteCheckFailed`."""
+    fails). Raises :class:`~pipeline.core.fsutil.WriteCheckFailed`."""
     on_disk = os.stat(path).st_size
     if size is not None and on_disk != size:
         raise WriteCheckFailed(f"the file holds {on_disk} of the {size} bytes written")

@@ -13,7 +13,7 @@ so ``probability.tif`` opens as a colour ramp with transparent no data instead o
 
 No data is the file's own (QGIS reads 255, or NaN, from the raster); ramp limits are fixed
 (``<limits>None</limits>``), so QGIS does not replace them with the layer's statistics.
-The sidecars are written atomically (:func:`pipeline.fsutil.write_atomic`).
+The sidecars are written atomically (:func:`pipeline.core.fsutil.write_atomic`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-#: The probability raster's codes: probability x 254, 255 = no data (pipeline.run.PROB_SCALE).
+#: The probability raster's codes: probability x 254, 255 = no data (pipeline.run.scene.PROB_SCALE).
 PROB_SCALE = 254.0
 PROB_NODATA = 255
 #: Upper end of the uncertainty ramp (a standard deviation of probabilities: 0.5 at most, mostly
@@ -126,9 +126,9 @@ def sidecar_path(raster: str | os.PathLike[str]) -> Path:
 
 def write_qml(raster: str | os.PathLike[str], qml: str) -> Path:
     """Write ``qml`` beside ``raster`` as its default QGIS style, atomically; returns the path.
-    Raises :class:`~pipeline.errors.DiskFull`, :class:`~pipeline.errors.FileSizeLimit` or
-    :class:`~pipeline.errors.OutputError` (:func:`pipeline.fsutil.write_atomic`)."""
-    from pipeline.fsutil import write_atomic
+    Raises :class:`~pipeline.core.errors.DiskFull`, :class:`~pipeline.core.errors.FileSizeLimit` or
+    :class:`~pipeline.core.errors.OutputError` (:func:`pipeline.core.fsutil.write_atomic`)."""
+    from pipeline.core.fsutil import write_atomic
 
     path = sidecar_path(raster)
     write_atomic(path, qml.encode("utf-8"))

@@ -32,7 +32,7 @@ from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.features import shapes
 
-from pipeline.grid import Grid
+from pipeline.core.grid import Grid
 
 from .labels import BlockLayout
 

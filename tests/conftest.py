@@ -43,7 +43,7 @@ def client():
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The scene.yaml of a small demo scene (318 px, seed 3), written once per module."""
-    from pipeline.demo import write_demo_data
+    from pipeline.demo.synthetic import write_demo_data
 
     out = tmp_path_factory.mktemp("demo") / "demo"
     paths = write_demo_data(out, size=318, seed=3)
@@ -53,7 +53,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def demo_config(scene_yaml: Path, tmp_path: Path, **updates):  # noqa: ANN201
     """The scene config of ``scene_yaml`` writing under ``tmp_path/out`` (with the mask COG), with
     ``updates`` per section (``postprocess={"min_area_m2": 0}``)."""
-    from pipeline.config import load_scene_config
+    from pipeline.core.config import load_scene_config
 
     cfg = load_scene_config(scene_yaml)
     out = cfg.output.model_copy(update={"dir": tmp_path / "out", "mask_cog": True})

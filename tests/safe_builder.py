@@ -1,7 +1,7 @@
 """Build Sentinel-2 SAFE products from arrays, for tests.
 
 The layout, file names and metadata XML are the ones the demo input writes
-(:func:`pipeline.demo.write_safe`), which follow the ESA products: only the
+(:func:`pipeline.demo.synthetic.write_safe`), which follow the ESA products: only the
 pixels come from the caller. Nothing is resampled: each array is written at
 the resolution of its transform, in that resolution's folder (L2A
 ``IMG_DATA/R<res>m/..._<band>_<res>m.jp2``, L1C ``IMG_DATA/..._<band>.jp2``).
@@ -19,7 +19,7 @@ import numpy as np
 from affine import Affine
 from rasterio.crs import CRS
 
-from pipeline.demo import (
+from pipeline.demo.synthetic import (
     DEFAULT_SENSING_TIME,
     QUANTIFICATION,
     RADIO_OFFSET,

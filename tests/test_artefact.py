@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.artefact import (
+from pipeline.model.artefact import (
     FORMAT,
     ModelArtefact,
     ensemble_probability,
@@ -24,9 +24,9 @@ from pipeline.artefact import (
     read_metadata,
     save_artefact,
 )
-from pipeline.channels import L4S_CHANNELS
-from pipeline.errors import ChannelError, InputError, ModelError
-from pipeline.models import build_model
+from pipeline.core.channels import L4S_CHANNELS
+from pipeline.core.errors import ChannelError, InputError, ModelError
+from pipeline.model.registry import build_model
 
 ARCH_KWARGS = {"base_channels": 4, "depth": 2}
 #: fixed statistics in physical units, one per channel (reflectance, degrees, metres)
@@ -253,8 +253,8 @@ def test_metadata_alone_never_imports_pytorch(tmp_path: Path) -> None:
     path = save_artefact(tmp_path / "m.safetensors", _module(), _meta()).path
     code = (
         "import sys\n"
-        "from pipeline.artefact import read_metadata, check_ensemble\n"
-        "from pipeline.architectures import canonical_architecture\n"
+        "from pipeline.model.artefact import read_metadata, check_ensemble\n"
+        "from pipeline.model.architectures import canonical_architecture\n"
         f"m = read_metadata({str(path)!r})\n"
         "check_ensemble([m])\n"
         "print(m.architecture, m.tile_size, 'torch' in sys.modules, 'segmentation_models_pytorch' in sys.modules)\n"
@@ -267,7 +267,7 @@ def test_metadata_alone_never_imports_pytorch(tmp_path: Path) -> None:
 
 def test_static_architecture_names_match_the_model_library() -> None:
     """The PyTorch-free list of architectures is the one the model library builds."""
-    from pipeline.architectures import ARCHITECTURES as names
-    from pipeline.models import PLAIN_UNET, smp_architectures
+    from pipeline.model.architectures import ARCHITECTURES as names
+    from pipeline.model.registry import PLAIN_UNET, smp_architectures
 
     assert set(names) == {*smp_architectures(), PLAIN_UNET}

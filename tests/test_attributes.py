@@ -14,8 +14,8 @@ from affine import Affine
 from pyproj import Transformer
 from rasterio.crs import CRS
 
-from pipeline.config import PostprocessSection
-from pipeline.grid import Grid
+from pipeline.core.config import PostprocessSection
+from pipeline.core.grid import Grid
 from postprocess.attributes import COLUMNS, object_statistics, stable_id
 from postprocess.pipeline import polygons_from_probability
 

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from small_scene import X0, Y0, scene_yaml, write_scene
 
-from pipeline.config import DEFAULT_MODEL, load_scene_config, model_tile_size
-from pipeline.errors import ConfigError, GridError, PipelineError
-from pipeline.stack import minimum_grid_size, scl_exclusion, stack_scene
-from pipeline.validate import BAD_INPUT, add_validate_arguments, cli_validate, validate_scene
+from pipeline.core.config import DEFAULT_MODEL, load_scene_config, model_tile_size
+from pipeline.core.errors import ConfigError, GridError, PipelineError
+from pipeline.stack.layers import minimum_grid_size, scl_exclusion, stack_scene
+from pipeline.run.validate import BAD_INPUT, add_validate_arguments, cli_validate, validate_scene
 
 SIZE = 64
 RGB_MODEL = DEFAULT_MODEL.parent / "rgb_terrain.safetensors"
@@ -113,7 +113,7 @@ def test_an_unreadable_model_is_left_to_the_model_loader(tmp_path: Path) -> None
 def test_the_run_meets_the_window_size_before_its_cluster_starts() -> None:
     """Configs built in code skip the loader's check: the block size the run computes right after
     reading the models' metadata refuses the overlap, before the cluster starts."""
-    from pipeline.inference import inference_block_size
+    from pipeline.inference.tiled import inference_block_size
 
     assert inference_block_size(2048, 128, 32) % 96 == 0
     for overlap in (128, 300, -1):
@@ -171,7 +171,7 @@ def test_the_cloud_buffer_works_on_arrays_smaller_than_its_radius(shape: tuple[i
     import dask.array as da
     from scipy.ndimage import binary_dilation
 
-    from pipeline.stack import _disk
+    from pipeline.stack.layers import _disk
 
     rng = np.random.default_rng(1)
     scl = rng.choice(np.array([4.0, 5.0, 8.0], np.float32), size=shape, p=[0.6, 0.3, 0.1])
@@ -183,7 +183,7 @@ def test_the_cloud_buffer_works_on_arrays_smaller_than_its_radius(shape: tuple[i
 
 
 def test_a_tiny_aoi_fails_the_run_before_anything_is_started_or_written(scene: Path) -> None:
-    from pipeline.run import run_scene
+    from pipeline.run.scene import run_scene
 
     x, y = X0 + 200, Y0 - 200
     config = scene_yaml(scene, aoi={"bbox": [x, y - 9, x + 9, y], "crs": "EPSG:32633"},
@@ -209,7 +209,7 @@ def _killed(key: object = ("predict-0123456789abcdef", 2, 3)) -> Exception:
 
 
 def test_a_task_that_kills_its_workers_is_explained(caplog: pytest.LogCaptureFixture) -> None:
-    from pipeline.progress import WorkerDeathError, compute
+    from pipeline.core.progress import WorkerDeathError, compute
 
     def boom() -> None:
         raise _killed()
@@ -225,8 +225,8 @@ def test_a_task_that_kills_its_workers_is_explained(caplog: pytest.LogCaptureFix
 
 
 def test_worker_deaths_on_a_distributed_client_are_explained(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same through the client path of :func:`pipeline.progress.compute` (futures' results)."""
-    from pipeline import progress
+    """The same through the client path of :func:`pipeline.core.progress.compute` (futures' results)."""
+    from pipeline.core import progress
 
     class Future:
         def result(self) -> None:
@@ -245,7 +245,7 @@ def test_worker_deaths_on_a_distributed_client_are_explained(monkeypatch: pytest
 
 
 def test_other_errors_pass_through_unchanged() -> None:
-    from pipeline.progress import compute, worker_deaths_explained
+    from pipeline.core.progress import compute, worker_deaths_explained
 
     def fail() -> None:
         raise ValueError("a real bug")
@@ -291,9 +291,9 @@ def test_a_model_error_comes_without_a_misleading_channel_message(scene: Path,
 def test_a_missing_bands_folder_is_named_before_anything_runs(tmp_path: Path) -> None:
     """The run's fingerprint lists the band folder first: a missing folder is an input error with the
     field, not a FileNotFoundError traceback, and the region job does not retry it."""
-    from pipeline.config import load_scene_config
-    from pipeline.errors import InputError
-    from pipeline.run import run_scene
+    from pipeline.core.config import load_scene_config
+    from pipeline.core.errors import InputError
+    from pipeline.run.scene import run_scene
 
     cfg_path = tmp_path / "scene.yaml"
     cfg_path.write_text("scene:\n  bands_dir: does_not_exist\ndem:\n  path: nope.tif\n")

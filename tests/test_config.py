@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from pipeline.config import load_region_config, load_scene_config
-from pipeline.errors import ConfigError
+from pipeline.core.config import load_region_config, load_scene_config
+from pipeline.core.errors import ConfigError
 
 MINIMAL = """\
 scene:

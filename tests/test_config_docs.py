@@ -17,9 +17,9 @@ import pytest
 from conftest import ROOT
 from pydantic import BaseModel
 
-from pipeline import config_docs
-from pipeline.config_docs import REGENERATE, config_files, generated_files, json_schema, markdown
-from pipeline.yamlio import load_yaml
+from pipeline.cli import config_docs
+from pipeline.cli.config_docs import REGENERATE, config_files, generated_files, json_schema, markdown
+from pipeline.core.yamlio import load_yaml
 
 DOCS = ROOT / "docs"
 # files starting with "_" are scratch copies, not examples

@@ -11,8 +11,8 @@ import pytest
 import rasterio
 from affine import Affine
 
-from pipeline.channels import L4S_CHANNELS, L4S_DIVISOR, S2_BANDS, physical_factors
-from pipeline.datasets import (
+from pipeline.core.channels import L4S_CHANNELS, L4S_DIVISOR, S2_BANDS, physical_factors
+from pipeline.training.datasets import (
     AugmentConfig,
     PatchDataset,
     augment,
@@ -22,8 +22,8 @@ from pipeline.datasets import (
     load_patch,
     read_image,
 )
-from pipeline.errors import ChannelError, InputError
-from pipeline.normalization import normalize, validate_spec
+from pipeline.core.errors import ChannelError, InputError
+from pipeline.model.normalization import normalize, validate_spec
 
 RGB_TERRAIN = ["B02", "B03", "B04", "SLOPE", "DEM"]
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.artefact import load_artefact, read_metadata
-from pipeline.channels import L4S_CHANNELS
-from pipeline.datasets import PatchDataset, RadiometricConfig, find_patches, normalize_patch, surface_look
-from pipeline.evaluate import artefact_probabilities
-from pipeline.metrics import pixel_metrics
-from pipeline.normalization import level_spec
-from pipeline.train import predict_probabilities
+from pipeline.model.artefact import load_artefact, read_metadata
+from pipeline.core.channels import L4S_CHANNELS
+from pipeline.training.datasets import PatchDataset, RadiometricConfig, find_patches, normalize_patch, surface_look
+from pipeline.training.evaluate import artefact_probabilities
+from pipeline.training.metrics import pixel_metrics
+from pipeline.model.normalization import level_spec
+from pipeline.training.fit import predict_probabilities
 
 MODELS = Path(__file__).resolve().parents[1] / "pipeline" / "models"
 #: Landslide4Sense order without B10: L2A products have no B10, and the default model must run on them.

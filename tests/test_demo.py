@@ -22,9 +22,9 @@ from rasterio.warp import Resampling, reproject
 from safe_builder import build_safe, decode_dn
 from scipy import ndimage
 
-from pipeline.channels import L4S_CHANNELS, S2_BANDS
-from pipeline.config import load_scene_config
-from pipeline.demo import (
+from pipeline.core.channels import L4S_CHANNELS, S2_BANDS
+from pipeline.core.config import load_scene_config
+from pipeline.demo.synthetic import (
     _ATMOSPHERE,
     BAND_IDS,
     MIN_CLASS_PIXELS,
@@ -40,7 +40,7 @@ from pipeline.demo import (
     patch_spectra,
     write_demo_data,
 )
-from pipeline.errors import ConfigError, OutputError
+from pipeline.core.errors import ConfigError, OutputError
 
 SIZE = 480  # 4.8 km: room for the scars, fast to write
 SEED = 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.device import (
+from pipeline.model.device import (
     BatchLimit,
     auto_batch_size,
     autocast,
@@ -15,7 +15,7 @@ from pipeline.device import (
     run_batched,
     use_channels_last,
 )
-from pipeline.errors import ConfigError, ModelError
+from pipeline.core.errors import ConfigError, ModelError
 
 
 class FakeOomConv(torch.nn.Module):

@@ -4,7 +4,7 @@ Every writer reads its file back before renaming it into place (GDAL's COG drive
 threads reports no failed write: a full disk gave exit 0 and a truncated TIFF at the final
 path), and every way a full disk shows (a GDAL "Write failed", SQLite's "database or disk is
 full", pyogrio's "Failed to commit transaction", ``[Errno 28]``, a truncated file found on
-reading back) becomes one :class:`~pipeline.errors.DiskFull` naming the output folder; the
+reading back) becomes one :class:`~pipeline.core.errors.DiskFull` naming the output folder; the
 command line prints it on one line and exits non-zero, without a traceback.
 
 The disk fills for real where this process may mount a small tmpfs (root); otherwise those
@@ -37,10 +37,12 @@ import rasterio
 import shapely
 from PIL import Image
 
-from pipeline import cog, fsutil
-from pipeline.errors import DiskFull, FileSizeLimit, OutputError
-from pipeline.fsutil import WriteCheckFailed
-from pipeline.grid import Grid
+from pipeline.io import cog
+
+from pipeline.core import fsutil
+from pipeline.core.errors import DiskFull, FileSizeLimit, OutputError
+from pipeline.core.fsutil import WriteCheckFailed
+from pipeline.core.grid import Grid
 from postprocess.gpkg import verify_geopackage, write_geopackage
 from postprocess.quicklook import save_png_atomic, verify_png
 
@@ -106,7 +108,7 @@ def _sha(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.demo import write_demo_data
+    from pipeline.demo.synthetic import write_demo_data
 
     return write_demo_data(tmp_path_factory.mktemp("demo") / "demo", size=318, seed=3).scene_yaml
 
@@ -306,7 +308,7 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_disk_full import WRITERS
-from pipeline.errors import FileSizeLimit
+from pipeline.core.errors import FileSizeLimit
 out = Path(sys.argv[1])
 for name in {names!r}:
     file, write, _ = WRITERS[name]

@@ -15,11 +15,11 @@ import torch
 from shapely.affinity import translate
 from shapely.geometry import box
 
-from pipeline.artefact import ModelArtefact, save_artefact
-from pipeline.baseline import RandomForestConfig, SVMConfig, feature_names, pixel_features
-from pipeline.datasets import data_checksum, find_patches, read_mask
-from pipeline.errors import InputError
-from pipeline.evaluate import (
+from pipeline.model.artefact import ModelArtefact, save_artefact
+from pipeline.training.baseline import RandomForestConfig, SVMConfig, feature_names, pixel_features
+from pipeline.training.datasets import data_checksum, find_patches, read_mask
+from pipeline.core.errors import InputError
+from pipeline.training.evaluate import (
     Row,
     add_evaluate_arguments,
     baseline_row,
@@ -31,7 +31,7 @@ from pipeline.evaluate import (
     read_polygons,
     shared_folds,
 )
-from pipeline.models import build_model
+from pipeline.model.registry import build_model
 
 CHANNELS = ["B02", "B03", "B04", "SLOPE", "DEM"]
 
@@ -190,8 +190,8 @@ def test_cli_writes_tables_for_models_and_baseline(shared_data: Path, tmp_path: 
 
 
 def test_recipes_are_cross_validated_on_the_shared_folds(shared_data: Path, tmp_path: Path) -> None:
-    from pipeline.evaluate import cross_validate_config
-    from pipeline.train import load_train_config
+    from pipeline.training.evaluate import cross_validate_config
+    from pipeline.training.fit import load_train_config
 
     records = [r for r in find_patches(shared_data / "l4s" / "train") if r.id in {"1", "28", "461", "512"}]
     cfg_path = tmp_path / "tiny.yaml"

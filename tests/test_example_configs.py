@@ -10,8 +10,8 @@ import pyogrio
 import pytest
 from conftest import ROOT
 
-from pipeline.config import load_region_config, load_scene_config
-from pipeline.run import run_scene
+from pipeline.core.config import load_region_config, load_scene_config
+from pipeline.run.scene import run_scene
 
 SCENE_CONFIGS = ["slovenia.yaml", "iburi_2018.yaml"]
 
@@ -46,8 +46,8 @@ def test_scene_config_runs_end_to_end(name: str, shared_data: Path, tmp_path: Pa
 
 def test_fourteen_channel_model_is_refused_on_iburi_naming_the_missing_bands(shared_data: Path) -> None:
     cfg = load_scene_config(ROOT / "configs" / "iburi_2018.yaml")
-    from pipeline.config import DEFAULT_MODEL
-    from pipeline.validate import validate_scene
+    from pipeline.core.config import DEFAULT_MODEL
+    from pipeline.run.validate import validate_scene
 
     assert DEFAULT_MODEL.is_file()
     problems = validate_scene(cfg, ["B01", "B02", "B03", "B04", "B05", "B08", "SLOPE", "DEM"])

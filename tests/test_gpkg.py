@@ -21,9 +21,9 @@ from rasterio.crs import CRS
 from scipy import ndimage as ndi
 
 import postprocess.gpkg as gpkg
-from pipeline.config import PostprocessSection
-from pipeline.errors import OutputError
-from pipeline.grid import Grid
+from pipeline.core.config import PostprocessSection
+from pipeline.core.errors import OutputError
+from pipeline.core.grid import Grid
 from postprocess.attributes import COLUMNS, empty_frame
 from postprocess.gpkg import read_run_metadata, write_geopackage
 from postprocess.pipeline import polygons_from_probability

@@ -15,11 +15,11 @@ import xarray as xr
 from affine import Affine
 from rasterio.crs import CRS
 
-from pipeline.artefact import MissingChannelsError, ModelArtefact, save_artefact
-from pipeline.channels import L4S_CHANNELS
-from pipeline.errors import ChannelError, ConfigError, GridError, InputError
-from pipeline.grid import Grid
-from pipeline.inference import (
+from pipeline.model.artefact import MissingChannelsError, ModelArtefact, save_artefact
+from pipeline.core.channels import L4S_CHANNELS
+from pipeline.core.errors import ChannelError, ConfigError, GridError, InputError
+from pipeline.core.grid import Grid
+from pipeline.inference.tiled import (
     TTA_TRANSFORMS,
     InferenceOptions,
     clear_model_cache,
@@ -27,7 +27,7 @@ from pipeline.inference import (
     write_prediction,
     write_probability,
 )
-from pipeline.models import build_model
+from pipeline.model.registry import build_model
 from tiling.windows import WindowGrid
 
 CHANNELS = list(L4S_CHANNELS)
@@ -276,7 +276,7 @@ def test_a_window_reader_gives_the_same_raster_with_one_read_per_block(
     keep = ["DEM", "B02"]
     ref = predict(data, valid if with_mask else None, grid, [art], opts, keep=keep)
     reader = ArrayReader(np.asarray(data.data))
-    import pipeline.inference as inference
+    import pipeline.inference.tiled as inference
 
     shapes: list[tuple[int, ...]] = []
     real_normalize = inference.normalize
@@ -324,7 +324,7 @@ def test_band_order_and_extra_bands_do_not_matter() -> None:
 def test_threaded_and_multiprocess_cluster_give_the_same_raster(tmp_path: Path) -> None:
     from distributed import Client, LocalCluster
 
-    import pipeline.inference as inference
+    import pipeline.inference.tiled as inference
 
     saved = save_artefact(
         tmp_path / "tiny.safetensors", _tiny_unet(),
@@ -416,7 +416,7 @@ def test_out_of_memory_in_inference_halves_batch_with_identical_result() -> None
 
 
 def test_options_from_config_section() -> None:
-    from pipeline.config import ModelSection
+    from pipeline.core.config import ModelSection
 
     section = ModelSection(path=[Path("a.safetensors"), Path("b.safetensors")], weights=[1.0, 2.0],
                            ensemble="vote", overlap=16, batch_size=8, tta=True, uncertainty=True)
@@ -508,7 +508,7 @@ def test_block_blend_adds_the_strips_of_earlier_blocks_bit_for_bit() -> None:
     """A block's own window sums are read in place and only the cells that strips cover are
     copied: the result equals adding every strip, in order, to a copy of the whole block, and the
     block's own sums are left as they were."""
-    from pipeline.inference import _blend_block, _BlockSums
+    from pipeline.inference.tiled import _blend_block, _BlockSums
     from tiling.stitch import finalize
 
     rng = np.random.default_rng(7)

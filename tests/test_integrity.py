@@ -20,9 +20,9 @@ import pyogrio
 import pytest
 from conftest import ROOT, demo_config
 
-from pipeline import fsutil
-from pipeline.errors import OutputError
-from pipeline.run import LOCK, REPORT, RunFolderBusy, is_leftover, run_scene, verify_run
+from pipeline.core import fsutil
+from pipeline.core.errors import OutputError
+from pipeline.run.scene import LOCK, REPORT, RunFolderBusy, is_leftover, run_scene, verify_run
 
 pytestmark = pytest.mark.slow
 
@@ -61,8 +61,8 @@ class Completed:
 @pytest.fixture(scope="module")
 def completed(demo: Path, client, tmp_path_factory: pytest.TempPathFactory) -> Completed:
     """A completed demo run, and the name of every temporary file it created in its run folder
-    (recorded where the code names them: fsutil.mkstemp, pipeline.cog's temporary rasters)."""
-    import pipeline.cog as cog
+    (recorded where the code names them: fsutil.mkstemp, pipeline.io.cog's temporary rasters)."""
+    import pipeline.io.cog as cog
 
     cfg = _config(demo, tmp_path_factory.mktemp("integrity"))
     created: list[Path] = []
@@ -139,7 +139,7 @@ def test_rerun_redoes_a_run_whose_geopackage_was_truncated(completed: Completed,
     size = gpkg.stat().st_size
     with open(gpkg, "r+b") as fh:
         fh.truncate(size // 2)
-    with caplog.at_level("WARNING", logger="pipeline.run"):
+    with caplog.at_level("WARNING", logger="pipeline.run.scene"):
         res = run_scene(completed.cfg, client=client)
     assert res.status == "completed" and res.run_dir == completed.run_dir
     warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -154,7 +154,7 @@ def test_rerun_redoes_a_run_whose_geopackage_was_truncated(completed: Completed,
 def test_rerun_redoes_a_run_with_a_missing_output(completed: Completed, client, caplog) -> None:
     mask = completed.run_dir / "mask.tif"
     mask.unlink()
-    with caplog.at_level("WARNING", logger="pipeline.run"):
+    with caplog.at_level("WARNING", logger="pipeline.run.scene"):
         res = run_scene(completed.cfg, client=client)
     assert res.status == "completed"
     assert "mask.tif is missing" in caplog.text and "redoing the run" in caplog.text
@@ -267,12 +267,12 @@ def test_a_folder_that_cannot_be_locked_runs_unlocked_with_a_warning(tmp_path: P
     removes no temporaries (they may be a live run's)."""
     import errno
 
-    import pipeline.run as run_module
+    import pipeline.run.scene as run_module
 
     def no_locks(path):  # noqa: ANN001, ANN202
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     monkeypatch.setattr(fsutil, "acquire_lock", no_locks)
-    with caplog.at_level("WARNING", logger="pipeline.run"), run_module.run_folder_lock(tmp_path) as locked:
+    with caplog.at_level("WARNING", logger="pipeline.run.scene"), run_module.run_folder_lock(tmp_path) as locked:
         assert locked is False
     assert "cannot lock" in caplog.text and "not detected" in caplog.text

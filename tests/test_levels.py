@@ -14,13 +14,13 @@ import xarray as xr
 from affine import Affine
 from rasterio.crs import CRS
 
-from pipeline.artefact import ModelArtefact
-from pipeline.datasets import RadiometricConfig, radiometric, surface_look
-from pipeline.grid import Grid
-from pipeline.inference import InferenceOptions, predict
-from pipeline.models import build_model
-from pipeline.normalization import add_level, level_spec, normalize
-from pipeline.run import processing_level
+from pipeline.model.artefact import ModelArtefact
+from pipeline.training.datasets import RadiometricConfig, radiometric, surface_look
+from pipeline.core.grid import Grid
+from pipeline.inference.tiled import InferenceOptions, predict
+from pipeline.model.registry import build_model
+from pipeline.model.normalization import add_level, level_spec, normalize
+from pipeline.run.scene import processing_level
 
 CHANNELS = ["B02", "B03", "B04", "B08", "SLOPE"]
 PATH = np.array([0.05, 0.03, 0.016, 0.0, 0.0], np.float32)
@@ -102,8 +102,8 @@ def test_the_scene_level_is_checked_against_the_models() -> None:
 
 
 def test_a_scene_config_declares_its_level_and_reference(tmp_path: Path) -> None:
-    from pipeline.config import load_scene_config
-    from pipeline.errors import ConfigError
+    from pipeline.core.config import load_scene_config
+    from pipeline.core.errors import ConfigError
 
     (tmp_path / "b.tif").write_bytes(b"")
     text = "scene:\n  bands: {B02: b.tif}\n  level: {level}\ndem:\n  path: b.tif\nreference:\n  path: r.gpkg\n"
@@ -120,9 +120,9 @@ def _write(path: Path, text: str) -> Path:
 
 
 def test_a_model_serves_l2a_only_with_the_path_reflectance_of_its_patches(shared_data: Path) -> None:
-    from pipeline.datasets import find_patches
-    from pipeline.errors import ConfigError
-    from pipeline.train import TrainConfig, make_dataset, serving_normalization
+    from pipeline.training.datasets import find_patches
+    from pipeline.core.errors import ConfigError
+    from pipeline.training.fit import TrainConfig, make_dataset, serving_normalization
 
     records = find_patches(shared_data / "l4s" / "train", require_masks=True)[:4]
     base = {"data": {"root": str(shared_data / "l4s" / "train")}, "output": {"artefact": "/tmp/unused.safetensors"},

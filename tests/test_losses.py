@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import LossConfig, auto_pos_weight, bce_loss, build_loss, dice_loss, focal_loss
+from pipeline.training.losses import LossConfig, auto_pos_weight, bce_loss, build_loss, dice_loss, focal_loss
 
 
 def _t(values: list[float]) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import geopandas as gpd
 from shapely.geometry import box
 
-from pipeline.merge import merge_frames
+from pipeline.run.merge import merge_frames
 
 
 def _frame(geoms, crs, scene, probs):

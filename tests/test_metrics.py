@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from shapely.geometry import box
 
-from pipeline.metrics import (
+from pipeline.training.metrics import (
     Counts,
     confusion,
     f1_by_threshold,

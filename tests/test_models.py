@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import ModelError
-from pipeline.models import ARCHITECTURES, SEED_ENCODERS, PlainUnet, build_model
-from pipeline.normalization import normalize, validate_spec
+from pipeline.core.errors import ModelError
+from pipeline.model.registry import ARCHITECTURES, SEED_ENCODERS, PlainUnet, build_model
+from pipeline.model.normalization import normalize, validate_spec
 
 N_CHANNELS = 14
 
@@ -220,15 +220,15 @@ def test_the_default_model_runs_without_importing_the_model_library() -> None:
 
     code = (
         "import sys, importlib, numpy as np, torch\n"
-        "import pipeline.models\n"
-        "from pipeline.cluster import WORKER_IMPORTS\n"
+        "import pipeline.model.registry\n"
+        "from pipeline.run.cluster import WORKER_IMPORTS\n"
         "for name in WORKER_IMPORTS: importlib.import_module(name)\n"
-        "from pipeline.artefact import load_artefact\n"
-        "from pipeline.config import DEFAULT_MODEL\n"
+        "from pipeline.model.artefact import load_artefact\n"
+        "from pipeline.core.config import DEFAULT_MODEL\n"
         "m = load_artefact(DEFAULT_MODEL)\n"
         "m.module.eval()(torch.zeros(1, len(m.channels), 128, 128))\n"
         "print(sorted(n for n in ('segmentation_models_pytorch', 'torchvision', 'geopandas') if n in sys.modules))\n"
-        "pipeline.models.build_model('Unet', 'resnet18', 3)\n"
+        "pipeline.model.registry.build_model('Unet', 'resnet18', 3)\n"
         "print('segmentation_models_pytorch' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
@@ -238,7 +238,7 @@ def test_the_default_model_runs_without_importing_the_model_library() -> None:
 def test_the_run_warms_its_workers_with_the_model_library_only_when_a_model_needs_it() -> None:
     from types import SimpleNamespace
 
-    from pipeline.run import worker_imports
+    from pipeline.run.scene import worker_imports
 
     assert worker_imports([SimpleNamespace(architecture="PlainUnet")]) == ()
     assert worker_imports([SimpleNamespace(architecture="plainunet"), SimpleNamespace(architecture="unet")]) == (

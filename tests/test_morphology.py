@@ -14,9 +14,9 @@ from rasterio.crs import CRS
 from rasterio.features import rasterize
 from scipy import ndimage as ndi
 
-from pipeline.config import PostprocessSection
-from pipeline.errors import ConfigError
-from pipeline.grid import Grid
+from pipeline.core.config import PostprocessSection
+from pipeline.core.errors import ConfigError
+from pipeline.core.grid import Grid
 from postprocess.morphology import (
     _morph,
     clean_objects,

@@ -14,13 +14,13 @@ import xarray as xr
 from affine import Affine
 from rasterio.crs import CRS
 
-from pipeline.artefact import ModelArtefact, read_metadata, save_artefact
-from pipeline.datasets import PatchDataset, find_patches
-from pipeline.errors import ModelError
-from pipeline.grid import Grid
-from pipeline.inference import InferenceOptions, predict
-from pipeline.models import build_model
-from pipeline.normalization import band_stats, fixed_spec, normalize, validate_spec
+from pipeline.model.artefact import ModelArtefact, read_metadata, save_artefact
+from pipeline.training.datasets import PatchDataset, find_patches
+from pipeline.core.errors import ModelError
+from pipeline.core.grid import Grid
+from pipeline.inference.tiled import InferenceOptions, predict
+from pipeline.model.registry import build_model
+from pipeline.model.normalization import band_stats, fixed_spec, normalize, validate_spec
 
 CHANNELS = ["B02", "B03", "B04", "B08", "SLOPE"]
 ROOT = Path(__file__).resolve().parents[1]

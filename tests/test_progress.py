@@ -8,13 +8,13 @@ import dask
 import dask.array as da
 import pytest
 
-from pipeline import progress
-from pipeline.progress import compute
+from pipeline.core import progress
+from pipeline.core.progress import compute
 
 
 def test_compute_returns_the_result_and_logs_start_and_end(caplog) -> None:
     arr = da.ones((64, 64), chunks=16)
-    with caplog.at_level(logging.INFO, logger="pipeline.progress"):
+    with caplog.at_level(logging.INFO, logger="pipeline.core.progress"):
         assert progress.compute(arr.sum(), "summing") == 64 * 64
     messages = [r.getMessage() for r in caplog.records]
     assert messages[0] == "summing ..."

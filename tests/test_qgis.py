@@ -18,8 +18,8 @@ from affine import Affine
 from rasterio.crs import CRS
 from scipy import ndimage as ndi
 
-from pipeline.config import PostprocessSection
-from pipeline.grid import Grid
+from pipeline.core.config import PostprocessSection
+from pipeline.core.grid import Grid
 from postprocess.attributes import empty_frame
 from postprocess.gpkg import write_geopackage
 from postprocess.pipeline import polygons_from_probability
@@ -108,7 +108,7 @@ def test_run_rasters_open_in_qgis_with_a_colour_ramp_and_transparent_no_data(dem
     from conftest import demo_config
     from PIL import Image
 
-    from pipeline.run import run_scene
+    from pipeline.run.scene import run_scene
 
     cfg = demo_config(demo, tmp_path, model={"tta": True, "uncertainty": True})
     res = run_scene(cfg, client=client)

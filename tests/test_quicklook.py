@@ -13,8 +13,8 @@ from PIL import Image
 from rasterio.crs import CRS
 
 import postprocess.quicklook as quicklook
-from pipeline.errors import ChannelError
-from pipeline.grid import Grid
+from pipeline.core.errors import ChannelError
+from pipeline.core.grid import Grid
 from postprocess.quicklook import downsample_factor, write_quicklook
 
 GRID = Grid(CRS.from_epsg(32633), Affine(10.0, 0, 500000.0, 0, -10.0, 4000000.0), 300, 200)

@@ -17,12 +17,12 @@ import rasterio
 from affine import Affine
 from rasterio.enums import Resampling
 
-from pipeline.channels import S2_BANDS
-from pipeline.config import SceneConfig
-from pipeline.errors import ConfigError, InputError
-from pipeline.grid import Grid
-from pipeline.readers import open_dem, open_raster, parse_safe_metadata, read_band_folder, read_safe
-from pipeline.stack import stack_scene
+from pipeline.core.channels import S2_BANDS
+from pipeline.core.config import SceneConfig
+from pipeline.core.errors import ConfigError, InputError
+from pipeline.core.grid import Grid
+from pipeline.io.readers import open_dem, open_raster, parse_safe_metadata, read_band_folder, read_safe
+from pipeline.stack.layers import stack_scene
 
 TILE = "T33TVM"
 SENSING = "20220301T101021"
@@ -415,7 +415,7 @@ def test_cloud_buffer_grows_clouds_and_shadows_but_not_water(tmp_path: Path, dn:
 def test_cloud_buffer_per_block_equals_whole_array() -> None:
     import dask.array as da
 
-    from pipeline.stack import scl_exclusion
+    from pipeline.stack.layers import scl_exclusion
 
     rng = np.random.default_rng(0)
     scl = rng.choice(np.array([4, 4, 4, 4, 8, 3, 6], np.float32), size=(90, 70))
@@ -461,7 +461,7 @@ def test_integer_upsampling_from_slices_is_bit_identical_to_the_gathered_taps(
     """20 m and 60 m bands upsample from strided slices of the source (one pair of weights per
     phase) where that is exact: the same float32 values as the gathered taps, on windows inside the
     source, reaching past its edges, and starting at any phase of its pixels."""
-    from pipeline import readers
+    from pipeline.io import readers
 
     rng = np.random.default_rng(ratio)
     res = 10 * ratio

@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import ROOT
 
-from pipeline.artefact import save_artefact
-from pipeline.channels import L4S_CHANNELS
-from pipeline.config import load_region_config
-from pipeline.models import build_model
-from pipeline.region import STATE_FILE, run_region
+from pipeline.model.artefact import save_artefact
+from pipeline.core.channels import L4S_CHANNELS
+from pipeline.core.config import load_region_config
+from pipeline.model.registry import build_model
+from pipeline.run.region import STATE_FILE, run_region
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def _bias_model(path: Path, bias: float) -> Path:
 
 @pytest.fixture(scope="module")
 def region(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.demo import write_demo_data
+    from pipeline.demo.synthetic import write_demo_data
 
     root = tmp_path_factory.mktemp("region")
     model = _bias_model(root / "always.safetensors", bias=5.0)  # every valid pixel is "landslide"
@@ -113,7 +113,7 @@ def test_region_uses_an_existing_scheduler_when_configured(region: Path, tmp_pat
 
 
 def test_unreachable_scheduler_is_a_clear_error(region: Path, tmp_path: Path) -> None:
-    from pipeline.cluster import ClusterError
+    from pipeline.run.cluster import ClusterError
 
     cfg = load_region_config(region)
     cfg = cfg.model_copy(update={
@@ -150,8 +150,8 @@ def test_local_workers_import_the_task_modules_as_they_start(monkeypatch: pytest
     (no task arrives during those imports)."""
     from distributed import wait
 
-    from pipeline import cluster as cluster_module
-    from pipeline.config import DaskSection
+    from pipeline.run import cluster as cluster_module
+    from pipeline.core.config import DaskSection
 
     started: list[object] = []
     real = cluster_module._warm_workers
@@ -191,8 +191,8 @@ def test_local_cluster_workers_skip_the_slow_interpreter_teardown(tmp_path: Path
     the exit handlers registered earlier than its fast exit."""
     from distributed import wait
 
-    from pipeline import cluster as cluster_module
-    from pipeline.config import DaskSection
+    from pipeline.run import cluster as cluster_module
+    from pipeline.core.config import DaskSection
 
     marker = tmp_path / "torn-down"
     with cluster_module.dask_client(DaskSection(n_workers=1, threads_per_worker=1)) as client:
@@ -209,7 +209,7 @@ _FAST_EXIT = """
 import atexit, sys
 import distributed
 from distributed.core import Status
-import pipeline.cluster as cluster
+import pipeline.run.cluster as cluster
 marker, status, code = sys.argv[1], sys.argv[2], int(sys.argv[3])
 worker = type("FakeWorker", (), {"status": Status[status]})()
 distributed.get_worker = lambda: worker
@@ -232,8 +232,8 @@ def test_fast_exit_only_after_a_clean_close(tmp_path: Path, status: str, code: i
 
 def test_local_cluster_workers_keep_adaptive_malloc_and_one_thread_per_task(monkeypatch: pytest.MonkeyPatch) -> None:
     """Dask's default MALLOC_TRIM_THRESHOLD_ slows the model 1.6x: local workers start without it."""
-    from pipeline.cluster import dask_client
-    from pipeline.config import DaskSection
+    from pipeline.run.cluster import dask_client
+    from pipeline.core.config import DaskSection
 
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # as an earlier nanny in this process leaves it
     with dask_client(DaskSection(n_workers=1, threads_per_worker=2)) as client:
@@ -253,8 +253,8 @@ def test_local_cluster_workers_keep_adaptive_malloc_and_one_thread_per_task(monk
 def test_a_scene_whose_workers_died_is_retried_and_bad_input_is_not(region: Path, monkeypatch) -> None:
     """Worker deaths (out of memory, say) are transient: the scene is retried (region.retries) and
     completes; a bad input fails at once."""
-    import pipeline.run as run_mod
-    from pipeline.progress import WorkerDeathError
+    import pipeline.run.scene as run_mod
+    from pipeline.core.progress import WorkerDeathError
 
     real = run_mod.run_scene
     calls: list[str] = []

@@ -1,4 +1,4 @@
-"""Bilinear upsampling across CRSs (pipeline.reproject): GDAL's values, the same in every window."""
+"""Bilinear upsampling across CRSs (pipeline.io.reproject): GDAL's values, the same in every window."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from rasterio.enums import Resampling
 from rasterio.warp import transform as transform_points
 from rasterio.windows import Window
 
-import pipeline.readers as readers
-from pipeline import reproject
-from pipeline.grid import Grid
-from pipeline.readers import open_raster, warp_array
+import pipeline.io.readers as readers
+from pipeline.io import reproject
+from pipeline.core.grid import Grid
+from pipeline.io.readers import open_raster, warp_array
 
 UTM33 = CRS.from_epsg(32633)
 LONLAT = CRS.from_epsg(4326)

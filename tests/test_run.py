@@ -14,10 +14,10 @@ import pytest
 import rasterio
 from conftest import ROOT, demo_config
 
-from pipeline.artefact import load_artefact
-from pipeline.config import DEFAULT_MODEL, load_scene_config
-from pipeline.errors import OutputError
-from pipeline.run import REPORT, run_scene
+from pipeline.model.artefact import load_artefact
+from pipeline.core.config import DEFAULT_MODEL, load_scene_config
+from pipeline.core.errors import OutputError
+from pipeline.run.scene import REPORT, run_scene
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ _config = demo_config
 
 def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Path, client,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.run as run_module
+    import pipeline.run.scene as run_module
 
     stacked_again: list[str] = []
     original_aux = run_module.aux_layers
@@ -37,7 +37,7 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
         return original_aux(cfg, stack, wanted)
 
     monkeypatch.setattr(run_module, "aux_layers", recording_aux)
-    import pipeline.stack as stack_module
+    import pipeline.stack.layers as stack_module
 
     read_again: list[object] = []
     original_coarse = stack_module.read_coarse
@@ -172,9 +172,9 @@ def test_weights_that_do_not_fit_the_architecture_fail_the_run_naming_the_file(
     file named) and leaves no report and no GeoPackage."""
     from safetensors.torch import save_file
 
-    from pipeline.artefact import FORMAT, FORMAT_VERSION, read_metadata
-    from pipeline.errors import ModelError
-    from pipeline.models import build_model
+    from pipeline.model.artefact import FORMAT, FORMAT_VERSION, read_metadata
+    from pipeline.core.errors import ModelError
+    from pipeline.model.registry import build_model
 
     meta = read_metadata(DEFAULT_MODEL).metadata()
     other = build_model("PlainUnet", None, len(meta["channels"]), base_channels=4, depth=2)  # not the declared size
@@ -242,8 +242,8 @@ def test_failing_mask_raster_fails_the_run_without_a_report(demo: Path, tmp_path
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The mask raster is written in a thread beside the GeoPackage: its error is the run's error,
     the run directory stays incomplete (no report) and the next run completes it."""
-    import pipeline.cog as cog_module
-    from pipeline.errors import OutputError
+    import pipeline.io.cog as cog_module
+    from pipeline.core.errors import OutputError
 
     def failing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise OutputError("mask.tif: disk full (test)")
@@ -265,7 +265,7 @@ def test_mask_raster_is_computed_while_the_polygons_are_merged(demo: Path, tmp_p
     starts before that, and is the same raster as the polygons' cleaned mask."""
     import threading
 
-    import pipeline.cog as cog_module
+    import pipeline.io.cog as cog_module
     import postprocess.pipeline as pp
 
     mask_started = threading.Event()
@@ -328,9 +328,9 @@ def test_inference_reads_each_band_once_per_block(demo: Path, monkeypatch: pytes
     """The valid mask comes from the pixels the block reads, not from a second read of every band."""
     import dask
 
-    from pipeline import stack as stack_module
-    from pipeline.inference import InferenceOptions, predict
-    from pipeline.run import load_models, model_channels
+    from pipeline.stack import layers as stack_module
+    from pipeline.inference.tiled import InferenceOptions, predict
+    from pipeline.run.scene import load_models, model_channels
 
     reads = []
     original = stack_module.StackLayer.read
@@ -356,9 +356,9 @@ def test_inference_over_many_blocks_reads_each_pixel_about_once(demo: Path, monk
     import dask
     from rasterio.windows import Window
 
-    from pipeline import stack as stack_module
-    from pipeline.inference import InferenceOptions, inference_block_size, predict
-    from pipeline.run import load_models, model_channels
+    from pipeline.stack import layers as stack_module
+    from pipeline.inference.tiled import InferenceOptions, inference_block_size, predict
+    from pipeline.run.scene import load_models, model_channels
     from tiling.windows import WindowGrid, block_spans
 
     areas: list[int] = []
@@ -396,8 +396,8 @@ def test_quicklook_bands_follow_the_block_mean_of_the_stacked_bands(demo: Path) 
     import dask
     from scipy import ndimage
 
-    from pipeline.readers import RasterSource
-    from pipeline.stack import read_coarse, stack_scene
+    from pipeline.io.readers import RasterSource
+    from pipeline.stack.layers import read_coarse, stack_scene
 
     cfg = load_scene_config(demo)
     names = ["B04", "B03", "B02"]
@@ -442,10 +442,10 @@ def test_local_cluster_starts_while_the_inference_graphs_are_built(demo: Path, t
     import threading
     from contextlib import contextmanager
 
-    import pipeline.inference as inference_module
-    import pipeline.run as run_module
-    from pipeline import cluster as cluster_module
-    from pipeline.errors import InputError
+    import pipeline.inference.tiled as inference_module
+    import pipeline.run.scene as run_module
+    from pipeline.run import cluster as cluster_module
+    from pipeline.core.errors import InputError
 
     events: list[tuple[str, str]] = []
     real_client = cluster_module.dask_client
@@ -505,7 +505,7 @@ def test_the_processing_level_verdict_is_logged(caplog: pytest.LogCaptureFixture
     a SAFE product's own level wins over scene.level."""
     from types import SimpleNamespace
 
-    from pipeline.run import log_processing_level, processing_level
+    from pipeline.run.scene import log_processing_level, processing_level
 
     l1c = SimpleNamespace(name="a", architecture="PlainUnet", levels=["L1C"])
     both = SimpleNamespace(name="", architecture="Unet", levels=["L1C", "L2A"])
@@ -515,7 +515,7 @@ def test_the_processing_level_verdict_is_logged(caplog: pytest.LogCaptureFixture
     l2a = processing_level([l1c, both], "S2_L2A", None)
     unknown = processing_level([l1c, both], "bands", None)
     assert unknown["unserved"] == ["Unet", "a"]
-    with caplog.at_level("INFO", logger="pipeline.run"):
+    with caplog.at_level("INFO", logger="pipeline.run.scene"):
         log_processing_level(served)
         assert [r.levelname for r in caplog.records] == ["INFO"]
         caplog.clear()
@@ -535,7 +535,7 @@ def test_postprocess_mask_in_graphs_raises_no_large_graph_warnings(demo: Path, t
 
     import dask
 
-    import pipeline.run as run_module
+    import pipeline.run.scene as run_module
 
     cfg = _config(demo, tmp_path)
 
@@ -561,8 +561,8 @@ def test_intermediates_are_read_back_exactly_in_whole_tiles(tmp_path: Path) -> N
     from affine import Affine
     from rasterio.crs import CRS
 
-    from pipeline.grid import Grid
-    from pipeline.run import PROB_SCALE, _open_lazy
+    from pipeline.core.grid import Grid
+    from pipeline.run.scene import PROB_SCALE, _open_lazy
 
     grid = Grid(CRS.from_epsg(32633), Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0), 300, 200)
     rng = np.random.default_rng(1)
@@ -599,8 +599,8 @@ def test_output_threads_run_at_the_lowest_priority_and_leave_the_caller_alone() 
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.cog import gdal_threads
-    from pipeline.run import BACKGROUND_NICE, _submit
+    from pipeline.io.cog import gdal_threads
+    from pipeline.run.scene import BACKGROUND_NICE, _submit
 
     main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     with ThreadPoolExecutor(2) as pool:
@@ -626,9 +626,9 @@ def test_the_mask_raster_is_sent_to_the_workers_at_normal_priority_and_copied_at
     from affine import Affine
     from rasterio.crs import CRS
 
-    import pipeline.cog as cog
-    from pipeline.grid import Grid
-    from pipeline.run import _submit
+    import pipeline.io.cog as cog
+    from pipeline.core.grid import Grid
+    from pipeline.run.scene import _submit
 
     def nice() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
@@ -667,8 +667,8 @@ def test_first_cleaning_step_computed_with_the_inference_equals_the_postprocessi
     from test_morphology import record_passes
 
     import postprocess.morphology as morphology
-    from pipeline.grid import Grid
-    from pipeline.run import _decode_probability
+    from pipeline.core.grid import Grid
+    from pipeline.run.scene import _decode_probability
     from postprocess.pipeline import polygons_from_probability
 
     built: list[int] = []

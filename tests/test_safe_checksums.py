@@ -2,7 +2,7 @@
 
 A flipped bit inside a band's JPEG 2000 codestream (the file's length and the
 codestream's end marker intact) decodes without an error to wrong pixels: the
-file checks of :func:`pipeline.readers.open_raster` cannot see it, only the
+file checks of :func:`pipeline.io.readers.open_raster` cannot see it, only the
 product's checksums can. The demo writer's manifest lists no checksums, so the
 products here get theirs added the way ESA's manifests carry them
 (``<byteStream size=...>`` with ``<checksum checksumName="MD5">``).
@@ -25,11 +25,11 @@ import yaml
 from affine import Affine
 from safe_builder import build_safe
 
-from pipeline.config import load_scene_config
-from pipeline.errors import InputError
-from pipeline.readers import parse_manifest_checksums, read_scene, verify_manifest_checksums
-from pipeline.stack import read_coarse, stack_scene
-from pipeline.validate import (
+from pipeline.core.config import load_scene_config
+from pipeline.core.errors import InputError
+from pipeline.io.readers import parse_manifest_checksums, read_scene, verify_manifest_checksums
+from pipeline.stack.layers import read_coarse, stack_scene
+from pipeline.run.validate import (
     add_stack_arguments,
     add_validate_arguments,
     cli_stack,
@@ -288,7 +288,7 @@ def test_per_band_files_have_no_checksums(product: Path, tmp_path: Path) -> None
 
 def test_the_option_is_not_part_of_the_run_fingerprint(product: Path) -> None:
     """Checking inputs does not change results: switching it off must not make a new run folder."""
-    from pipeline.fingerprint import result_config
+    from pipeline.run.fingerprint import result_config
 
     on = load_scene_config(product)
     off = load_scene_config(_config(product.parent, _safe(product), verify_checksums=False))

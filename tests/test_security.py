@@ -21,10 +21,10 @@ import rasterio
 import yaml
 from small_scene import X0, Y0, write_raster, write_scene
 
-from pipeline.config import load_region_config, load_scene_config, scene_id_from_name
-from pipeline.errors import ConfigError, InputError
-from pipeline.grid import Grid
-from pipeline.readers import (
+from pipeline.core.config import load_region_config, load_scene_config, scene_id_from_name
+from pipeline.core.errors import ConfigError, InputError
+from pipeline.core.grid import Grid
+from pipeline.io.readers import (
     GDAL_SAFETY_OPTIONS,
     SceneInputs,
     open_dem,
@@ -33,7 +33,7 @@ from pipeline.readers import (
     read_safe,
     read_scene,
 )
-from pipeline.validate import validate_scene
+from pipeline.run.validate import validate_scene
 
 SIZE = 32
 PASSWD = Path("/etc/passwd")

@@ -13,7 +13,7 @@ import pytest
 import rasterio
 from affine import Affine
 
-from pipeline.slope import horn_slope, horn_slope_dask, horn_slope_padded
+from pipeline.stack.terrain import horn_slope, horn_slope_dask, horn_slope_padded
 
 
 def _plane(rows: int, cols: int, gx: float, gy: float, xres: float, yres: float) -> np.ndarray:

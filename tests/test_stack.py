@@ -23,13 +23,13 @@ from rasterio.warp import transform_bounds
 from shapely.geometry import box
 from test_slope import gdaldem_slope
 
-from pipeline.channels import L4S_CHANNELS
-from pipeline.config import SceneConfig
-from pipeline.errors import ChannelError, InputError
-from pipeline.grid import Grid
-from pipeline.slope import horn_slope, horn_slope_dask
-from pipeline.stack import Stack, save_stack, stack_scene
-from pipeline.validate import add_stack_arguments, cli_stack, validate_scene
+from pipeline.core.channels import L4S_CHANNELS
+from pipeline.core.config import SceneConfig
+from pipeline.core.errors import ChannelError, InputError
+from pipeline.core.grid import Grid
+from pipeline.stack.terrain import horn_slope, horn_slope_dask
+from pipeline.stack.layers import Stack, save_stack, stack_scene
+from pipeline.run.validate import add_stack_arguments, cli_stack, validate_scene
 
 
 def scene_cfg(scene: dict[str, object], dem: str | Path, tmp_path: Path | None = None,
@@ -241,7 +241,7 @@ def test_result_does_not_depend_on_block_size(iburi: Path) -> None:
         x, y = a.sel(band=band).values, b.sel(band=band).values
         np.testing.assert_array_equal(np.isnan(x), np.isnan(y))
         assert np.nanmax(np.abs(x - y)) < 1e-4, band
-    # the 30 m DEM is upsampled by pipeline.reproject: bit for bit the same in any block, and so is
+    # the 30 m DEM is upsampled by pipeline.io.reproject: bit for bit the same in any block, and so is
     # the slope computed from it
     for band in ("DEM", "SLOPE"):
         np.testing.assert_array_equal(a.sel(band=band).values, b.sel(band=band).values, err_msg=band)
@@ -327,7 +327,7 @@ def test_cli_stack_and_validate_on_a_yaml_config(iburi: Path, tmp_path: Path) ->
         "channels": ["B04", "B03", "B02", "DEM"],
         "output": {"dir": "results"},
     }))
-    from pipeline.config import load_scene_config
+    from pipeline.core.config import load_scene_config
 
     assert validate_scene(load_scene_config(config)) == []
     parser = argparse.ArgumentParser()
@@ -387,7 +387,7 @@ def test_precomputed_slope_layer_is_reprojected_not_recomputed(iburi: Path) -> N
 
 def test_write_cog_masks_and_integer_rasters(tmp_path: Path) -> None:
     """The writer is general: (y, x) numpy input, float NaN to integer nodata, categorical overviews."""
-    from pipeline.cog import write_cog
+    from pipeline.io.cog import write_cog
 
     grid = Grid.from_bounds((500000, 4000000, 500000 + 7000, 4000000 + 5000), "EPSG:32633", 10)
     rng = np.random.default_rng(0)
@@ -415,8 +415,8 @@ def test_cog_from_a_plain_tiled_intermediate(tmp_path: Path, monkeypatch: pytest
     no-data; the intermediate stays; a failed conversion leaves nothing at the final path."""
     import rasterio.shutil as rshutil
 
-    from pipeline.cog import RasterOutput, cog_from_tiff, write_rasters
-    from pipeline.errors import OutputError
+    from pipeline.io.cog import RasterOutput, cog_from_tiff, write_rasters
+    from pipeline.core.errors import OutputError
 
     grid = Grid.from_bounds((500000, 4000000, 500000 + 9000, 4000000 + 6000), "EPSG:32633", 10)
     rng = np.random.default_rng(1)
@@ -446,7 +446,7 @@ def test_plain_intermediate_is_created_without_writing_its_tiles_first(tmp_path:
     """The temporary tiled GeoTIFF is created sparse (GDAL would otherwise write every tile of an
     uncompressed file as zeros before the first block is computed); once stored, every tile is in
     the file, even blocks of zeros, and the values read back exactly."""
-    from pipeline.cog import RasterOutput, _start, write_rasters
+    from pipeline.io.cog import RasterOutput, _start, write_rasters
 
     grid = Grid.from_bounds((500000, 4000000, 500000 + 20480, 4000000 + 20480), "EPSG:32633", 10)
     values = np.zeros((2, *grid.shape), np.float32)
@@ -474,7 +474,7 @@ def test_blockwise_slope_with_halo_equals_whole_grid_slope(iburi: Path) -> None:
     values = stack.data.values
     dem, slope = values[0], values[1]
     whole = horn_slope(dem, *stack.grid.res)
-    # the DEM warp is exact per pixel (pipeline.reproject): no tolerance needed
+    # the DEM warp is exact per pixel (pipeline.io.reproject): no tolerance needed
     np.testing.assert_array_equal(slope, whole)
     overlap = horn_slope_dask(stack.data.data[0], *stack.grid.res).compute()
     np.testing.assert_array_equal(slope, overlap)

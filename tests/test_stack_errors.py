@@ -20,10 +20,10 @@ import rasterio
 from affine import Affine
 from small_scene import X0, Y0, scene_yaml, write_raster, write_scene
 
-from pipeline.config import load_scene_config
-from pipeline.errors import ChannelError, GridError, InputError, PipelineError
-from pipeline.stack import save_stack, stack_scene
-from pipeline.validate import (
+from pipeline.core.config import load_scene_config
+from pipeline.core.errors import ChannelError, GridError, InputError, PipelineError
+from pipeline.stack.layers import save_stack, stack_scene
+from pipeline.run.validate import (
     add_stack_arguments,
     add_validate_arguments,
     cli_stack,

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from pipeline.artefact import load_artefact
-from pipeline.datasets import PatchDataset, data_checksum, find_patches
-from pipeline.errors import ConfigError
-from pipeline.train import TrainConfig, _lr_at, kfold_indices, load_train_config, share_threshold, train
+from pipeline.model.artefact import load_artefact
+from pipeline.training.datasets import PatchDataset, data_checksum, find_patches
+from pipeline.core.errors import ConfigError
+from pipeline.training.fit import TrainConfig, _lr_at, kfold_indices, load_train_config, share_threshold, train
 
 PATCH_IDS = ("1", "28", "461", "512")
 
@@ -192,7 +192,7 @@ def test_share_threshold_flags_the_requested_share() -> None:
 
 def test_weight_average_is_what_training_keeps(shared_data: Path, tmp_path: Path) -> None:
     """optimizer.ema_decay: validation, checkpoints and the result use the moving average of the weights."""
-    from pipeline.train import _build, fit, make_dataset, seed_everything
+    from pipeline.training.fit import _build, fit, make_dataset, seed_everything
 
     root = _four_patches(shared_data, tmp_path / "l4s")
     records = find_patches(root, require_masks=True)

@@ -15,8 +15,8 @@ from rasterio.crs import CRS
 from rasterio.features import rasterize
 from scipy import ndimage as ndi
 
-from pipeline.config import PostprocessSection
-from pipeline.grid import Grid
+from pipeline.core.config import PostprocessSection
+from pipeline.core.grid import Grid
 from postprocess.pipeline import polygons_from_probability
 from postprocess.vectorize import vectorize_labels
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import GridError
+from pipeline.core.errors import GridError
 from tiling.windows import (
     WindowGrid,
     axis_starts,

@@ -29,7 +29,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from pipeline.errors import GridError
+from pipeline.core.errors import GridError
 
 
 def default_margin(overlap: int) -> int:

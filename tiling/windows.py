@@ -26,7 +26,7 @@ from functools import cached_property
 
 import numpy as np
 
-from pipeline.errors import GridError
+from pipeline.core.errors import GridError
 
 Span = tuple[int, int]  # half-open [start, stop)
 

@@ -1,0 +1,109 @@
+"""Merge per-scene landslide layers into one regional layer without duplicates.
+
+Sentinel-2 tiles overlap their neighbours (and may sit in different UTM
+zones), so one landslide can be mapped by two scenes, whole in one and cut at
+the edge of the other. Polygons from *different* scenes that intersect are
+merged into one feature: its geometry is their union, its attributes those of
+the member with the highest mean probability, its ``scene_ids`` all members.
+Polygons of one scene never intersect each other and are kept as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyogrio
+from pyproj import Geod
+from shapely import STRtree
+from shapely.ops import unary_union
+
+from pipeline.core.errors import InputError
+
+log = logging.getLogger(__name__)
+
+_GEOD = Geod(ellps="WGS84")
+
+
+def _components(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Connected components of ``n`` nodes given edge ``pairs`` (2, k)."""
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in pairs.T:
+        ra, rb = find(int(a)), find(int(b))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return np.array([find(i) for i in range(n)])
+
+
+def merge_frames(frames: Sequence[gpd.GeoDataFrame]) -> gpd.GeoDataFrame:
+    """Merge scene layers (any CRSs) into one EPSG:4326 layer, deduplicating overlaps."""
+    parts = []
+    for i, frame in enumerate(frames):
+        if len(frame) == 0:
+            continue
+        f = frame.to_crs("EPSG:4326").copy()
+        f["_src"] = i
+        parts.append(f)
+    if not parts:
+        return gpd.GeoDataFrame({"scene_ids": pd.Series([], dtype=str)}, geometry=[], crs="EPSG:4326")
+    gdf = gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), crs="EPSG:4326")
+    geoms = gdf.geometry.values
+    tree = STRtree(geoms)
+    pairs = tree.query(geoms, predicate="intersects")
+    src = gdf["_src"].to_numpy()
+    pairs = pairs[:, src[pairs[0]] != src[pairs[1]]]  # only across scenes
+    comp = _components(len(gdf), pairs)
+
+    prob_col = "mean_prob" if "mean_prob" in gdf.columns else None
+    rows = []
+    for root in np.unique(comp):
+        idx = np.flatnonzero(comp == root)
+        members = gdf.iloc[idx]
+        best = members.iloc[int(np.argmax(members[prob_col].to_numpy()))] if prob_col else members.iloc[0]
+        row = best.drop(labels=["geometry", "_src"]).to_dict()
+        geom = members.geometry.iloc[0] if len(idx) == 1 else unary_union(members.geometry.values)
+        if "scene_id" in members.columns:
+            row["scene_ids"] = ",".join(sorted(set(members["scene_id"].astype(str))))
+        else:
+            row["scene_ids"] = ""
+        row["n_merged"] = len(idx)
+        area, perimeter = _GEOD.geometry_area_perimeter(geom)
+        row["area_m2"] = abs(area)
+        row["perimeter_m"] = perimeter
+        row["geometry"] = geom
+        rows.append(row)
+    out = gpd.GeoDataFrame(rows, geometry="geometry", crs="EPSG:4326")
+    return out.sort_values(by=[c for c in ("scene_ids", "landslide_id") if c in out.columns], kind="stable").reset_index(drop=True)
+
+
+def merge_scene_layers(paths: Sequence[Path], out_path: Path, *, region: str) -> int:
+    """Read scene GeoPackages, merge them and write ``out_path`` atomically; return feature count."""
+    frames = []
+    for path in paths:
+        try:
+            layer = pyogrio.list_layers(path)[0][0]
+            frames.append(gpd.read_file(path, layer=layer))
+        except Exception as exc:  # noqa: BLE001 - report which file
+            raise InputError(f"{path}: cannot read scene layer for the regional merge: {exc}") from None
+    merged = merge_frames(frames)
+    from postprocess.gpkg import write_geopackage
+
+    write_geopackage(
+        merged,
+        out_path,
+        layer="landslides",
+        metadata={"region": region, "scenes": [str(p) for p in paths], "crs": "EPSG:4326"},
+    )
+    log.info("regional layer %s: %d polygon(s) from %d scene(s)", out_path, len(merged), len(paths))
+    return len(merged)

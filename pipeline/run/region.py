@@ -1,0 +1,153 @@
+"""The nightly regional job: many scenes, one Dask cluster, resumable.
+
+``python -m pipeline region region.yaml`` runs every scene of the region with
+the same cluster (a local one by default, ``dask.scheduler`` to use an existing
+scheduler). Each scene is a normal scene run: it is skipped when its outputs
+for the same inputs, models and config already exist, so an interrupted night
+resumes where it stopped. A scene that fails (bad input, a crash) is recorded
+and the job goes on with the next; transient failures are retried.
+
+At the end the polygons of all completed scenes are merged into one regional
+GeoPackage in EPSG:4326. Neighbouring Sentinel-2 tiles overlap (and may sit in
+different UTM zones), so a landslide in an overlap is seen twice: polygons of
+different scenes that intersect are merged into one feature. The regional
+layer is rebuilt from the scene outputs on every run, so reruns never
+duplicate features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.config import RegionConfig, SceneConfig, load_region_config, load_scene_config
+from pipeline.core.errors import OutputError, PipelineError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "region_state.json"
+
+
+@dataclass
+class SceneOutcome:
+    config: str
+    status: str  # completed | skipped | failed
+    scene_id: str | None = None
+    geopackage: str | None = None
+    n_polygons: int | None = None
+    seconds: float | None = None
+    error: str | None = None
+    attempts: int = 0
+
+
+@dataclass
+class RegionResult:
+    outcomes: list[SceneOutcome] = field(default_factory=list)
+    merged: Path | None = None
+    n_merged: int = 0
+
+    @property
+    def failed(self) -> list[SceneOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+def _scene_config_for_region(path: Path, region: RegionConfig) -> SceneConfig:
+    """A scene config with the region's output and cluster settings."""
+    cfg = load_scene_config(path)
+    return cfg.model_copy(update={"output": region.output, "dask": region.dask})
+
+
+def run_region(cfg: RegionConfig, *, force: bool = False, client: Any = None) -> RegionResult:
+    """Run every scene of ``cfg``; never raises for a single scene's failure."""
+    from pipeline.run.cluster import dask_client
+    from pipeline.run.scene import ensure_writable_dir, write_json_atomic
+
+    out_dir = cfg.output.dir
+    ensure_writable_dir(out_dir, field="output.dir", source=cfg.source)
+    if client is None:
+        with dask_client(cfg.dask) as own_client:
+            return run_region(cfg, force=force, client=own_client)
+
+    from pipeline.run.scene import run_scene
+
+    result = RegionResult()
+    state: dict[str, Any] = {"region": cfg.name, "started": dt.datetime.now(dt.UTC).isoformat(), "scenes": {}}
+    state_path = out_dir / STATE_FILE
+    n = len(cfg.scenes)
+    for i, scene_yaml in enumerate(cfg.scenes, 1):
+        outcome = SceneOutcome(config=str(scene_yaml), status="failed")
+        log.info("[%d/%d] scene %s", i, n, scene_yaml)
+        t0 = time.perf_counter()
+        for attempt in range(cfg.retries + 1):
+            outcome.attempts = attempt + 1
+            try:
+                scene_cfg = _scene_config_for_region(scene_yaml, cfg)
+                res = run_scene(scene_cfg, force=force, client=client)
+            except PipelineError as exc:  # bad input: retrying does not help, but for transient failures
+                outcome.error = str(exc)
+                if getattr(exc, "transient", False) and attempt < cfg.retries:
+                    log.warning("[%d/%d] %s failed (%s); retrying", i, n, scene_yaml, exc)
+                    continue
+                log.error("[%d/%d] %s failed: %s", i, n, scene_yaml, exc)
+                break
+            except Exception as exc:  # noqa: BLE001 - one scene must not stop the night
+                outcome.error = f"{type(exc).__name__}: {exc}"
+                if attempt < cfg.retries:
+                    log.warning("[%d/%d] %s failed (%s); retrying", i, n, scene_yaml, outcome.error)
+                    continue
+                log.error("[%d/%d] %s failed after %d attempt(s): %s", i, n, scene_yaml, attempt + 1, outcome.error)
+                break
+            else:
+                outcome.status = res.status
+                outcome.scene_id = res.scene_id
+                outcome.geopackage = str(res.geopackage)
+                outcome.n_polygons = res.n_polygons
+                outcome.error = None
+                break
+        outcome.seconds = round(time.perf_counter() - t0, 3)
+        result.outcomes.append(outcome)
+        state["scenes"][str(scene_yaml)] = outcome.__dict__
+        write_json_atomic(state_path, state)
+
+    gpkgs = [Path(o.geopackage) for o in result.outcomes if o.status != "failed" and o.geopackage]
+    if gpkgs:
+        from pipeline.run.merge import merge_scene_layers
+
+        merged_path = out_dir / f"{cfg.name}.gpkg"
+        result.n_merged = merge_scene_layers(gpkgs, merged_path, region=cfg.name)
+        result.merged = merged_path
+    state["finished"] = dt.datetime.now(dt.UTC).isoformat()
+    state["merged"] = str(result.merged) if result.merged else None
+    write_json_atomic(state_path, state)
+    return result
+
+
+def add_region_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="region YAML file")
+    parser.add_argument("--force", action="store_true", help="recompute scenes whose outputs already exist")
+    parser.add_argument("--scheduler", help="address of an existing Dask scheduler (overrides dask.scheduler)")
+
+
+def cli_region(args: argparse.Namespace) -> int:
+    cfg = load_region_config(args.config)
+    if args.scheduler:
+        cfg = cfg.model_copy(update={"dask": cfg.dask.model_copy(update={"scheduler": args.scheduler})})
+    t0 = time.perf_counter()
+    result = run_region(cfg, force=args.force)
+    done = sum(o.status == "completed" for o in result.outcomes)
+    skipped = sum(o.status == "skipped" for o in result.outcomes)
+    print(
+        f"region {cfg.name}: {done} scene(s) processed, {skipped} already up to date, "
+        f"{len(result.failed)} failed; {result.n_merged} landslide polygon(s) in "
+        f"{result.merged or '(no merged layer)'} ({time.perf_counter() - t0:.1f} s)"
+    )
+    for o in result.failed:
+        print(f"  failed: {o.config}: {o.error}")
+    if not result.outcomes:
+        raise OutputError("no scenes were run")
+    return 1 if result.failed else 0

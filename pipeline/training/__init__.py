@@ -1,0 +1,1 @@
+"""Training and evaluation: patch datasets, losses, fitting, cross-validation, baselines, metrics."""
