@@ -58,7 +58,9 @@ from pipeline.model.artefact import ModelArtefact, load_artefact  # noqa: E402
 from pipeline.core.channels import L4S_CHANNELS  # noqa: E402
 from pipeline.model.device import use_channels_last  # noqa: E402
 from pipeline.core.grid import Grid  # noqa: E402
-from pipeline.inference.tiled import InferenceOptions, clear_model_cache, predict  # noqa: E402
+from pipeline.inference.options import InferenceOptions  # noqa: E402
+from pipeline.inference.runtime import clear_model_cache  # noqa: E402
+from pipeline.inference.tiled import predict  # noqa: E402
 from pipeline.model.registry import build_model  # noqa: E402
 from pipeline.model.normalization import band_stats, fixed_spec, normalize  # noqa: E402
 from tiling.windows import WindowGrid  # noqa: E402
@@ -241,7 +243,7 @@ def _l4s_batch(count: int) -> tuple[np.ndarray, str]:
         import h5py  # noqa: F401  (read_image reads the patches with it)
     except ImportError:  # pragma: no cover
         h5py = None
-    from pipeline.training.datasets import read_image
+    from pipeline.training.patch_readers import read_image
 
     files = sorted((SHARED / "l4s").glob("*/img/*.h5")) if h5py else []
     if not files:

@@ -5,7 +5,7 @@
 
 For each seed (the folds follow the seed), on the labelled patches (default
 ../shared/data/l4s/train), every training config is cross-validated
-(:func:`pipeline.training.fit.cross_validate`: each fold normalized with the
+(:func:`pipeline.training.cross_validation.cross_validate`: each fold normalized with the
 statistics of its own training patches, the threshold chosen on the pooled
 out-of-fold predictions, as the shipped model's is), and a Random Forest and
 an RBF SVM are cross-validated on the same folds and channels.
@@ -13,7 +13,7 @@ an RBF SVM are cross-validated on the same folds and channels.
 Reported per seed: pooled out-of-fold precision, recall and F1 (the
 competition metric) of each row, and for the networks the F1 of the same
 fold models at the same threshold on the held-out patches given the
-surface-reflectance look of an L2A product (:func:`pipeline.training.datasets.surface_look`),
+surface-reflectance look of an L2A product (:func:`pipeline.training.augmentation.surface_look`),
 harmonized as a run harmonizes an L2A scene, for the typical atmosphere and
 for ones half and 1.5 times as thick, and without harmonization: the cost of
 the other processing level, as far as the simulation captures it.
@@ -45,10 +45,12 @@ def level_cost(cfg: Any, dataset: Any, cv: Any) -> dict[str, float]:
     L2A scene), for the typical atmosphere and for ones half and 1.5 times as thick, and unharmonized."""
     import numpy as np
 
-    from pipeline.training.datasets import normalize_patch, surface_look
+    from pipeline.training.augmentation import surface_look
+    from pipeline.training.datasets import normalize_patch
     from pipeline.training.metrics import pixel_metrics
     from pipeline.model.normalization import level_spec
-    from pipeline.training.fit import _build, predict_probabilities
+    from pipeline.training.fit import build_network as _build
+    from pipeline.training.predict import predict_probabilities
 
     out = {}
     for label, u, harmonized in LOOKS:
@@ -71,9 +73,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from pipeline.training.baseline import RandomForestConfig, SVMConfig
-    from pipeline.training.datasets import find_patches
-    from pipeline.training.evaluate import baseline_row, shared_folds
-    from pipeline.training.fit import TrainConfig, cross_validate, load_train_config, make_dataset
+    from pipeline.training.config import TrainConfig, load_train_config
+    from pipeline.training.cross_validation import cross_validate
+    from pipeline.training.datasets import make_dataset
+    from pipeline.training.evaluate import baseline_row
+    from pipeline.training.folds import shared_folds
+    from pipeline.training.patch_files import find_patches
 
     torch.set_num_threads(args.threads)
     records = find_patches(args.data, require_masks=True)

@@ -64,7 +64,7 @@ BASELINES = ("random forest", "svm")
 def recipes(data: Path, epochs: int | None, folds: int, seed: int, threads: int,
             config: Path = DEFAULT_CONFIG, channels: list[str] | None = None) -> dict[str, Any]:
     """The TrainConfigs of every row, built on the same data, budget and seed; ours from ``config``."""
-    from pipeline.training.fit import TrainConfig, load_train_config
+    from pipeline.training.config import TrainConfig, load_train_config
 
     ours = load_train_config(config)
     common = {
@@ -115,10 +115,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from pipeline.training.baseline import RandomForestConfig, SVMConfig
-    from pipeline.training.datasets import find_patches
-    from pipeline.training.evaluate import baseline_row, shared_folds
+    from pipeline.training.cross_validation import cross_validate
+    from pipeline.training.datasets import make_dataset
+    from pipeline.training.evaluate import baseline_row
+    from pipeline.training.folds import shared_folds
     from pipeline.training.metrics import pixel_metrics
-    from pipeline.training.fit import cross_validate, make_dataset
+    from pipeline.training.patch_files import find_patches
 
     torch.set_num_threads(args.threads)
     records = find_patches(args.data, require_masks=True)

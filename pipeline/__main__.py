@@ -26,15 +26,16 @@ log = logging.getLogger("pipeline")
 
 # command -> (module, add-arguments function, handler, help)
 _COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "run": ("pipeline.run.scene", "add_run_arguments", "cli_run", "process one scene end to end"),
-    "region": ("pipeline.run.region", "add_region_arguments", "cli_region", "process many scenes (nightly job), resumable"),
-    "validate": ("pipeline.run.validate", "add_validate_arguments", "cli_validate", "check a scene config and its inputs"),
-    "stack": ("pipeline.run.validate", "add_stack_arguments", "cli_stack", "stack a scene and write the 14-channel COG"),
-    "demo-data": ("pipeline.demo.synthetic", "add_demo_arguments", "cli_demo", "write a synthetic Sentinel-2 L2A product + DEM"),
-    "train": ("pipeline.training.fit", "add_train_arguments", "cli_train", "train a segmentation model"),
-    "evaluate": ("pipeline.training.evaluate", "add_evaluate_arguments", "cli_evaluate", "evaluate models and outputs"),
+    "run": ("pipeline.cli.run", "add_run_arguments", "cli_run", "process one scene end to end"),
+    "region": ("pipeline.cli.region", "add_region_arguments", "cli_region", "process many scenes (nightly job), resumable"),
+    "validate": ("pipeline.cli.validate", "add_validate_arguments", "cli_validate", "check a scene config and its inputs"),
+    "stack": ("pipeline.cli.stack", "add_stack_arguments", "cli_stack", "stack a scene and write the 14-channel COG"),
+    "demo-data": ("pipeline.cli.demo", "add_demo_arguments", "cli_demo", "write a synthetic Sentinel-2 L2A product + DEM"),
+    "train": ("pipeline.cli.train", "add_train_arguments", "cli_train", "train a segmentation model"),
+    "evaluate": ("pipeline.cli.evaluate", "add_evaluate_arguments", "cli_evaluate", "evaluate models and outputs"),
     "config-docs": ("pipeline.cli.config_docs", "add_config_docs_arguments", "cli_config_docs",
                     "write the configuration reference and JSON Schemas (docs/)"),
+    "view": ("pipeline.cli.view", "add_view_arguments", "cli_view", "serve a run's or region's HTML report on localhost"),
 }
 
 

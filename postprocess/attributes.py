@@ -1,7 +1,7 @@
 """Attributes of landslide polygons.
 
 Per-object pixel statistics are block-wise reductions keyed by label (see
-:mod:`postprocess.labels`); this module turns them, with the polygons and the
+:mod:`postprocess.label_stats`); this module turns them, with the polygons and the
 run context, into the fixed attribute schema :data:`COLUMNS`. The schema does
 not depend on which layers were available: missing ones give nulls, so every
 GeoPackage of a region has the same columns.
@@ -35,8 +35,8 @@ from pyproj import Transformer
 from rasterio.crs import CRS
 
 from pipeline.core.grid import Grid
-
-from .labels import BlockLayout, pixel_stats, reduce_by
+from postprocess.label_stats import pixel_stats, reduce_by, stat_max, stat_mean
+from postprocess.labels import BlockLayout, as_dask
 
 #: Attribute columns and their pandas dtypes, in output order.
 COLUMNS: dict[str, str] = {
@@ -101,18 +101,11 @@ def empty_frame(crs: Any) -> gpd.GeoDataFrame:
 
 
 def _mean(stats: Mapping[str, np.ndarray], name: str, n: int) -> np.ndarray:
-    if f"{name}_sum" not in stats:
-        return np.full(n, np.nan)
-    cnt = stats[f"{name}_n"]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(cnt > 0, stats[f"{name}_sum"] / np.maximum(cnt, 1), np.nan)
+    return stat_mean(stats, name) if f"{name}_sum" in stats else np.full(n, np.nan)
 
 
 def _max(stats: Mapping[str, np.ndarray], name: str, n: int) -> np.ndarray:
-    if f"{name}_max" not in stats:
-        return np.full(n, np.nan)
-    m = stats[f"{name}_max"]
-    return np.where(np.isfinite(m), m, np.nan)
+    return stat_max(stats, name) if f"{name}_max" in stats else np.full(n, np.nan)
 
 
 def build_attributes(
@@ -192,11 +185,7 @@ def object_statistics(labels: Any, values: Mapping[str, Any] | None = None) -> t
     if not isinstance(lab, da.Array):
         lab = da.from_array(np.asarray(lab), chunks=-1)
     names = tuple(values or {})
-    arrays = []
-    for name in names:
-        v = getattr(values[name], "data", values[name])  # type: ignore[index]
-        v = v.rechunk(lab.chunks) if isinstance(v, da.Array) else da.from_array(np.asarray(v), chunks=lab.chunks)
-        arrays.append(v)
+    arrays = [as_dask(values[name], lab.chunks) for name in names]  # type: ignore[index]
     layout = BlockLayout.of(lab)
     lab_blocks = lab.to_delayed()
     value_blocks = [a.to_delayed() for a in arrays]

@@ -28,13 +28,14 @@ from typing import Any, Literal
 import geopandas as gpd
 import pyogrio
 import pyogrio.errors
+import numpy as np
 import shapely
+import shapely.affinity
 
 from pipeline.core import fsutil
 from pipeline.core.errors import OutputError
 from pipeline.core.fsutil import WriteCheckFailed
-
-from .style import default_qml, default_sld
+from postprocess.style import default_qml, default_sld
 
 log = logging.getLogger(__name__)
 
@@ -123,21 +124,8 @@ def add_qgis_style(
             if row is None:
                 raise OutputError(f"{path}: layer {layer!r} has no geometry column to style")
             geometry_column = row[0]
-            exists = con.execute("SELECT 1 FROM sqlite_master WHERE name = 'layer_styles'").fetchone()
-            if not exists:
-                con.execute(LAYER_STYLES_DDL)
-                con.execute(
-                    "INSERT INTO gpkg_contents (table_name, data_type, identifier, description, last_change, srs_id) "
-                    "VALUES ('layer_styles', 'attributes', 'layer_styles', '', "
-                    "strftime('%Y-%m-%dT%H:%M:%fZ','now'), 0)"
-                )
-                has_counts = con.execute(
-                    "SELECT 1 FROM sqlite_master WHERE name = 'gpkg_ogr_contents'"
-                ).fetchone()
-                if has_counts:
-                    con.execute("INSERT INTO gpkg_ogr_contents (table_name, feature_count) VALUES ('layer_styles', 0)")
-                    for trigger in _TRIGGERS:
-                        con.execute(trigger)
+            if not con.execute("SELECT 1 FROM sqlite_master WHERE name = 'layer_styles'").fetchone():
+                _create_layer_styles(con)
             con.execute(
                 "UPDATE layer_styles SET useAsDefault = 0 WHERE f_table_name = ? AND f_geometry_column = ?",
                 (layer, geometry_column),
@@ -150,6 +138,43 @@ def add_qgis_style(
             )
     finally:
         con.close()
+
+
+def _create_layer_styles(con: sqlite3.Connection) -> None:
+    """The ``layer_styles`` table, registered in ``gpkg_contents`` (and counted in
+    ``gpkg_ogr_contents`` when the file has it), as QGIS creates it."""
+    con.execute(LAYER_STYLES_DDL)
+    con.execute(
+        "INSERT INTO gpkg_contents (table_name, data_type, identifier, description, last_change, srs_id) "
+        "VALUES ('layer_styles', 'attributes', 'layer_styles', '', "
+        "strftime('%Y-%m-%dT%H:%M:%fZ','now'), 0)"
+    )
+    has_counts = con.execute(
+        "SELECT 1 FROM sqlite_master WHERE name = 'gpkg_ogr_contents'"
+    ).fetchone()
+    if has_counts:
+        con.execute("INSERT INTO gpkg_ogr_contents (table_name, feature_count) VALUES ('layer_styles', 0)")
+        for trigger in _TRIGGERS:
+            con.execute(trigger)
+
+
+def split_antimeridian(geom: Any) -> Any:
+    """A lon/lat polygon whose rings jump across the antimeridian (a longitude extent over 180
+    degrees) as a MultiPolygon of its parts west and east of it; other geometries unchanged."""
+    if geom is None or geom.is_empty or geom.bounds[2] - geom.bounds[0] <= 180.0:
+        return geom
+    shifted = shapely.transform(geom, lambda xy: np.column_stack(
+        [np.where(xy[:, 0] < 0.0, xy[:, 0] + 360.0, xy[:, 0]), xy[:, 1]]))
+    west = shapely.clip_by_rect(shifted, 0.0, -90.0, 180.0, 90.0)
+    east = shapely.affinity.translate(shapely.clip_by_rect(shifted, 180.0, -90.0, 360.0, 90.0), -360.0)
+    parts = [p for g in (west, east) for p in shapely.get_parts(g) if p.geom_type == "Polygon" and not p.is_empty]
+    return shapely.MultiPolygon(parts)
+
+
+def to_lonlat(gdf: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    """``gdf`` in EPSG:4326, polygons across the antimeridian split there (never drawn around the world)."""
+    out = gdf.to_crs("EPSG:4326")
+    return out.set_geometry(out.geometry.map(split_antimeridian))
 
 
 def write_geopackage(
@@ -179,22 +204,9 @@ def write_geopackage(
     meta = dict(metadata or {})
     directory = _output_dir(path)
     tmp = _temporary_path(directory, path.name)
-    frame = gdf.to_crs("EPSG:4326") if crs == "EPSG:4326" else gdf
-    blob = json.dumps(meta, default=str, sort_keys=True)
-    description = _description(meta, len(frame))
+    frame = to_lonlat(gdf) if crs == "EPSG:4326" else gdf
     try:
-        pyogrio.write_dataframe(
-            frame,
-            tmp,
-            layer=layer,
-            driver="GPKG",
-            geometry_type=_geometry_type(frame),
-            promote_to_multi=_geometry_type(frame) == "MultiPolygon",
-            layer_options={"SPATIAL_INDEX": "YES", "DESCRIPTION": description, "IDENTIFIER": layer},
-            layer_metadata={METADATA_ITEM: blob, "DESCRIPTION": description},
-            dataset_metadata={METADATA_ITEM: blob},
-            dataset_options={"VERSION": GPKG_VERSION},
-        )
+        _write_layer(frame, tmp, layer, meta)
         add_qgis_style(
             tmp,
             layer,
@@ -225,6 +237,24 @@ def write_geopackage(
         raise
     log.info("wrote %d features to %s (layer %s)", len(frame), path, layer)
     return path
+
+
+def _write_layer(frame: gpd.GeoDataFrame, tmp: Path, layer: str, metadata: Mapping[str, Any]) -> None:
+    """The layer with its spatial index, description and run metadata, written by GDAL to ``tmp``."""
+    blob = json.dumps(metadata, default=str, sort_keys=True)
+    description = _description(metadata, len(frame))
+    pyogrio.write_dataframe(
+        frame,
+        tmp,
+        layer=layer,
+        driver="GPKG",
+        geometry_type=_geometry_type(frame),
+        promote_to_multi=_geometry_type(frame) == "MultiPolygon",
+        layer_options={"SPATIAL_INDEX": "YES", "DESCRIPTION": description, "IDENTIFIER": layer},
+        layer_metadata={METADATA_ITEM: blob, "DESCRIPTION": description},
+        dataset_metadata={METADATA_ITEM: blob},
+        dataset_options={"VERSION": GPKG_VERSION},
+    )
 
 
 def verify_geopackage(path: Path | str, layer: str, features: int) -> None:

@@ -1,9 +1,9 @@
 """Connected components of a 2-D dask array, computed block by block.
 
 Every block is labelled on its own (:func:`scipy.ndimage.label`), each block
-reports per-label statistics and the labels on its four faces, and a
-union-find over the block faces (a sparse graph solved with
-:func:`scipy.sparse.csgraph.connected_components`) joins the pieces of one
+reports per-label statistics (:mod:`postprocess.label_stats`) and the labels on
+its four faces, and a union-find over the block faces (a sparse graph solved
+with :func:`scipy.sparse.csgraph.connected_components`) joins the pieces of one
 component that lie in several blocks. Nothing of scene size is ever held in
 memory: the driver only sees per-label tables and block faces.
 
@@ -36,19 +36,17 @@ from scipy import ndimage as ndi
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from postprocess.label_stats import reduce_by
+
 log = logging.getLogger(__name__)
 
 Connectivity = Literal[4, 8]
-Reduction = Literal["sum", "min", "max"]
 
 #: Structuring elements by connectivity.
 STRUCTURES: dict[int, np.ndarray] = {
     4: ndi.generate_binary_structure(2, 1),
     8: ndi.generate_binary_structure(2, 2),
 }
-
-_INT64_MAX = np.iinfo(np.int64).max
-
 
 def label_local(mask: np.ndarray, connectivity: Connectivity) -> tuple[np.ndarray, int]:
     """Label one block: int32 labels (0 = background) and the number of labels."""
@@ -104,7 +102,7 @@ class BlockLayout:
 
 
 # --------------------------------------------------------------------------
-# per-block statistics
+# what a block reports
 # --------------------------------------------------------------------------
 @dataclass
 class BlockSummary:
@@ -125,84 +123,6 @@ def faces_of(lab: np.ndarray) -> dict[str, np.ndarray]:
         "left": lab[:, 0].copy(),
         "right": lab[:, -1].copy(),
     }
-
-
-def pixel_stats(
-    lab: np.ndarray,
-    n: int,
-    values: Mapping[str, np.ndarray] | None = None,
-    *,
-    origin: tuple[int, int] = (0, 0),
-    width: int | None = None,
-    first: bool = False,
-) -> dict[str, np.ndarray]:
-    """Per-label pixel statistics of one block, arrays of length ``n`` (labels 1..n).
-
-    Always ``count``. With ``first``: ``first``, the smallest row-major index
-    ``row * width + col`` of the label's pixels in the whole array. For each
-    value array ``v``: ``v_sum`` and ``v_n`` (sum and number of finite values,
-    float64) and ``v_max`` (``-inf`` when no finite value).
-    Reductions across blocks are given by :func:`reduction_of`.
-    """
-    flat = lab.ravel()
-    if not first and not values:  # counts only: no need to find the labelled pixels
-        return {"count": np.bincount(flat, minlength=n + 1)[1:n + 1].astype(np.int64)}
-    idx = np.flatnonzero(flat)
-    keys = flat[idx]
-    count = np.bincount(keys, minlength=n + 1)[1:].astype(np.int64)
-    out: dict[str, np.ndarray] = {"count": count}
-    if first:
-        w = lab.shape[1] if width is None else width
-        # the block's row-major order of pixels is their order in the whole array as well:
-        # a label's first pixel in the block is its smallest index there, converted once
-        local = np.full(n + 1, _INT64_MAX, dtype=np.int64)
-        np.minimum.at(local, keys, idx)
-        local = local[1:]
-        present = local != _INT64_MAX
-        rows, cols = np.divmod(local[present], lab.shape[1])
-        fst = np.full(n, _INT64_MAX, dtype=np.int64)
-        fst[present] = (rows + origin[0]) * w + cols + origin[1]
-        out["first"] = fst
-    for name, arr in (values or {}).items():
-        # float64 sums and maxima (ufunc.at has its fast path only for matching types)
-        v = np.asarray(arr).ravel()[idx].astype(np.float64)
-        fin = np.isfinite(v)
-        if fin.all():  # the usual case: no mask to apply, the counts are the pixel counts
-            k, vf, n_fin = keys, v, count.copy()
-        else:
-            k, vf = keys[fin], v[fin]
-            n_fin = np.bincount(k, minlength=n + 1)[1:].astype(np.int64)
-        out[f"{name}_sum"] = np.bincount(k, weights=vf, minlength=n + 1)[1:]
-        out[f"{name}_n"] = n_fin
-        mx = np.full(n + 1, -np.inf)
-        np.maximum.at(mx, k, vf)
-        out[f"{name}_max"] = mx[1:]
-    return out
-
-
-def reduction_of(name: str) -> Reduction:
-    """How a statistic named by :func:`pixel_stats` combines across blocks."""
-    if name == "first" or name.endswith("_min"):
-        return "min"
-    if name.endswith("_max") or name.startswith("touches_"):
-        return "max"
-    return "sum"
-
-
-def border_labels(lab: np.ndarray, n: int, origin: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
-    """Boolean per label 1..n: does the label touch the edge of the whole array?"""
-    touches = np.zeros(n + 1, dtype=bool)
-    r0, c0 = origin
-    h, w = lab.shape
-    if r0 == 0:
-        touches[lab[0, :]] = True
-    if r0 + h == shape[0]:
-        touches[lab[-1, :]] = True
-    if c0 == 0:
-        touches[lab[:, 0]] = True
-    if c0 + w == shape[1]:
-        touches[lab[:, -1]] = True
-    return touches[1:]
 
 
 # --------------------------------------------------------------------------
@@ -232,14 +152,6 @@ class Components:
         lut[1:] = per_component[self.component[s : s + n]]
         return lut
 
-    def node_block(self) -> np.ndarray:
-        """Block position (row-major linear index) of every node."""
-        nc = self.layout.nblocks[1]
-        out = np.empty(self.component.size, dtype=np.int64)
-        for (i, j), s in self.start.items():
-            out[s : s + self.sizes[(i, j)]] = i * nc + j
-        return out
-
 
 def _seam_pairs(a: np.ndarray, b: np.ndarray, connectivity: Connectivity) -> tuple[np.ndarray, np.ndarray]:
     """Node pairs across one seam: ``a`` and ``b`` are the two facing pixel lines."""
@@ -250,6 +162,31 @@ def _seam_pairs(a: np.ndarray, b: np.ndarray, connectivity: Connectivity) -> tup
     x, y = np.concatenate(pa), np.concatenate(pb)
     keep = (x >= 0) & (y >= 0)
     return x[keep], y[keep]
+
+
+def _seam_edges(by_index: Mapping[tuple[int, int], BlockSummary], start: Mapping[tuple[int, int], int],
+                layout: BlockLayout, connectivity: Connectivity) -> tuple[np.ndarray, np.ndarray]:
+    """Node pairs (src, dst) across every seam between blocks."""
+
+    def to_nodes(index: tuple[int, int], face: str) -> np.ndarray:
+        local = by_index[index].faces[face].astype(np.int64)
+        return np.where(local > 0, local - 1 + start[index], -1)
+
+    nr, nc = layout.nblocks
+    pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    # Seams between block rows: full-width pixel lines, so diagonal contacts
+    # at block corners are seen by 8-connectivity too.
+    for i in range(nr - 1):
+        above = np.concatenate([to_nodes((i, j), "bottom") for j in range(nc)])
+        below = np.concatenate([to_nodes((i + 1, j), "top") for j in range(nc)])
+        pairs.append(_seam_pairs(above, below, connectivity))
+    for j in range(nc - 1):
+        left = np.concatenate([to_nodes((i, j), "right") for i in range(nr)])
+        right = np.concatenate([to_nodes((i, j + 1), "left") for i in range(nr)])
+        pairs.append(_seam_pairs(left, right, connectivity))
+    if not pairs:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
 
 
 def resolve(
@@ -266,33 +203,9 @@ def resolve(
         start[index] = total
         sizes[index] = by_index[index].n
         total += by_index[index].n
-
-    def to_nodes(index: tuple[int, int], face: str) -> np.ndarray:
-        local = by_index[index].faces[face].astype(np.int64)
-        return np.where(local > 0, local - 1 + start[index], -1)
-
-    nr, nc = layout.nblocks
-    src: list[np.ndarray] = []
-    dst: list[np.ndarray] = []
-    # Seams between block rows: full-width pixel lines, so diagonal contacts
-    # at block corners are seen by 8-connectivity too.
-    for i in range(nr - 1):
-        above = np.concatenate([to_nodes((i, j), "bottom") for j in range(nc)])
-        below = np.concatenate([to_nodes((i + 1, j), "top") for j in range(nc)])
-        x, y = _seam_pairs(above, below, connectivity)
-        src.append(x)
-        dst.append(y)
-    for j in range(nc - 1):
-        left = np.concatenate([to_nodes((i, j), "right") for i in range(nr)])
-        right = np.concatenate([to_nodes((i, j + 1), "left") for i in range(nr)])
-        x, y = _seam_pairs(left, right, connectivity)
-        src.append(x)
-        dst.append(y)
-
     if total == 0:
         return Components(layout, start, sizes, np.zeros(0, dtype=np.int64), 0, {})
-    s = np.concatenate(src) if src else np.zeros(0, dtype=np.int64)
-    d = np.concatenate(dst) if dst else np.zeros(0, dtype=np.int64)
+    s, d = _seam_edges(by_index, start, layout, connectivity)
     graph = coo_matrix((np.ones(s.size, dtype=np.int8), (s, d)), shape=(total, total))
     ncomp, comp = connected_components(graph, directed=False)
     comp = comp.astype(np.int64)
@@ -304,27 +217,6 @@ def resolve(
     }
     log.debug("resolved %d block labels into %d components", total, ncomp)
     return Components(layout, start, sizes, comp, int(ncomp), stats)
-
-
-def reduce_by(comp: np.ndarray, ncomp: int, values: np.ndarray, name: str) -> np.ndarray:
-    """Reduce node values to components (sum, min or max by :func:`reduction_of`)."""
-    how = reduction_of(name)
-    if values.dtype == bool:
-        return reduce_by(comp, ncomp, values.astype(np.int8), name).astype(bool)
-    if how == "sum":
-        if values.dtype.kind == "f":
-            return np.bincount(comp, weights=values, minlength=ncomp)
-        acc = np.zeros(ncomp, dtype=values.dtype)
-        np.add.at(acc, comp, values)
-        return acc
-    if values.dtype.kind == "f":
-        init = np.inf if how == "min" else -np.inf
-    else:
-        info = np.iinfo(values.dtype)
-        init = info.max if how == "min" else info.min
-    acc = np.full(ncomp, init, dtype=values.dtype)
-    (np.minimum if how == "min" else np.maximum).at(acc, comp, values)
-    return acc
 
 
 # --------------------------------------------------------------------------
@@ -385,6 +277,16 @@ def apply_block_luts(
             row.append(da.from_delayed(task, shape=(layout.row_chunks[i], layout.col_chunks[j]), dtype=dtype))
         rows.append(row)
     return da.block(rows)
+
+
+def as_dask(array: Any, chunks: tuple[tuple[int, ...], ...]) -> da.Array:
+    """``array`` (dask, xarray or numpy) as a dask array in ``chunks``."""
+    data = getattr(array, "data", array)
+    if not isinstance(data, da.Array):
+        data = da.from_array(np.asarray(data), chunks=chunks)
+    if data.chunks != chunks:
+        data = data.rechunk(chunks)
+    return data
 
 
 def order_by_first_pixel(first: np.ndarray, keep: np.ndarray) -> np.ndarray:

@@ -27,8 +27,7 @@ from xml.sax.saxutils import quoteattr
 #: The probability raster's codes: probability x 254, 255 = no data (pipeline.run.scene.PROB_SCALE).
 PROB_SCALE = 254.0
 PROB_NODATA = 255
-#: Upper end of the uncertainty ramp (a standard deviation of probabilities: 0.5 at most, mostly
-#: under 0.1 with test-time augmentation on the demo; values
+#: Upper end of the uncertainty ramp (a standard deviation of probabilities, 0.5 at most; values
 #: above this get the last colour).
 UNCERTAINTY_MAX = 0.15
 

@@ -33,8 +33,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.features import shapes
 
 from pipeline.core.grid import Grid
-
-from .labels import BlockLayout
+from postprocess.labels import BlockLayout
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -66,8 +65,7 @@ def block_pieces(labels: np.ndarray, origin: tuple[int, int]) -> tuple[np.ndarra
                 ring_piece.append(piece)
     if not ids:
         return np.empty(0, np.int64), []
-    # one vectorized construction instead of a shapely object per ring (a block of a large
-    # event holds tens of thousands of pieces)
+    # one vectorized construction instead of a shapely object per ring (a block may hold many pieces)
     coords = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(rings)), np.float64,
                          count=2 * sum(ring_sizes)).reshape(-1, 2)
     linear = shapely.linearrings(coords, indices=np.repeat(np.arange(len(rings)), ring_sizes))
@@ -98,8 +96,7 @@ def map_threads(fn: Callable[[np.ndarray], np.ndarray], geoms: np.ndarray,
     """``fn`` (an element-wise shapely function) over ``geoms`` in chunks on several threads.
 
     Shapely's vectorized functions release the GIL, so a large array (the
-    polygons of a big event: 200,000 objects spend 18 s in simplification and
-    validity checks alone) is processed on every core of the main process
+    polygons of a big event) is processed on every core of the main process
     while the Dask workers wait for the next pass. Results are the same as
     ``fn(geoms)``, element for element.
     """
@@ -190,9 +187,8 @@ def maps_exactly(geoms: np.ndarray, transform: Affine) -> bool:
     True for integer vertices (pixel corners, as the pieces and their unions
     have) under a north-up transform whose scale and origin are integers (a
     10 m UTM grid): every product and sum is then an integer below 2**53, so
-    the image is an exact scaling and translation and keeps validity; the
-    check after the transform is skipped (a second validity pass over every
-    polygon, 2 CPU-seconds for a full tile's 6,000).
+    the image is an exact scaling and translation and keeps validity, so the
+    second validity pass over every polygon after the transform is skipped.
     """
     a, b, c, d, e, f = tuple(transform)[:6]
     if b != 0 or d != 0 or not all(float(v).is_integer() for v in (a, c, e, f)):
@@ -214,10 +210,6 @@ def to_map(geoms: np.ndarray, transform: Affine) -> np.ndarray:
     return shapely.transform(geoms, lambda xy: xy @ matrix + offset)
 
 
-def _pieces_of_block(labels: np.ndarray, *, origin: tuple[int, int]) -> tuple[np.ndarray, list[Any]]:
-    return block_pieces(labels, origin)
-
-
 def vectorize_labels(
     labels: Any,
     grid: Grid,
@@ -235,9 +227,7 @@ def vectorize_labels(
         data = da.from_array(np.asarray(data), chunks=-1)
     layout = BlockLayout.of(data)
     blocks = data.to_delayed()
-    tasks = [
-        dask.delayed(_pieces_of_block, pure=True)(blocks[ix], origin=layout.origin(ix)) for ix in layout.indices()
-    ]
+    tasks = [dask.delayed(block_pieces, pure=True)(blocks[ix], layout.origin(ix)) for ix in layout.indices()]
     grouped = group_pieces(dask.compute(*tasks))
     keys, geoms = merge_pieces(grouped, grid.transform, simplify_px=simplify_m / grid.res[0])
     import geopandas as gpd

@@ -43,7 +43,7 @@ def client():
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The scene.yaml of a small demo scene (318 px, seed 3), written once per module."""
-    from pipeline.demo.synthetic import write_demo_data
+    from pipeline.demo.write import write_demo_data
 
     out = tmp_path_factory.mktemp("demo") / "demo"
     paths = write_demo_data(out, size=318, seed=3)

@@ -19,14 +19,13 @@ import numpy as np
 from affine import Affine
 from rasterio.crs import CRS
 
-from pipeline.demo.synthetic import (
+from pipeline.demo.safe_writer import RasterLayer, write_safe
+from pipeline.demo.sentinel2 import (
     DEFAULT_SENSING_TIME,
     QUANTIFICATION,
     RADIO_OFFSET,
-    RasterLayer,
     has_radiometric_offset,
     reflectance_to_dn,
-    write_safe,
 )
 
 __all__ = ["build_safe", "dn_offset", "reflectance_to_dn", "decode_dn"]

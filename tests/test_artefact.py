@@ -13,19 +13,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.model.artefact import (
-    FORMAT,
-    ModelArtefact,
-    ensemble_probability,
-    ensemble_threshold,
-    file_sha256,
-    load_artefact,
-    load_models,
-    read_metadata,
-    save_artefact,
-)
 from pipeline.core.channels import L4S_CHANNELS
 from pipeline.core.errors import ChannelError, InputError, ModelError
+from pipeline.core.fsutil import file_digest
+from pipeline.model.artefact import FORMAT, ModelArtefact, load_artefact, read_metadata, save_artefact
+from pipeline.model.ensemble import ensemble_probability, ensemble_threshold, load_ensemble
 from pipeline.model.registry import build_model
 
 ARCH_KWARGS = {"base_channels": 4, "depth": 2}
@@ -68,7 +60,7 @@ def test_round_trip_keeps_weights_and_metadata(tmp_path: Path) -> None:
     assert load_artefact(save_artefact(tmp_path / "l2a.safetensors", module, _meta(levels=["L1C", "L2A"])).path
                          ).levels == ["L1C", "L2A"]
     assert loaded.created  # filled in on save
-    assert loaded.sha256 == saved.sha256 == file_sha256(tmp_path / "m.safetensors")
+    assert loaded.sha256 == saved.sha256 == file_digest(tmp_path / "m.safetensors")
     x = torch.randn(2, 14, 32, 32)
     assert loaded.module is not None and not loaded.module.training
     with torch.no_grad():
@@ -219,10 +211,10 @@ def test_ensemble_threshold_and_member_checks(tmp_path: Path) -> None:
     assert ensemble_threshold([a]) == 0.4
     assert ensemble_threshold([a, b], [3, 1]) == pytest.approx(0.45)
     assert ensemble_threshold([a, b], method="vote") == 0.5
-    assert len(load_models([a.path, b.path])) == 2
+    assert len(load_ensemble([a.path, b.path])) == 2
     c = save_artefact(tmp_path / "c.safetensors", _module(), _meta(tile_size=64))
     with pytest.raises(ModelError, match="tile_size"):
-        load_models([a.path, c.path])
+        load_ensemble([a.path, c.path])
     with pytest.raises(ModelError, match="weights"):
         ensemble_threshold([a, b], [1.0])
 
@@ -253,7 +245,8 @@ def test_metadata_alone_never_imports_pytorch(tmp_path: Path) -> None:
     path = save_artefact(tmp_path / "m.safetensors", _module(), _meta()).path
     code = (
         "import sys\n"
-        "from pipeline.model.artefact import read_metadata, check_ensemble\n"
+        "from pipeline.model.artefact import read_metadata\n"
+        "from pipeline.model.ensemble import check_ensemble\n"
         "from pipeline.model.architectures import canonical_architecture\n"
         f"m = read_metadata({str(path)!r})\n"
         "check_ensemble([m])\n"
@@ -267,7 +260,7 @@ def test_metadata_alone_never_imports_pytorch(tmp_path: Path) -> None:
 
 def test_static_architecture_names_match_the_model_library() -> None:
     """The PyTorch-free list of architectures is the one the model library builds."""
-    from pipeline.model.architectures import ARCHITECTURES as names
-    from pipeline.model.registry import PLAIN_UNET, smp_architectures
+    from pipeline.model.architectures import ARCHITECTURES, PLAIN_UNET
+    from pipeline.model.registry import smp_architectures
 
-    assert set(names) == {*smp_architectures(), PLAIN_UNET}
+    assert set(ARCHITECTURES) == {*smp_architectures(), PLAIN_UNET}

@@ -17,7 +17,8 @@ from rasterio.crs import CRS
 from pipeline.core.config import PostprocessSection
 from pipeline.core.grid import Grid
 from postprocess.attributes import COLUMNS, object_statistics, stable_id
-from postprocess.pipeline import polygons_from_probability
+from postprocess.objects import ObjectLayers
+from postprocess.polygons import polygons_from_probability
 
 GRID = Grid(CRS.from_epsg(32633), Affine(10.0, 0, 500000.0, 0, -10.0, 4000000.0), 20, 20)
 PLAIN = PostprocessSection(opening_radius_m=0, closing_radius_m=0, min_area_m2=0, max_hole_m2=0)
@@ -62,7 +63,7 @@ def run(block: int, context=CONTEXT, with_terrain: bool = True, prob=None):
     extra = {k: lazy(arrays[k]) for k in ("slope", "dem", "uncertainty")} if with_terrain else {}
     return polygons_from_probability(
         lazy(arrays["prob"]), lazy(np.ones((20, 20), bool)), GRID, PLAIN, threshold=0.5, context=context,
-        **extra,
+        layers=ObjectLayers(**extra),
     )
 
 
@@ -138,7 +139,7 @@ def test_block_pixel_statistics_match_a_label_by_label_computation(origin: tuple
     labels without pixels in the block."""
     from scipy import ndimage
 
-    from postprocess.labels import pixel_stats
+    from postprocess.label_stats import pixel_stats
 
     rng = np.random.default_rng(11)
     lab, n = ndimage.label(rng.random((60, 75)) < 0.45)

@@ -15,8 +15,11 @@ from small_scene import X0, Y0, scene_yaml, write_scene
 
 from pipeline.core.config import DEFAULT_MODEL, load_scene_config, model_tile_size
 from pipeline.core.errors import ConfigError, GridError, PipelineError
-from pipeline.stack.layers import minimum_grid_size, scl_exclusion, stack_scene
-from pipeline.run.validate import BAD_INPUT, add_validate_arguments, cli_validate, validate_scene
+from pipeline.stack.layers import stack_scene
+from pipeline.stack.masks import scl_exclusion
+from pipeline.stack.scene_grid import minimum_grid_size
+from pipeline.cli.validate import BAD_INPUT, add_validate_arguments, cli_validate
+from pipeline.run.validate import validate_scene
 
 SIZE = 64
 RGB_MODEL = DEFAULT_MODEL.parent / "rgb_terrain.safetensors"
@@ -113,7 +116,7 @@ def test_an_unreadable_model_is_left_to_the_model_loader(tmp_path: Path) -> None
 def test_the_run_meets_the_window_size_before_its_cluster_starts() -> None:
     """Configs built in code skip the loader's check: the block size the run computes right after
     reading the models' metadata refuses the overlap, before the cluster starts."""
-    from pipeline.inference.tiled import inference_block_size
+    from pipeline.inference.options import inference_block_size
 
     assert inference_block_size(2048, 128, 32) % 96 == 0
     for overlap in (128, 300, -1):
@@ -171,7 +174,7 @@ def test_the_cloud_buffer_works_on_arrays_smaller_than_its_radius(shape: tuple[i
     import dask.array as da
     from scipy.ndimage import binary_dilation
 
-    from pipeline.stack.layers import _disk
+    from postprocess.morphology import disk as _disk
 
     rng = np.random.default_rng(1)
     scl = rng.choice(np.array([4.0, 5.0, 8.0], np.float32), size=shape, p=[0.6, 0.3, 0.1])
@@ -242,6 +245,29 @@ def test_worker_deaths_on_a_distributed_client_are_explained(monkeypatch: pytest
         progress.compute(dask.delayed(int)(1), "write probability")
     with pytest.raises(progress.WorkerDeathError):
         progress.compute([dask.delayed(int)(1), dask.delayed(int)(2)], "two")
+
+
+def test_a_worker_death_outside_the_progress_computations_names_its_stage(
+        demo: Path, tmp_path: Path, client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``KilledWorker`` raised by any computation of a stage (here while the GeoPackage is
+    written) fails the run with a :class:`WorkerDeathError` naming the stage, which the nightly job
+    retries; no report marks the run complete."""
+    import postprocess.gpkg
+
+    from pipeline.core.progress import WorkerDeathError
+    from pipeline.run.scene import run_scene
+
+    def dies(*args: object, **kwargs: object) -> None:
+        raise _killed(("vectorize-block-0123", 1, 0))
+
+    monkeypatch.setattr(postprocess.gpkg, "write_geopackage", dies)
+    from conftest import demo_config
+
+    cfg = demo_config(demo, tmp_path)
+    with pytest.raises(WorkerDeathError, match="stage 'write': task vectorize-block") as err:
+        run_scene(cfg, client=client)
+    assert err.value.transient and "grid.block_size" in str(err.value)
+    assert not list(tmp_path.rglob("report.json")) and not list(tmp_path.rglob("*.gpkg"))
 
 
 def test_other_errors_pass_through_unchanged() -> None:

@@ -32,7 +32,8 @@ from small_scene import write_raster
 
 from pipeline.core.config import PostprocessSection, SceneConfig
 from pipeline.core.grid import Grid
-from postprocess import polygons_from_probability, write_geopackage
+from postprocess.gpkg import write_geopackage
+from postprocess.polygons import polygons_from_probability
 
 RES = 10.0
 SIZE = 96   # px; the scene is 960 m across, the edge meridian runs through its middle
@@ -165,17 +166,7 @@ def test_polygons_at_zone_edges_and_the_antimeridian_keep_area_and_place(name: s
         assert feature["centroid_lat"] == pytest.approx(lat, abs=1e-9)
 
 
-def _lonlat_parts(geom: shapely.Geometry) -> list[shapely.Geometry]:
-    return list(shapely.get_parts(geom))
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason="postprocess.gpkg.write_geopackage(crs='EPSG:4326') reprojects a polygon across the "
-        "antimeridian vertex by vertex: it spans lon -180..180, around the world, instead of being split there"))
-    if name in ANTIMERIDIAN else name
-    for name in EDGES
-])
+@pytest.mark.parametrize("name", list(EDGES))
 def test_geographic_geopackage_keeps_each_polygon_where_it_is(name: str, tmp_path: Path) -> None:
     """``output.crs: EPSG:4326``: each written polygon (or each part of it) spans metres, not the
     globe, and its geodesic area is the pixel area (UTM's scale there is within 0.1 %)."""
@@ -187,7 +178,7 @@ def test_geographic_geopackage_keeps_each_polygon_where_it_is(name: str, tmp_pat
     for _, feature in back.iterrows():
         geom = feature.geometry
         assert geom.is_valid
-        parts = _lonlat_parts(geom)
+        parts = list(shapely.get_parts(geom))
         for part in parts:
             minx, miny, maxx, maxy = part.bounds
             assert -180.0 <= minx <= maxx <= 180.0
@@ -199,9 +190,6 @@ def test_geographic_geopackage_keeps_each_polygon_where_it_is(name: str, tmp_pat
         assert min(part.distance(shapely.Point(lon, lat)) for part in parts) < 1e-3
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="pipeline.run.merge.merge_frames intersects EPSG:4326 polygons in the plane: "
-                   "a polygon across the antimeridian spans lon -180..180 and swallows every polygon of another "
-                   "scene at its latitude")
 def test_regional_merge_across_the_antimeridian_keeps_separate_landslides() -> None:
     """Scenes in zones 60 and 1 both see the landslide across the antimeridian (one feature after
     the merge); a landslide 4 km away, seen only by the zone 1 scene, stays a feature of its own."""
@@ -276,11 +264,6 @@ def test_stacked_scene_across_an_edge_gives_its_polygon(name: str, setting: str,
     from pipeline.stack.layers import stack_scene
 
     edge = EDGES[name]
-    if setting == "auto" and name in ANTIMERIDIAN:
-        request.applymarker(pytest.mark.xfail(
-            strict=True, raises=AssertionError,
-            reason="pipeline.stack.layers.target_crs averages the longitudes of a lon/lat box across the "
-            "antimeridian (left 179.98 > right -179.98): the centre comes out near 0 deg, UTM zone 30 or 31"))
     expected_epsg = _scene_centre_zone(edge)
     assert expected_epsg == edge.epsg  # the set-up: the scene's centre lies in the files' own zone
     root = _write_scene(tmp_path, edge)

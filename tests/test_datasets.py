@@ -12,18 +12,12 @@ import rasterio
 from affine import Affine
 
 from pipeline.core.channels import L4S_CHANNELS, L4S_DIVISOR, S2_BANDS, physical_factors
-from pipeline.training.datasets import (
-    AugmentConfig,
-    PatchDataset,
-    augment,
-    channel_indices,
-    data_checksum,
-    find_patches,
-    load_patch,
-    read_image,
-)
 from pipeline.core.errors import ChannelError, InputError
 from pipeline.model.normalization import normalize, validate_spec
+from pipeline.training.augmentation import AugmentConfig, Augmentation, augment
+from pipeline.training.datasets import PatchDataset
+from pipeline.training.patch_files import data_checksum, find_patches
+from pipeline.training.patch_readers import channel_indices, load_patch, read_image
 
 RGB_TERRAIN = ["B02", "B03", "B04", "SLOPE", "DEM"]
 
@@ -193,8 +187,8 @@ def test_dataset_items_are_normalized_and_augmentation_is_reproducible(shared_da
     assert plain[0]["mask"].shape == (1, 128, 128)
 
     aug = AugmentConfig(noise_std=0.05)
-    a = PatchDataset(records, RGB_TERRAIN, spec, augment=aug, seed=3)
-    b = PatchDataset(records, RGB_TERRAIN, spec, augment=aug, seed=3)
+    a = PatchDataset(records, RGB_TERRAIN, spec, Augmentation(augment=aug), seed=3)
+    b = PatchDataset(records, RGB_TERRAIN, spec, Augmentation(augment=aug), seed=3)
     a.set_epoch(2)
     b.set_epoch(2)
     assert np.array_equal(a[1]["image"].numpy(), b[1]["image"].numpy())

@@ -22,25 +22,22 @@ from rasterio.warp import Resampling, reproject
 from safe_builder import build_safe, decode_dn
 from scipy import ndimage
 
+from pipeline.cli.demo import add_demo_arguments, cli_demo
 from pipeline.core.channels import L4S_CHANNELS, S2_BANDS
 from pipeline.core.config import load_scene_config
-from pipeline.demo.synthetic import (
-    _ATMOSPHERE,
-    BAND_IDS,
+from pipeline.core.errors import ConfigError, OutputError
+from pipeline.demo.scene import DemoScene, make_scene
+from pipeline.demo.sentinel2 import BAND_IDS
+from pipeline.demo.spectra import (
+    ATMOSPHERE,
     MIN_CLASS_PIXELS,
     PATCH_CLASSES,
     SPECTRA,
-    DemoPaths,
-    DemoScene,
-    add_demo_arguments,
     class_spectrum,
-    cli_demo,
-    make_scene,
     patch_classes,
     patch_spectra,
-    write_demo_data,
 )
-from pipeline.core.errors import ConfigError, OutputError
+from pipeline.demo.write import DemoPaths, write_demo_data
 
 SIZE = 480  # 4.8 km: room for the scars, fast to write
 SEED = 3
@@ -466,9 +463,9 @@ def test_spectra_are_the_medians_of_the_labelled_patches(shared_data: Path) -> N
     for name, toa in stats.toa.items():
         assert toa["B8A"] == toa["B08"]  # the patches have no B8A
         for band in S2_BANDS:
-            path, trans = _ATMOSPHERE[band]
+            path, trans = ATMOSPHERE[band]
             assert stats.surface[name][band] == pytest.approx(max(0.0, (toa[band] - path) / trans))
-            # The constants shipped in demo.py are these values, rounded to 4 decimals.
+            # The constants shipped in pipeline/demo/spectra.py are these values, rounded to 4 decimals.
             assert class_spectrum(name)[band] == pytest.approx(round(stats.surface[name][band], 4), abs=1e-12)
     assert class_spectrum("cloud")["B02"] == 0.56  # hand-set: the patches hold no clouds
     assert set(SPECTRA) == set(S2_BANDS)

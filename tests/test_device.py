@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.core.errors import ConfigError, ModelError
 from pipeline.model.device import (
     BatchLimit,
     auto_batch_size,
@@ -15,7 +16,6 @@ from pipeline.model.device import (
     run_batched,
     use_channels_last,
 )
-from pipeline.core.errors import ConfigError, ModelError
 
 
 class FakeOomConv(torch.nn.Module):
@@ -54,7 +54,7 @@ def test_precision_policy() -> None:
     assert resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         resolve_precision("fp16", cpu)
-    assert use_channels_last(cpu, "fp32")  # measured faster on the CPU, same results
+    assert use_channels_last(cpu, "fp32")  # the CPU default
     assert use_channels_last(cuda, "fp16") and not use_channels_last(cuda, "fp32")
 
 

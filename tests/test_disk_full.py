@@ -37,12 +37,12 @@ import rasterio
 import shapely
 from PIL import Image
 
-from pipeline.io import cog
-
 from pipeline.core import fsutil
 from pipeline.core.errors import DiskFull, FileSizeLimit, OutputError
 from pipeline.core.fsutil import WriteCheckFailed
 from pipeline.core.grid import Grid
+from pipeline.io import cog
+from pipeline.io.raster_check import verify_raster
 from postprocess.gpkg import verify_geopackage, write_geopackage
 from postprocess.quicklook import save_png_atomic, verify_png
 
@@ -108,7 +108,7 @@ def _sha(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.demo.synthetic import write_demo_data
+    from pipeline.demo.write import write_demo_data
 
     return write_demo_data(tmp_path_factory.mktemp("demo") / "demo", size=318, seed=3).scene_yaml
 
@@ -214,7 +214,7 @@ def test_run_onto_a_full_disk(demo: Path, small_disk: Callable[[str], Path], siz
     for path in run_dir.iterdir():  # what reached its final path is complete
         if path.suffix == ".tif":
             with rasterio.open(path) as ds:
-                cog.verify_raster(path, width=ds.width, height=ds.height, count=ds.count, dtype=ds.dtypes[0])
+                verify_raster(path, width=ds.width, height=ds.height, count=ds.count, dtype=ds.dtypes[0])
         elif path.suffix == ".gpkg":
             verify_geopackage(path, "landslides", len(gpd.read_file(path)))
         elif path.suffix == ".png":
@@ -350,18 +350,18 @@ def test_verify_raster_finds_every_truncation(tmp_path: Path, threads: int) -> N
     with rasterio.open(path) as ds:
         assert ds.overviews(1)
     expected = {"width": 1100, "height": 1100, "count": 4, "dtype": "float32"}
-    cog.verify_raster(path, **expected)
+    verify_raster(path, **expected)
     data = path.read_bytes()
     # (a COG ends with 4 trailer bytes that repeat the last block's end: cut into the block itself)
     for cut in (100, 1000, len(data) // 3, len(data) // 2, len(data) - 5000, len(data) - 5):
         bad = tmp_path / f"cut-{cut}.tif"
         bad.write_bytes(data[:cut])
         with pytest.raises(WriteCheckFailed):
-            cog.verify_raster(bad, **expected)
+            verify_raster(bad, **expected)
     with pytest.raises(WriteCheckFailed, match="expected 1100 x 1100, 3 of float32"):
-        cog.verify_raster(path, **{**expected, "count": 3})
+        verify_raster(path, **{**expected, "count": 3})
     with pytest.raises(WriteCheckFailed, match="uint8"):
-        cog.verify_raster(path, **{**expected, "dtype": "uint8"})
+        verify_raster(path, **{**expected, "dtype": "uint8"})
 
 
 def test_verify_raster_of_a_sparse_file(tmp_path: Path) -> None:
@@ -372,14 +372,14 @@ def test_verify_raster_of_a_sparse_file(tmp_path: Path) -> None:
                "transform": _grid(512).transform}
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(_noise(256, 1), window=rasterio.windows.Window(0, 0, 256, 256))
-    cog.verify_raster(path, width=512, height=512, count=1, dtype="float32", sparse=True)
+    verify_raster(path, width=512, height=512, count=1, dtype="float32", sparse=True)
     with pytest.raises(WriteCheckFailed, match="missing"):
-        cog.verify_raster(path, width=512, height=512, count=1, dtype="float32")
+        verify_raster(path, width=512, height=512, count=1, dtype="float32")
     data = path.read_bytes()
     cut = tmp_path / "cut.tif"
     cut.write_bytes(data[: len(data) - 1000])
     with pytest.raises(WriteCheckFailed):
-        cog.verify_raster(cut, width=512, height=512, count=1, dtype="float32", sparse=True)
+        verify_raster(cut, width=512, height=512, count=1, dtype="float32", sparse=True)
 
 
 def test_verify_geopackage_finds_truncation_and_wrong_counts(tmp_path: Path) -> None:

@@ -15,23 +15,17 @@ import torch
 from shapely.affinity import translate
 from shapely.geometry import box
 
-from pipeline.model.artefact import ModelArtefact, save_artefact
-from pipeline.training.baseline import RandomForestConfig, SVMConfig, feature_names, pixel_features
-from pipeline.training.datasets import data_checksum, find_patches, read_mask
+from pipeline.cli.evaluate import add_evaluate_arguments, cli_evaluate
 from pipeline.core.errors import InputError
-from pipeline.training.evaluate import (
-    Row,
-    add_evaluate_arguments,
-    baseline_row,
-    cli_evaluate,
-    csv_table,
-    evaluate_artefact,
-    evaluate_objects,
-    markdown_table,
-    read_polygons,
-    shared_folds,
-)
+from pipeline.model.artefact import ModelArtefact, save_artefact
 from pipeline.model.registry import build_model
+from pipeline.training.baseline import RandomForestConfig, SVMConfig, feature_names, pixel_features
+from pipeline.training.comparison import Row, csv_table, markdown_table
+from pipeline.training.evaluate import baseline_row, cross_validate_config, evaluate_artefact, evaluate_objects
+from pipeline.training.folds import shared_folds
+from pipeline.training.patch_files import data_checksum, find_patches
+from pipeline.training.patch_readers import read_mask
+from pipeline.training.polygon_files import read_polygons
 
 CHANNELS = ["B02", "B03", "B04", "SLOPE", "DEM"]
 
@@ -190,8 +184,7 @@ def test_cli_writes_tables_for_models_and_baseline(shared_data: Path, tmp_path: 
 
 
 def test_recipes_are_cross_validated_on_the_shared_folds(shared_data: Path, tmp_path: Path) -> None:
-    from pipeline.training.evaluate import cross_validate_config
-    from pipeline.training.fit import load_train_config
+    from pipeline.training.config import load_train_config
 
     records = [r for r in find_patches(shared_data / "l4s" / "train") if r.id in {"1", "28", "461", "512"}]
     cfg_path = tmp_path / "tiny.yaml"
@@ -235,8 +228,8 @@ def test_polygons_come_from_the_data_layer_not_the_style_table(tmp_path: Path) -
 
 
 def test_reading_a_run_geopackage_leaves_no_sidecar(tmp_path: Path) -> None:
-    """A run's GeoPackage carries dataset metadata; reading it (evaluate, a run's reference check) used to
-    leave a .gpkg.aux.xml beside it. GDAL's own setting is restored afterwards."""
+    """A run's GeoPackage carries dataset metadata; reading it (evaluate, a run's reference check) leaves
+    no .gpkg.aux.xml beside it, and GDAL's own setting is restored afterwards."""
     import pyogrio
 
     from postprocess.gpkg import write_geopackage

@@ -26,7 +26,7 @@ from pipeline.core.errors import OutputError
 from pipeline.core.grid import Grid
 from postprocess.attributes import COLUMNS, empty_frame
 from postprocess.gpkg import read_run_metadata, write_geopackage
-from postprocess.pipeline import polygons_from_probability
+from postprocess.polygons import polygons_from_probability
 
 GRID = Grid(CRS.from_epsg(32633), Affine(10.0, 0, 500000.0, 0, -10.0, 4000000.0), 120, 100)
 METADATA = {

@@ -15,18 +15,14 @@ import xarray as xr
 from affine import Affine
 from rasterio.crs import CRS
 
-from pipeline.model.artefact import MissingChannelsError, ModelArtefact, save_artefact
 from pipeline.core.channels import L4S_CHANNELS
 from pipeline.core.errors import ChannelError, ConfigError, GridError, InputError
 from pipeline.core.grid import Grid
-from pipeline.inference.tiled import (
-    TTA_TRANSFORMS,
-    InferenceOptions,
-    clear_model_cache,
-    predict,
-    write_prediction,
-    write_probability,
-)
+from pipeline.inference.options import TTA_TRANSFORMS, InferenceOptions
+from pipeline.inference.runtime import clear_model_cache
+from pipeline.inference.tiled import predict
+from pipeline.inference.write import write_prediction, write_probability
+from pipeline.model.artefact import MissingChannelsError, ModelArtefact, save_artefact
 from pipeline.model.registry import build_model
 from tiling.windows import WindowGrid
 
@@ -38,6 +34,15 @@ FIXED = {"method": "fixed", "mean": [1.0 - 0.01 * i for i in range(14)], "std": 
 
 
 # -- helpers ---------------------------------------------------------------------
+def _opts(**kw: object) -> InferenceOptions:
+    """Options on the CPU: the references below are float32 CPU results, and ``device: auto``
+    would pick CUDA (and float16) where there is one."""
+    return InferenceOptions(device="cpu", **kw)  # type: ignore[arg-type]
+
+
+CPU = _opts()
+
+
 def _grid(height: int, width: int) -> Grid:
     return Grid(CRS.from_epsg(32633), Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0), width, height)
 
@@ -125,7 +130,7 @@ def _compute(arr: xr.DataArray) -> np.ndarray:
 @pytest.mark.parametrize("overlap", [0, 9, 32])
 def test_constant_model_gives_constant_raster_without_seams_or_dark_edges(overlap: int) -> None:
     data, valid, grid = _scene(300, 500)
-    pred = predict(data, valid, grid, [_art(Constant(0.3))], InferenceOptions(overlap=overlap, block_size=128))
+    pred = predict(data, valid, grid, [_art(Constant(0.3))], _opts(overlap=overlap, block_size=128))
     out = _compute(pred.probability)
     assert out.shape == (300, 500) and out.dtype == np.float32
     assert not np.isnan(out).any()
@@ -138,11 +143,11 @@ def test_translation_equivariant_model_matches_whole_scene_prediction() -> None:
     with torch.no_grad():
         whole = torch.sigmoid(conv(torch.from_numpy(np.asarray(data.values))[None]))[0, 0].numpy()
     # receptive field radius 1 < blend margin (overlap 12 -> margin 3)
-    opts = InferenceOptions(overlap=12, block_size=100, batch_size=7)
+    opts = _opts(overlap=12, block_size=100, batch_size=7)
     out = _compute(predict(data, valid, grid, [_art(conv)], opts).probability)
     np.testing.assert_allclose(out[1:-1, 1:-1], whole[1:-1, 1:-1], atol=1e-5)
     # without overlap, window edges show zero-padding seams: the comparison above can fail
-    seams = _compute(predict(data, valid, grid, [_art(conv)], InferenceOptions(overlap=0)).probability)
+    seams = _compute(predict(data, valid, grid, [_art(conv)], _opts(overlap=0)).probability)
     assert np.abs(seams[1:-1, 1:-1] - whole[1:-1, 1:-1]).max() > 1e-3
 
 
@@ -150,7 +155,7 @@ def test_invalid_pixels_are_nan_and_valid_ones_are_probabilities() -> None:
     mask = np.ones((200, 260), bool)
     mask[50:90, 30:200] = False
     data, valid, grid = _scene(200, 260, valid=mask)
-    out = _compute(predict(data, valid, grid, [_art(_tiny_unet(), normalization=None)]).probability)
+    out = _compute(predict(data, valid, grid, [_art(_tiny_unet(), normalization=None)], CPU).probability)
     assert np.array_equal(np.isnan(out), ~mask)
     assert np.all((out[mask] >= 0) & (out[mask] <= 1))
 
@@ -162,7 +167,7 @@ def test_windows_without_valid_pixels_are_never_sent_to_the_model() -> None:
     mask[200, 5] = True
     data, valid, grid = _scene(256, 384, valid=mask)
     rec = Recorder(Constant(0.7))
-    opts = InferenceOptions(overlap=16, block_size=96)
+    opts = _opts(overlap=16, block_size=96)
     out = _compute(predict(data, valid, grid, [_art(rec)], opts).probability)
     wg = WindowGrid(256, 384, 64, 16)
     expected = sum(mask[r : r + 64, c : c + 64].any() for r, c in wg.windows())
@@ -172,7 +177,7 @@ def test_windows_without_valid_pixels_are_never_sent_to_the_model() -> None:
     for batch in rec.batches:
         assert torch.all(batch.flatten(1).abs().amax(dim=1) > 0)  # invalid pixels arrive as 0
     rec.batches.clear()
-    single_block = InferenceOptions(overlap=16, block_size=4096)
+    single_block = _opts(overlap=16, block_size=4096)
     _compute(predict(data, valid, grid, [_art(rec)], single_block).probability)
     assert rec.samples == expected
     np.testing.assert_allclose(out[mask], 0.7, atol=1e-6)
@@ -182,7 +187,7 @@ def test_windows_without_valid_pixels_are_never_sent_to_the_model() -> None:
 def test_scene_without_valid_pixels_never_calls_the_model() -> None:
     data, valid, grid = _scene(150, 150, valid=np.zeros((150, 150), bool))
     rec = Recorder(Constant(0.5))
-    out = _compute(predict(data, valid, grid, [_art(rec)]).probability)
+    out = _compute(predict(data, valid, grid, [_art(rec)], CPU).probability)
     assert rec.samples == 0 and np.isnan(out).all()
 
 
@@ -190,7 +195,7 @@ def test_scene_without_valid_pixels_never_calls_the_model() -> None:
 @pytest.mark.parametrize(("height", "width"), [(1, 1), (100, 300), (64, 65), (129, 63)])
 def test_small_and_odd_scenes_are_fully_covered(height: int, width: int) -> None:
     data, valid, grid = _scene(height, width)
-    out = _compute(predict(data, valid, grid, [_art(_tiny_unet(), normalization=None)]).probability)
+    out = _compute(predict(data, valid, grid, [_art(_tiny_unet(), normalization=None)], CPU).probability)
     assert out.shape == (height, width)
     assert np.all(np.isfinite(out)) and np.all((out >= 0) & (out <= 1))
 
@@ -203,7 +208,7 @@ def test_full_sentinel2_tile_builds_lazily_and_computes_a_few_blocks() -> None:
     )
     valid = xr.DataArray(da.ones((n, n), bool, chunks=2048), dims=("y", "x"))
     rec = Recorder(Constant(0.25))
-    pred = predict(data, valid, _grid(n, n), [_art(rec, tile=128)], InferenceOptions(overlap=32, block_size=512))
+    pred = predict(data, valid, _grid(n, n), [_art(rec, tile=128)], _opts(overlap=32, block_size=512))
     assert pred.probability.shape == (n, n)
     assert rec.samples == 0  # nothing computed yet
     assert pred.windows == WindowGrid(n, n, 128, 32).__len__()
@@ -221,7 +226,7 @@ def test_results_do_not_depend_on_block_size() -> None:
     data, valid, grid = _scene(300, 330, seed=7)
     art = _art(_tiny_unet(), normalization=FIXED)
     outs = [
-        _compute(predict(data, valid, grid, [art], InferenceOptions(overlap=24, block_size=b)).probability)
+        _compute(predict(data, valid, grid, [art], _opts(overlap=24, block_size=b)).probability)
         for b in (80, 200, 4096)
     ]
     assert np.isfinite(outs[0]).all()
@@ -272,23 +277,23 @@ def test_a_window_reader_gives_the_same_raster_with_one_read_per_block(
     if reordered:
         art = ModelArtefact("PlainUnet", None, CHANNELS[::-1], normalization=normalization, tile_size=64,
                             module=_tiny_unet().eval())
-    opts = InferenceOptions(overlap=16, block_size=96)
+    opts = _opts(overlap=16, block_size=96)
     keep = ["DEM", "B02"]
     ref = predict(data, valid if with_mask else None, grid, [art], opts, keep=keep)
     reader = ArrayReader(np.asarray(data.data))
-    import pipeline.inference.tiled as inference
+    import pipeline.inference.blocks as blocks
 
     shapes: list[tuple[int, ...]] = []
-    real_normalize = inference.normalize
+    real_normalize = blocks.normalize
 
     def recording(x, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         shapes.append(tuple(x.shape))
         return real_normalize(x, *args, **kwargs)
 
-    monkeypatch.setattr(inference, "normalize", recording)
+    monkeypatch.setattr(blocks, "normalize", recording)
     pred = predict(data, valid if with_mask else None, grid, [art], opts, keep=keep, reader=reader)
     out = _compute(pred.probability)
-    monkeypatch.setattr(inference, "normalize", real_normalize)
+    monkeypatch.setattr(blocks, "normalize", real_normalize)
     # whole blocks (each block with windows to run) when one model reads the block's channels as they
     # are, batches of 64 px windows otherwise
     blockwise = [s for s in shapes if s[0] == 1 and s[2:] != (64, 64)]
@@ -313,10 +318,10 @@ def test_a_window_reader_gives_the_same_raster_with_one_read_per_block(
 def test_band_order_and_extra_bands_do_not_matter() -> None:
     data, valid, grid = _scene(120, 140, seed=2)
     art = _art(_tiny_unet(), normalization=None)
-    ref = _compute(predict(data, valid, grid, [art]).probability)
+    ref = _compute(predict(data, valid, grid, [art], CPU).probability)
     shuffled = xr.concat([data.isel(band=slice(None, None, -1)), data.isel(band=[0]).assign_coords(band=["B8A"])],
                          dim="band")
-    out = _compute(predict(shuffled, valid, grid, [art]).probability)
+    out = _compute(predict(shuffled, valid, grid, [art], CPU).probability)
     np.testing.assert_allclose(out, ref, atol=1e-6)
 
 
@@ -324,7 +329,7 @@ def test_band_order_and_extra_bands_do_not_matter() -> None:
 def test_threaded_and_multiprocess_cluster_give_the_same_raster(tmp_path: Path) -> None:
     from distributed import Client, LocalCluster
 
-    import pipeline.inference.tiled as inference
+    import pipeline.inference.runtime as runtime
 
     saved = save_artefact(
         tmp_path / "tiny.safetensors", _tiny_unet(),
@@ -333,12 +338,12 @@ def test_threaded_and_multiprocess_cluster_give_the_same_raster(tmp_path: Path) 
          "threshold": 0.5, "version": "1"},
     )
     data, valid, grid = _scene(200, 230, seed=5, chunks=100)
-    pred = predict(data, valid, grid, [saved], InferenceOptions(overlap=16, block_size=96))
+    pred = predict(data, valid, grid, [saved], _opts(overlap=16, block_size=96))
     threaded = _compute(pred.probability)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
         distributed = np.asarray(client.compute(pred.probability.data).result())
-        cached = client.run(lambda: len(inference._CACHE))
+        cached = client.run(lambda: len(runtime._CACHE))
     np.testing.assert_allclose(distributed, threaded, rtol=0, atol=1e-6)
     # each worker process that ran blocks loaded the model once (one may have run none: scheduling)
     assert 1 in cached.values() and set(cached.values()) <= {0, 1}, cached
@@ -349,22 +354,22 @@ def test_missing_channels_are_refused_by_name() -> None:
     bands = [c for c in CHANNELS if c not in ("SLOPE", "DEM")]
     data, valid, grid = _scene(64, 64, bands=bands)
     with pytest.raises(MissingChannelsError, match="SLOPE, DEM") as info:
-        predict(data, valid, grid, [_art(Constant(0.5))])
+        predict(data, valid, grid, [_art(Constant(0.5))], CPU)
     assert isinstance(info.value, ChannelError)
 
 
 def test_shape_mismatch_and_bad_overlap_are_refused() -> None:
     data, valid, grid = _scene(64, 64)
     with pytest.raises(GridError):
-        predict(data, valid, _grid(64, 65), [_art(Constant(0.5))])
+        predict(data, valid, _grid(64, 65), [_art(Constant(0.5))], CPU)
     with pytest.raises(ConfigError, match="overlap"):
-        predict(data, valid, grid, [_art(Constant(0.5))], InferenceOptions(overlap=64))
+        predict(data, valid, grid, [_art(Constant(0.5))], _opts(overlap=64))
 
 
 def test_tta_averages_transformed_predictions_and_reports_spread() -> None:
     data, valid, grid = _scene(64, 64, seed=9)  # one window: no blending involved
     conv = _fixed_conv().eval()
-    opts = InferenceOptions(tta=True, uncertainty=True)
+    opts = _opts(tta=True, uncertainty=True)
     pred = predict(data, valid, grid, [_art(conv)], opts)
     x = torch.from_numpy(np.asarray(data.values))[None]
     with torch.no_grad():
@@ -379,11 +384,11 @@ def test_tta_averages_transformed_predictions_and_reports_spread() -> None:
 def test_ensemble_mean_vote_and_uncertainty() -> None:
     data, valid, grid = _scene(100, 90)
     members = [_art(Constant(0.2), threshold=0.5), _art(Constant(0.8), threshold=0.5)]
-    mean = predict(data, valid, grid, members, InferenceOptions(weights=(1.0, 3.0), uncertainty=True))
+    mean = predict(data, valid, grid, members, _opts(weights=(1.0, 3.0), uncertainty=True))
     np.testing.assert_allclose(_compute(mean.probability), 0.65, atol=1e-6)
     assert mean.uncertainty is not None
     np.testing.assert_allclose(_compute(mean.uncertainty), 0.3, atol=1e-6)
-    vote = predict(data, valid, grid, members, InferenceOptions(ensemble="vote", weights=(1.0, 3.0)))
+    vote = predict(data, valid, grid, members, _opts(ensemble="vote", weights=(1.0, 3.0)))
     np.testing.assert_allclose(_compute(vote.probability), 0.75, atol=1e-6)
     assert vote.uncertainty is None and vote.threshold == 0.5
 
@@ -405,7 +410,7 @@ def test_out_of_memory_in_inference_halves_batch_with_identical_result() -> None
     clear_model_cache()
     data, valid, grid = _scene(200, 200, seed=11)
     conv = _fixed_conv()
-    opts = InferenceOptions(overlap=16, batch_size=16)
+    opts = _opts(overlap=16, batch_size=16)
     ref = _compute(predict(data, valid, grid, [_art(conv)], opts).probability)
     clear_model_cache()
     oom = OomAbove(conv, 3)
@@ -413,6 +418,20 @@ def test_out_of_memory_in_inference_halves_batch_with_identical_result() -> None
     assert oom.failures >= 3  # 16 -> 8 -> 4 -> 2
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
     clear_model_cache()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_model_in_memory_stays_on_its_device_when_the_inference_runs_elsewhere() -> None:
+    """The inference runs a copy on the GPU: the caller's module stays on the CPU, and the result
+    is the CPU's up to float16."""
+    data, valid, grid = _scene(100, 120, seed=6)
+    conv = _fixed_conv().eval()
+    ref = _compute(predict(data, valid, grid, [_art(conv)], CPU).probability)
+    clear_model_cache()
+    out = _compute(predict(data, valid, grid, [_art(conv)], _opts(device="cuda")).probability)
+    clear_model_cache()
+    assert {p.device.type for p in conv.parameters()} == {"cpu"}
+    np.testing.assert_allclose(out, ref, atol=2e-3)
 
 
 def test_options_from_config_section() -> None:
@@ -429,7 +448,7 @@ def test_prediction_is_georeferenced_and_written_as_cog(tmp_path: Path) -> None:
     mask = np.ones((100, 120), bool)
     mask[:10] = False
     data, valid, grid = _scene(100, 120, valid=mask)
-    pred = predict(data, valid, grid, [_art(Constant(0.4))])
+    pred = predict(data, valid, grid, [_art(Constant(0.4))], CPU)
     assert pred.probability.rio.crs == grid.crs
     assert pred.grid == grid and pred.threshold == 0.5
     path = write_probability(pred, tmp_path / "prob.tif", dtype="uint8")
@@ -445,7 +464,7 @@ def test_writing_the_probability_runs_the_model_once_per_window(tmp_path: Path, 
     """Nothing computes the lazy probability before the COG writer does (the uint8 scaling stays lazy)."""
     data, valid, grid = _scene(200, 230)
     rec = Recorder(Constant(0.3))
-    pred = predict(data, valid, grid, [_art(rec)], InferenceOptions(overlap=16, block_size=4096))
+    pred = predict(data, valid, grid, [_art(rec)], _opts(overlap=16, block_size=4096))
     assert rec.samples == 0  # building the graph runs nothing
     with dask.config.set(scheduler="threads"):
         write_probability(pred, tmp_path / "p.tif", dtype=dtype)  # type: ignore[arg-type]
@@ -459,7 +478,7 @@ def test_probability_uncertainty_and_kept_layers_are_written_from_one_model_run(
     mask[:20, :30] = False
     data, valid, grid = _scene(150, 170, valid=mask, chunks=64)
     rec = Recorder(Constant(0.3))
-    opts = InferenceOptions(overlap=16, block_size=96, tta=True, uncertainty=True)
+    opts = _opts(overlap=16, block_size=96, tta=True, uncertainty=True)
     pred = predict(data, valid, grid, [_art(rec)], opts, keep=["DEM", "SLOPE"])
     assert list(pred.layers) == ["DEM", "SLOPE"] and rec.samples == 0
     with dask.config.set(scheduler="threads"):
@@ -485,11 +504,11 @@ def test_kept_channels_the_models_do_not_use_do_not_decide_validity() -> None:
     extra = data.values.copy()
     extra[-1, :, :40] = np.nan  # the kept-only channel has no data on the left half
     data = data.copy(data=da.from_array(extra, chunks=(-1, 64, 64)))
-    pred = predict(data, valid, grid, [_art(Constant(0.6))], keep=["EXTRA"])
+    pred = predict(data, valid, grid, [_art(Constant(0.6))], CPU, keep=["EXTRA"])
     assert np.isfinite(_compute(pred.probability)).all()
     np.testing.assert_array_equal(_compute(pred.layers["EXTRA"]), extra[-1])
     with pytest.raises(InputError, match="NOPE"):
-        predict(data, valid, grid, [_art(Constant(0.6))], keep=["NOPE"])
+        predict(data, valid, grid, [_art(Constant(0.6))], CPU, keep=["NOPE"])
 
 
 def test_a_missing_band_value_invalidates_the_pixel_without_a_mask() -> None:
@@ -498,48 +517,10 @@ def test_a_missing_band_value_invalidates_the_pixel_without_a_mask() -> None:
     arr = np.asarray(data.values).copy()
     arr[3, 40:50, 60:70] = np.nan
     data = data.copy(data=da.from_array(arr, chunks=(-1, 64, 64)))
-    out = _compute(predict(data, None, grid, [_art(Constant(0.6))]).probability)
+    out = _compute(predict(data, None, grid, [_art(Constant(0.6))], CPU).probability)
     assert np.isnan(out[40:50, 60:70]).all()
     np.testing.assert_allclose(np.delete(out.ravel(), np.flatnonzero(np.isnan(out))), 0.6, atol=1e-6)
     assert np.isnan(out).sum() == 100
-
-
-def test_block_blend_adds_the_strips_of_earlier_blocks_bit_for_bit() -> None:
-    """A block's own window sums are read in place and only the cells that strips cover are
-    copied: the result equals adding every strip, in order, to a copy of the whole block, and the
-    block's own sums are left as they were."""
-    from pipeline.inference.tiled import _blend_block, _BlockSums
-    from tiling.stitch import finalize
-
-    rng = np.random.default_rng(7)
-    bh, bw, reach = 70, 90, 24
-    valid = rng.random((bh, bw)) > 0.05
-    acc = rng.random((2, bh + reach, bw + reach))
-    wsum = rng.random((bh + reach, bw + reach)) + (rng.random((bh + reach, bw + reach)) > 0.1)
-    owned = _BlockSums(valid, acc, wsum)
-    before = acc.copy(), wsum.copy()
-
-    def strip(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-        return rng.random((2, h, w)), rng.random((h, w))
-
-    spills = [((0, 0), strip(reach, reach)),  # from the block above and to the left
-              ((0, 0), strip(reach, bw)),  # from the block above
-              ((0, 0), None),  # a neighbour whose windows left nothing here
-              ((0, 0), strip(bh, reach)),  # from the block to the left
-              ((0, 30), strip(reach, 40))]  # a narrower strip, overlapping the others
-
-    expect_acc, expect_w = acc[:, :bh, :bw].copy(), wsum[:bh, :bw].copy()
-    for (r, c), part in spills:
-        if part is not None:
-            a, w = part
-            expect_acc[:, r:r + w.shape[0], c:c + w.shape[1]] += a
-            expect_w[r:r + w.shape[0], c:c + w.shape[1]] += w
-    expected = finalize(expect_acc, expect_w, valid)
-    got = _blend_block(2, owned, spills)
-    np.testing.assert_array_equal(got, expected)
-    np.testing.assert_array_equal(acc, before[0])
-    np.testing.assert_array_equal(wsum, before[1])
-    np.testing.assert_array_equal(_blend_block(2, owned, [((0, 0), None)]), finalize(acc[:, :bh, :bw], wsum[:bh, :bw], valid))
 
 
 @pytest.mark.parametrize("with_reader", [False, True])
@@ -554,7 +535,7 @@ def test_coarse_means_of_input_channels_come_from_the_block_tasks(with_reader: b
     data, valid, grid = _scene(250, 302, valid=mask, seed=5, chunks=96)
     arr = np.asarray(data.data)
     art = _art(_tiny_unet(), normalization={"method": "fixed", "mean": [0.3] * 14, "std": [2.0] * 14})
-    opts = InferenceOptions(overlap=16, block_size=96)  # blocks of 96 px: 4 px cells fit, 5 px do not
+    opts = _opts(overlap=16, block_size=96)  # blocks of 96 px: 4 px cells fit, 5 px do not
     names = ["B04", "B03", "B02"]
     reader = ArrayReader(arr) if with_reader else None
     pred = predict(data, valid, grid, [art], opts, reader=reader, coarse=(names, 4))

@@ -22,7 +22,8 @@ from conftest import ROOT, demo_config
 
 from pipeline.core import fsutil
 from pipeline.core.errors import OutputError
-from pipeline.run.scene import LOCK, REPORT, RunFolderBusy, is_leftover, run_scene, verify_run
+from pipeline.run.folder import LOCK, REPORT, RunFolderBusy, is_leftover, verify_run
+from pipeline.run.scene import run_scene
 
 pytestmark = pytest.mark.slow
 
@@ -139,7 +140,7 @@ def test_rerun_redoes_a_run_whose_geopackage_was_truncated(completed: Completed,
     size = gpkg.stat().st_size
     with open(gpkg, "r+b") as fh:
         fh.truncate(size // 2)
-    with caplog.at_level("WARNING", logger="pipeline.run.scene"):
+    with caplog.at_level("WARNING", logger="pipeline.run"):
         res = run_scene(completed.cfg, client=client)
     assert res.status == "completed" and res.run_dir == completed.run_dir
     warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -154,7 +155,7 @@ def test_rerun_redoes_a_run_whose_geopackage_was_truncated(completed: Completed,
 def test_rerun_redoes_a_run_with_a_missing_output(completed: Completed, client, caplog) -> None:
     mask = completed.run_dir / "mask.tif"
     mask.unlink()
-    with caplog.at_level("WARNING", logger="pipeline.run.scene"):
+    with caplog.at_level("WARNING", logger="pipeline.run"):
         res = run_scene(completed.cfg, client=client)
     assert res.status == "completed"
     assert "mask.tif is missing" in caplog.text and "redoing the run" in caplog.text
@@ -267,12 +268,12 @@ def test_a_folder_that_cannot_be_locked_runs_unlocked_with_a_warning(tmp_path: P
     removes no temporaries (they may be a live run's)."""
     import errno
 
-    import pipeline.run.scene as run_module
+    import pipeline.run.folder as folder_module
 
     def no_locks(path):  # noqa: ANN001, ANN202
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     monkeypatch.setattr(fsutil, "acquire_lock", no_locks)
-    with caplog.at_level("WARNING", logger="pipeline.run.scene"), run_module.run_folder_lock(tmp_path) as locked:
+    with caplog.at_level("WARNING", logger="pipeline.run"), folder_module.run_folder_lock(tmp_path) as locked:
         assert locked is False
     assert "cannot lock" in caplog.text and "not detected" in caplog.text

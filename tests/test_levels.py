@@ -14,13 +14,14 @@ import xarray as xr
 from affine import Affine
 from rasterio.crs import CRS
 
-from pipeline.model.artefact import ModelArtefact
-from pipeline.training.datasets import RadiometricConfig, radiometric, surface_look
 from pipeline.core.grid import Grid
-from pipeline.inference.tiled import InferenceOptions, predict
-from pipeline.model.registry import build_model
+from pipeline.inference.options import InferenceOptions
+from pipeline.inference.tiled import predict
+from pipeline.model.artefact import ModelArtefact
 from pipeline.model.normalization import add_level, level_spec, normalize
-from pipeline.run.scene import processing_level
+from pipeline.model.registry import build_model
+from pipeline.run.report import processing_level
+from pipeline.training.augmentation import RadiometricConfig, radiometric, surface_look
 
 CHANNELS = ["B02", "B03", "B04", "B08", "SLOPE"]
 PATH = np.array([0.05, 0.03, 0.016, 0.0, 0.0], np.float32)
@@ -72,7 +73,7 @@ def _grid(h: int, w: int) -> Grid:
 def _predict(arr: np.ndarray, art: ModelArtefact, level: str | None) -> np.ndarray:
     data = xr.DataArray(da.from_array(arr, chunks=(-1, 128, 128)), dims=("band", "y", "x"), coords={"band": CHANNELS})
     with dask.config.set(scheduler="threads"):
-        pred = predict(data, None, _grid(*arr.shape[1:]), [art], InferenceOptions(overlap=16), level=level)
+        pred = predict(data, None, _grid(*arr.shape[1:]), [art], InferenceOptions(device="cpu", overlap=16), level=level)
         return np.asarray(pred.probability)
 
 
@@ -120,9 +121,10 @@ def _write(path: Path, text: str) -> Path:
 
 
 def test_a_model_serves_l2a_only_with_the_path_reflectance_of_its_patches(shared_data: Path) -> None:
-    from pipeline.training.datasets import find_patches
     from pipeline.core.errors import ConfigError
-    from pipeline.training.fit import TrainConfig, make_dataset, serving_normalization
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.datasets import make_dataset, serving_normalization
+    from pipeline.training.patch_files import find_patches
 
     records = find_patches(shared_data / "l4s" / "train", require_masks=True)[:4]
     base = {"data": {"root": str(shared_data / "l4s" / "train")}, "output": {"artefact": "/tmp/unused.safetensors"},

@@ -52,3 +52,29 @@ def test_merging_is_idempotent_and_empty_inputs_are_fine() -> None:
     a = _frame([box(0, 0, 10, 10)], "EPSG:32633", "A", [0.5])
     assert len(merge_frames([a, a.iloc[0:0]])) == 1
     assert len(merge_frames([])) == 0
+
+
+def test_polygons_of_two_scenes_that_only_touch_stay_two_features() -> None:
+    """A shared edge or a shared corner is no overlap: each keeps its own id and attributes."""
+    left = box(500000, 4700000, 500100, 4700100)
+    right_edge = box(500100, 4700000, 500200, 4700100)   # shares the east edge
+    corner = box(500100, 4700100, 500150, 4700150)       # shares only the north-east corner
+    a = _frame([left], "EPSG:32633", "A", [0.9])
+    b = _frame([right_edge, corner], "EPSG:32633", "B", [0.5, 0.6])
+    merged = merge_frames([a, b])
+    assert len(merged) == 3
+    assert sorted(merged["landslide_id"]) == ["A-0", "B-0", "B-1"]
+    assert (merged["n_merged"] == 1).all()
+    assert list(merged["landslide_ids"]) == list(merged["landslide_id"])
+
+
+def test_a_merged_feature_keeps_every_members_id() -> None:
+    whole = box(500000, 4700000, 500200, 4700100)
+    a = _frame([whole], "EPSG:32633", "A", [0.7])
+    b = _frame([box(500000, 4700000, 500100, 4700100)], "EPSG:32633", "B", [0.8])
+    c = _frame([box(500150, 4700000, 500300, 4700100)], "EPSG:32633", "C", [0.6])
+    merged = merge_frames([a, b, c])
+    assert len(merged) == 1
+    row = merged.iloc[0]
+    assert row["landslide_ids"] == "A-0,B-0,C-0" and row["scene_ids"] == "A,B,C" and row["n_merged"] == 3
+    assert row["landslide_id"] == "B-0"

@@ -9,16 +9,8 @@ import numpy as np
 import pytest
 from shapely.geometry import box
 
-from pipeline.training.metrics import (
-    Counts,
-    confusion,
-    f1_by_threshold,
-    match_objects,
-    object_metrics,
-    object_scores,
-    pixel_metrics,
-    select_threshold,
-)
+from pipeline.training.metrics import Counts, confusion, match_objects, object_metrics, object_scores, pixel_metrics
+from pipeline.training.thresholds import f1_by_threshold, select_threshold
 
 
 def test_confusion_counts_by_hand() -> None:

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from pipeline.core.errors import ModelError
-from pipeline.model.registry import ARCHITECTURES, SEED_ENCODERS, PlainUnet, build_model
+from pipeline.model.architectures import ARCHITECTURES, SEED_ENCODERS
 from pipeline.model.normalization import normalize, validate_spec
+from pipeline.model.registry import PlainUnet, build_model
 
 N_CHANNELS = 14
 
@@ -238,7 +239,7 @@ def test_the_default_model_runs_without_importing_the_model_library() -> None:
 def test_the_run_warms_its_workers_with_the_model_library_only_when_a_model_needs_it() -> None:
     from types import SimpleNamespace
 
-    from pipeline.run.scene import worker_imports
+    from pipeline.run.cluster import worker_imports
 
     assert worker_imports([SimpleNamespace(architecture="PlainUnet")]) == ()
     assert worker_imports([SimpleNamespace(architecture="plainunet"), SimpleNamespace(architecture="unet")]) == (

@@ -17,17 +17,22 @@ from scipy import ndimage as ndi
 from pipeline.core.config import PostprocessSection
 from pipeline.core.errors import ConfigError
 from pipeline.core.grid import Grid
-from postprocess.morphology import (
-    _morph,
-    clean_objects,
-    disk,
-    erode,
+from postprocess.areas import (
+    OpenedSummaries,
     fill_small_holes,
-    open_close,
-    open_close_array,
+    opened_summaries,
     remove_small_objects,
 )
-from postprocess.pipeline import effective_threshold
+from postprocess.morphology import (
+    _morph,
+    disk,
+    erode,
+    open_close,
+    open_close_array,
+    opened_mask,
+)
+from postprocess.objects import ObjectLayers, OpenedMask, clean_objects
+from postprocess.polygons import effective_threshold
 
 NEPAL = "bhuyan_predicted_nepal.zip"
 # A 240 x 320 px window at 10 m with ~10 % landslide cover (inventory of 2015).
@@ -124,7 +129,7 @@ def run(prob, valid, grid, params, chunks, threshold=0.5, slope=None):
     p = da.from_array(prob, chunks=chunks)
     v = da.from_array(valid, chunks=chunks)
     s = None if slope is None else da.from_array(slope, chunks=chunks)
-    objects = clean_objects(p, v, grid, params, threshold=threshold, slope=s)
+    objects = clean_objects(p, v, grid, params, threshold=threshold, layers=ObjectLayers(slope=s))
     return objects, objects.labels.compute()
 
 
@@ -323,7 +328,8 @@ def test_ndvi_rule_drops_green_objects():
     params = PostprocessSection(opening_radius_m=0, closing_radius_m=0, min_area_m2=0, max_hole_m2=0,
                                 max_mean_ndvi=0.3)
     obj = clean_objects(da.from_array(prob, chunks=8), da.from_array(valid, chunks=8), grid, params,
-                        threshold=0.5, red=da.from_array(red, chunks=8), nir=da.from_array(nir, chunks=8))
+                        threshold=0.5,
+                        layers=ObjectLayers(red=da.from_array(red, chunks=8), nir=da.from_array(nir, chunks=8)))
     labels = obj.labels.compute()
     assert labels.max() == 1 and (labels[2:6, 2:6] == 1).all() and labels[12:16, 12:16].sum() == 0
     assert obj.dropped["terrain"] == 1
@@ -348,8 +354,8 @@ def test_ndwi_rule_drops_water_and_keeps_scars_across_blocks():
         params = PostprocessSection(opening_radius_m=0, closing_radius_m=0, min_area_m2=0, max_hole_m2=0,
                                     max_mean_ndwi=limit)
         return clean_objects(da.from_array(prob, chunks=chunks), da.from_array(valid, chunks=chunks), grid, params,
-                             threshold=0.5, green=da.from_array(green, chunks=chunks),
-                             nir=da.from_array(nir, chunks=chunks))
+                             threshold=0.5, layers=ObjectLayers(green=da.from_array(green, chunks=chunks),
+                                                                nir=da.from_array(nir, chunks=chunks)))
 
     for chunks in (24, 7):
         obj = clean(0.2, chunks)
@@ -446,22 +452,22 @@ SUMMARY_PARAMS = {
 
 def record_passes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Names of the block functions of the passes :func:`clean_objects` makes from now on."""
-    import postprocess.morphology as morphology
+    import postprocess.areas as areas
+    import postprocess.objects as objects
 
     seen: list[str] = []
-    original = morphology.run_blocks
+    original = areas.run_blocks
 
     def recording(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         seen.append(fn.__name__)
         return original(fn, *args, **kwargs)
 
-    monkeypatch.setattr(morphology, "run_blocks", recording)
+    for module in (areas, objects):  # the size and hole passes, and the final one
+        monkeypatch.setattr(module, "run_blocks", recording)
     return seen
 
 
 def _with_summaries(prob, valid, grid, params, chunks, summary_chunks=None):  # noqa: ANN001, ANN202
-    from postprocess.morphology import OpenedSummaries, opened_mask, opened_summaries
-
     p = da.from_array(prob, chunks=summary_chunks or chunks)
     v = da.from_array(valid, chunks=summary_chunks or chunks)
     opened = opened_mask(p, v, grid, params, 0.5)
@@ -469,7 +475,7 @@ def _with_summaries(prob, valid, grid, params, chunks, summary_chunks=None):  # 
     summaries = OpenedSummaries.collect(opened.chunks, computed)
     opened = da.from_array(opened_np, chunks=summary_chunks or chunks)
     return clean_objects(da.from_array(prob, chunks=chunks), da.from_array(valid, chunks=chunks), grid, params,
-                         threshold=0.5, opened=opened, summaries=summaries)
+                         threshold=0.5, opened=OpenedMask(opened, summaries))
 
 
 @pytest.mark.parametrize("case", list(SUMMARY_PARAMS))
@@ -504,8 +510,6 @@ def test_the_cases_do_what_their_names_say(nepal_scene) -> None:
     s = nepal_scene
     for case, params in SUMMARY_PARAMS.items():
         p, v = da.from_array(s["prob"], chunks=(64, 77)), da.from_array(s["valid"], chunks=(64, 77))
-        from postprocess.morphology import opened_mask
-
         opened = opened_mask(p, v, s["grid"], params, 0.5)
         smaller = remove_small_objects(opened, params.min_area_m2, s["grid"].pixel_area)
         filled = fill_small_holes(smaller, v, params.max_hole_m2, s["grid"].pixel_area)
@@ -525,8 +529,6 @@ def test_summaries_in_other_chunks_are_not_used(nepal_scene, monkeypatch: pytest
 
 
 def test_summaries_must_match_their_layout() -> None:
-    from postprocess.morphology import OpenedSummaries, opened_summaries
-
     m = da.from_array(np.eye(12, dtype=bool), chunks=6)
     computed = opened_summaries(m, m | True).compute()
     assert len(OpenedSummaries.collect(m.chunks, computed).objects) == 4

@@ -14,13 +14,15 @@ import xarray as xr
 from affine import Affine
 from rasterio.crs import CRS
 
-from pipeline.model.artefact import ModelArtefact, read_metadata, save_artefact
-from pipeline.training.datasets import PatchDataset, find_patches
 from pipeline.core.errors import ModelError
 from pipeline.core.grid import Grid
-from pipeline.inference.tiled import InferenceOptions, predict
-from pipeline.model.registry import build_model
+from pipeline.inference.options import InferenceOptions
+from pipeline.inference.tiled import predict
+from pipeline.model.artefact import ModelArtefact, read_metadata, save_artefact
 from pipeline.model.normalization import band_stats, fixed_spec, normalize, validate_spec
+from pipeline.model.registry import build_model
+from pipeline.training.datasets import PatchDataset
+from pipeline.training.patch_files import find_patches
 
 CHANNELS = ["B02", "B03", "B04", "B08", "SLOPE"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +91,7 @@ def _predict(arr: np.ndarray, valid: np.ndarray, art: ModelArtefact) -> np.ndarr
                         coords={"band": CHANNELS})
     v = xr.DataArray(da.from_array(valid, chunks=(256, 256)), dims=("y", "x"))
     with dask.config.set(scheduler="threads"):
-        return np.asarray(predict(data, v, _grid(h, w), [art], InferenceOptions(overlap=16)).probability)
+        return np.asarray(predict(data, v, _grid(h, w), [art], InferenceOptions(device="cpu", overlap=16)).probability)
 
 
 def _hillside(rng: np.random.Generator, h: int, w: int) -> np.ndarray:

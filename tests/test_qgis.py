@@ -22,7 +22,7 @@ from pipeline.core.config import PostprocessSection
 from pipeline.core.grid import Grid
 from postprocess.attributes import empty_frame
 from postprocess.gpkg import write_geopackage
-from postprocess.pipeline import polygons_from_probability
+from postprocess.polygons import polygons_from_probability
 
 pytestmark = pytest.mark.qgis
 

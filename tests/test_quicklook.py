@@ -15,7 +15,7 @@ from rasterio.crs import CRS
 import postprocess.quicklook as quicklook
 from pipeline.core.errors import ChannelError
 from pipeline.core.grid import Grid
-from postprocess.quicklook import downsample_factor, write_quicklook
+from postprocess.quicklook import QuicklookStyle, downsample_factor, write_quicklook
 
 GRID = Grid(CRS.from_epsg(32633), Affine(10.0, 0, 500000.0, 0, -10.0, 4000000.0), 300, 200)
 
@@ -41,7 +41,8 @@ def test_downsample_factor_bounds_the_longest_edge():
 
 def test_quicklook_has_true_colour_and_outlines(tmp_path):
     polygons = gpd.GeoDataFrame(geometry=[square(20, 20, 40), square(200, 100, 30)], crs=GRID.crs)
-    path = write_quicklook(stack(), GRID, polygons, tmp_path / "ql.png", max_size=100, colour=(0, 255, 255))
+    path = write_quicklook(stack(), GRID, polygons, tmp_path / "ql.png", max_size=100,
+                           style=QuicklookStyle(colour=(0, 255, 255)))
     image = np.asarray(Image.open(path).convert("RGB"))
     assert image.shape == (200 // 3, 300 // 3, 3)
     # outline pixels along the first square's west edge (col 20 / 3)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.errors import OutputError
-from pipeline.run.scene import is_leftover
+from pipeline.run.folder import is_leftover
 from postprocess.raster_style import (
     probability_qml,
     probability_stops,

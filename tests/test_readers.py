@@ -21,7 +21,10 @@ from pipeline.core.channels import S2_BANDS
 from pipeline.core.config import SceneConfig
 from pipeline.core.errors import ConfigError, InputError
 from pipeline.core.grid import Grid
-from pipeline.io.readers import open_dem, open_raster, parse_safe_metadata, read_band_folder, read_safe
+from pipeline.io.dem import open_dem
+from pipeline.io.raster_source import open_raster
+from pipeline.io.safe_metadata import parse_safe_metadata
+from pipeline.io.sentinel2 import read_band_folder, read_safe
 from pipeline.stack.layers import stack_scene
 
 TILE = "T33TVM"
@@ -415,7 +418,7 @@ def test_cloud_buffer_grows_clouds_and_shadows_but_not_water(tmp_path: Path, dn:
 def test_cloud_buffer_per_block_equals_whole_array() -> None:
     import dask.array as da
 
-    from pipeline.stack.layers import scl_exclusion
+    from pipeline.stack.masks import scl_exclusion
 
     rng = np.random.default_rng(0)
     scl = rng.choice(np.array([4, 4, 4, 4, 8, 3, 6], np.float32), size=(90, 70))
@@ -461,7 +464,7 @@ def test_integer_upsampling_from_slices_is_bit_identical_to_the_gathered_taps(
     """20 m and 60 m bands upsample from strided slices of the source (one pair of weights per
     phase) where that is exact: the same float32 values as the gathered taps, on windows inside the
     source, reaching past its edges, and starting at any phase of its pixels."""
-    from pipeline.io import readers
+    from pipeline.io import upsample
 
     rng = np.random.default_rng(ratio)
     res = 10 * ratio
@@ -484,20 +487,20 @@ def test_integer_upsampling_from_slices_is_bit_identical_to_the_gathered_taps(
         Grid(crs, Affine(10, 0, X0 - 10 * col0 - 40, 0, -10, Y0 + 10 * row0 + 30), 53 * ratio + 20, 47 * ratio + 10),
     ]
     calls: list[bool] = []
-    real = readers._tap_phases
+    real = upsample.tap_phases
 
     def spy(taps: tuple[np.ndarray, ...], r: int) -> object:
         phases = real(taps, r)
         calls.append(phases is not None)
         return phases
 
-    monkeypatch.setattr(readers, "_tap_phases", spy)
+    monkeypatch.setattr(upsample, "tap_phases", spy)
     strided = [raster.read_onto(g) for g in grids]
     if ratio % 2 == 0:
         assert calls[:2] == [True, True], "the strided path was not taken inside the source"
     # an odd ratio puts some output centres on source pixel centres, where the float64 positions
     # land on either side of the pixel: those axes keep the gathered taps (the same values)
-    monkeypatch.setattr(readers, "_tap_phases", lambda taps, r: None)
+    monkeypatch.setattr(upsample, "tap_phases", lambda taps, r: None)
     gathered = [raster.read_onto(g) for g in grids]
     for a, b in zip(strided, gathered, strict=True):
         assert np.isfinite(a).mean() > 0.5

@@ -16,7 +16,7 @@ from pipeline.model.artefact import save_artefact
 from pipeline.core.channels import L4S_CHANNELS
 from pipeline.core.config import load_region_config
 from pipeline.model.registry import build_model
-from pipeline.run.region import STATE_FILE, run_region
+from pipeline.run.region import run_region, state_path
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def _bias_model(path: Path, bias: float) -> Path:
 
 @pytest.fixture(scope="module")
 def region(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.demo.synthetic import write_demo_data
+    from pipeline.demo.write import write_demo_data
 
     root = tmp_path_factory.mktemp("region")
     model = _bias_model(root / "always.safetensors", bias=5.0)  # every valid pixel is "landslide"
@@ -71,7 +71,7 @@ def test_region_runs_scenes_records_failures_and_merges_without_duplicates(regio
     statuses = [o.status for o in result.outcomes]
     assert statuses == ["completed", "completed", "failed"]
     assert "does_not_exist" in result.outcomes[2].error
-    state = json.loads((cfg.output.dir / STATE_FILE).read_text())
+    state = json.loads(state_path(cfg).read_text())
     assert set(state["scenes"]) == {str(p) for p in cfg.scenes}
 
     # Both demo scenes cover the same tile area: their polygons overlap and merge.
@@ -271,3 +271,30 @@ def test_a_scene_whose_workers_died_is_retried_and_bad_input_is_not(region: Path
     assert [o.status for o in result.outcomes][:2] in (["completed", "completed"], ["skipped", "skipped"])
     assert calls.count("demo1") == 2 and result.outcomes[0].attempts == 2
     assert result.outcomes[2].status == "failed" and result.outcomes[2].attempts == 1
+
+
+def test_two_regions_in_one_folder_keep_their_own_state(tmp_path: Path) -> None:
+    """Each region's state file is its own: two regions writing to one folder do not overwrite each other."""
+    out = tmp_path / "out"
+    configs = []
+    for name in ("north", "south"):
+        (tmp_path / f"{name}.yaml").write_text(f"name: {name}\nscenes: [scene.yaml]\noutput:\n  dir: {out}\n")
+        configs.append(load_region_config(tmp_path / f"{name}.yaml"))
+    paths = [state_path(c) for c in configs]
+    assert paths[0] != paths[1] and paths[0].parent == paths[1].parent == out
+    assert all(p.name.endswith(".region_state.json") for p in paths)
+
+
+def test_a_second_job_of_the_same_region_refuses_while_the_first_runs(tmp_path: Path) -> None:
+    from pipeline.core.errors import OutputError
+    from pipeline.run.region import RegionBusy, region_lock
+
+    (tmp_path / "r.yaml").write_text(f"name: r\nscenes: [scene.yaml]\noutput:\n  dir: {tmp_path / 'out'}\n")
+    cfg = load_region_config(tmp_path / "r.yaml")
+    (tmp_path / "out").mkdir()
+    with region_lock(cfg), pytest.raises(RegionBusy, match="another job of region 'r' is running") as err:
+        run_region(cfg, client=object())
+    assert isinstance(err.value, OutputError)
+    with region_lock(cfg):  # released by the first holder: the next job may run
+        pass
+    assert not list((tmp_path / "out").glob("*.region_state.json"))

@@ -13,10 +13,10 @@ from rasterio.enums import Resampling
 from rasterio.warp import transform as transform_points
 from rasterio.windows import Window
 
-import pipeline.io.readers as readers
-from pipeline.io import reproject
 from pipeline.core.grid import Grid
-from pipeline.io.readers import open_raster, warp_array
+from pipeline.io import reproject, warp
+from pipeline.io.raster_source import open_raster
+from pipeline.io.warp import warp_array
 
 UTM33 = CRS.from_epsg(32633)
 LONLAT = CRS.from_epsg(4326)
@@ -69,7 +69,7 @@ def no_gdal_warp(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("GDAL's warper was used")
 
-    monkeypatch.setattr(readers, "warp_array", fail)
+    monkeypatch.setattr(warp, "warp_array", fail)
 
 
 @pytest.mark.parametrize("holes", [False, True])

@@ -17,7 +17,8 @@ from conftest import ROOT, demo_config
 from pipeline.model.artefact import load_artefact
 from pipeline.core.config import DEFAULT_MODEL, load_scene_config
 from pipeline.core.errors import OutputError
-from pipeline.run.scene import REPORT, run_scene
+from pipeline.run.folder import REPORT
+from pipeline.run.scene import run_scene
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,7 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
         return original_aux(cfg, stack, wanted)
 
     monkeypatch.setattr(run_module, "aux_layers", recording_aux)
-    import pipeline.stack.layers as stack_module
+    import pipeline.stack.coarse as stack_module
 
     read_again: list[object] = []
     original_coarse = stack_module.read_coarse
@@ -230,7 +231,7 @@ def test_water_and_vegetation_rules_get_their_bands_in_a_run(demo: Path, tmp_pat
     rules = ({"max_mean_ndwi": -1.0}, {"max_mean_ndvi": -1.0}, {"max_mean_ndwi": -1.0, "max_mean_ndvi": 1.0})
     for n, rule in enumerate(rules):  # the last: both rules, B08 shared, only the water rule bites
         caplog.clear()
-        with caplog.at_level("INFO", logger="postprocess.morphology"):
+        with caplog.at_level("INFO", logger="postprocess"):
             res = run_scene(_config(demo, tmp_path / f"rule{n}", postprocess=rule), client=client)
         assert res.status == "completed" and res.n_polygons == 0, rule
         assert "were not given" not in caplog.text
@@ -266,7 +267,7 @@ def test_mask_raster_is_computed_while_the_polygons_are_merged(demo: Path, tmp_p
     import threading
 
     import pipeline.io.cog as cog_module
-    import postprocess.pipeline as pp
+    import postprocess.polygons as pp
 
     mask_started = threading.Event()
     seen: list[bool] = []
@@ -329,8 +330,10 @@ def test_inference_reads_each_band_once_per_block(demo: Path, monkeypatch: pytes
     import dask
 
     from pipeline.stack import layers as stack_module
-    from pipeline.inference.tiled import InferenceOptions, predict
-    from pipeline.run.scene import load_models, model_channels
+    from pipeline.inference.options import InferenceOptions
+    from pipeline.inference.tiled import predict
+    from pipeline.run.plan import model_channels
+    from pipeline.run.scene import load_models
 
     reads = []
     original = stack_module.StackLayer.read
@@ -357,8 +360,10 @@ def test_inference_over_many_blocks_reads_each_pixel_about_once(demo: Path, monk
     from rasterio.windows import Window
 
     from pipeline.stack import layers as stack_module
-    from pipeline.inference.tiled import InferenceOptions, inference_block_size, predict
-    from pipeline.run.scene import load_models, model_channels
+    from pipeline.inference.options import InferenceOptions, inference_block_size
+    from pipeline.inference.tiled import predict
+    from pipeline.run.plan import model_channels
+    from pipeline.run.scene import load_models
     from tiling.windows import WindowGrid, block_spans
 
     areas: list[int] = []
@@ -396,8 +401,9 @@ def test_quicklook_bands_follow_the_block_mean_of_the_stacked_bands(demo: Path) 
     import dask
     from scipy import ndimage
 
-    from pipeline.io.readers import RasterSource
-    from pipeline.stack.layers import read_coarse, stack_scene
+    from pipeline.io.raster_source import RasterSource
+    from pipeline.stack.coarse import read_coarse
+    from pipeline.stack.layers import stack_scene
 
     cfg = load_scene_config(demo)
     names = ["B04", "B03", "B02"]
@@ -443,19 +449,18 @@ def test_local_cluster_starts_while_the_inference_graphs_are_built(demo: Path, t
     from contextlib import contextmanager
 
     import pipeline.inference.tiled as inference_module
-    import pipeline.run.scene as run_module
     from pipeline.run import cluster as cluster_module
     from pipeline.core.errors import InputError
 
     events: list[tuple[str, str]] = []
     real_client = cluster_module.dask_client
     real_predict = inference_module.predict
-    real_wait = run_module._Cluster.wait
+    real_wait = cluster_module.RunCluster.wait
 
     @contextmanager
-    def recording_client(section, imports=()):  # noqa: ANN001, ANN202
+    def recording_client(section, imports=(), gpus=()):  # noqa: ANN001, ANN202
         events.append(("start", threading.current_thread().name))
-        with real_client(section, imports) as c:
+        with real_client(section, imports, gpus) as c:
             yield c
         events.append(("closed", threading.current_thread().name))
 
@@ -473,7 +478,7 @@ def test_local_cluster_starts_while_the_inference_graphs_are_built(demo: Path, t
         return real_wait(self, timer)
 
     monkeypatch.setattr(cluster_module, "dask_client", recording_client)
-    monkeypatch.setattr(run_module._Cluster, "wait", recording_wait)
+    monkeypatch.setattr(cluster_module.RunCluster, "wait", recording_wait)
     cfg = _config(demo, tmp_path, dask={"n_workers": 1, "threads_per_worker": 2})
     monkeypatch.setattr(inference_module, "predict", failing_predict)
     with pytest.raises(InputError, match="bad band"):
@@ -505,7 +510,7 @@ def test_the_processing_level_verdict_is_logged(caplog: pytest.LogCaptureFixture
     a SAFE product's own level wins over scene.level."""
     from types import SimpleNamespace
 
-    from pipeline.run.scene import log_processing_level, processing_level
+    from pipeline.run.report import log_processing_level, processing_level
 
     l1c = SimpleNamespace(name="a", architecture="PlainUnet", levels=["L1C"])
     both = SimpleNamespace(name="", architecture="Unet", levels=["L1C", "L2A"])
@@ -515,7 +520,7 @@ def test_the_processing_level_verdict_is_logged(caplog: pytest.LogCaptureFixture
     l2a = processing_level([l1c, both], "S2_L2A", None)
     unknown = processing_level([l1c, both], "bands", None)
     assert unknown["unserved"] == ["Unet", "a"]
-    with caplog.at_level("INFO", logger="pipeline.run.scene"):
+    with caplog.at_level("INFO", logger="pipeline.run"):
         log_processing_level(served)
         assert [r.levelname for r in caplog.records] == ["INFO"]
         caplog.clear()
@@ -535,7 +540,7 @@ def test_postprocess_mask_in_graphs_raises_no_large_graph_warnings(demo: Path, t
 
     import dask
 
-    import pipeline.run.scene as run_module
+    from pipeline.run import outputs
 
     cfg = _config(demo, tmp_path)
 
@@ -548,7 +553,7 @@ def test_postprocess_mask_in_graphs_raises_no_large_graph_warnings(demo: Path, t
         return sum("Sending large graph" in str(w.message) for w in caught)
 
     filtered = large_graph_warnings()
-    monkeypatch.setattr(run_module, "_mask_in_graphs", contextlib.nullcontext)
+    monkeypatch.setattr(outputs, "mask_in_graphs", lambda grid: contextlib.nullcontext())
     unfiltered = large_graph_warnings()
     assert filtered > 0          # the stacking and model graphs still report
     assert unfiltered > filtered  # postprocessing and the mask raster did, and no longer do
@@ -562,7 +567,8 @@ def test_intermediates_are_read_back_exactly_in_whole_tiles(tmp_path: Path) -> N
     from rasterio.crs import CRS
 
     from pipeline.core.grid import Grid
-    from pipeline.run.scene import PROB_SCALE, _open_lazy
+    from pipeline.core.probability import PROB_SCALE
+    from pipeline.run.intermediates import open_stored as _open_lazy
 
     grid = Grid(CRS.from_epsg(32633), Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0), 300, 200)
     rng = np.random.default_rng(1)
@@ -600,7 +606,7 @@ def test_output_threads_run_at_the_lowest_priority_and_leave_the_caller_alone() 
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.io.cog import gdal_threads
-    from pipeline.run.scene import BACKGROUND_NICE, _submit
+    from pipeline.run.outputs import BACKGROUND_NICE, submit as _submit
 
     main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     with ThreadPoolExecutor(2) as pool:
@@ -611,50 +617,6 @@ def test_output_threads_run_at_the_lowest_priority_and_leave_the_caller_alone() 
     assert threads == 1 and gdal_threads() == max(1, min(4, os.cpu_count() or 1))
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main
     assert os.getpriority(os.PRIO_PROCESS, 0) == main  # the process's main thread
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are a Linux feature")
-def test_the_mask_raster_is_sent_to_the_workers_at_normal_priority_and_copied_at_the_lowest(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The mask raster's thread builds and sends its Dask graph at the caller's priority (the
-    workers start on it while this process merges polygons) and lowers itself for the COG copy."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    import dask.array as da
-    import rasterio
-    from affine import Affine
-    from rasterio.crs import CRS
-
-    import pipeline.io.cog as cog
-    from pipeline.core.grid import Grid
-    from pipeline.run.scene import _submit
-
-    def nice() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    seen: dict[str, int] = {}
-    real_convert = cog._convert
-
-    def convert(plan: dict) -> Path:
-        seen["convert"], seen["gdal_threads"] = nice(), cog.gdal_threads()
-        return real_convert(plan)
-
-    def write(*args: object, **kwargs: object) -> Path:
-        seen["start"] = nice()
-        return cog.write_cog(*args, **kwargs)
-
-    main = nice()
-    grid = Grid(CRS.from_epsg(32633), Affine(10, 0, 500000, 0, -10, 4000000), 64, 48)
-    mask = da.from_array((np.arange(48 * 64).reshape(48, 64) % 3 == 0).astype(np.uint8), chunks=32)
-    monkeypatch.setattr(cog, "_convert", convert)
-    with ThreadPoolExecutor(1) as pool:
-        path = _submit(pool, write, mask, grid, tmp_path / "mask.tif", graph_first=True, dtype="uint8",
-                       nodata=255).result()
-    assert seen == {"start": main, "convert": max(main, 19), "gdal_threads": 1}
-    with rasterio.open(path) as ds:
-        np.testing.assert_array_equal(ds.read(1), mask.compute())
-    assert nice() == main
 
 
 def test_first_cleaning_step_computed_with_the_inference_equals_the_postprocessing_alone(
@@ -668,8 +630,8 @@ def test_first_cleaning_step_computed_with_the_inference_equals_the_postprocessi
 
     import postprocess.morphology as morphology
     from pipeline.core.grid import Grid
-    from pipeline.run.scene import _decode_probability
-    from postprocess.pipeline import polygons_from_probability
+    from pipeline.core.probability import decode as _decode_probability
+    from postprocess.polygons import polygons_from_probability
 
     built: list[int] = []
     original = morphology.opened_mask
@@ -695,8 +657,8 @@ def test_first_cleaning_step_computed_with_the_inference_equals_the_postprocessi
     assert report["counts"]["valid_pixels"] == int((codes != 255).sum())
     prob = xr.DataArray(_decode_probability(codes), dims=("y", "x"))
     with dask.config.set(scheduler="threads"):
-        gdf, mask = polygons_from_probability(prob, ~prob.isnull(), grid, cfg.postprocess,
-                                              threshold=report["models"][0]["threshold"], block_size=128)
+        gdf, mask = polygons_from_probability(prob.chunk(128), ~prob.isnull(), grid, cfg.postprocess,
+                                              threshold=report["models"][0]["threshold"])
         alone = np.asarray(mask.compute())
     assert alone.any() and 0 < len(gdf) == res.n_polygons
     np.testing.assert_array_equal(run_mask == 1, alone)

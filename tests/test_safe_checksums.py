@@ -2,7 +2,7 @@
 
 A flipped bit inside a band's JPEG 2000 codestream (the file's length and the
 codestream's end marker intact) decodes without an error to wrong pixels: the
-file checks of :func:`pipeline.io.readers.open_raster` cannot see it, only the
+file checks of :func:`pipeline.io.raster_source.open_raster` cannot see it, only the
 product's checksums can. The demo writer's manifest lists no checksums, so the
 products here get theirs added the way ESA's manifests carry them
 (``<byteStream size=...>`` with ``<checksum checksumName="MD5">``).
@@ -25,17 +25,15 @@ import yaml
 from affine import Affine
 from safe_builder import build_safe
 
+from pipeline.cli.stack import add_stack_arguments, cli_stack
+from pipeline.cli.validate import add_validate_arguments, cli_validate
 from pipeline.core.config import load_scene_config
 from pipeline.core.errors import InputError
-from pipeline.io.readers import parse_manifest_checksums, read_scene, verify_manifest_checksums
-from pipeline.stack.layers import read_coarse, stack_scene
-from pipeline.run.validate import (
-    add_stack_arguments,
-    add_validate_arguments,
-    cli_stack,
-    cli_validate,
-    validate_scene,
-)
+from pipeline.io.safe_checksums import parse_manifest_checksums, verify_manifest_checksums
+from pipeline.io.sentinel2 import read_scene
+from pipeline.run.validate import validate_scene
+from pipeline.stack.coarse import read_coarse
+from pipeline.stack.layers import stack_scene
 
 X0, Y0 = 465180.0, 5080260.0
 SIZE = 64

@@ -21,18 +21,15 @@ import rasterio
 import yaml
 from small_scene import X0, Y0, write_raster, write_scene
 
-from pipeline.core.config import load_region_config, load_scene_config, scene_id_from_name
+from pipeline.core.config import load_region_config, load_scene_config
+from pipeline.core.configbase import scene_id_from_name
 from pipeline.core.errors import ConfigError, InputError
 from pipeline.core.grid import Grid
-from pipeline.io.readers import (
-    GDAL_SAFETY_OPTIONS,
-    SceneInputs,
-    open_dem,
-    open_raster,
-    open_slope,
-    read_safe,
-    read_scene,
-)
+from pipeline.io.allow_list import VrtPolicy
+from pipeline.io.dem import open_dem, open_slope
+from pipeline.io.gdal import GDAL_SAFETY_OPTIONS
+from pipeline.io.raster_source import open_raster
+from pipeline.io.sentinel2 import SceneInputs, read_safe, read_scene
 from pipeline.run.validate import validate_scene
 
 SIZE = 32
@@ -156,17 +153,17 @@ def test_raw_band_is_refused_whatever_the_spelling_and_wherever_it_is(scene: Pat
     (scene / "blob.bin").write_bytes(bytes(range(32)))
     sibling = _raw_vrt(scene / "sibling.vrt", scene / "blob.bin", subclass="vrtrawrasterband", relative=True)
     with pytest.raises(InputError, match="VRTRawRasterBand"):
-        open_raster(sibling, "DEM", allow_vrt=True)
+        open_raster(sibling, "DEM", vrt=VrtPolicy(allowed=True))
     outer = _sourced_vrt(scene / "outer.vrt", "sibling.vrt")
     with pytest.raises(InputError, match="VRTRawRasterBand") as caught:
-        open_raster(outer, "DEM", allow_vrt=True)
+        open_raster(outer, "DEM", vrt=VrtPolicy(allowed=True))
     assert str(outer) in str(caught.value)
 
 
 def test_vrt_with_a_source_that_is_not_a_raster_is_refused(scene: Path) -> None:
     vrt = _sourced_vrt(scene / "dem.vrt", str(_secret(scene)), relative=False)
     with pytest.raises(InputError, match="cannot be opened as a raster") as caught:
-        open_raster(vrt, "DEM", allow_vrt=True)
+        open_raster(vrt, "DEM", vrt=VrtPolicy(allowed=True))
     assert str(vrt) in str(caught.value)
 
 
@@ -177,7 +174,7 @@ def test_vrt_with_a_python_pixel_function_is_refused(scene: Path) -> None:
         "</PixelFunctionLanguage><PixelFunctionCode>import os</PixelFunctionCode><SimpleSource>")
     vrt.write_text(text)
     with pytest.raises(InputError, match="Python pixel function"):
-        open_raster(vrt, "DEM", allow_vrt=True)
+        open_raster(vrt, "DEM", vrt=VrtPolicy(allowed=True))
     assert os.environ["GDAL_VRT_ENABLE_PYTHON"] == "NO"
     assert all(os.environ[k] == v for k, v in GDAL_SAFETY_OPTIONS.items())
 

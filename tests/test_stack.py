@@ -29,7 +29,8 @@ from pipeline.core.errors import ChannelError, InputError
 from pipeline.core.grid import Grid
 from pipeline.stack.terrain import horn_slope, horn_slope_dask
 from pipeline.stack.layers import Stack, save_stack, stack_scene
-from pipeline.run.validate import add_stack_arguments, cli_stack, validate_scene
+from pipeline.cli.stack import add_stack_arguments, cli_stack
+from pipeline.run.validate import validate_scene
 
 
 def scene_cfg(scene: dict[str, object], dem: str | Path, tmp_path: Path | None = None,

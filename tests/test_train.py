@@ -9,10 +9,15 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from pipeline.model.artefact import load_artefact
-from pipeline.training.datasets import PatchDataset, data_checksum, find_patches
 from pipeline.core.errors import ConfigError
-from pipeline.training.fit import TrainConfig, _lr_at, kfold_indices, load_train_config, share_threshold, train
+from pipeline.model.artefact import load_artefact
+from pipeline.training.config import TrainConfig, load_train_config
+from pipeline.training.datasets import PatchDataset
+from pipeline.training.folds import kfold_indices
+from pipeline.training.optimizer import build_optimizer, epoch_scheduler
+from pipeline.training.patch_files import data_checksum, find_patches
+from pipeline.training.thresholds import share_threshold
+from pipeline.training.train import train
 
 PATCH_IDS = ("1", "28", "461", "512")
 
@@ -109,15 +114,38 @@ def test_folds_partition_the_patches_and_spread_landslides() -> None:
         kfold_indices([0.1, 0.2], 3, 0)
 
 
+def _epoch_rates(optimizer: dict[str, float | str], epochs: int, run: int | None = None) -> list[float]:
+    """The learning rate of each epoch of a run under ``optimizer`` (the config section)."""
+    import torch
+
+    cfg = TrainConfig.model_validate({"data": {"root": "x"}, "output": {"artefact": "m.safetensors"},
+                                      "optimizer": optimizer})
+    opt = build_optimizer(cfg.optimizer, torch.nn.Linear(1, 1))
+    scheduler = epoch_scheduler(cfg.optimizer, opt, epochs)
+    rates = []
+    for _ in range(epochs if run is None else run):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+    return rates
+
+
 def test_cosine_schedule_with_warmup() -> None:
-    cfg = TrainConfig.model_validate({
-        "data": {"root": "x"}, "output": {"artefact": "m.safetensors"},
-        "optimizer": {"lr": 1e-3, "min_lr": 0.0, "warmup_epochs": 2, "schedule": "cosine"},
-    })
-    assert _lr_at(cfg, 0, 12) == pytest.approx(5e-4)
-    assert _lr_at(cfg, 2, 12) == pytest.approx(1e-3)
-    assert _lr_at(cfg, 7, 12) == pytest.approx(5e-4)
-    assert _lr_at(cfg, 12, 12) == pytest.approx(0.0, abs=1e-12)
+    rates = _epoch_rates({"lr": 1e-3, "min_lr": 0.0, "warmup_epochs": 2, "schedule": "cosine"}, 12, run=13)
+    assert rates[0] == pytest.approx(5e-4)
+    assert rates[2] == pytest.approx(1e-3)
+    assert rates[7] == pytest.approx(5e-4)
+    assert rates[12] == pytest.approx(0.0, abs=1e-12)
+    # a shorter run (the final model) follows the same trajectory
+    assert _epoch_rates({"lr": 1e-3, "min_lr": 0.0, "warmup_epochs": 2}, 12, run=5) == rates[:5]
+
+
+def test_step_and_constant_schedules() -> None:
+    step = _epoch_rates({"lr": 1e-3, "warmup_epochs": 1, "schedule": "step", "step_size": 2, "gamma": 0.5}, 6)
+    assert step == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])
+    assert _epoch_rates({"lr": 1e-3, "warmup_epochs": 2, "schedule": "none"}, 4) == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
+    assert _epoch_rates({"lr": 1e-3, "schedule": "plateau", "warmup_epochs": 2}, 3) == [1e-3] * 3
 
 
 def test_two_epoch_cv_run_is_reproducible_and_fills_the_metadata(shared_data: Path, tmp_path: Path) -> None:
@@ -192,7 +220,8 @@ def test_share_threshold_flags_the_requested_share() -> None:
 
 def test_weight_average_is_what_training_keeps(shared_data: Path, tmp_path: Path) -> None:
     """optimizer.ema_decay: validation, checkpoints and the result use the moving average of the weights."""
-    from pipeline.training.fit import _build, fit, make_dataset, seed_everything
+    from pipeline.training.datasets import make_dataset
+    from pipeline.training.fit import build_network, fit, seed_everything
 
     root = _four_patches(shared_data, tmp_path / "l4s")
     records = find_patches(root, require_masks=True)
@@ -202,14 +231,14 @@ def test_weight_average_is_what_training_keeps(shared_data: Path, tmp_path: Path
         cfg = TrainConfig.model_validate({**base.model_dump(), "epochs": 3,
                                           "optimizer": {**base.optimizer.model_dump(), "ema_decay": decay}})
         ds = make_dataset(cfg, records)
-        res = fit(cfg, ds, ds.subset([0, 1], ds.augment), label="ema")
+        res = fit(cfg, ds, ds.subset([0, 1], ds.augmentation), label="ema")
         assert res.val_prob is not None and np.isfinite(res.val_prob).all()
         last = fit(cfg, ds, None)
         return {k: v.float().numpy() for k, v in last.state.items() if v.is_floating_point()}
 
     plain, tiny, strong = run(0.0), run(1e-9), run(0.999)
     seed_everything(7)
-    init = {k: v.float().numpy() for k, v in _build(_tiny(tmp_path, "init", root)).state_dict().items()
+    init = {k: v.float().numpy() for k, v in build_network(_tiny(tmp_path, "init", root)).state_dict().items()
             if v.is_floating_point()}
     assert plain.keys() == tiny.keys() == strong.keys() == init.keys()
     # an average that forgets at once is the trained weights themselves

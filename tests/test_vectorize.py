@@ -17,7 +17,7 @@ from scipy import ndimage as ndi
 
 from pipeline.core.config import PostprocessSection
 from pipeline.core.grid import Grid
-from postprocess.pipeline import polygons_from_probability
+from postprocess.polygons import polygons_from_probability
 from postprocess.vectorize import vectorize_labels
 
 NEPAL_WINDOW = (323190.0, 3107260.0, 326390.0, 3109660.0)

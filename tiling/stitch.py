@@ -19,12 +19,21 @@ nearest to interior window edges, where zero padding changes a network's
 output: with ``margin`` at least a model's receptive-field radius the
 stitched raster equals a whole-scene prediction.
 
+Blocks: a scene processed in blocks sums each window once, in the block that
+holds its origin (:class:`BlockSums`, on the block plus the strip its windows
+reach into); the strips that fall on later blocks (:meth:`BlockSums.strip`)
+are added there before the division (:func:`blend_block`), so every block
+gets the sums a whole-scene accumulator would hold.
+
 Pure numpy; accumulators are float64 so the result does not depend on how
 many windows were added.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -125,4 +134,69 @@ def finalize(acc: np.ndarray, wsum: np.ndarray, valid: np.ndarray | None = None)
     if valid is not None:
         ok &= valid
     np.divide(acc, wsum, out=out, where=np.broadcast_to(ok, acc.shape), casting="unsafe")
+    return out
+
+
+#: A strip of window sums handed to a later block: ((row, col) offset in that block, (acc, wsum)),
+#: or None in place of the sums when the earlier block ran no window.
+Strip = tuple[tuple[int, int], tuple[np.ndarray, np.ndarray] | None]
+
+
+@dataclass
+class BlockSums:
+    """What a block's own windows produced, on the block plus the strip they reach into."""
+
+    block_valid: np.ndarray  # (bh, bw) bool: the block's own pixels
+    acc: np.ndarray | None  # (k, eh, ew) float64 weighted sums, None when no window ran
+    wsum: np.ndarray | None  # (eh, ew) float64 summed weights
+
+    @classmethod
+    def zeros(cls, block_valid: np.ndarray, bands: int, extent: tuple[int, int]) -> BlockSums:
+        """Empty float64 sums of ``bands`` values over an ``extent`` (rows, cols) from the block's origin."""
+        return cls(block_valid, np.zeros((bands, *extent), np.float64), np.zeros(extent, np.float64))
+
+    def add(self, values: np.ndarray, weights: np.ndarray, row: int, col: int) -> None:
+        """Add one window's ``values`` (k, tile, tile) with ``weights`` at (row, col) of the extent."""
+        assert self.acc is not None
+        add_window(self.acc, self.wsum, values, weights, row, col)
+
+    def strip(self, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Copies of the sums in ``rows`` x ``cols`` of the extent (the part a later block gets)."""
+        if self.acc is None or self.wsum is None:
+            return None
+        acc, wsum = self.acc[:, rows[0] : rows[1], cols[0] : cols[1]], self.wsum[rows[0] : rows[1], cols[0] : cols[1]]
+        return acc.copy(), wsum.copy()
+
+
+def blend_block(bands: int, owned: BlockSums, strips: Sequence[Strip]) -> np.ndarray:
+    """The block's blended values (``bands``, bh, bw): its own window sums plus the strips earlier
+    blocks left on it, divided by the summed weights (:func:`finalize`).
+
+    The block's own sums are read in place (never modified); only the cells of the block that
+    strips cover are copied and added to, each strip in the order given (the same sums, bit for
+    bit, as adding every strip to a copy of the whole block).
+    """
+    bh, bw = owned.block_valid.shape
+    if not owned.block_valid.any():
+        return np.full((bands, bh, bw), np.nan, np.float32)
+    if owned.acc is not None and owned.wsum is not None:
+        acc, wsum = owned.acc[:, :bh, :bw], owned.wsum[:bh, :bw]
+    else:
+        acc, wsum = np.zeros((bands, bh, bw), np.float64), np.zeros((bh, bw), np.float64)
+    parts = [(r, c, *part) for (r, c), part in strips if part is not None]
+    out = finalize(acc, wsum, owned.block_valid)
+    # cells between every strip edge: each is covered by a fixed set of strips, or by none
+    ys = sorted({0, bh, *(r for r, _, _, w in parts), *(r + w.shape[0] for r, _, _, w in parts)})
+    xs = sorted({0, bw, *(c for _, c, _, w in parts), *(c + w.shape[1] for _, c, _, w in parts)})
+    for y0, y1 in itertools.pairwise(ys):
+        for x0, x1 in itertools.pairwise(xs):
+            over = [(r, c, a, w) for r, c, a, w in parts
+                    if r <= y0 and y1 <= r + w.shape[0] and c <= x0 and x1 <= c + w.shape[1]]
+            if not over:
+                continue
+            cell_acc, cell_w = acc[:, y0:y1, x0:x1].copy(), wsum[y0:y1, x0:x1].copy()
+            for r, c, a, w in over:
+                cell_acc += a[:, y0 - r : y1 - r, x0 - c : x1 - c]
+                cell_w += w[y0 - r : y1 - r, x0 - c : x1 - c]
+            out[:, y0:y1, x0:x1] = finalize(cell_acc, cell_w, owned.block_valid[y0:y1, x0:x1])
     return out

@@ -12,70 +12,22 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, field_validator, model_validator
 
-from pipeline.core.errors import ConfigError
-from pipeline.core.yamlio import line_of, load_yaml
+from pipeline.core.configbase import (
+    SCENE_ID_RULE,
+    RelPath,
+    Strict,
+    is_remote_path,
+    is_safe_scene_id,
+    load_strict,
+)
+from pipeline.core.errors import ConfigError, PipelineError
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default.safetensors"
-
-
-def _relative_to_config(value: Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base_dir")
-    value = value.expanduser()
-    if base is not None and not value.is_absolute():
-        value = Path(base) / value
-    return value
-
-
-RelPath = Annotated[Path, AfterValidator(_relative_to_config)]
-
-
-def is_remote_path(text: str | os.PathLike[str]) -> bool:
-    """True for a path GDAL would not treat as a plain local file: a ``/vsi...`` virtual file
-    system (``/vsicurl/``, ``/vsimem/``, ``/vsizip/``, ...) or a URL (``scheme://``)."""
-    value = os.fspath(text).strip()
-    return value.lower().startswith("/vsi") or "://" in value
-
-
-#: A scene id names output folders and files: ASCII letters, digits, ``.``, ``_`` and ``-``,
-#: not starting with a dot (so never ``.`` or ``..``), at most :data:`SCENE_ID_MAX` characters.
-SCENE_ID_MAX = 120
-_SCENE_ID = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{SCENE_ID_MAX - 1}}}")
-SCENE_ID_RULE = (f"use 1 to {SCENE_ID_MAX} letters, digits, '.', '_' or '-', not starting with '.' "
-                 "(the id names output folders and files)")
-
-
-def is_safe_scene_id(value: str) -> bool:
-    """True when ``value`` can be used as a scene id (:data:`SCENE_ID_RULE`)."""
-    return bool(_SCENE_ID.fullmatch(value))
-
-
-def scene_id_from_name(name: str) -> str:
-    """A safe scene id made from a product or folder name: characters outside the safe set
-    become ``_``, leading dots are dropped, at most :data:`SCENE_ID_MAX` characters
-    (``scene`` when nothing is left)."""
-    text = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")[:SCENE_ID_MAX]
-    return text or "scene"
-
-
-class Strict(BaseModel):
-    """Base for config sections: unknown keys are errors, values are not coerced loosely."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SceneSection(Strict):
@@ -320,60 +272,16 @@ class RegionConfig(Strict):
     source: Path | None = Field(None, exclude=True)
 
 
-def _format_validation(path: Path, data: Any, exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        field = ".".join(str(p) for p in loc) or "(top level)"
-        line = line_of(data, loc)
-        where = f"{path}:{line}" if line else str(path)
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "required field missing"
-        lines.append(f"{where}: {field}: {msg}")
-    return "\n".join(lines)
-
-
-def _load(model: type[Strict], path: Path) -> Any:
-    path = Path(path)
-    data = load_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    if "source" in data:
-        raise ConfigError(f"{path}:{line_of(data, ('source',))}: source: unknown key")
-    try:
-        cfg = model.model_validate(data, context={"base_dir": path.resolve().parent})
-    except ValidationError as exc:
-        raise ConfigError(_format_validation(path, data, exc)) from None
-    if isinstance(cfg, SceneConfig):
-        problems = [f"{path}:{line_of(data, loc) or '?'}: {'.'.join(loc)}: {msg}" for loc, msg in _model_fit(cfg)]
-        if problems:
-            raise ConfigError("\n".join(problems))
-    return cfg.model_copy(update={"source": path.resolve()})
-
-
 def model_tile_size(path: Path) -> int | None:
-    """The window edge (``tile_size``) a model artefact declares, from its safetensors header only
-    (the first bytes of the file); None when the file is missing or not a readable artefact (loading
-    the models reports that, with its own message)."""
-    import json
-    import struct
+    """The window edge (``tile_size``) a model artefact declares, from its header only; None when
+    the file is missing or not a readable artefact (loading the models reports that, with its own
+    message)."""
+    from pipeline.model.artefact import read_metadata
 
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                return None
-            (n,) = struct.unpack("<Q", head)
-            if not 2 <= n <= 64 * 1024 * 1024:
-                return None
-            header = json.loads(fh.read(n).decode("utf-8"))
-        tile = json.loads(header["__metadata__"]["metadata"])["tile_size"]
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return read_metadata(path).tile_size
+    except (PipelineError, OSError, ValueError):
         return None
-    return tile if isinstance(tile, int) and not isinstance(tile, bool) and tile > 0 else None
 
 
 def _model_fit(cfg: SceneConfig) -> list[tuple[tuple[str, ...], str]]:
@@ -393,12 +301,12 @@ def _model_fit(cfg: SceneConfig) -> list[tuple[tuple[str, ...], str]]:
 
 def load_scene_config(path: Path) -> SceneConfig:
     """Read and validate a scene YAML file (and ``model.overlap`` against the models' window size)."""
-    return _load(SceneConfig, path)  # type: ignore[no-any-return]
+    return load_strict(SceneConfig, path, check=_model_fit)  # type: ignore[no-any-return]
 
 
 def load_region_config(path: Path) -> RegionConfig:
     """Read and validate a region YAML file (scene globs are expanded)."""
-    cfg: RegionConfig = _load(RegionConfig, path)
+    cfg: RegionConfig = load_strict(RegionConfig, path)
     expanded: list[Path] = []
     for p in cfg.scenes:
         if any(ch in str(p) for ch in "*?["):

@@ -7,7 +7,7 @@ overviews. Both temporary files live beside the target and the result is
 moved into place with :func:`os.replace`, so readers see either the old file
 or the complete new one, and a failure leaves no output behind.
 
-Every file is read back before it moves into place (:func:`verify_raster`):
+Every file is read back before it moves into place (:func:`pipeline.io.raster_check.verify_raster`):
 GDAL's COG driver with more than one thread does not report a failed write
 (a full disk gives a truncated file and no error). A write that failed,
 reported or found, raises :class:`~pipeline.core.errors.DiskFull` (or
@@ -21,115 +21,33 @@ import contextlib
 import contextvars
 import logging
 import os
-import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import dask.array as da
 import numpy as np
 import rasterio
 import rasterio.shutil
 import xarray as xr
-from rasterio.enums import Interleaving
 from rasterio.errors import RasterioError
-from rasterio.windows import Window
 
 from pipeline.core import fsutil
-from pipeline.core.errors import DiskFull, OutputError
-from pipeline.core.fsutil import WriteCheckFailed
+from pipeline.core.errors import OutputError
 from pipeline.core.grid import Grid
 from pipeline.core.progress import about_to_compute, compute
-from pipeline.io.readers import error_detail as _detail
+from pipeline.io.gdal import error_detail
+from pipeline.io.raster_check import RasterLayout, verify_written
+from pipeline.io.window_writer import WindowWriter, store_lock, tile_for
 
 log = logging.getLogger(__name__)
 
 TILE = 512
-#: DEFLATE level of the finished COGs. Level 1 writes the uint8 probability of a full tile in
-#: 2.2 s against 4.9 s at level 6, for a file 4 % larger (76 against 73 MB, with the predictor).
+#: DEFLATE level of the finished COGs: the fastest level, for files little larger than at the
+#: default level (with the predictor).
 DEFLATE_LEVEL = 1
-
-
-class _WindowWriter:
-    """``da.store`` target: ``target[region] = block`` writes a window of a GeoTIFF.
-
-    Holds only the path, so it can be sent to distributed workers on the same
-    file system; each write reopens the file in update mode under the lock.
-    ``final`` is the path the file becomes, named in errors.
-    """
-
-    def __init__(self, path: Path, ndim: int, final: Path | None = None) -> None:
-        self.path = str(path)
-        self.ndim = ndim
-        self.final = str(final or path)
-
-    def __setitem__(self, key: tuple[slice, ...], value: np.ndarray) -> None:
-        rows, cols = key[-2], key[-1]
-        window = Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
-        failure: OutputError | None = None
-        try:
-            with rasterio.open(self.path, "r+") as dst:
-                if self.ndim == 2:
-                    dst.write(value, 1, window=window)
-                else:
-                    bands = key[0]
-                    indexes = list(range(bands.start + 1, bands.stop + 1))
-                    dst.write(value, indexes, window=window)
-        except (RasterioError, OSError) as exc:
-            failure = fsutil.write_failure(self.final, _detail(exc), exc, written=[self.path],
-                                           what=f"cannot write block {window} of {self.path}")
-        if failure is not None:  # raised outside the except block so it pickles from workers
-            if isinstance(failure, DiskFull):
-                _quiet_worker_report()
-            raise failure
-
-
-_QUIET = False
-
-
-class _DropDiskFullReports:
-    """Logging filter for a Dask worker's ``Compute Failed`` report (with the task's traceback)
-    of a :class:`DiskFull`: the error itself reaches the client, which says it in one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args if isinstance(record.args, tuple) else ()
-        return not (str(record.msg).startswith("Compute Failed")
-                    and any(isinstance(a, str) and a.startswith(("DiskFull(", "FileSizeLimit(")) for a in args))
-
-
-def _quiet_worker_report() -> None:
-    global _QUIET  # noqa: PLW0603 - once per process
-    if not _QUIET:
-        _QUIET = True
-        logging.getLogger("distributed.worker").addFilter(_DropDiskFullReports())
-
-
-def _tile_for(chunks: tuple[tuple[int, ...], ...]) -> int:
-    """Tile edge of the temporary GeoTIFF: every chunk border falls on a tile border, so no tile
-    is written twice. The chunk size itself when all chunks share one that is a multiple of 16
-    (one tile per block: small tiles cost 10 times more to write, 32 px tiles under 2016 px
-    blocks 0.12 against 0.013 s per block), else the largest such edge <= 512."""
-    inner = [c for axis in chunks for c in axis[:-1]]
-    sizes = set(inner)
-    if len(sizes) == 1 and (size := sizes.pop()) % 16 == 0 and size <= 4096:
-        return size
-    for size in (512, 256, 128, 64, 32, 16):
-        if all(c % size == 0 for c in inner):
-            return size
-    return 16
-
-
-def _lock() -> Any:
-    """A lock valid for the active scheduler (distributed lock when a client is running)."""
-    try:
-        from distributed import Lock, get_client
-
-        get_client()
-        return Lock(f"cog-writer-{uuid.uuid4().hex}")
-    except (ImportError, ValueError):
-        return threading.Lock()
 
 
 def _as_dask(arr: xr.DataArray | da.Array | np.ndarray, grid: Grid) -> da.Array:
@@ -161,9 +79,9 @@ class RasterOutput:
 
     ``cog=False`` writes a plain tiled GeoTIFF, uncompressed and without
     overviews: the cheap form for intermediate layers that only this run
-    reads back (compressing float32 elevation costs 40 times more than
-    writing it: 0.9 against 0.02 s per 2016 px block of two bands). Tiles
-    are the blocks' own size when they allow it (see :func:`_tile_for`).
+    reads back (compressing float32 elevation costs far more than writing
+    it). Tiles are the blocks' own size when they allow it (see
+    :func:`pipeline.io.window_writer.tile_for`).
     """
 
     arr: Any
@@ -178,32 +96,31 @@ class RasterOutput:
     cog: bool = True
 
 
-def write_cog(
-    arr: xr.DataArray | da.Array | np.ndarray,
-    grid: Grid,
-    path: str | os.PathLike[str],
-    *,
-    dtype: str | np.dtype[Any],
-    nodata: float | None,
-    band_names: Sequence[str] | None = None,
-    overview: bool = True,
-    overview_resampling: str = "average",
-    compress: str = "DEFLATE",
-    tags: dict[str, str] | None = None,
-) -> Path:
+class CogOptions(TypedDict, total=False):
+    """The optional settings of :func:`write_cog` (defaults: those of :class:`RasterOutput`)."""
+
+    band_names: Sequence[str] | None
+    overview: bool
+    overview_resampling: str
+    compress: str
+    tags: dict[str, str] | None
+
+
+def write_cog(arr: xr.DataArray | da.Array | np.ndarray, grid: Grid, path: str | os.PathLike[str], *,
+              dtype: str | np.dtype[Any], nodata: float | None, **options: Unpack[CogOptions]) -> Path:
     """Write ``arr`` ((band, y, x) or (y, x), lazy or not) on ``grid`` as a COG at ``path``.
 
     Blocks are computed with the active dask scheduler and written as they
     finish; memory is bounded by a few chunks. Float NaN become ``nodata``
-    when ``dtype`` is an integer type. ``overview_resampling`` is a GDAL
+    when ``dtype`` is an integer type. ``options`` (:class:`CogOptions`): band
+    names, overviews, compression and tags; ``overview_resampling`` is a GDAL
     name: ``average`` for continuous data, ``nearest`` or ``mode`` for
     classes. Returns the path. Raises :class:`OutputError` when the file
     cannot be written; errors raised while computing blocks (for example an
     :class:`~pipeline.core.errors.InputError` for a corrupt input) propagate
     unchanged. Either way no partial file is left.
     """
-    out = RasterOutput(arr, Path(path), dtype, nodata, band_names, overview, overview_resampling, compress, tags)
-    return write_rasters([out], grid)[0]
+    return write_rasters([RasterOutput(arr, Path(path), dtype, nodata, **options)], grid)[0]
 
 
 def write_rasters(outputs: Sequence[RasterOutput], grid: Grid,
@@ -232,14 +149,15 @@ def write_rasters(outputs: Sequence[RasterOutput], grid: Grid,
         extra: list[Any] = []
         if plans:
             about_to_compute()  # the lock depends on the scheduler that will compute
-            store = da.store([p["data"] for p in plans], [_WindowWriter(p["tmp_tiff"], p["data"].ndim, p["path"]) for p in plans],
-                             lock=_lock(), compute=False)
+            store = da.store([p["data"] for p in plans],
+                             [WindowWriter(p["tmp_tiff"], p["data"].ndim, p["path"]) for p in plans],
+                             lock=store_lock(), compute=False)
             names = ", ".join(p["path"].name for p in plans)
             collections = [store, *(also([p["data"] for p in plans]) if also is not None else [])]
             extra = list(compute(collections, f"computing {names} ({plans[0]['data'].npartitions} block(s))")[1:])
         for p in plans:  # every block stored (a block write that failed and said nothing shows here)
-            _verify_or_raise(p["tmp_tiff"], p["path"], width=grid.width, height=grid.height, count=p["count"],
-                             dtype=p["dtype"].name, sparse=True, written=[p["tmp_tiff"]])
+            layout = RasterLayout(grid.width, grid.height, p["count"], p["dtype"].name)
+            verify_written(p["tmp_tiff"], p["path"], layout, sparse=True, written=[p["tmp_tiff"]])
         hook = BEFORE_CONVERT.get()
         if hook is not None:
             hook()
@@ -268,11 +186,11 @@ def _start(out: RasterOutput, grid: Grid) -> dict[str, Any]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise fsutil.folder_failure(exc, path, f"{path}: cannot create the output folder ({_detail(exc)})") from None
+        raise fsutil.folder_failure(exc, path, f"{path}: cannot create the output folder ({error_detail(exc)})") from None
     stem = f".{path.name}.{uuid.uuid4().hex[:8]}"
     tmp_tiff = path.parent / f"{stem}.tiles.tif"
     tmp_cog = path.parent / f"{stem}.cog.tif"
-    tile = _tile_for(data.chunks[-2:])
+    tile = tile_for(data.chunks[-2:])
     profile = {
         "driver": "GTiff", "width": grid.width, "height": grid.height, "count": count,
         "dtype": np_dtype.name, "crs": grid.crs, "transform": grid.transform, "nodata": out.nodata,
@@ -280,8 +198,7 @@ def _start(out: RasterOutput, grid: Grid) -> dict[str, Any]:
         "interleave": "pixel" if count <= 4 and out.cog else "band",
         **({"compress": "ZSTD", "zstd_level": 1} if out.cog else {"compress": "NONE"}),
         # every tile is written by the store: without this GDAL writes every tile of an
-        # uncompressed file as zeros first (about 2 s for a full tile's stored layers, before the
-        # inference can start)
+        # uncompressed file as zeros first, before the inference can start
         "sparse_ok": True,
     }
     try:
@@ -293,7 +210,7 @@ def _start(out: RasterOutput, grid: Grid) -> dict[str, Any]:
             if out.tags:
                 dst.update_tags(**out.tags)
     except (RasterioError, OSError) as exc:
-        failure = fsutil.write_failure(path, _detail(exc), exc, written=[tmp_tiff],
+        failure = fsutil.write_failure(path, error_detail(exc), exc, written=[tmp_tiff],
                                        what="cannot create a temporary GeoTIFF beside it")
         _cleanup(tmp_tiff)
         raise failure from None
@@ -349,19 +266,19 @@ def _copy_as_cog(source: Path, dest: Path, path: Path, *, compress: str, overvie
     failure: OutputError | None = None
     try:
         with rasterio.open(source) as src:
-            expected = {"width": src.width, "height": src.height, "count": src.count, "dtype": src.dtypes[0]}
+            layout = RasterLayout(src.width, src.height, src.count, src.dtypes[0])
         if band_descriptions or band_tags:
             with _described(source, band_descriptions or (), band_tags or ()) as vrt:
                 rasterio.shutil.copy(vrt, dest, driver="COG", **options)
         else:
             rasterio.shutil.copy(source, dest, driver="COG", **options)
     except (RasterioError, OSError) as exc:
-        failure = fsutil.write_failure(path, _detail(exc), exc, needed=_size(source), written=[dest],
+        failure = fsutil.write_failure(path, error_detail(exc), exc, needed=_size(source), written=[dest],
                                        what="cannot write the COG")
     if failure is not None:
         raise failure
     # GDAL's COG driver with several threads reports no failed write: read the copy back
-    _verify_or_raise(dest, path, **expected, needed=_size(source), written=[dest])
+    verify_written(dest, path, layout, needed=_size(source), written=[dest])
     return dest
 
 
@@ -383,70 +300,6 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
-
-
-def _verify_or_raise(tmp: Path, path: Path, *, width: int, height: int, count: int, dtype: str,
-                     sparse: bool = False, needed: int = 0, written: Sequence[Path] = ()) -> None:
-    """:func:`verify_raster` of the temporary ``tmp`` that becomes ``path``; a failure raises the
-    error :func:`pipeline.core.fsutil.write_failure` gives (a full disk, else a damaged file)."""
-    try:
-        verify_raster(tmp, width=width, height=height, count=count, dtype=dtype, sparse=sparse)
-    except WriteCheckFailed as exc:
-        failure = fsutil.write_failure(path, f"{tmp.name} read back: {exc}", needed=needed, written=written,
-                                       what="the file written is incomplete")
-    else:
-        return
-    raise failure
-
-
-def verify_raster(path: str | os.PathLike[str], *, width: int, height: int, count: int, dtype: str,
-                  sparse: bool = False) -> None:
-    """Read back the structure of a GeoTIFF (or COG) just written, before it moves into place.
-
-    Checks that it opens with the expected size, band count and data type; that every block of
-    the full resolution and of each overview lies within the file (offset plus size at most the
-    file's size; ``sparse=False``: every block present); and reads the last block in the file of
-    each level and band (decompressing it), the one a truncated file loses first. Costs one
-    metadata lookup per block and one block read per level: milliseconds for the demo, about
-    0.1 s for a 14-band full tile. Raises :class:`~pipeline.core.fsutil.WriteCheckFailed`.
-    """
-    path = os.fspath(path)
-    try:
-        file_size = os.stat(path).st_size
-        with rasterio.open(path) as src:
-            found = (src.width, src.height, src.count, tuple(src.dtypes))
-            if found != (width, height, count, (str(dtype),) * count):
-                raise WriteCheckFailed(f"{src.width} x {src.height}, {src.count} band(s) of "
-                                       f"{'/'.join(sorted(set(src.dtypes)))} read back, expected {width} x "
-                                       f"{height}, {count} of {dtype}")
-            levels = len(src.overviews(1))
-            _verify_level(src, file_size, sparse, "full resolution")
-        for level in range(levels):
-            with rasterio.open(path, overview_level=level) as ovr:
-                _verify_level(ovr, file_size, sparse, f"overview {level + 1}")
-    except (RasterioError, OSError) as exc:
-        raise WriteCheckFailed(f"cannot read it back ({_detail(exc)})") from None
-
-
-def _verify_level(src: Any, file_size: int, sparse: bool, label: str) -> None:
-    separate = src.count > 1 and src.interleaving != Interleaving.pixel  # one tile per band and block
-    for band in (range(1, src.count + 1) if separate else [1]):
-        last: tuple[int, Window] | None = None
-        for (row, col), window in src.block_windows(band):
-            offset = src.get_tag_item(f"BLOCK_OFFSET_{col}_{row}", "TIFF", bidx=band)
-            size = src.get_tag_item(f"BLOCK_SIZE_{col}_{row}", "TIFF", bidx=band)
-            if offset is None or size is None:
-                if sparse:
-                    continue  # never written: all no-data (SPARSE_OK), or a write that failed
-                raise WriteCheckFailed(f"{label}: block ({row}, {col}) of band {band} is missing")
-            end = int(offset) + int(size)
-            if end > file_size:
-                raise WriteCheckFailed(f"{label}: block ({row}, {col}) of band {band} ends at byte {end}, "
-                                       f"after the end of the file ({file_size} bytes)")
-            if last is None or int(offset) > last[0]:
-                last = (int(offset), window)
-        if last is not None:
-            src.read(band if separate else None, window=last[1])
 
 
 def cog_from_tiff(source: str | os.PathLike[str], path: str | os.PathLike[str], *, overview: bool = True,
@@ -476,7 +329,7 @@ def _move(source: Path, path: Path) -> Path:
     try:
         os.replace(source, path)
     except OSError as exc:
-        failure = fsutil.write_failure(path, _detail(exc), exc, what="cannot move the finished raster into place")
+        failure = fsutil.write_failure(path, error_detail(exc), exc, what="cannot move the finished raster into place")
     if failure is not None:
         raise failure
     return path
@@ -490,4 +343,4 @@ def _cleanup(*paths: Path) -> None:
             Path(f"{p}.aux.xml").unlink()
 
 
-__all__ = ["RasterOutput", "cog_from_tiff", "verify_raster", "write_cog", "write_rasters"]
+__all__ = ["CogOptions", "RasterOutput", "cog_from_tiff", "write_cog", "write_rasters"]

@@ -1,1 +1,1 @@
-"""Model artefacts: the file format, the architecture registry, input normalization, device and precision."""
+"""Model artefacts: the file format, the architecture registry, input normalization, ensembles, device and precision."""

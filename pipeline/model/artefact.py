@@ -15,10 +15,10 @@ Loading parses the header with a strict reader and reads tensors with
 (pickle) is refused even when it is named ``*.safetensors``. The module is
 rebuilt from the registry (:func:`pipeline.model.registry.build_model`) and the
 weights are loaded strictly. ``sha256`` identifies the file (caches, reports).
+Several artefacts combined: :mod:`pipeline.model.ensemble`.
 
-Ensembles: :func:`ensemble_probability` combines members' probabilities by
-weighted mean or weighted vote; :func:`ensemble_threshold` gives the decision
-threshold that goes with the combination.
+The header is parsed here, not by ``safetensors.safe_open``: that one message for truncated and
+padded files gives neither kind nor sizes, and its header cap is larger than :data:`_MAX_HEADER`.
 """
 
 from __future__ import annotations
@@ -28,17 +28,15 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core import fsutil
-from pipeline.model.architectures import canonical_architecture, input_multiple
 from pipeline.core.channels import canonical
 from pipeline.core.errors import ChannelError, InputError, ModelError
+from pipeline.model.architectures import canonical_architecture, input_multiple
 from pipeline.model.normalization import validate_spec
 
 if TYPE_CHECKING:  # PyTorch is imported where weights are read, written or built, not for metadata
@@ -157,7 +155,26 @@ def _validate_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
     if enc is not None and not isinstance(enc, str):
         raise ModelError(f"{where}: encoder must be a string or null, got {enc!r}")
     out["encoder"] = enc or None
-    chans = meta["channels"]
+    out["channels"] = _checked_channels(meta["channels"], where)
+    try:
+        out["normalization"] = validate_spec(meta["normalization"], n_channels=len(out["channels"]))
+    except ModelError as exc:
+        raise ModelError(f"{where}: {exc}") from None
+    levels = meta.get("levels", ["L1C"])
+    if not isinstance(levels, list) or not levels or not set(levels) <= set(LEVELS):
+        raise ModelError(f"{where}: levels must be a non-empty list of {', '.join(LEVELS)}, got {levels!r}")
+    out["levels"] = list(levels)
+    out["tile_size"] = _checked_tile_size(meta["tile_size"], out["architecture"], where)
+    thr = meta["threshold"]
+    if isinstance(thr, bool) or not isinstance(thr, int | float) or not 0.0 < float(thr) < 1.0:
+        raise ModelError(f"{where}: threshold must be a number in (0, 1), got {thr!r}")
+    out["threshold"] = float(thr)
+    out.update(_checked_free_fields(meta, where))
+    return out
+
+
+def _checked_channels(chans: Any, where: str) -> list[str]:
+    """Canonical channel names: a non-empty list of known channels without duplicates."""
     if not isinstance(chans, list) or not chans or not all(isinstance(c, str) for c in chans):
         raise ModelError(f"{where}: channels must be a non-empty list of channel names, got {chans!r}")
     try:
@@ -167,26 +184,23 @@ def _validate_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
     dups = sorted({c for c in canon if canon.count(c) > 1})
     if dups:
         raise ModelError(f"{where}: channels: duplicated channel(s) {', '.join(dups)}")
-    out["channels"] = canon
-    try:
-        out["normalization"] = validate_spec(meta["normalization"], n_channels=len(canon))
-    except ModelError as exc:
-        raise ModelError(f"{where}: {exc}") from None
-    levels = meta.get("levels", ["L1C"])
-    if not isinstance(levels, list) or not levels or not set(levels) <= set(LEVELS):
-        raise ModelError(f"{where}: levels must be a non-empty list of {', '.join(LEVELS)}, got {levels!r}")
-    out["levels"] = list(levels)
-    tile = meta["tile_size"]
+    return canon
+
+
+def _checked_tile_size(tile: Any, architecture: str, where: str) -> int:
+    """A positive integer that ``architecture`` accepts as a window edge."""
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
         raise ModelError(f"{where}: tile_size must be a positive integer, got {tile!r}")
-    mult = input_multiple(out["architecture"])
+    mult = input_multiple(architecture)
     if tile % mult:
-        raise ModelError(f"{where}: tile_size {tile} must be a multiple of {mult} for {out['architecture']}")
-    out["tile_size"] = tile
-    thr = meta["threshold"]
-    if isinstance(thr, bool) or not isinstance(thr, int | float) or not 0.0 < float(thr) < 1.0:
-        raise ModelError(f"{where}: threshold must be a number in (0, 1), got {thr!r}")
-    out["threshold"] = float(thr)
+        raise ModelError(f"{where}: tile_size {tile} must be a multiple of {mult} for {architecture}")
+    return tile
+
+
+def _checked_free_fields(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The descriptive fields: JSON objects (training, metrics, arch_kwargs) and strings
+    (version, which must not be empty, name, created)."""
+    out: dict[str, Any] = {}
     for key in ("training", "metrics", "arch_kwargs"):
         val = meta.get(key, {})
         if not isinstance(val, Mapping):
@@ -219,7 +233,6 @@ def save_artefact(
     it is compared with a freshly built one before writing. Returns the
     saved artefact with ``path``, ``sha256`` and ``module`` set.
     """
-    import torch
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -234,23 +247,9 @@ def save_artefact(
     clean = _validate_metadata(raw, where=str(path))
     art = ModelArtefact(**clean)
 
-    reference = art.build().state_dict()
-    state = module.state_dict()
-    _check_state(reference, state, str(path))
-    params = {name for name, _ in module.named_parameters()}
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in state.items():
-        t = t.detach().to("cpu")
-        if half and name in params and t.is_floating_point():
-            t = t.to(torch.float16)
-        tensors[name] = t.contiguous().clone()  # no shared storage in safetensors
-    header = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "metadata": json.dumps(
-            {**clean, "weights_dtype": "float16" if half else "float32"}, allow_nan=False, sort_keys=True
-        ),
-    }
+    tensors = _tensors_to_store(module, art.build().state_dict(), half, str(path))
+    stored = json.dumps({**clean, "weights_dtype": "float16" if half else "float32"}, allow_nan=False, sort_keys=True)
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "metadata": stored}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = fsutil.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -261,7 +260,25 @@ def save_artefact(
         Path(tmp).unlink(missing_ok=True)
         raise
     log.info("saved model artefact %s (%s %s, %d channels)", path, art.architecture, art.encoder, art.in_channels)
-    return replace(art, module=module, path=path, sha256=file_sha256(path))
+    return replace(art, module=module, path=path, sha256=fsutil.file_digest(path))
+
+
+def _tensors_to_store(module: nn.Module, reference: Mapping[str, torch.Tensor], half: bool,
+                      where: str) -> dict[str, torch.Tensor]:
+    """``module``'s weights on the CPU, checked against the ``reference`` state of its architecture,
+    float parameters as float16 with ``half``."""
+    import torch
+
+    state = module.state_dict()
+    _check_state(reference, state, where)
+    params = {name for name, _ in module.named_parameters()}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        t = t.detach().to("cpu")
+        if half and name in params and t.is_floating_point():
+            t = t.to(torch.float16)
+        tensors[name] = t.contiguous().clone()  # no shared storage in safetensors
+    return tensors
 
 
 def _check_state(reference: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], where: str) -> None:
@@ -284,11 +301,6 @@ def _check_state(reference: Mapping[str, torch.Tensor], state: Mapping[str, torc
 
 
 # -- load ----------------------------------------------------------------------
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file."""
-    return fsutil.file_digest(path)
-
-
 def _read_header(path: Path) -> dict[str, Any]:
     """Parse the safetensors header without touching tensor data or pickle."""
     if not path.is_file():
@@ -357,7 +369,7 @@ def read_metadata(path: str | os.PathLike[str]) -> ModelArtefact:
     clean = _validate_metadata(meta, where=str(path))
     if not clean["name"]:
         clean["name"] = path.stem
-    return ModelArtefact(**clean, path=path, sha256=file_sha256(path))
+    return ModelArtefact(**clean, path=path, sha256=fsutil.file_digest(path))
 
 
 def load_artefact(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> ModelArtefact:
@@ -385,70 +397,3 @@ def load_artefact(path: str | os.PathLike[str], device: str | torch.device = "cp
     module.eval().to(device)
     log.info("loaded model artefact %s (%s, sha256 %s)", where, art.name, (art.sha256 or "")[:12])
     return replace(art, module=module)
-
-
-def load_models(paths: Sequence[str | os.PathLike[str]], device: str | torch.device = "cpu") -> list[ModelArtefact]:
-    """Load several artefacts (an ensemble); members must share the tile size."""
-    models = [load_artefact(p, device=device) for p in paths]
-    check_ensemble(models)
-    return models
-
-
-# -- ensembles -----------------------------------------------------------------
-EnsembleMethod = Literal["mean", "vote"]
-
-
-def check_ensemble(models: Sequence[ModelArtefact], weights: Sequence[float] | None = None) -> np.ndarray:
-    """Validate an ensemble and return normalized member weights (sum 1)."""
-    if not models:
-        raise ModelError("no model given: model.path must name at least one artefact")
-    tiles = {m.tile_size for m in models}
-    if len(tiles) > 1:
-        raise ModelError(f"ensemble members must share one tile_size, got {sorted(tiles)}")
-    if weights is None:
-        w = np.ones(len(models), np.float64)
-    else:
-        w = np.asarray(list(weights), np.float64)
-        if w.shape != (len(models),):
-            raise ModelError(f"model.weights: {w.size} weight(s) given for {len(models)} model(s)")
-        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-            raise ModelError(f"model.weights: weights must be non-negative with a positive sum, got {list(w)}")
-    return w / w.sum()
-
-
-def ensemble_probability(
-    member_probs: np.ndarray,
-    weights: Sequence[float] | np.ndarray,
-    thresholds: Sequence[float] | np.ndarray,
-    method: EnsembleMethod = "mean",
-) -> np.ndarray:
-    """Combine member probabilities of shape (M, ...) into one array (...).
-
-    ``mean``: weighted mean of probabilities. ``vote``: weighted fraction of
-    members whose probability reaches their own threshold (a soft vote in
-    [0, 1]; with equal weights, > 0.5 is a majority).
-    """
-    p = np.asarray(member_probs)
-    w = np.asarray(weights, np.float32).reshape((-1,) + (1,) * (p.ndim - 1))
-    if method == "mean":
-        return (p * w).sum(axis=0, dtype=np.float32) / np.float32(w.sum())
-    if method == "vote":
-        t = np.asarray(thresholds, np.float32).reshape(w.shape)
-        return ((p >= t) * w).sum(axis=0, dtype=np.float32) / np.float32(w.sum())
-    raise ModelError(f"model.ensemble: unknown method {method!r}; expected mean or vote")
-
-
-def ensemble_threshold(
-    models: Sequence[ModelArtefact], weights: Sequence[float] | None = None, method: EnsembleMethod = "mean"
-) -> float:
-    """Decision threshold for the combined probability.
-
-    A single model keeps its own threshold; ``mean`` uses the weighted mean
-    of the members' thresholds; ``vote`` uses 0.5 (weighted majority).
-    """
-    w = check_ensemble(models, weights)
-    if len(models) == 1:
-        return float(models[0].threshold)
-    if method == "vote":
-        return 0.5
-    return float(np.dot(w, [m.threshold for m in models]))

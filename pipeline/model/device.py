@@ -2,20 +2,13 @@
 
 - :func:`resolve_device`: ``auto`` picks CUDA, then Apple MPS, then the CPU.
 - :func:`resolve_precision`: ``auto`` is float16 autocast on CUDA and float32
-  elsewhere. On the CPU, bfloat16 autocast only pays on processors with
-  native bf16 instructions (AVX512-BF16 / AMX). Measured on the development
-  machine (AMD EPYC, AVX2, no native bf16) with
-  ``benchmarks/bench_inference.py`` on 16 Landslide4Sense patches, batch 16:
-  bf16 autocast ran at 0.01-0.13x the float32 speed (trained U-Net
-  mobilenet_v2 and trained PlainUnet, with and without channels_last), with
-  probabilities within 0.025 of float32 and 99.96-99.99 % of pixels on the
-  same side of the model's threshold. So ``auto`` keeps float32 on the CPU;
+  elsewhere. On the CPU, bfloat16 autocast pays only on processors with
+  native bf16 instructions (AVX512-BF16 / AMX), and it moves probabilities
+  and a few pixels across the threshold, so ``auto`` keeps float32 there;
   ``bf16`` can still be requested explicitly.
-- :func:`use_channels_last`: channels_last (NHWC) convolutions. On the CPU
-  in float32 they were 1.2-1.46x faster than NCHW (U-Net with mobilenet_v2,
-  resnet34 and efficientnet-b0 encoders, the trained PlainUnet; interleaved
-  runs), with probabilities within 2e-6 of NCHW and identical masks, so they
-  are on by default on the CPU; on CUDA with reduced precision.
+- :func:`use_channels_last`: channels_last (NHWC) convolutions: on the CPU in
+  float32 they are faster than NCHW with the same masks, so they are on by
+  default there; on CUDA with reduced precision.
 - :func:`auto_batch_size`: a batch size from the device memory and tile size.
 - :func:`run_batched`: runs a function over a batch in chunks; a CUDA
   out-of-memory error halves the chunk and retries, down to 1. Results are
@@ -41,9 +34,9 @@ log = logging.getLogger(__name__)
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
-#: Precision chosen by ``auto`` on the CPU (see module docstring for the measurement).
+#: Precision chosen by ``auto`` on the CPU (see the module docstring).
 CPU_AUTO_PRECISION: Precision = "fp32"
-#: channels_last on the CPU (measured faster in float32, same results; see module docstring).
+#: channels_last on the CPU (faster in float32, same results; see the module docstring).
 CPU_AUTO_CHANNELS_LAST = True
 #: Batch size chosen by ``auto`` on the CPU for 128 px tiles (larger batches do not speed up CPU inference).
 CPU_AUTO_BATCH = 16

@@ -24,10 +24,9 @@ Methods (``spec["method"]``):
     Values pass through unchanged, except that invalid and non-finite pixels
     are set to 0 so that no NaN reaches a model.
 
-The content-dependent methods of older artefacts (``scene_robust``: one
-median/IQR per scene; ``patch_robust``: per window) are refused: a scene full
-of landslides, sea or cloud shifted its own statistics and with them every
-prediction.
+Content-dependent methods (``scene_robust``: one median/IQR per scene;
+``patch_robust``: per window) are refused: a scene full of landslides, sea or
+cloud would shift its own statistics and with them every prediction.
 
 Inputs are ``(N, C, H, W)`` float arrays (numpy or torch, any device) and a
 ``(N, H, W)`` boolean valid mask; the output has the input's type, device
@@ -53,7 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("fixed", "none")
-#: Methods of older artefacts whose statistics came from the scene or window being predicted.
+#: Refused methods whose statistics come from the scene or window being predicted.
 RETIRED_METHODS: tuple[str, ...] = ("patch_robust", "scene_robust")
 #: The training default: fixed statistics taken from the training patches.
 DEFAULT_SPEC: dict[str, Any] = {"method": "fixed", "clip": 10.0}
@@ -233,8 +232,8 @@ def normalize(
     unless ``copy=False`` is given for a float32 numpy array (then it is
     normalized in place, saving a copy in the inference hot path).
     ``finite=True`` tells that every channel is finite wherever ``valid`` is
-    true (the inference derives ``valid`` from that): the check is skipped
-    (numpy input with a mask; a pass over the batch as long as the rest).
+    true (the inference derives ``valid`` from that): the check, a full pass
+    over the batch, is skipped (numpy input with a mask).
     """
     full = validate_spec(spec, n_channels=int(x.shape[1]) if x.ndim == 4 else None)
     if x.ndim != 4:

@@ -34,17 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.model.architectures import (  # noqa: F401 - the registry's names, re-exported
-    ARCHITECTURES,
-    PLAIN_UNET,
-    SEED_ENCODERS,
-    SMP_NAMES,
-    canonical_architecture,
-    input_multiple,
-)
 from pipeline.core.errors import ModelError
+from pipeline.model.architectures import PLAIN_UNET, SEED_ENCODERS, SMP_NAMES, canonical_architecture
 
 log = logging.getLogger(__name__)
+
 
 def _smp() -> Any:
     """segmentation-models-pytorch, imported on first use: with torchvision it adds seconds to every
@@ -59,11 +53,6 @@ def smp_architectures() -> dict[str, type[nn.Module]]:
     """smp architectures by their class name (those this smp version has; see :data:`SMP_NAMES`)."""
     smp = _smp()
     return {name: getattr(smp, name) for name in SMP_NAMES if hasattr(smp, name)}
-
-
-def encoder_names() -> list[str]:
-    """Encoder names smp accepts (``tu-<timm name>`` is accepted as well)."""
-    return sorted(_smp().encoders.get_encoder_names())
 
 
 def build_model(

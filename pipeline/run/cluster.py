@@ -12,7 +12,8 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from typing import Any
 
 from pipeline.core.config import DaskSection
 from pipeline.core.errors import PipelineError
@@ -31,17 +32,15 @@ def _worker_env() -> dict[str, str]:
 
 #: Set by Dask's nanny in every worker by default (to hand freed memory back to the system early).
 #: Any fixed value turns off glibc's adaptive mmap threshold, so each large tensor of a forward pass
-#: is a fresh mmap that page-faults in: the model ran 1.6x slower in such a worker (35 against
-#: 22 ms per 128 px window for the default model, one thread). Local workers start without it.
+#: is a fresh mmap that page-faults in and the model runs markedly slower. Local workers start
+#: without it.
 MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_"
 
 
 #: Dask settings of the local workers this package starts (their nanny hands them the settings of
-#: this process): no statistical profiler. It samples every thread's Python stack every 10 ms in the
-#: worker's event loop, holding the GIL: with two threads running the model, that loop took 7 of
-#: the 106 CPU-seconds of a 4098 px scene's inference (the scheduler, in this process, 5 more) and
-#: the task threads spent 13 % of their time off the CPU. The profile is a dashboard view for
-#: interactive work; a batch run does not use it.
+#: this process): no statistical profiler. It samples every thread's Python stack many times a
+#: second in the worker's event loop, holding the GIL and taking CPU from the model; the profile is
+#: a dashboard view for interactive work, which a batch run does not use.
 LOCAL_WORKER_CONFIG: dict[str, object] = {"distributed.worker.profile.enabled": False}
 
 
@@ -67,15 +66,13 @@ def _quiet_distributed() -> None:
 
 
 #: Modules the block tasks need. A fresh worker imports PyTorch, the model library and the
-#: postprocessing libraries (about 8 s of one core) when it unpickles its first task that needs them;
-#: that import held up both worker threads at the start of the inference stage. Local workers import
-#: them in a task of their own as they start, and the cluster is handed out once they have (a run
-#: starts its cluster in the background while its main process, which never imports PyTorch,
-#: samples the scene statistics). Tasks must not arrive during those imports: a task unpickled
-#: while the import task is half-way through rasterio's (circular) Cython modules can fail with
-#: ``ImportError: cannot import name guard_transform``.
+#: postprocessing libraries when it unpickles its first task that needs them, holding up every
+#: worker thread at the start of the inference. Local workers import them in a task of their own as
+#: they start, and the cluster is handed out once they have. Tasks must not arrive during those
+#: imports: a task unpickled while the import task is half-way through rasterio's (circular)
+#: Cython modules can fail with ``ImportError: cannot import name guard_transform``.
 WORKER_IMPORTS = ("pipeline.model.registry", "pipeline.model.device", "pipeline.inference.tiled", "postprocess.morphology",
-                  "postprocess.vectorize")
+                  "postprocess.objects", "postprocess.vectorize")
 
 
 #: Seconds a new local cluster waits for its workers' imports before it is handed out anyway.
@@ -96,10 +93,9 @@ def _exit_fast_after_close() -> None:
     """Once this worker has closed cleanly, end its process at exit without tearing the interpreter
     down.
 
-    With PyTorch and torchvision loaded, a Python process takes 2-3 s to exit after its last line
-    (their native libraries' teardown), and longer after a large run: the nanny gave up after 4 s,
-    logged "Worker process still alive after 4.0 seconds, killing" and killed it, at the end of
-    every full-tile run. By then every task has finished and every file is closed (the run's outputs
+    With PyTorch and torchvision loaded, a Python process takes seconds to exit after its last line
+    (their native libraries' teardown), long enough for the nanny to give up, log "Worker process
+    still alive after 4.0 seconds, killing" and kill it at the end of a large run. By then every task has finished and every file is closed (the run's outputs
     are complete before its cluster closes), so nothing is lost: logs are flushed, then
     ``os._exit(0)``. Only then: the worker closed and the process exits with status 0 (a spawned
     worker process ends with ``sys.exit(code)``, recorded here). Any other exit, an error's
@@ -167,10 +163,12 @@ def _settle(client: object, futures: list[object], timeout: float = 30.0) -> Non
 
 
 @contextmanager
-def dask_client(section: DaskSection, imports: Sequence[str] = ()) -> Iterator[object]:
+def dask_client(section: DaskSection, imports: Sequence[str] = (), gpus: Sequence[str] = ()) -> Iterator[object]:
     """Yield a ``distributed.Client`` for ``section``; closes what it started. The workers of a local
     cluster have imported :data:`WORKER_IMPORTS` and ``imports`` (for example the model library
-    that the run's models need) when it is handed out."""
+    that the run's models need) when it is handed out. With ``gpus`` (:func:`visible_gpus`) a local
+    cluster has one worker process per GPU, each seeing only its own (``CUDA_VISIBLE_DEVICES``) and
+    offering the resource ``GPU: 1``; ``dask.threads_per_worker`` defaults to the CPU cores per GPU."""
     from distributed import Client, LocalCluster
 
     _quiet_distributed()
@@ -189,10 +187,12 @@ def dask_client(section: DaskSection, imports: Sequence[str] = ()) -> Iterator[o
             client.close()
         return
 
-    threads = section.threads_per_worker or max(1, (os.cpu_count() or 1) // section.n_workers)
+    gpus = list(gpus)
+    n_workers = len(gpus) or section.n_workers
+    threads = section.threads_per_worker or max(1, (os.cpu_count() or 1) // n_workers)
     with _without_malloc_trim():
-        cluster = LocalCluster(
-            n_workers=section.n_workers,
+        cluster = _gpu_cluster(gpus, threads, section.memory_limit) if gpus else LocalCluster(
+            n_workers=n_workers,
             threads_per_worker=threads,
             processes=True,
             memory_limit=section.memory_limit,
@@ -206,7 +206,8 @@ def dask_client(section: DaskSection, imports: Sequence[str] = ()) -> Iterator[o
     except BaseException:
         cluster.close()
         raise
-    log.info("started a local Dask cluster: %d worker process(es) x %d thread(s)", section.n_workers, threads)
+    log.info("started a local Dask cluster: %d worker process(es) x %d thread(s)%s", n_workers, threads,
+             f", one per GPU ({', '.join(gpus)})" if gpus else "")
     warming: list[object] = []
     try:
         t0 = time.perf_counter()
@@ -220,3 +221,128 @@ def dask_client(section: DaskSection, imports: Sequence[str] = ()) -> Iterator[o
         finally:
             client.close()
             cluster.close()
+
+
+#: The Dask resource a GPU worker offers and the inference tasks of a GPU run ask for.
+GPU_RESOURCE = "GPU"
+
+
+def visible_gpus(environ: dict[str, str] | None = None, smi: str | None = "nvidia-smi") -> list[str]:
+    """The GPUs this machine gives the run, without importing PyTorch: ``CUDA_VISIBLE_DEVICES`` when
+    it is set (``""`` or ``-1``: none), else the indices that ``nvidia-smi -L`` lists (none without
+    an NVIDIA driver)."""
+    import shutil
+    import subprocess
+
+    env = os.environ if environ is None else environ
+    if "CUDA_VISIBLE_DEVICES" in env:
+        ids = [d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+        return [] if not ids or ids[0] == "-1" else ids
+    exe = shutil.which(smi) if smi else None
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def gpus_for(device: str, environ: dict[str, str] | None = None, smi: str | None = "nvidia-smi") -> list[str]:
+    """The GPUs a local cluster gives one worker each for ``model.device``: every visible GPU for
+    ``cuda`` (an error when there is none: the config asks for one) and ``auto``, none for ``cpu``
+    and ``mps``."""
+    if device not in ("cuda", "auto"):
+        return []
+    gpus = visible_gpus(environ, smi)
+    if device == "cuda" and not gpus:
+        raise ClusterError("model.device is cuda but no GPU is visible (no NVIDIA driver, or "
+                           "CUDA_VISIBLE_DEVICES is empty); use model.device: auto or cpu")
+    return gpus
+
+
+def _gpu_cluster(gpus: Sequence[str], threads: int, memory_limit: str) -> Any:
+    """A local cluster of one worker process per GPU, each seeing only its GPU."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    workers = {
+        f"gpu-{gpu}": {"cls": Nanny, "options": {
+            "nthreads": threads, "memory_limit": memory_limit, "silence_logs": logging.WARNING,
+            "env": {**_worker_env(), "CUDA_VISIBLE_DEVICES": gpu}, "resources": {GPU_RESOURCE: 1},
+        }}
+        for gpu in gpus
+    }
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
+    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING)
+
+
+def gpu_workers(client: Any) -> list[str]:
+    """The workers of ``client``'s cluster that offer a GPU (the ``GPU`` resource)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return [addr for addr, info in workers.items() if info.get("resources", {}).get(GPU_RESOURCE, 0) >= 1]
+
+
+class RunCluster:
+    """The Dask client of a run, possibly still starting in a background thread."""
+
+    def __init__(self, get: Any, starting: bool = False, own: bool = False, gpu: bool = False) -> None:
+        self._get = get
+        self.starting = starting
+        self.own = own  # started by this run for this run alone (a local cluster)
+        self.gpu = gpu  # the inference runs on the cluster's GPU workers only
+        self._current = ExitStack()
+        self._entered = False
+
+    def wait(self, timer: Any) -> Any:
+        """The client, waiting (timed as ``start-cluster``) for it to be up when it is still starting.
+
+        From then on it is this thread's current client until :meth:`release`: the run computes
+        on it even when the caller has made another client current (``with Client(...)``).
+        """
+        if self.starting:
+            with timer("start-cluster"):
+                client = self._get()
+            self.starting = False
+        else:
+            client = self._get()
+        if not self._entered:
+            self._current.enter_context(client.as_current())
+            self._entered = True
+        return client
+
+    def release(self) -> None:
+        self._current.close()
+        self._entered = False
+
+    @classmethod
+    def start_local(cls, section: Any, resources: ExitStack, imports: Sequence[str] = (),
+                    gpus: Sequence[str] = ()) -> RunCluster:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def start() -> tuple[Any, Any]:
+            context = dask_client(section, imports, gpus)
+            return context, context.__enter__()
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="start-cluster")
+        future = pool.submit(start)
+
+        def close() -> None:
+            try:
+                context, _ = future.result()
+            except Exception:  # noqa: BLE001 - the error was raised to the run (or it failed earlier)
+                return
+            finally:
+                pool.shutdown()
+            context.__exit__(None, None, None)
+
+        resources.callback(close)
+        return cls(lambda: future.result()[1], starting=True, own=True, gpu=bool(gpus))
+
+
+def worker_imports(models: Sequence[Any]) -> tuple[str, ...]:
+    """What the workers import beyond the task modules before the inference: the model library,
+    when a model needs it (the shipped default does not)."""
+    from pipeline.model.architectures import PLAIN_UNET, canonical_architecture
+
+    needs_smp = any(canonical_architecture(m.architecture) != PLAIN_UNET for m in models)
+    return ("segmentation_models_pytorch",) if needs_smp else ()

@@ -2,10 +2,11 @@
 
 Sentinel-2 tiles overlap their neighbours (and may sit in different UTM
 zones), so one landslide can be mapped by two scenes, whole in one and cut at
-the edge of the other. Polygons from *different* scenes that intersect are
-merged into one feature: its geometry is their union, its attributes those of
-the member with the highest mean probability, its ``scene_ids`` all members.
-Polygons of one scene never intersect each other and are kept as they are.
+the edge of the other. Polygons from *different* scenes that overlap (share
+area, not only a boundary or a corner) are merged into one feature: its
+geometry is their union, its attributes those of the member with the highest
+mean probability, its ``scene_ids`` and ``landslide_ids`` all members'.
+Polygons of one scene never overlap each other and are kept as they are.
 """
 
 from __future__ import annotations
@@ -19,31 +20,40 @@ import numpy as np
 import pandas as pd
 import pyogrio
 from pyproj import Geod
+import shapely
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from shapely import STRtree
 from shapely.ops import unary_union
 
 from pipeline.core.errors import InputError
+from postprocess.gpkg import to_lonlat
 
 log = logging.getLogger(__name__)
 
 _GEOD = Geod(ellps="WGS84")
 
 
+#: Overlaps smaller than this share of the smaller polygon are boundaries that reprojection moved
+#: by a rounding error, not shared area.
+MIN_OVERLAP = 1e-6
+
+
+def _overlapping_pairs(geoms: np.ndarray, src: np.ndarray) -> np.ndarray:
+    """Pairs (2, k) of polygons of different scenes whose intersection has area."""
+    pairs = STRtree(geoms).query(geoms, predicate="intersects")
+    pairs = pairs[:, (src[pairs[0]] != src[pairs[1]]) & (pairs[0] < pairs[1])]
+    if pairs.shape[1] == 0:
+        return pairs
+    a, b = geoms[pairs[0]], geoms[pairs[1]]
+    shared = shapely.area(shapely.intersection(a, b))
+    return pairs[:, shared > MIN_OVERLAP * np.minimum(shapely.area(a), shapely.area(b))]
+
+
 def _components(n: int, pairs: np.ndarray) -> np.ndarray:
     """Connected components of ``n`` nodes given edge ``pairs`` (2, k)."""
-    parent = np.arange(n)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in pairs.T:
-        ra, rb = find(int(a)), find(int(b))
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return np.array([find(i) for i in range(n)])
+    graph = coo_matrix((np.ones(pairs.shape[1], dtype=np.int8), (pairs[0], pairs[1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
 
 
 def merge_frames(frames: Sequence[gpd.GeoDataFrame]) -> gpd.GeoDataFrame:
@@ -52,18 +62,14 @@ def merge_frames(frames: Sequence[gpd.GeoDataFrame]) -> gpd.GeoDataFrame:
     for i, frame in enumerate(frames):
         if len(frame) == 0:
             continue
-        f = frame.to_crs("EPSG:4326").copy()
+        f = to_lonlat(frame).copy()
         f["_src"] = i
         parts.append(f)
     if not parts:
         return gpd.GeoDataFrame({"scene_ids": pd.Series([], dtype=str)}, geometry=[], crs="EPSG:4326")
     gdf = gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), crs="EPSG:4326")
-    geoms = gdf.geometry.values
-    tree = STRtree(geoms)
-    pairs = tree.query(geoms, predicate="intersects")
-    src = gdf["_src"].to_numpy()
-    pairs = pairs[:, src[pairs[0]] != src[pairs[1]]]  # only across scenes
-    comp = _components(len(gdf), pairs)
+    geoms = np.asarray(gdf.geometry.values)
+    comp = _components(len(gdf), _overlapping_pairs(geoms, gdf["_src"].to_numpy()))
 
     prob_col = "mean_prob" if "mean_prob" in gdf.columns else None
     rows = []
@@ -77,6 +83,8 @@ def merge_frames(frames: Sequence[gpd.GeoDataFrame]) -> gpd.GeoDataFrame:
             row["scene_ids"] = ",".join(sorted(set(members["scene_id"].astype(str))))
         else:
             row["scene_ids"] = ""
+        if "landslide_id" in members.columns:
+            row["landslide_ids"] = ",".join(sorted(members["landslide_id"].astype(str)))
         row["n_merged"] = len(idx)
         area, perimeter = _GEOD.geometry_area_perimeter(geom)
         row["area_m2"] = abs(area)

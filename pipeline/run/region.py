@@ -5,7 +5,8 @@ the same cluster (a local one by default, ``dask.scheduler`` to use an existing
 scheduler). Each scene is a normal scene run: it is skipped when its outputs
 for the same inputs, models and config already exist, so an interrupted night
 resumes where it stopped. A scene that fails (bad input, a crash) is recorded
-and the job goes on with the next; transient failures are retried.
+(``<name>.region_state.json``) and the job goes on with the next; transient failures are
+retried. One job per region and output folder runs at a time.
 
 At the end the polygons of all completed scenes are merged into one regional
 GeoPackage in EPSG:4326. Neighbouring Sentinel-2 tiles overlap (and may sit in
@@ -17,20 +18,56 @@ duplicate features.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import RegionConfig, SceneConfig, load_region_config, load_scene_config
+from pipeline.core.config import RegionConfig, SceneConfig, load_scene_config
 from pipeline.core.errors import OutputError, PipelineError
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "region_state.json"
+#: The job's state beside the regional layer, one per region: ``<name>.region_state.json``.
+STATE_SUFFIX = ".region_state.json"
+
+
+def state_path(cfg: RegionConfig) -> Path:
+    """Where the region's state is kept: one file per region, so regions can share a folder."""
+    from pipeline.run.folder import safe_name
+
+    return cfg.output.dir / f"{safe_name(cfg.name)}{STATE_SUFFIX}"
+
+
+class RegionBusy(OutputError):
+    """Another job of the same region is running in the same output folder."""
+
+
+@contextmanager
+def region_lock(cfg: RegionConfig) -> Iterator[None]:
+    """Hold the region's lock for the job; a second job of the same region refuses clearly."""
+    from pipeline.core import fsutil
+    from pipeline.run.folder import safe_name
+
+    path = cfg.output.dir / f".{safe_name(cfg.name)}.region.lock"
+    try:
+        fd = fsutil.acquire_lock(path)
+    except fsutil.LockHeld:
+        raise RegionBusy(f"{path.parent}: another job of region {cfg.name!r} is running in this folder; "
+                         "wait for it to finish, or stop it, then run again") from None
+    except (ImportError, OSError) as exc:
+        log.warning("cannot lock %s (%s): a second job of this region would not be detected", path,
+                    getattr(exc, "strerror", None) or exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        fsutil.release_lock(fd, path)
 
 
 @dataclass
@@ -65,19 +102,27 @@ def _scene_config_for_region(path: Path, region: RegionConfig) -> SceneConfig:
 def run_region(cfg: RegionConfig, *, force: bool = False, client: Any = None) -> RegionResult:
     """Run every scene of ``cfg``; never raises for a single scene's failure."""
     from pipeline.run.cluster import dask_client
-    from pipeline.run.scene import ensure_writable_dir, write_json_atomic
+    from pipeline.run.folder import ensure_writable_dir
 
     out_dir = cfg.output.dir
     ensure_writable_dir(out_dir, field="output.dir", source=cfg.source)
-    if client is None:
-        with dask_client(cfg.dask) as own_client:
-            return run_region(cfg, force=force, client=own_client)
+    with region_lock(cfg):
+        if client is None:
+            with dask_client(cfg.dask) as own_client:
+                return _run_scenes(cfg, force, own_client)
+        return _run_scenes(cfg, force, client)
+
+
+def _run_scenes(cfg: RegionConfig, force: bool, client: Any) -> RegionResult:
+    """Run the region's scenes on ``client``, record each outcome, merge the completed layers."""
+    from pipeline.run.folder import write_json_atomic
 
     from pipeline.run.scene import run_scene
 
     result = RegionResult()
     state: dict[str, Any] = {"region": cfg.name, "started": dt.datetime.now(dt.UTC).isoformat(), "scenes": {}}
-    state_path = out_dir / STATE_FILE
+    out_dir = cfg.output.dir
+    state_file = state_path(cfg)
     n = len(cfg.scenes)
     for i, scene_yaml in enumerate(cfg.scenes, 1):
         outcome = SceneOutcome(config=str(scene_yaml), status="failed")
@@ -112,7 +157,7 @@ def run_region(cfg: RegionConfig, *, force: bool = False, client: Any = None) ->
         outcome.seconds = round(time.perf_counter() - t0, 3)
         result.outcomes.append(outcome)
         state["scenes"][str(scene_yaml)] = outcome.__dict__
-        write_json_atomic(state_path, state)
+        write_json_atomic(state_file, state)
 
     gpkgs = [Path(o.geopackage) for o in result.outcomes if o.status != "failed" and o.geopackage]
     if gpkgs:
@@ -123,31 +168,5 @@ def run_region(cfg: RegionConfig, *, force: bool = False, client: Any = None) ->
         result.merged = merged_path
     state["finished"] = dt.datetime.now(dt.UTC).isoformat()
     state["merged"] = str(result.merged) if result.merged else None
-    write_json_atomic(state_path, state)
+    write_json_atomic(state_file, state)
     return result
-
-
-def add_region_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, help="region YAML file")
-    parser.add_argument("--force", action="store_true", help="recompute scenes whose outputs already exist")
-    parser.add_argument("--scheduler", help="address of an existing Dask scheduler (overrides dask.scheduler)")
-
-
-def cli_region(args: argparse.Namespace) -> int:
-    cfg = load_region_config(args.config)
-    if args.scheduler:
-        cfg = cfg.model_copy(update={"dask": cfg.dask.model_copy(update={"scheduler": args.scheduler})})
-    t0 = time.perf_counter()
-    result = run_region(cfg, force=args.force)
-    done = sum(o.status == "completed" for o in result.outcomes)
-    skipped = sum(o.status == "skipped" for o in result.outcomes)
-    print(
-        f"region {cfg.name}: {done} scene(s) processed, {skipped} already up to date, "
-        f"{len(result.failed)} failed; {result.n_merged} landslide polygon(s) in "
-        f"{result.merged or '(no merged layer)'} ({time.perf_counter() - t0:.1f} s)"
-    )
-    for o in result.failed:
-        print(f"  failed: {o.config}: {o.error}")
-    if not result.outcomes:
-        raise OutputError("no scenes were run")
-    return 1 if result.failed else 0

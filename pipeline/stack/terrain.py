@@ -17,6 +17,8 @@ halo and gives the same result as the whole-array function.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import dask.array as da
 import numpy as np
 
@@ -38,7 +40,7 @@ def horn_slope_padded(padded: np.ndarray, xres: float, yres: float) -> np.ndarra
                                for r in range(0, p.shape[0] - 2, _STRIP)])
     rows, cols = p.shape[0] - 2, p.shape[1] - 2
     # fast path: plain slices; NaN propagates to pixels next to voids and edges
-    out = _horn(*(p[1 + dr:1 + dr + rows, 1 + dc:1 + dc + cols] for dr, dc in _OFFSETS), xres, yres)
+    out = _horn([p[1 + dr:1 + dr + rows, 1 + dc:1 + dc + cols] for dr, dc in _OFFSETS], xres, yres)
     centre = p[1:-1, 1:-1]
     fix_r, fix_c = np.nonzero(np.isnan(out) & ~np.isnan(centre))
     if fix_r.size:
@@ -48,7 +50,7 @@ def horn_slope_padded(padded: np.ndarray, xres: float, yres: float) -> np.ndarra
         for dr, dc in _OFFSETS:
             v = p[fix_r + 1 + dr, fix_c + 1 + dc]
             nbs.append(np.where(np.isnan(v), c, v))
-        out[fix_r, fix_c] = _horn(*nbs, xres, yres)
+        out[fix_r, fix_c] = _horn(nbs, xres, yres)
     out[np.isnan(centre)] = np.nan  # the Horn window ignores its centre: voids must be set here
     return out
 
@@ -60,8 +62,9 @@ _STRIP = 256
 _OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
 
-def _horn(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray, f: np.ndarray, g: np.ndarray,
-          h: np.ndarray, i: np.ndarray, xres: float, yres: float) -> np.ndarray:
+def _horn(window: Sequence[np.ndarray], xres: float, yres: float) -> np.ndarray:
+    """Horn's slope from the eight neighbours ``a, b, c, d, f, g, h, i`` (in :data:`_OFFSETS` order)."""
+    a, b, c, d, f, g, h, i = window
     dzdx = ((c + 2 * f + i) - (a + 2 * d + g)) / np.float32(8 * xres)
     dzdy = ((g + 2 * h + i) - (a + 2 * b + c)) / np.float32(8 * yres)
     return np.degrees(np.arctan(np.hypot(dzdx, dzdy))).astype(np.float32, copy=False)

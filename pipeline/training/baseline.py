@@ -32,7 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.core.channels import canonical
-from pipeline.training.metrics import select_threshold
+from pipeline.training.thresholds import select_threshold
 
 log = logging.getLogger(__name__)
 
@@ -127,17 +127,6 @@ class PixelBaseline:
         take = np.concatenate([rng.choice(pos, n_pos, replace=False), rng.choice(neg, n_neg, replace=False)])
         return f[take], y[take]
 
-    def fit(
-        self,
-        features: Sequence[np.ndarray],
-        masks: Sequence[np.ndarray],
-        valids: Sequence[np.ndarray],
-    ) -> PixelBaseline:
-        """Train on per-patch features (F,H,W), masks (H,W) and valid masks (H,W)."""
-        rng = np.random.default_rng(self.config.seed)
-        pairs = [self.sample(f, m, v, rng) for f, m, v in zip(features, masks, valids, strict=True)]
-        return self.fit_samples(np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs]))
-
     @property
     def kind(self) -> str:
         return "svm" if isinstance(self.config, SVMConfig) else "random forest"
@@ -206,14 +195,10 @@ def _logistic(scores: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(scores, np.float64)))
 
 
-def dataset_features(dataset: Any, indices: Sequence[int], context: bool = False) -> list[np.ndarray]:
-    """Features of patches ``indices`` of a :class:`pipeline.training.datasets.PatchDataset`."""
-    out = []
-    for i in indices:
-        norm, _, _ = dataset.normalized(i)
-        raw = dataset.raw(i).image
-        out.append(pixel_features(norm, raw, dataset.channels, context))
-    return out
+def _patch_features(dataset: Any, index: int, context: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features (F,H,W), mask, valid) of one patch of a :class:`pipeline.training.datasets.PatchDataset`."""
+    norm, mask, valid = dataset.normalized(index)
+    return pixel_features(norm, dataset.raw(index).image, dataset.channels, context), mask, valid
 
 
 def fit_predict(
@@ -232,11 +217,10 @@ def fit_predict(
     rng = np.random.default_rng(cfg.seed)
     xs, ys = [], []
     for i in range(len(train)):
-        _, mask, valid = train.normalized(i)
-        feat = dataset_features(train, [i], cfg.context)[0]
+        feat, mask, valid = _patch_features(train, i, cfg.context)
         x, y = model.sample(feat, mask, valid, rng)
         xs.append(x)
         ys.append(y)
     model.fit_samples(np.concatenate(xs), np.concatenate(ys))
-    probs = np.stack([model.predict_proba(dataset_features(test, [i], cfg.context)[0]) for i in range(len(test))])
+    probs = np.stack([model.predict_proba(_patch_features(test, i, cfg.context)[0]) for i in range(len(test))])
     return probs, model
