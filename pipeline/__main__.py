@@ -9,6 +9,7 @@ Commands:
   train       train a model from Landslide4Sense-style patches
   evaluate    pixel/object metrics and model comparison tables
   config-docs write docs/configuration.md and docs/schema/*.schema.json from the config models
+  view        serve a run's or a region's HTML map report on localhost
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ import pytest
 from conftest import demo_config
 
 from pipeline.core.config import DaskSection
-from pipeline.run.cluster import GPU_RESOURCE, ClusterError, dask_client, gpu_workers, gpus_for, visible_gpus
+from pipeline.run.cluster import ClusterError, dask_client
+from pipeline.run.gpus import GPU_RESOURCE, gpu_workers, gpus_for, visible_gpus
 
 
 def _fake_smi(tmp_path: Path, n: int) -> str:

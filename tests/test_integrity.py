@@ -100,7 +100,7 @@ def test_report_records_size_and_sha256_of_every_output(completed: Completed) ->
     names = sorted(p.name for p in completed.run_dir.iterdir() if not p.name.endswith(".aux.xml"))
     assert (completed.run_dir / f"{completed.gpkg.name}.aux.xml").is_file()
     assert report["outputs"] == names  # still the list of names; the lock file is gone with the run
-    assert sorted(files) == [n for n in names if n != REPORT]
+    assert sorted(files) == [n for n in names if n not in (REPORT, "report.html")]  # the page is a view, rebuilt
     assert completed.gpkg.name in files and "probability.tif" in files and "mask.tif" in files
     for name, record in files.items():
         assert record == fsutil.file_record(completed.run_dir / name), name
@@ -117,7 +117,7 @@ def test_the_temporaries_a_run_creates_are_known_as_leftovers(completed: Complet
         "..probability.tif.<id>.tiles.tif", "..layers.tif.<id>.tiles.tif",  # cog.write_rasters
         ".mask.tif.<id>.tiles.tif", ".mask.tif.<id>.cog.tif",
         ".probability.tif.<id>.cog.tif",  # cog.cog_from_tiff
-        f".{gpkg}.<id>.tmp.gpkg", ".quicklook.png.<id>.tmp", ".report.json.<id>.tmp",  # fsutil.mkstemp
+        f".{gpkg}.<id>.tmp.gpkg", ".quicklook.png.<id>.tmp", ".report.json.<id>.tmp", ".report.html.<id>.tmp",
         ".probability.qml.<id>.tmp",  # postprocess.raster_style: QGIS's style beside the raster
     }
     seen = set()
@@ -130,7 +130,7 @@ def test_the_temporaries_a_run_creates_are_known_as_leftovers(completed: Complet
     assert seen == shapes, completed.temporaries
     for name in [*completed.temporaries, f".{gpkg}.abcd1234.tmp.gpkg-journal", ".probability.tif.aux.xml"]:
         assert is_leftover(name), name
-    for name in [LOCK, REPORT, gpkg, "probability.tif", "mask.tif", "quicklook.png", "uncertainty.tif",
+    for name in [LOCK, REPORT, "report.html", gpkg, "probability.tif", "mask.tif", "quicklook.png", "uncertainty.tif",
                  "stack.tif", ".notes.txt"]:
         assert not is_leftover(name), name
 

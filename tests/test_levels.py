@@ -20,7 +20,7 @@ from pipeline.inference.tiled import predict
 from pipeline.model.artefact import ModelArtefact
 from pipeline.model.normalization import add_level, level_spec, normalize
 from pipeline.model.registry import build_model
-from pipeline.run.report import processing_level
+from pipeline.run.summary import processing_level
 from pipeline.training.augmentation import RadiometricConfig, radiometric, surface_look
 
 CHANNELS = ["B02", "B03", "B04", "B08", "SLOPE"]

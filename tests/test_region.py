@@ -73,6 +73,8 @@ def test_region_runs_scenes_records_failures_and_merges_without_duplicates(regio
     assert "does_not_exist" in result.outcomes[2].error
     state = json.loads(state_path(cfg).read_text())
     assert set(state["scenes"]) == {str(p) for p in cfg.scenes}
+    assert result.page is not None and result.page.is_file()  # the region's HTML map report
+    assert "bad.yaml" in result.page.read_text()  # the failed scene is listed with its reason
 
     # Both demo scenes cover the same tile area: their polygons overlap and merge.
     per_scene = [pyogrio.read_info(o.geopackage, layer="landslides")["features"] for o in result.outcomes[:2]]

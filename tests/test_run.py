@@ -28,16 +28,16 @@ _config = demo_config
 
 def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Path, client,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.run.scene as run_module
+    import pipeline.stack.layers as layers_module
 
     stacked_again: list[str] = []
-    original_aux = run_module.aux_layers
+    original_aux = layers_module.aux_layers
 
     def recording_aux(cfg, stack, wanted):  # noqa: ANN001, ANN202
         stacked_again.extend(wanted)
         return original_aux(cfg, stack, wanted)
 
-    monkeypatch.setattr(run_module, "aux_layers", recording_aux)
+    monkeypatch.setattr(layers_module, "aux_layers", recording_aux)
     import pipeline.stack.coarse as stack_module
 
     read_again: list[object] = []
@@ -81,8 +81,9 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
     }
     # the demo's manifest lists no checksums: the report says the inputs were not verified, and why
     assert report["input_checksums"]["verified"] is False and report["input_checksums"]["reason"]
-    for name in ("probability.tif", "mask.tif", "quicklook.png", res.geopackage.name):
+    for name in ("probability.tif", "mask.tif", "quicklook.png", "report.html", res.geopackage.name):
         assert (res.run_dir / name).is_file(), name
+    assert "report.html" in report["outputs"] and "report.html" not in report["output_files"]  # a view, rebuilt
 
     # outputs are readable like any file the user writes (temporary files are 0600)
     umask = os.umask(0o022)
@@ -111,10 +112,13 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
         assert gdf[["mean_slope", "max_slope", "mean_elev"]].notna().all().all()
 
     stamp = res.geopackage.stat().st_mtime_ns
+    page = (res.run_dir / "report.html").read_bytes()
+    (res.run_dir / "report.html").unlink()
     again = run_scene(cfg, client=client)
     assert again.status == "skipped"
     assert again.run_dir == res.run_dir
     assert res.geopackage.stat().st_mtime_ns == stamp
+    assert (res.run_dir / "report.html").read_bytes() == page  # a missing page is drawn again, the same
 
     forced = run_scene(cfg, force=True, client=client)
     assert forced.status == "completed"
@@ -510,7 +514,7 @@ def test_the_processing_level_verdict_is_logged(caplog: pytest.LogCaptureFixture
     a SAFE product's own level wins over scene.level."""
     from types import SimpleNamespace
 
-    from pipeline.run.report import log_processing_level, processing_level
+    from pipeline.run.summary import log_processing_level, processing_level
 
     l1c = SimpleNamespace(name="a", architecture="PlainUnet", levels=["L1C"])
     both = SimpleNamespace(name="", architecture="Unet", levels=["L1C", "L2A"])

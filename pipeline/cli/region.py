@@ -30,6 +30,8 @@ def cli_region(args: argparse.Namespace) -> int:
         f"{len(result.failed)} failed; {result.n_merged} landslide polygon(s) in "
         f"{result.merged or '(no merged layer)'} ({time.perf_counter() - t0:.1f} s)"
     )
+    if result.page is not None:
+        print(f"  report: {result.page} (python -m pipeline view {result.page.parent})")
     for o in result.failed:
         print(f"  failed: {o.config}: {o.error}")
     if not result.outcomes:

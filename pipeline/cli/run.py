@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import load_scene_config
+from pipeline.run.folder import REPORT_HTML
 from pipeline.run.scene import run_scene
 
 
@@ -35,6 +36,9 @@ def cli_run(args: argparse.Namespace) -> int:
     else:
         print(f"outputs: {res.run_dir}")
         print(f"  GeoPackage: {res.geopackage}")
+    page = res.run_dir / REPORT_HTML
+    if page.is_file():
+        print(f"  report: {page} (python -m pipeline view {res.run_dir})")
     print(
         f"{res.scene_id}: {res.n_polygons} landslide polygon(s), "
         f"{res.total_area_m2 / 1e4:.2f} ha, {res.seconds:.1f} s"

@@ -1,4 +1,4 @@
-"""GDAL settings for every raster read in the process, and the text of GDAL's errors.
+"""GDAL settings for every raster read in the process, no sidecar files on reads, and the text of GDAL's errors.
 
 Importing this module (every reader and writer of :mod:`pipeline.io` does, and so
 does each Dask worker process that unpickles a raster source) switches off the
@@ -9,6 +9,8 @@ pixel functions.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 #: GDAL configuration for every read in a process that imports this module (the pipeline and its
 #: Dask worker processes): VRT bands over raw bytes of arbitrary files and Python pixel functions
@@ -38,3 +40,17 @@ def error_detail(exc: BaseException) -> str:
             parts.append(text)
         current = current.__cause__ or current.__context__
     return ": ".join(parts) or type(exc).__name__
+
+
+@contextmanager
+def no_sidecars() -> Iterator[None]:
+    """GDAL's persistent auxiliary metadata off while the block runs: opening a GeoPackage that
+    has dataset metadata would otherwise leave a ``.gpkg.aux.xml`` beside it."""
+    import pyogrio
+
+    before = pyogrio.get_gdal_config_option("GDAL_PAM_ENABLED")
+    pyogrio.set_gdal_config_options({"GDAL_PAM_ENABLED": "NO"})
+    try:
+        yield
+    finally:
+        pyogrio.set_gdal_config_options({"GDAL_PAM_ENABLED": before})

@@ -60,6 +60,16 @@ def definitions(pairs: list[tuple[str, str]]) -> str:
     return f'<dl class="summary">{items}</dl>'
 
 
+#: The last note of every page.
+OFFLINE_NOTE = "Made for offline use: everything is inside this one file; it makes no network request."
+
+
+def about_card(notes: list[str]) -> str:
+    """The "About this page" card: ``notes`` (text), then :data:`OFFLINE_NOTE`."""
+    body = "".join(f'<p class="note">{escape(n)}</p>' for n in [*notes, OFFLINE_NOTE])
+    return card("About this page", body)
+
+
 def fmt_area(m2: float | None) -> str:
     """An area in m² as km² (or ha, or m² when small)."""
     if m2 is None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.io.gdal import no_sidecars
 
 #: At most this many polygons in a page (the largest are kept) ...
 MAX_FEATURES = 10_000
@@ -28,20 +29,6 @@ MAX_TOLERANCE_STEPS = 3
 #: Attributes shown first in a popup, in this order; the others follow in the file's order.
 FIRST_COLUMNS = ("landslide_id", "area_m2", "perimeter_m", "mean_prob", "max_prob", "mean_slope",
                  "scene_id", "scene_ids", "n_merged", "acq_date")
-
-
-@contextmanager
-def no_sidecars() -> Iterator[None]:
-    """GDAL's persistent auxiliary metadata off while the block runs: opening a GeoPackage that
-    has dataset metadata would otherwise leave a ``.gpkg.aux.xml`` beside it."""
-    import pyogrio
-
-    before = pyogrio.get_gdal_config_option("GDAL_PAM_ENABLED")
-    pyogrio.set_gdal_config_options({"GDAL_PAM_ENABLED": "NO"})
-    try:
-        yield
-    finally:
-        pyogrio.set_gdal_config_options({"GDAL_PAM_ENABLED": before})
 
 
 def read_polygons(path: Path, layer: str | None = "landslides") -> Any:

@@ -25,7 +25,7 @@ class ClusterError(PipelineError, ConnectionError):
     """The configured Dask scheduler cannot be reached."""
 
 
-def _worker_env() -> dict[str, str]:
+def worker_env() -> dict[str, str]:
     # One BLAS/OpenMP thread per Dask thread: oversubscription costs more than it gives.
     return {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
@@ -187,18 +187,20 @@ def dask_client(section: DaskSection, imports: Sequence[str] = (), gpus: Sequenc
             client.close()
         return
 
+    from pipeline.run.gpus import gpu_cluster
+
     gpus = list(gpus)
     n_workers = len(gpus) or section.n_workers
     threads = section.threads_per_worker or max(1, (os.cpu_count() or 1) // n_workers)
     with _without_malloc_trim():
-        cluster = _gpu_cluster(gpus, threads, section.memory_limit) if gpus else LocalCluster(
+        cluster = gpu_cluster(gpus, threads, section.memory_limit) if gpus else LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads,
             processes=True,
             memory_limit=section.memory_limit,
             # this machine only, any free port: never "port 8787 is in use" beside another cluster
             dashboard_address="127.0.0.1:0",
-            env=_worker_env(),
+            env=worker_env(),
             silence_logs=logging.WARNING,
         )
     try:
@@ -221,65 +223,6 @@ def dask_client(section: DaskSection, imports: Sequence[str] = (), gpus: Sequenc
         finally:
             client.close()
             cluster.close()
-
-
-#: The Dask resource a GPU worker offers and the inference tasks of a GPU run ask for.
-GPU_RESOURCE = "GPU"
-
-
-def visible_gpus(environ: dict[str, str] | None = None, smi: str | None = "nvidia-smi") -> list[str]:
-    """The GPUs this machine gives the run, without importing PyTorch: ``CUDA_VISIBLE_DEVICES`` when
-    it is set (``""`` or ``-1``: none), else the indices that ``nvidia-smi -L`` lists (none without
-    an NVIDIA driver)."""
-    import shutil
-    import subprocess
-
-    env = os.environ if environ is None else environ
-    if "CUDA_VISIBLE_DEVICES" in env:
-        ids = [d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
-        return [] if not ids or ids[0] == "-1" else ids
-    exe = shutil.which(smi) if smi else None
-    if exe is None:
-        return []
-    try:
-        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
-
-
-def gpus_for(device: str, environ: dict[str, str] | None = None, smi: str | None = "nvidia-smi") -> list[str]:
-    """The GPUs a local cluster gives one worker each for ``model.device``: every visible GPU for
-    ``cuda`` (an error when there is none: the config asks for one) and ``auto``, none for ``cpu``
-    and ``mps``."""
-    if device not in ("cuda", "auto"):
-        return []
-    gpus = visible_gpus(environ, smi)
-    if device == "cuda" and not gpus:
-        raise ClusterError("model.device is cuda but no GPU is visible (no NVIDIA driver, or "
-                           "CUDA_VISIBLE_DEVICES is empty); use model.device: auto or cpu")
-    return gpus
-
-
-def _gpu_cluster(gpus: Sequence[str], threads: int, memory_limit: str) -> Any:
-    """A local cluster of one worker process per GPU, each seeing only its GPU."""
-    from distributed import Nanny, Scheduler, SpecCluster
-
-    workers = {
-        f"gpu-{gpu}": {"cls": Nanny, "options": {
-            "nthreads": threads, "memory_limit": memory_limit, "silence_logs": logging.WARNING,
-            "env": {**_worker_env(), "CUDA_VISIBLE_DEVICES": gpu}, "resources": {GPU_RESOURCE: 1},
-        }}
-        for gpu in gpus
-    }
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
-    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING)
-
-
-def gpu_workers(client: Any) -> list[str]:
-    """The workers of ``client``'s cluster that offer a GPU (the ``GPU`` resource)."""
-    workers = client.scheduler_info(n_workers=-1)["workers"]
-    return [addr for addr, info in workers.items() if info.get("resources", {}).get(GPU_RESOURCE, 0) >= 1]
 
 
 class RunCluster:
@@ -313,6 +256,25 @@ class RunCluster:
     def release(self) -> None:
         self._current.close()
         self._entered = False
+
+    @classmethod
+    def for_run(cls, cfg: Any, client: Any, models: Any, resources: ExitStack, timer: Any) -> RunCluster:
+        """The run's Dask client: the caller's, a connection to ``dask.scheduler``, or a local cluster
+        started in the background while this process builds the inference graphs."""
+        from pipeline.run.gpus import gpus_for, uses_gpu_workers
+
+        if client is not None:
+            return cls(lambda: client, gpu=uses_gpu_workers(cfg.model.device, client))
+        if cfg.dask.scheduler:
+            with timer("start-cluster"):
+                started = resources.enter_context(dask_client(cfg.dask))
+            return cls(lambda: started, gpu=uses_gpu_workers(cfg.model.device, started))
+        gpus = gpus_for(cfg.model.device)
+        # distributed is imported here first: the starting thread and this one importing it at once
+        # can find it half initialized ("cannot import name 'Server' from partially initialized module")
+        import distributed  # noqa: F401
+
+        return cls.start_local(cfg.dask, resources, worker_imports(models), gpus)
 
     @classmethod
     def start_local(cls, section: Any, resources: ExitStack, imports: Sequence[str] = (),

@@ -26,6 +26,8 @@ from pipeline.core.errors import OutputError
 log = logging.getLogger(__name__)
 
 REPORT = "report.json"
+#: The run's HTML map report: a view of the outputs, rebuilt when missing, so not checksummed.
+REPORT_HTML = "report.html"
 #: The lock file in a run folder: held (``flock``) by the run writing the folder, removed at its end.
 LOCK = ".lock"
 LATEST = "LATEST"
@@ -133,11 +135,11 @@ SIDECAR = ".aux.xml"
 
 
 def output_files(run_dir: Path) -> dict[str, dict[str, int | str]]:
-    """Size and SHA-256 of every output file in ``run_dir``: its visible files, but report.json and
-    GDAL's sidecar files (:data:`SIDECAR`)."""
+    """Size and SHA-256 of every output file in ``run_dir``: its visible files, but report.json,
+    report.html and GDAL's sidecar files (:data:`SIDECAR`)."""
     paths = sorted(p for p in run_dir.iterdir()
-                   if not p.name.startswith(".") and p.name != REPORT and not p.name.endswith(SIDECAR)
-                   and p.is_file())
+                   if not p.name.startswith(".") and p.name not in (REPORT, REPORT_HTML)
+                   and not p.name.endswith(SIDECAR) and p.is_file())
     with ThreadPoolExecutor(max(1, min(4, len(paths))), thread_name_prefix="checksums") as pool:
         records = list(pool.map(fsutil.file_record, paths))  # hashlib releases the GIL
     return {p.name: r for p, r in zip(paths, records, strict=True)}
@@ -224,9 +226,9 @@ def mark_latest(run_dir: Path) -> None:
 
 
 def forget_report(run_dir: Path) -> None:
-    """Remove the report of an earlier run: the folder is not complete again until this run's is written."""
-    path = run_dir / REPORT
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot remove the report of the earlier run ({exc.strerror or exc})") from None
+    """Remove the reports of an earlier run: the folder is not complete again until this run's are written."""
+    for path in (run_dir / REPORT, run_dir / REPORT_HTML):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot remove the report of the earlier run ({exc.strerror or exc})") from None

@@ -19,14 +19,15 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import pyogrio
-from pyproj import Geod
 import shapely
+from pyproj import Geod
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from shapely import STRtree
 from shapely.ops import unary_union
 
 from pipeline.core.errors import InputError
+from pipeline.io.gdal import no_sidecars
 from postprocess.gpkg import to_lonlat
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,9 @@ def merge_scene_layers(paths: Sequence[Path], out_path: Path, *, region: str) ->
     frames = []
     for path in paths:
         try:
-            layer = pyogrio.list_layers(path)[0][0]
-            frames.append(gpd.read_file(path, layer=layer))
+            with no_sidecars():  # nothing written beside the scene GeoPackages
+                layer = pyogrio.list_layers(path)[0][0]
+                frames.append(gpd.read_file(path, layer=layer))
         except Exception as exc:  # noqa: BLE001 - report which file
             raise InputError(f"{path}: cannot read scene layer for the regional merge: {exc}") from None
     merged = merge_frames(frames)

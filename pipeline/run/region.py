@@ -87,6 +87,7 @@ class RegionResult:
     outcomes: list[SceneOutcome] = field(default_factory=list)
     merged: Path | None = None
     n_merged: int = 0
+    page: Path | None = None  # the region's HTML report
 
     @property
     def failed(self) -> list[SceneOutcome]:
@@ -169,4 +170,16 @@ def _run_scenes(cfg: RegionConfig, force: bool, client: Any) -> RegionResult:
     state["finished"] = dt.datetime.now(dt.UTC).isoformat()
     state["merged"] = str(result.merged) if result.merged else None
     write_json_atomic(state_file, state)
+    _write_region_page(cfg, result, state)
     return result
+
+
+def _write_region_page(cfg: RegionConfig, result: RegionResult, state: dict[str, Any]) -> None:
+    """The region's HTML map report (a failure to draw it is a warning: the job's outputs are complete)."""
+    from pipeline.report.region import write_region_report
+
+    try:
+        result.page = write_region_report(cfg.output.dir, cfg.name, result.outcomes, result.merged,
+                                          started=state["started"], finished=state["finished"])
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not write the region's HTML report in %s: %s", cfg.output.dir, exc)

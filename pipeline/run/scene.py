@@ -40,10 +40,10 @@ from pipeline.core.config import SceneConfig
 from pipeline.core.errors import ModelError
 from pipeline.core.probability import PROB_NODATA
 from pipeline.run import folder, outputs
-from pipeline.run.cluster import RunCluster, worker_imports
+from pipeline.run.cluster import RunCluster
 from pipeline.run.intermediates import open_stored
 from pipeline.run.plan import ScenePlan, inference_block, make_plan, model_channels
-from pipeline.run.report import StageTimer, inference_figures, log_processing_level, package_versions, processing_level
+from pipeline.run.summary import StageTimer, inference_figures, log_processing_level, package_versions, processing_level
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def run_scene(cfg: SceneConfig, *, force: bool = False, client: Any = None) -> R
         if not force and (done := _completed(plan, t_start)) is not None:
             return done
         folder.forget_report(plan.run_dir)
-        cluster = _cluster(cfg, client, models, resources, timer)
+        cluster = RunCluster.for_run(cfg, client, models, resources, timer)
         resources.callback(cluster.release)  # before the cluster closes
         result = _run_stages(plan, stack, timer, t_start, cluster)
         if locked:
@@ -128,67 +128,10 @@ def _completed(plan: ScenePlan, t_start: float) -> RunResult | None:
         return None
     log.info("outputs for this scene, model and config already exist in %s; nothing to do "
              "(use --force to recompute)", plan.run_dir)
+    if not (plan.run_dir / folder.REPORT_HTML).is_file():
+        _write_page(plan.run_dir, report)
     return RunResult(plan.scene_id, "skipped", plan.run_dir, plan.gpkg_path, int(report["counts"]["polygons"]),
                      float(report["counts"]["total_area_m2"]), time.perf_counter() - t_start, report)
-
-
-def _cluster(cfg: SceneConfig, client: Any, models: Any, resources: ExitStack, timer: StageTimer) -> RunCluster:
-    """The run's Dask client: the caller's, a connection to ``dask.scheduler``, or a local cluster
-    started in the background while this process builds the inference graphs."""
-    from pipeline.run.cluster import dask_client, gpus_for
-
-    if client is not None:
-        return RunCluster(lambda: client, gpu=_uses_gpu_workers(cfg, client))
-    if cfg.dask.scheduler:
-        with timer("start-cluster"):
-            started = resources.enter_context(dask_client(cfg.dask))
-        return RunCluster(lambda: started, gpu=_uses_gpu_workers(cfg, started))
-    gpus = gpus_for(cfg.model.device)
-    # distributed is imported here first: the starting thread and this one importing it at once
-    # can find it half initialized ("cannot import name 'Server' from partially initialized module")
-    import distributed  # noqa: F401
-
-    return RunCluster.start_local(cfg.dask, resources, worker_imports(models), gpus)
-
-
-def _uses_gpu_workers(cfg: SceneConfig, client: Any) -> bool:
-    """Whether the inference must run on the GPU workers of an existing cluster: when it has some
-    and the device is ``cuda`` or ``auto``; ``cuda`` on a cluster without one is an error (its CPU
-    workers must not run it silently)."""
-    from pipeline.run.cluster import ClusterError, gpu_workers
-
-    if cfg.model.device not in ("cuda", "auto"):
-        return False
-    try:
-        found = bool(gpu_workers(client))
-    except Exception:  # noqa: BLE001 - a client without scheduler info (a test double)
-        found = False
-    if cfg.model.device == "cuda" and not found:
-        raise ClusterError("model.device is cuda but no worker of the Dask cluster offers a GPU (start GPU "
-                           "workers with --resources GPU=1), or set model.device: auto or cpu")
-    return found
-
-
-def aux_layers(cfg: SceneConfig, stack: Any, wanted: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """(y, x) layers for attributes and rules that the model stack does not carry, as far as the
-    inputs have them (channels the model reads travel with the probability instead).
-
-    They come from their own small stack (only these channels), so reading one
-    does not warp all model channels again; the model stack is used only if the
-    grids would differ.
-    """
-    from pipeline.io.sentinel2 import read_scene
-    from pipeline.stack.layers import available_channels, stack_scene
-
-    have = set(available_channels(read_scene(cfg.scene)))
-    names = [c for c in wanted if c in have]
-    if not names:
-        return {}
-    aux = stack_scene(cfg, names)
-    if aux.grid != stack.grid:
-        log.debug("auxiliary layers on a different footprint; selecting them from the model stack")
-        aux = stack_scene(cfg, list(dict.fromkeys([*map(str, stack.data.band.values), *names])))
-    return {n: aux.data.sel(band=n) for n in names}
 
 
 @dataclass
@@ -245,7 +188,7 @@ def _infer(plan: ScenePlan, stack: Any, timer: StageTimer, cluster: RunCluster, 
     from pipeline.inference.options import InferenceOptions
     from pipeline.inference.tiled import predict
     from pipeline.inference.write import write_prediction
-    from pipeline.run.cluster import GPU_RESOURCE
+    from pipeline.run.gpus import GPU_RESOURCE
 
     grid, post = plan.grid, plan.cfg.postprocess
     # a GPU run's inference tasks (read, predict, blend, store) go to the GPU workers only
@@ -290,7 +233,9 @@ def _stored_layers(plan: ScenePlan, stack: Any, inferred: _Inferred) -> tuple[An
               for i, name in enumerate(plan.keep)} if inferred.layers else {}
     rest = [c for c in plan.wanted if c not in layers]
     if rest:
-        layers.update(aux_layers(plan.cfg, stack, rest))
+        from pipeline.stack import layers as stacking
+
+        layers.update(stacking.aux_layers(plan.cfg, stack, rest))
     return probability, uncertainty, layers
 
 
@@ -411,12 +356,26 @@ def _complete(plan: ScenePlan, stack: Any, inferred: _Inferred, gdf: Any, timer:
             "valid_pixels": inferred.n_valid,
             "valid_area_m2": inferred.n_valid * plan.grid.pixel_area,
         },
-        "outputs": [*files, folder.REPORT],
+        "outputs": sorted([*files, folder.REPORT_HTML, folder.REPORT]),
         "output_files": files,
         "versions": package_versions(),
         "finished": dt.datetime.now(dt.UTC).isoformat(),
     }
+    _write_page(plan.run_dir, report)
     folder.write_json_atomic(plan.run_dir / folder.REPORT, report)
     folder.mark_latest(plan.run_dir)
     return RunResult(stack.scene_id, "completed", plan.run_dir, plan.gpkg_path, len(gdf), total_area, seconds,
                      report)
+
+
+def _write_page(run_dir: Path, report: dict[str, Any]) -> None:
+    """The run's HTML map report (a view of the outputs: a failure to draw it is a warning, not a
+    failed run; the next rerun draws it again)."""
+    from pipeline.report.scene import write_html_report
+
+    try:
+        path = write_html_report(run_dir, report)
+    except Exception as exc:  # noqa: BLE001 - the outputs themselves are complete
+        log.warning("could not write the HTML report in %s: %s", run_dir, exc)
+    else:
+        log.info("HTML report: %s", path)

@@ -221,3 +221,22 @@ def save_stack(stack: Stack, path: Path, *, overview: bool = True) -> Path:
     masked = stack.data.where(stack.valid)
     return write_cog(masked, stack.grid, path, dtype="float32", nodata=math.nan,
                      band_names=[str(b) for b in stack.data["band"].values], overview=overview)
+
+
+def aux_layers(cfg: SceneConfig, stack: Any, wanted: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """(y, x) layers for attributes and rules that the model stack does not carry, as far as the
+    inputs have them (channels the model reads travel with the probability instead).
+
+    They come from their own small stack (only these channels), so reading one
+    does not warp all model channels again; the model stack is used only if the
+    grids would differ.
+    """
+    have = set(available_channels(read_scene(cfg.scene)))
+    names = [c for c in wanted if c in have]
+    if not names:
+        return {}
+    aux = stack_scene(cfg, names)
+    if aux.grid != stack.grid:
+        log.debug("auxiliary layers on a different footprint; selecting them from the model stack")
+        aux = stack_scene(cfg, list(dict.fromkeys([*map(str, stack.data.band.values), *names])))
+    return {n: aux.data.sel(band=n) for n in names}

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import InputError
+from pipeline.io.gdal import no_sidecars
 
 
 def read_polygons(path: Path, layer: str | None = None) -> Any:
@@ -19,7 +18,7 @@ def read_polygons(path: Path, layer: str | None = None) -> Any:
     import geopandas as gpd
 
     target = _vector_source(Path(path))
-    with _no_sidecars():
+    with no_sidecars():
         try:
             if layer is None:
                 layer = _polygon_layer(path, target)
@@ -28,19 +27,6 @@ def read_polygons(path: Path, layer: str | None = None) -> Any:
             raise
         except Exception as exc:  # noqa: BLE001 - pyogrio raises many types
             raise InputError(f"{path}: cannot read polygons: {exc}") from None
-
-
-@contextmanager
-def _no_sidecars() -> Iterator[None]:
-    """GDAL's persistent auxiliary metadata (``.aux.xml`` files) off while the block runs."""
-    import pyogrio
-
-    before = pyogrio.get_gdal_config_option("GDAL_PAM_ENABLED")
-    pyogrio.set_gdal_config_options({"GDAL_PAM_ENABLED": "NO"})
-    try:
-        yield
-    finally:
-        pyogrio.set_gdal_config_options({"GDAL_PAM_ENABLED": before})
 
 
 #: Tables GIS tools keep beside the data in a GeoPackage (QGIS stores layer styles here).

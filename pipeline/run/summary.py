@@ -1,4 +1,4 @@
-"""The run's report: stage timings, the processing level check, inference figures, versions."""
+"""The run's summary for report.json: stage timings, the processing level check, inference figures, versions."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def inference_figures(client: Any, pred: Any, seconds: float, *, own: bool) -> d
         threads = int(sum(client.nthreads().values()))
     except Exception:  # noqa: BLE001 - figures for the report only
         return figures
-    forward = forward_seconds(client, pred, flush=own)
+    forward = forward_seconds(client, pred, flush=True)
     figures["worker_threads"] = threads
     if forward is not None:
         figures["model_forward_seconds"] = round(forward, 3)
