@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="time this architecture instead of --model (random weights, the shipped model's "
                              "channels and normalization)")
     parser.add_argument("--encoder", default=None, help="encoder for --architecture")
+    parser.add_argument("--memory-limit", default=None, help="dask.memory_limit of the run's worker (e.g. 1GB)")
     args = parser.parse_args(argv)
 
     inputs = build_inputs(args.workdir / f"scene_{args.size}", args.size)
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         "grid": {"block_size": args.block},
         "model": {"path": str(args.model), "overlap": args.overlap},
         "output": {"dir": str(out), "quicklook": True, "mask_cog": True},
-        "dask": {"n_workers": 1, "threads_per_worker": args.threads},
+        "dask": {"n_workers": 1, "threads_per_worker": args.threads,
+                 **({"memory_limit": args.memory_limit} if args.memory_limit else {})},
     })
     batch = auto_batch_size(torch.device("cpu"), art.tile_size, art.in_channels)
     per_window_before = raw_forward_seconds(args.model, 1, batch, args.threads, args.raw_batches)
@@ -181,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             else round(1 - report["inference"]["model_forward_seconds"]
                        / (report["inference"]["worker_threads"] * wall), 3)),
         "peak_rss_gib_process_tree": round(rss.peak / 1024**3, 2),
+        # each process's own peak: the command's main process, and its children (nanny, worker)
+        "peak_rss_gib_main": round(rss.main_peak / 1024**3, 2),
+        "peak_rss_gib_children": sorted((round(v / 1024**3, 2) for v in rss.child_peaks.values()), reverse=True),
         "polygons": report["counts"]["polygons"],
     }
     print(json.dumps(result, indent=2))

@@ -53,6 +53,8 @@ class PeakMemory:
     def __init__(self, interval: float = 0.05, pid: int | None = None) -> None:
         self.interval = interval
         self.peak = 0
+        self.main_peak = 0  # the process itself
+        self.child_peaks: dict[int, int] = {}  # each child process (Dask nanny, workers), by pid
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._proc = psutil.Process(pid)  # another process tree: that process and its children
@@ -64,10 +66,14 @@ class PeakMemory:
             return 0
 
     def _rss(self) -> int:
-        total = self._proc.memory_info().rss
+        main = self._proc.memory_info().rss
+        self.main_peak = max(self.main_peak, main)
+        total = main
         for child in self._proc.children(recursive=True):
             with contextlib.suppress(psutil.Error):
-                total += child.memory_info().rss
+                rss = child.memory_info().rss
+                total += rss
+                self.child_peaks[child.pid] = max(self.child_peaks.get(child.pid, 0), rss)
         return total
 
     def _run(self) -> None:

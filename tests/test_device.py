@@ -6,14 +6,22 @@ import pytest
 import torch
 
 from pipeline.core.errors import ConfigError, ModelError
+from pipeline.inference.options import InferenceOptions, planned_precision
+from pipeline.model import device as device_mod
 from pipeline.model.device import (
     BatchLimit,
     auto_batch_size,
     autocast,
+    configure_cuda,
+    cuda_bf16_supported,
+    device_stream,
     is_oom_error,
+    pad_batch,
+    pads_batches,
     resolve_device,
     resolve_precision,
     run_batched,
+    upload,
     use_channels_last,
 )
 
@@ -47,10 +55,14 @@ def test_unavailable_cuda_is_a_config_error() -> None:
         resolve_device("cuda")
 
 
-def test_precision_policy() -> None:
+def test_precision_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision("auto", cpu) == "fp32"
-    assert resolve_precision("auto", cuda) == "fp16"
+    monkeypatch.setattr(device_mod, "cuda_bf16_supported", lambda device: True)
+    assert resolve_precision("auto", cuda) == "bf16"  # native bf16: float32's range, no overflow
+    assert resolve_precision("fp16", cuda) == "fp16"  # kept when asked for
+    monkeypatch.setattr(device_mod, "cuda_bf16_supported", lambda device: False)
+    assert resolve_precision("auto", cuda) == "fp16"  # GPUs before compute capability 8.0
     assert resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
         resolve_precision("fp16", cpu)
@@ -118,7 +130,7 @@ def test_a_thread_that_saw_a_larger_batch_cannot_raise_the_limit_back() -> None:
         limit = BatchLimit(16)
         barrier = threading.Barrier(2)
 
-        def fail(size: int) -> None:
+        def fail(size: int, barrier: threading.Barrier = barrier, limit: BatchLimit = limit) -> None:
             barrier.wait()
             limit.lower(size)
 
@@ -129,3 +141,92 @@ def test_a_thread_that_saw_a_larger_batch_cannot_raise_the_limit_back() -> None:
             t.join()
         assert limit.size == 2, order
     assert BatchLimit(3).lower(1) == 1  # never below one sample
+
+
+def test_bf16_support_is_asked_of_the_gpu_without_emulation(monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+
+    asked: list[bool] = []
+
+    def supported(including_emulation: bool = True) -> bool:
+        asked.append(including_emulation)
+        return True
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    assert cuda_bf16_supported(torch.device("cuda"))
+    assert asked == [False]  # emulated bf16 on older GPUs is slow: fp16 there
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not cuda_bf16_supported(torch.device("cuda"))
+
+
+def test_the_main_process_tells_the_precision_without_torch_where_it_can() -> None:
+    cpu = torch.device("cpu")
+    for device, precision, expected in [("cpu", "auto", resolve_precision("auto", cpu)), ("mps", "auto", "fp32"),
+                                        ("cuda", "auto", "auto"), ("auto", "auto", "auto"), ("cuda", "fp16", "fp16"),
+                                        ("auto", "fp32", "fp32"), ("cpu", "bf16", "bf16")]:
+        assert planned_precision(InferenceOptions(device=device, precision=precision)) == expected  # type: ignore[arg-type]
+
+
+def test_cuda_settings_turn_off_autotuning_and_tf32_in_fp32() -> None:
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = True
+        configure_cuda("bf16")
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
+        configure_cuda("fp32")
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = saved
+
+
+def test_padding_gives_every_chunk_the_same_shape_and_the_same_results() -> None:
+    assert pads_batches(torch.device("cuda")) and not pads_batches(torch.device("cpu"))
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 1, 3, padding=1).eval()
+    x = torch.randn(11, 3, 8, 8)
+    valid = torch.rand(11, 8, 8) > 0.3
+    seen: list[tuple[int, int]] = []
+    masks: list[torch.Tensor] = []
+
+    def fn(chunk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        seen.append((int(chunk.shape[0]), int(v.shape[0])))
+        masks.append(v.clone())
+        return conv(chunk)[:, 0] * v
+
+    with torch.no_grad():
+        plain = run_batched(fn, (x, valid), BatchLimit(4))
+        assert seen == [(4, 4), (4, 4), (3, 3)]
+        seen.clear()
+        padded = run_batched(fn, (x, valid), BatchLimit(4), pad=True)
+    assert seen == [(4, 4)] * 3  # the last chunk of 3 went through as 4
+    assert not masks[-1][3].any()  # the padding sample is invalid: never checked, never kept
+    assert padded.shape == (11, 8, 8)
+    torch.testing.assert_close(padded, plain, rtol=0, atol=1e-6)
+    full = x[:4]
+    assert pad_batch(full, 4) is full  # nothing to pad
+    assert torch.equal(pad_batch(x[:3], 5)[3:], torch.zeros(2, 3, 8, 8))
+
+
+def test_padding_and_out_of_memory_halving_together() -> None:
+    x = torch.randn(7, 3, 16, 16)
+    model = FakeOomConv(max_batch=2).eval()
+    with torch.no_grad():
+        reference = torch.cat([model.conv(x[i : i + 1]) for i in range(len(x))])
+        limit = BatchLimit(4)
+        out = run_batched(model, x, limit, pad=True)
+    assert limit.size == 2 and model.seen[0] == 4 and set(model.seen[1:]) == {2}  # 7 = 2 + 2 + 2 + 1 (+1 pad)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-6)
+
+
+def test_uploads_and_streams_are_free_on_the_cpu() -> None:
+    import numpy as np
+
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    t = upload(a, torch.device("cpu"))
+    assert t.data_ptr() == a.ctypes.data  # shared, not copied
+    with device_stream(torch.device("cpu")):
+        assert upload(a, torch.device("cpu")).sum() == a.sum()

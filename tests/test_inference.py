@@ -35,9 +35,10 @@ FIXED = {"method": "fixed", "mean": [1.0 - 0.01 * i for i in range(14)], "std": 
 
 # -- helpers ---------------------------------------------------------------------
 def _opts(**kw: object) -> InferenceOptions:
-    """Options on the CPU: the references below are float32 CPU results, and ``device: auto``
-    would pick CUDA (and float16) where there is one."""
-    return InferenceOptions(device="cpu", **kw)  # type: ignore[arg-type]
+    """Options on the CPU unless ``device`` says otherwise: the references below are float32 CPU
+    results, and ``device: auto`` would pick CUDA (and bf16 or fp16) where there is one."""
+    kw.setdefault("device", "cpu")
+    return InferenceOptions(**kw)  # type: ignore[arg-type]
 
 
 CPU = _opts()
@@ -420,18 +421,52 @@ def test_out_of_memory_in_inference_halves_batch_with_identical_result() -> None
     clear_model_cache()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
 def test_a_model_in_memory_stays_on_its_device_when_the_inference_runs_elsewhere() -> None:
     """The inference runs a copy on the GPU: the caller's module stays on the CPU, and the result
-    is the CPU's up to float16."""
+    in float32 (TF32 off) is the CPU's up to rounding."""
     data, valid, grid = _scene(100, 120, seed=6)
     conv = _fixed_conv().eval()
     ref = _compute(predict(data, valid, grid, [_art(conv)], CPU).probability)
     clear_model_cache()
-    out = _compute(predict(data, valid, grid, [_art(conv)], _opts(device="cuda")).probability)
+    out = _compute(predict(data, valid, grid, [_art(conv)], _opts(device="cuda", precision="fp32")).probability)
     clear_model_cache()
     assert {p.device.type for p in conv.parameters()} == {"cpu"}
-    np.testing.assert_allclose(out, ref, atol=2e-3)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["auto", "bf16", "fp16"])
+def test_reduced_precision_on_a_gpu_agrees_with_float32(precision: str) -> None:
+    """bf16/fp16 move probabilities by rounding, not by holes: the same valid pixels, probabilities
+    within a tolerance that fits half precision, the masks at the threshold nearly all the same."""
+    data, valid, grid = _scene(300, 330, seed=7)
+    art = _art(_tiny_unet(), normalization=FIXED)
+    ref = _compute(predict(data, valid, grid, [art], _opts(overlap=24, tta=True)).probability)
+    clear_model_cache()
+    out = _compute(predict(data, valid, grid, [art], _opts(device="cuda", precision=precision, overlap=24,
+                                                           tta=True)).probability)
+    clear_model_cache()
+    assert np.array_equal(np.isnan(out), np.isnan(ref))
+    np.testing.assert_allclose(out, ref, rtol=0, atol=3e-2)
+    assert np.mean((out >= 0.5) != (ref >= 0.5)) < 0.01
+
+
+@needs_cuda
+def test_results_on_a_gpu_do_not_depend_on_block_size_or_batch_composition() -> None:
+    """Fixed batch shapes (the last chunk padded), no cuDNN autotuning, no TF32 in float32."""
+    data, valid, grid = _scene(300, 330, seed=7)
+    art = _art(_tiny_unet(), normalization=FIXED)
+    outs = []
+    for block in (80, 200, 4096):
+        outs.append(_compute(predict(data, valid, grid, [art], _opts(device="cuda", precision="fp32", overlap=24,
+                                                                     block_size=block, batch_size=8)).probability))
+        clear_model_cache()
+    for other in outs[1:]:  # as on the CPU: the blend adds strips in another order
+        np.testing.assert_allclose(other, outs[0], rtol=0, atol=1e-6)
 
 
 def test_options_from_config_section() -> None:

@@ -104,3 +104,16 @@ def test_the_architecture_page_lists_every_module() -> None:
             assert f"`{package}/`" in text, package  # in the packages table
             continue
         assert package in sections and f"`{path.name}`" in sections[package], f"{path} not in docs/architecture.md"
+
+
+def test_tiling_and_postprocess_use_only_the_shared_core_of_pipeline() -> None:
+    """The stage libraries depend on ``pipeline.core`` alone, never on the application's packages."""
+    import ast
+
+    for path in sorted(p for top in ("tiling", "postprocess") for p in (ROOT / top).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                if name == "pipeline" or name.startswith("pipeline."):
+                    assert name.startswith("pipeline.core"), f"{path}: imports {name}"

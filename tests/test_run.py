@@ -71,6 +71,7 @@ def test_run_writes_all_outputs_and_rerun_does_nothing(demo: Path, tmp_path: Pat
     assert inference["worker_threads"] == threads
     assert 0 < inference["model_forward_seconds"] <= threads * report["timings_s"]["infer"]
     assert inference["model_forward_share"] is None  # a cluster the run did not start may work for others
+    assert inference["precision"] == "fp32" and inference["chunks_redone_fp32"] == 0  # the CPU's precision
     # the demo is an L2A SAFE product: its level comes from the product metadata and is checked
     # against the levels the shipped model was trained for
     assert "scene_statistics" not in report

@@ -7,10 +7,11 @@ channel a model reads has a value; windows without a single valid pixel never
 reach a model. The others go through the models in batches: each model's
 channels picked by index, normalized with the artefact's own statistics
 (:func:`pipeline.model.normalization.normalize`), optionally augmented
-(flips and rotations, averaged), turned into probabilities with a sigmoid,
-and ensemble members combined
-(:func:`pipeline.model.ensemble.ensemble_probability`). The window
-predictions are summed with their blend weights into :class:`tiling.stitch.BlockSums`.
+(flips and rotations, averaged), turned into probabilities with a sigmoid
+(:mod:`pipeline.inference.forward`), and ensemble members combined
+(:func:`pipeline.model.ensemble.ensemble_probability`; on a GPU, the same on
+the device). The window predictions are summed with their blend weights into
+:class:`tiling.stitch.BlockSums`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from rasterio.windows import Window
 
-from pipeline.inference.options import TTA_TRANSFORMS, InferenceOptions
-from pipeline.inference.runtime import ModelRef, Runtime, module_for, runtime_for
+from pipeline.inference.forward import combine_on_device, combines_on_host, forward_probs
+from pipeline.inference.options import InferenceOptions
+from pipeline.inference.runtime import ModelRef, module_for, runtime_for
 from pipeline.model.ensemble import ensemble_probability
 from pipeline.model.normalization import normalize, validate_spec
 from tiling.stitch import BlockSums, window_weights
@@ -156,20 +158,40 @@ def _block_normalization(plan: BlockPlan, n_channels: int) -> dict[str, Any] | N
 def predict_windows(plan: BlockPlan, x: np.ndarray, v: np.ndarray,
                     normalized: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Combined probability (B, t, t) and optional uncertainty for a batch of windows ``x`` (B, C, t, t)
-    with valid pixels ``v`` (``normalized``: cut from a block normalized already)."""
-    per_model = []
-    members = []
-    for ref in plan.refs:
-        rt = runtime_for(plan.options, plan.windows.tile)
-        module = module_for(ref, rt)
-        xm = x[:, list(ref.channel_index)] if ref.channel_index != tuple(range(x.shape[1])) else x
-        # normalize in place when this batch is ours alone (a channel subset copy, or a single model);
-        # ``v`` holds only pixels where every model channel is finite (:func:`_valid_pixels`)
-        xn = xm if normalized else normalize(xm, v, ref.normalization, copy=not (xm is not x or len(plan.refs) == 1),
-                                             finite=True)
-        probs = forward_probs(module, xn, rt, plan.options.transforms, plan.meter)  # (T, B, t, t)
-        per_model.append(probs[0] if len(probs) == 1 else probs.mean(axis=0))
-        members.append(probs)
+    with valid pixels ``v`` (``normalized``: cut from a block normalized already).
+
+    On the CPU each model's probabilities per augmentation come back as arrays and are combined
+    with numpy; on another device they are combined there and only the results come back
+    (:func:`pipeline.inference.forward.combine_on_device`), all on this thread's own stream.
+    """
+    from pipeline.model.device import device_stream
+
+    rt = runtime_for(plan.options, plan.windows.tile)
+    on_host = combines_on_host(rt.device)
+    per_model: list[Any] = []
+    members: list[Any] = []
+    with device_stream(rt.device):
+        for ref in plan.refs:
+            module = module_for(ref, rt)
+            xm = x[:, list(ref.channel_index)] if ref.channel_index != tuple(range(x.shape[1])) else x
+            # normalize in place when this batch is ours alone (a channel subset copy, or a single model);
+            # ``v`` holds only pixels where every model channel is finite (:func:`_valid_pixels`)
+            xn = xm if normalized else normalize(xm, v, ref.normalization,
+                                                 copy=not (xm is not x or len(plan.refs) == 1), finite=True)
+            probs = forward_probs(module, xn, rt, plan.options.transforms, plan.meter, valid=v,
+                                  name=ref.name or ref.key)  # (T, B, t, t) on the device
+            if on_host:
+                probs = probs.numpy()
+            per_model.append(probs[0] if len(probs) == 1 else (probs.mean(axis=0) if on_host else probs.mean(dim=0)))
+            members.append(probs)
+        if on_host:
+            return _combine_on_host(plan, per_model, members)
+        return _results_to_host(plan, per_model, members)
+
+
+def _combine_on_host(plan: BlockPlan, per_model: list[np.ndarray],
+                     members: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The ensemble probability and the spread over all members and augmentations, with numpy."""
     if len(per_model) == 1:
         combined = per_model[0]
     else:
@@ -179,34 +201,18 @@ def predict_windows(plan: BlockPlan, x: np.ndarray, v: np.ndarray,
     return combined, unc
 
 
-def forward_probs(module: torch.nn.Module, x: np.ndarray, rt: Runtime, transforms: Sequence[str],
-                  meter: str = "model-forward") -> np.ndarray:
-    """Probabilities (T, B, H, W) of ``module`` on normalized ``x`` (B, C, H, W) for each transform.
-
-    The time of each forward pass (device transfer, model, sigmoid, copy back) is reported to
-    Dask's performance metrics under ``meter`` when this runs in a Dask worker (a no-op elsewhere).
-    """
+def _results_to_host(plan: BlockPlan, per_model: list[torch.Tensor],
+                     members: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The ensemble probability and spread computed on the device, copied back in one transfer."""
     import torch
     from distributed.metrics import context_meter
 
-    from pipeline.model.device import autocast, run_batched
-
-    xt = torch.from_numpy(x)
-    batch = torch.cat([TTA_TRANSFORMS[name][0](xt) for name in transforms], dim=0) if len(transforms) > 1 else xt
-
-    def fwd(chunk: torch.Tensor) -> torch.Tensor:
-        with context_meter.meter(meter):
-            chunk = chunk.to(rt.device, non_blocking=True)
-            if rt.channels_last:
-                chunk = chunk.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), autocast(rt.device, rt.precision):
-                logits = module(chunk)
-            return torch.sigmoid(logits[:, 0].float()).cpu()
-
-    probs = run_batched(fwd, batch, rt.limit)
-    n = x.shape[0]
-    out = [TTA_TRANSFORMS[name][1](probs[i * n : (i + 1) * n]) for i, name in enumerate(transforms)]
-    return torch.stack(out).numpy()
+    thresholds = [r.threshold for r in plan.refs]
+    combined, unc = combine_on_device(per_model, members, plan.weights, thresholds, plan.options.ensemble,
+                                      plan.with_uncertainty)
+    with context_meter.meter(plan.meter):  # waits for the device: its time counts as the forward pass's
+        both = (combined[None] if unc is None else torch.stack([combined, unc])).cpu().numpy()
+    return both[0], (None if unc is None else both[1])
 
 
 def _coarse_means(data: np.ndarray, bh: int, bw: int, plan: BlockPlan) -> np.ndarray:

@@ -40,7 +40,8 @@ class InferenceOptions:
     device: auto (CUDA, then MPS, then CPU), cpu, cuda, mps.
     batch_size: windows per forward pass, or auto (device policy); halved on CUDA out-of-memory.
     overlap: pixels shared by neighbouring windows (< tile size); 0 for the fastest run.
-    precision: auto (fp16 autocast on CUDA, fp32 elsewhere), fp32, bf16, fp16.
+    precision: auto (bf16 autocast on CUDA GPUs with native bf16, else fp16; fp32 elsewhere), fp32,
+        bf16, fp16. Chunks whose outputs overflow in bf16/fp16 are redone in fp32.
     channels_last: NHWC convolutions; auto follows the device policy.
     tta / tta_transforms: average the model over flips and rotations (names in TTA_TRANSFORMS).
     uncertainty: also return the std across TTA variants and ensemble members.
@@ -121,6 +122,22 @@ class Prediction:
     #: cols // factor) means, or None
     coarse: da.Array | None = None
     coarse_factor: int = 0
+    #: the precision the models run in, as far as the main process can tell without PyTorch
+    #: (:func:`planned_precision`): ``auto`` when each GPU worker decides (bf16 or fp16);
+    #: :func:`~pipeline.inference.tiled.precision_figures` says what the workers used
+    precision: str = "fp32"
+
+
+def planned_precision(options: InferenceOptions) -> str:
+    """The precision the workers resolve ``options.precision`` to, told without importing PyTorch
+    (the rules of :func:`pipeline.model.device.resolve_precision`): the one asked for, or for
+    ``auto``: fp32 on the CPU and MPS, ``auto`` where a CUDA worker decides (``device`` cuda, or auto
+    on a machine that may have a GPU)."""
+    if options.precision != "auto":
+        return options.precision
+    if options.device in ("cpu", "mps"):
+        return "fp32"
+    return "auto"
 
 
 def inference_block_size(block_size: int, tile: int, overlap: int) -> int:

@@ -47,6 +47,7 @@ class ModelRef:
     normalization: dict[str, Any]
     threshold: float
     module: torch.nn.Module | None = field(default=None, repr=False)
+    name: str = ""  # the model's name in messages (its artefact's name or file)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -56,7 +57,7 @@ class ModelRef:
 
     def with_index(self, index: tuple[int, ...]) -> ModelRef:
         """The same model reading its channels at ``index``."""
-        return ModelRef(self.key, self.path, index, self.normalization, self.threshold, self.module)
+        return ModelRef(self.key, self.path, index, self.normalization, self.threshold, self.module, self.name)
 
 
 def model_refs(models: Sequence[ModelArtefact], bands: Sequence[str], level: str | None = None) -> tuple[ModelRef, ...]:
@@ -71,7 +72,8 @@ def model_refs(models: Sequence[ModelArtefact], bands: Sequence[str], level: str
         if path is None and m.module is None:
             raise ModelError(f"model {m.name or m.architecture!r} is neither loaded nor saved to a file")
         spec = validate_spec(level_spec(m.normalization, level), n_channels=len(m.channels))
-        refs.append(ModelRef(m.key, path, tuple(index), spec, float(m.threshold), m.module))
+        name = m.name or (os.path.basename(path) if path else m.architecture)
+        refs.append(ModelRef(m.key, path, tuple(index), spec, float(m.threshold), m.module, name))
     return tuple(refs)
 
 
@@ -109,6 +111,7 @@ def runtime_for(opts: InferenceOptions, tile: int) -> Runtime:
     from pipeline.model.device import (
         BatchLimit,
         auto_batch_size,
+        configure_cuda,
         resolve_device,
         resolve_precision,
         use_channels_last,
@@ -124,6 +127,9 @@ def runtime_for(opts: InferenceOptions, tile: int) -> Runtime:
             size = opts.batch_size if opts.batch_size != "auto" else auto_batch_size(device, tile)
             rt = Runtime(device, precision, cl, BatchLimit(int(size)))
             _RUNTIMES[key] = rt
+            if device.type == "cuda":
+                configure_cuda(precision)
+            log.info("inference on %s in %s, batches of %d windows", device, precision, rt.limit.size)
         if opts.torch_threads and os.getpid() not in _THREADS_SET:
             torch.set_num_threads(opts.torch_threads)
             _THREADS_SET.add(os.getpid())
@@ -189,5 +195,7 @@ def _prepare(module: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
             module = module.eval().to(rt.device)
             if rt.channels_last:
                 module = module.to(memory_format=torch.channels_last)
+            if rt.device.type == "cuda":  # weights in place before the threads' own streams read them
+                torch.cuda.synchronize(rt.device)
             object.__setattr__(module, "_inference_prepared", tag)
     return module

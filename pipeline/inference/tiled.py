@@ -34,7 +34,7 @@ import xarray as xr
 from pipeline.core.errors import ConfigError, GridError, InputError
 from pipeline.core.grid import Grid
 from pipeline.inference.blocks import BlockPlan, BlockResult, WindowReader, predict_block, read_and_predict
-from pipeline.inference.options import InferenceOptions, Prediction, inference_block_size
+from pipeline.inference.options import InferenceOptions, Prediction, inference_block_size, planned_precision
 from pipeline.inference.runtime import model_refs
 from pipeline.model.artefact import ModelArtefact
 from pipeline.model.ensemble import check_ensemble, ensemble_threshold
@@ -102,7 +102,7 @@ def predict(
     )
     threshold = ensemble_threshold(models, opts.weights, opts.ensemble)
     return Prediction(probability, uncertainty, grid, threshold, len(plan.windows), layers, plan.meter,
-                      coarse_means, plan.coarse_factor)
+                      coarse_means, plan.coarse_factor, planned_precision(opts))
 
 
 def _check_shapes(data: xr.DataArray, valid: xr.DataArray | None, grid: Grid) -> None:
@@ -336,20 +336,42 @@ def forward_seconds(client: Any, prediction: Prediction, *, flush: bool = False)
 
     Workers send their metrics with their heartbeats: read this when the prediction has been
     computed for a while (the run does it at its very end). ``flush`` asks every worker for a
-    heartbeat first, so that the last tasks count as well: for a cluster of one's own, not for a
-    shared one.
+    heartbeat first, so that the last tasks count as well.
     """
-    label = prediction.meter
+    metrics = _forward_metrics(client, prediction.meter, flush)
+    return float(metrics["seconds"]) if metrics and "seconds" in metrics else None
 
-    def collect(dask_scheduler: Any) -> float | None:  # runs on the scheduler
-        values = [v for k, v in dask_scheduler.cumulative_worker_metrics.items()
-                  if isinstance(k, tuple) and len(k) == 4 and k[2] == label and k[3] == "seconds"]
-        return float(sum(values)) if values else None
+
+def precision_figures(client: Any, prediction: Prediction, *, flush: bool = False) -> dict[str, Any]:
+    """What the workers of ``client`` ran ``prediction``'s models in, for the run's report:
+    ``precision`` (``bf16``, ``fp16``, ``fp32``; several joined by ``+`` when workers differed) and
+    ``chunks_redone_fp32`` (chunks whose outputs overflowed and were redone in float32), from Dask's
+    performance metrics (:mod:`pipeline.inference.forward`). Without a record of them:
+    :attr:`Prediction.precision` and None. ``flush`` as for :func:`forward_seconds`.
+    """
+    from pipeline.inference.forward import REDONE_UNIT, SAMPLES_UNIT
+
+    metrics = _forward_metrics(client, prediction.meter, flush) or {}
+    used = sorted(u[len(SAMPLES_UNIT):] for u, n in metrics.items() if u.startswith(SAMPLES_UNIT) and n > 0)
+    if not used:
+        return {"precision": prediction.precision, "chunks_redone_fp32": None}
+    return {"precision": "+".join(used), "chunks_redone_fp32": int(metrics.get(REDONE_UNIT, 0))}
+
+
+def _forward_metrics(client: Any, label: str, flush: bool) -> dict[str, float] | None:
+    """The workers' metrics recorded under ``label``, summed per unit; None when unavailable."""
+
+    def collect(dask_scheduler: Any) -> dict[str, float]:  # runs on the scheduler
+        out: dict[str, float] = {}
+        for k, v in dask_scheduler.cumulative_worker_metrics.items():
+            if isinstance(k, tuple) and len(k) == 4 and k[2] == label and isinstance(k[3], str):
+                out[k[3]] = out.get(k[3], 0.0) + float(v)
+        return out
 
     try:
         if flush:
             client.run(_send_heartbeat)
         return client.run_on_scheduler(collect)
-    except Exception as exc:  # noqa: BLE001 - a figure for the report, never a reason to fail a run
+    except Exception as exc:  # noqa: BLE001 - figures for the report, never a reason to fail a run
         log.debug("no forward-pass metrics from the scheduler: %s", exc)
         return None

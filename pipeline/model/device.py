@@ -1,11 +1,16 @@
 """Device, precision and batch-size policy for inference.
 
 - :func:`resolve_device`: ``auto`` picks CUDA, then Apple MPS, then the CPU.
-- :func:`resolve_precision`: ``auto`` is float16 autocast on CUDA and float32
-  elsewhere. On the CPU, bfloat16 autocast pays only on processors with
+- :func:`resolve_precision`: ``auto`` is bfloat16 autocast on CUDA GPUs with
+  native bf16 (compute capability 8.0 and later), float16 autocast on older
+  ones, and float32 elsewhere. bfloat16 has float32's exponent range, so
+  activations cannot overflow as they can in float16; ``fp16`` is kept when
+  asked for. On the CPU, bfloat16 autocast pays only on processors with
   native bf16 instructions (AVX512-BF16 / AMX), and it moves probabilities
   and a few pixels across the threshold, so ``auto`` keeps float32 there;
   ``bf16`` can still be requested explicitly.
+- :func:`configure_cuda`: no cuDNN autotuning, and no TF32 in float32, so that
+  a float32 result depends on the input alone.
 - :func:`use_channels_last`: channels_last (NHWC) convolutions: on the CPU in
   float32 they are faster than NCHW with the same masks, so they are on by
   default there; on CUDA with reduced precision.
@@ -13,7 +18,11 @@
 - :func:`run_batched`: runs a function over a batch in chunks; a CUDA
   out-of-memory error halves the chunk and retries, down to 1. Results are
   the same as for one pass because every sample is processed independently
-  (models run in eval mode).
+  (models run in eval mode). On CUDA the last, partial chunk is padded to the
+  chunk size (:func:`pads_batches`): every forward pass has the same shape,
+  so cuDNN runs the same algorithms whatever the batch composition.
+- :func:`upload` and :func:`device_stream`: host arrays go to the device from
+  pinned memory without blocking, on one CUDA stream per thread.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 
 from pipeline.core.errors import ConfigError, ModelError
@@ -78,7 +88,7 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
     kind = device.type
     if precision == "auto":
         if kind == "cuda":
-            return "fp16"
+            return "bf16" if cuda_bf16_supported(device) else "fp16"
         if kind == "cpu":
             return CPU_AUTO_PRECISION
         return "fp32"
@@ -87,6 +97,31 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
     if precision == "fp16" and kind == "cpu":
         raise ConfigError("model.precision: fp16 needs a GPU; on the CPU use bf16 or fp32")
     return precision  # type: ignore[return-value]
+
+
+def cuda_bf16_supported(device: torch.device) -> bool:
+    """Whether the CUDA ``device`` computes in bfloat16 natively (False without CUDA)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        with torch.cuda.device(device):
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except (RuntimeError, AssertionError):  # pragma: no cover - driver trouble: fall back to fp16
+        return False
+
+
+def configure_cuda(precision: Precision) -> None:
+    """Process-wide cuDNN and TF32 settings for inference on CUDA (see the module docstring).
+
+    cuDNN autotuning (``benchmark``) is off: it picks algorithms by timing, which can differ
+    between runs. In float32, TF32 is off for matrix products and convolutions: a float32 result
+    does not depend on which kernel a shape gets. Reduced precision leaves TF32 as it is (only the
+    float32 retries of :mod:`pipeline.inference.forward` would use it).
+    """
+    torch.backends.cudnn.benchmark = False
+    if precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
 
 def use_channels_last(device: torch.device, precision: Precision) -> bool:
@@ -145,24 +180,47 @@ class BatchLimit:
             return self.size
 
 
+def pads_batches(device: torch.device) -> bool:
+    """Whether :func:`run_batched` pads the last chunk to the chunk size on ``device`` (CUDA only:
+    on the CPU a sample's result does not depend on the batch shape, and padding costs time)."""
+    return device.type == "cuda"
+
+
+def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` with zero samples appended up to ``size`` samples (False for a boolean ``x``)."""
+    extra = size - int(x.shape[0])
+    if extra <= 0:
+        return x
+    return torch.cat([x, x.new_zeros((extra, *x.shape[1:]))])
+
+
 def run_batched(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
+    fn: Callable[..., torch.Tensor],
+    x: torch.Tensor | tuple[torch.Tensor, ...],
     limit: BatchLimit,
+    *,
+    pad: bool = False,
 ) -> torch.Tensor:
     """Apply ``fn`` to ``x`` in chunks of at most ``limit.size`` samples and concatenate.
 
-    On an out-of-memory error the chunk size is halved (and remembered in
-    ``limit``) and the chunk retried; at size 1 the error is raised as a
-    :class:`ModelError`.
+    ``x`` is a tensor, or a tuple of tensors with the same first dimension that are cut alike and
+    passed to ``fn`` as separate arguments. ``pad``: a shorter last chunk is padded with zeros
+    (:func:`pad_batch`) to the chunk size and ``fn``'s output cut back to its samples. On an
+    out-of-memory error the chunk size is halved (and remembered in ``limit``) and the chunk
+    retried; at size 1 the error is raised as a :class:`ModelError`.
     """
-    n = int(x.shape[0])
+    parts = x if isinstance(x, tuple) else (x,)
+    n = int(parts[0].shape[0])
     outs: list[torch.Tensor] = []
     i = 0
     while i < n:
         size = max(1, limit.size)
+        chunk = tuple(p[i : i + size] for p in parts)
+        real = int(chunk[0].shape[0])
+        if pad and real < size:
+            chunk = tuple(pad_batch(c, size) for c in chunk)
         try:
-            out = fn(x[i : i + size])
+            out = fn(*chunk)
         except Exception as exc:
             if not is_oom_error(exc):
                 raise
@@ -176,8 +234,46 @@ def run_batched(
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
-        outs.append(out)
-        i += size
+        outs.append(out if int(out.shape[0]) == real else out[:real])
+        i += real
     if not outs:
-        return fn(x)
+        return fn(*parts)
     return torch.cat(outs, dim=0)
+
+
+def upload(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``x`` as a tensor on ``device``: shared with ``x`` on the CPU; on CUDA copied once into
+    pinned memory (PyTorch's caching host allocator reuses it once the copy is done) and sent
+    without blocking on the current stream."""
+    t = torch.from_numpy(x)
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+_STREAMS = threading.local()
+
+
+@contextlib.contextmanager
+def device_stream(device: torch.device) -> Iterator[None]:
+    """Run the enclosed device work on this thread's own CUDA stream (a no-op elsewhere).
+
+    The stream first waits for the device's default stream (model weights in place). Results
+    copied to the host inside the block are complete when the copy returns.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    streams = getattr(_STREAMS, "by_device", None)
+    if streams is None:
+        streams = _STREAMS.by_device = {}
+    key = str(device)
+    stream = streams.get(key)
+    if stream is None:
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.default_stream(device))
+        streams[key] = stream
+    with torch.cuda.stream(stream):
+        yield

@@ -22,7 +22,7 @@ def open_stored(path: Path, grid: Grid, block: int, band: int = 1, *, probabilit
     import rasterio
     import xarray as xr
 
-    from pipeline.stack.georeference import grid_coords
+    from pipeline.core.georeference import grid_coords
     from pipeline.stack.lazy_arrays import StoredBand
 
     with rasterio.open(path) as ds:

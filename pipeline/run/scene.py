@@ -194,7 +194,7 @@ def _infer(plan: ScenePlan, stack: Any, timer: StageTimer, cluster: RunCluster, 
     # a GPU run's inference tasks (read, predict, blend, store) go to the GPU workers only
     on_gpu = dask.annotate(resources={GPU_RESOURCE: 1}) if cluster.gpu else nullcontext()
     with timer("infer"), before_first_compute(lambda: cluster.wait(timer)), on_gpu:
-        options = InferenceOptions.from_config(plan.cfg.model, block_size=plan.cfg.grid.block_size)
+        options = InferenceOptions.from_config(plan.cfg.model, block_size=plan.block)
         # the mask without the bands' own no-data: each block derives that from the pixels it reads;
         # the quicklook's true colour is averaged onto its coarse grid by the blocks that read it
         pred = predict(stack.data, stack.mask, grid, list(plan.models), options, keep=list(plan.keep),

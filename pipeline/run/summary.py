@@ -80,21 +80,24 @@ def log_processing_level(info: dict[str, Any]) -> None:
 
 
 def inference_figures(client: Any, pred: Any, seconds: float, *, own: bool) -> dict[str, Any]:
-    """Windows, worker threads and the time the workers spent in the model's forward pass, and
-    that time's share of all worker-thread time of the run (``seconds`` of wall time).
+    """Windows, worker threads and the time the workers spent in the model's forward pass, that
+    time's share of all worker-thread time of the run (``seconds`` of wall time), the precision the
+    workers ran and how many chunks they redid in fp32 after a non-finite output.
 
     The share only when the cluster is the run's ``own``: the threads of a shared scheduler also
     work for others, and the number of them can change during the run.
     """
-    from pipeline.inference.tiled import forward_seconds
+    from pipeline.inference.tiled import forward_seconds, precision_figures
 
     figures: dict[str, Any] = {"windows": pred.windows, "worker_threads": None,
-                               "model_forward_seconds": None, "model_forward_share": None}
+                               "model_forward_seconds": None, "model_forward_share": None,
+                               "precision": pred.precision, "chunks_redone_fp32": None}
     try:
         threads = int(sum(client.nthreads().values()))
     except Exception:  # noqa: BLE001 - figures for the report only
         return figures
     forward = forward_seconds(client, pred, flush=True)
+    figures.update(precision_figures(client, pred))  # after the flush above
     figures["worker_threads"] = threads
     if forward is not None:
         figures["model_forward_seconds"] = round(forward, 3)

@@ -48,7 +48,7 @@ from pipeline.io.dem import open_dem, open_slope
 from pipeline.io.raster_source import RasterSource
 from pipeline.io.safe_checksums import ChecksumCheck
 from pipeline.io.sentinel2 import SceneInputs, read_scene, verify_scene_files
-from pipeline.stack.georeference import georeference, grid_coords
+from pipeline.core.georeference import georeference, grid_coords
 from pipeline.stack.lazy_arrays import StackLayer
 from pipeline.stack.masks import scene_mask
 from pipeline.stack.scene_grid import build_grid, check_overlap
