@@ -10,6 +10,7 @@ Commands:
   evaluate    pixel/object metrics and model comparison tables
   config-docs write docs/configuration.md and docs/schema/*.schema.json from the config models
   view        serve a run's or a region's HTML map report on localhost
+  app         the interactive model comparison in a browser (upload a patch)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ _COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "config-docs": ("pipeline.cli.config_docs", "add_config_docs_arguments", "cli_config_docs",
                     "write the configuration reference and JSON Schemas (docs/)"),
     "view": ("pipeline.cli.view", "add_view_arguments", "cli_view", "serve a run's or region's HTML report on localhost"),
+    "app": ("pipeline.cli.app", "add_app_arguments", "cli_app", "the interactive model comparison in a browser (upload a patch)"),
 }
 
 
