@@ -83,6 +83,7 @@ def test_region_runs_scenes_records_failures_and_merges_without_duplicates(regio
     assert len(merged) == result.n_merged
     assert len(merged) < sum(per_scene)
     assert (merged["scene_ids"] == "demo1,demo2").any()
+    assert {"landslides", "new_landslides", "not_observed"} <= {str(n) for n, _ in pyogrio.list_layers(result.merged)}
 
     # Rerun: nothing recomputed, the merged layer rebuilt to the same content (no appended duplicates).
     again = run_region(cfg)

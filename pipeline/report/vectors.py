@@ -27,8 +27,8 @@ MAX_GEOMETRY_BYTES = 6_000_000
 MAX_TOLERANCE_STEPS = 3
 
 #: Attributes shown first in a popup, in this order; the others follow in the file's order.
-FIRST_COLUMNS = ("landslide_id", "area_m2", "perimeter_m", "mean_prob", "max_prob", "mean_slope",
-                 "scene_id", "scene_ids", "n_merged", "acq_date")
+FIRST_COLUMNS = ("landslide_id", "first_seen", "last_seen", "n_detections", "area_m2", "perimeter_m",
+                 "mean_prob", "max_prob", "mean_slope", "scene_id", "scene_ids", "acq_date")
 
 
 def read_polygons(path: Path, layer: str | None = "landslides") -> Any:

@@ -7,6 +7,10 @@ area, not only a boundary or a corner) are merged into one feature: its
 geometry is their union, its attributes those of the member with the highest
 mean probability, its ``scene_ids`` and ``landslide_ids`` all members'.
 Polygons of one scene never overlap each other and are kept as they are.
+
+The nightly regional job tracks landslides across nights instead
+(:mod:`pipeline.run.tracking`, with :func:`overlapping_pairs` and :func:`components` from
+here); :func:`merge_frames` is the merge of one set of scenes without their history.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ _GEOD = Geod(ellps="WGS84")
 MIN_OVERLAP = 1e-6
 
 
-def _overlapping_pairs(geoms: np.ndarray, src: np.ndarray) -> np.ndarray:
+def overlapping_pairs(geoms: np.ndarray, src: np.ndarray) -> np.ndarray:
     """Pairs (2, k) of polygons of different scenes whose intersection has area."""
     pairs = STRtree(geoms).query(geoms, predicate="intersects")
     pairs = pairs[:, (src[pairs[0]] != src[pairs[1]]) & (pairs[0] < pairs[1])]
@@ -51,7 +55,7 @@ def _overlapping_pairs(geoms: np.ndarray, src: np.ndarray) -> np.ndarray:
     return pairs[:, shared > MIN_OVERLAP * np.minimum(shapely.area(a), shapely.area(b))]
 
 
-def _components(n: int, pairs: np.ndarray) -> np.ndarray:
+def components(n: int, pairs: np.ndarray) -> np.ndarray:
     """Connected components of ``n`` nodes given edge ``pairs`` (2, k)."""
     graph = coo_matrix((np.ones(pairs.shape[1], dtype=np.int8), (pairs[0], pairs[1])), shape=(n, n))
     return connected_components(graph, directed=False)[1]
@@ -70,12 +74,12 @@ def merge_frames(frames: Sequence[gpd.GeoDataFrame]) -> gpd.GeoDataFrame:
         return gpd.GeoDataFrame({"scene_ids": pd.Series([], dtype=str)}, geometry=[], crs="EPSG:4326")
     gdf = gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), crs="EPSG:4326")
     geoms = np.asarray(gdf.geometry.values)
-    comp = _components(len(gdf), _overlapping_pairs(geoms, gdf["_src"].to_numpy()))
+    comp = components(len(gdf), overlapping_pairs(geoms, gdf["_src"].to_numpy()))
 
     prob_col = "mean_prob" if "mean_prob" in gdf.columns else None
     rows = []
-    for root in np.unique(comp):
-        idx = np.flatnonzero(comp == root)
+    order = np.argsort(comp, kind="stable")  # by component, members in input order: linear, not quadratic
+    for idx in np.split(order, np.flatnonzero(np.diff(comp[order])) + 1):
         members = gdf.iloc[idx]
         best = members.iloc[int(np.argmax(members[prob_col].to_numpy()))] if prob_col else members.iloc[0]
         row = best.drop(labels=["geometry", "_src"]).to_dict()

@@ -1,4 +1,4 @@
-"""The nightly regional job: many scenes, one Dask cluster, resumable.
+"""The nightly regional job: many scenes, one Dask cluster, resumable, tracked across nights.
 
 ``python -m pipeline region region.yaml`` runs every scene of the region with
 the same cluster (a local one by default, ``dask.scheduler`` to use an existing
@@ -8,12 +8,14 @@ resumes where it stopped. A scene that fails (bad input, a crash) is recorded
 (``<name>.region_state.json``) and the job goes on with the next; transient failures are
 retried. One job per region and output folder runs at a time.
 
-At the end the polygons of all completed scenes are merged into one regional
-GeoPackage in EPSG:4326. Neighbouring Sentinel-2 tiles overlap (and may sit in
-different UTM zones), so a landslide in an overlap is seen twice: polygons of
-different scenes that intersect are merged into one feature. The regional
-layer is rebuilt from the scene outputs on every run, so reruns never
-duplicate features.
+The state file also keeps every completed scene run the region ever recorded (``completed``:
+scene config -> run folder -> record), this job's merged into the previous job's as each scene
+completes. At the end the regional GeoPackage ``<name>.gpkg`` (EPSG:4326) is rebuilt from the
+outputs of all of them (:mod:`pipeline.run.tracking`): ``landslides``, one feature per landslide
+over time (detections of different scenes or nights that share area are one landslide),
+``new_landslides`` (first seen on the newest night of this job) and ``not_observed`` (per night,
+the part of the region's footprint no valid pixel covered). Rebuilt, never appended to: reruns
+never duplicate features, and the order in which scenes finished does not matter.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +88,8 @@ class SceneOutcome:
 class RegionResult:
     outcomes: list[SceneOutcome] = field(default_factory=list)
     merged: Path | None = None
-    n_merged: int = 0
+    n_merged: int = 0  # landslides in the regional layer
+    n_new: int = 0  # of which first seen on the newest night of this job
     page: Path | None = None  # the region's HTML report
 
     @property
@@ -115,63 +118,129 @@ def run_region(cfg: RegionConfig, *, force: bool = False, client: Any = None) ->
 
 
 def _run_scenes(cfg: RegionConfig, force: bool, client: Any) -> RegionResult:
-    """Run the region's scenes on ``client``, record each outcome, merge the completed layers."""
+    """Run the region's scenes on ``client``, record each outcome, rebuild the regional layers."""
     from pipeline.run.folder import write_json_atomic
 
-    from pipeline.run.scene import run_scene
-
     result = RegionResult()
-    state: dict[str, Any] = {"region": cfg.name, "started": dt.datetime.now(dt.UTC).isoformat(), "scenes": {}}
-    out_dir = cfg.output.dir
     state_file = state_path(cfg)
+    state: dict[str, Any] = {"region": cfg.name, "started": dt.datetime.now(dt.UTC).isoformat(), "scenes": {},
+                             "completed": previous_completed(state_file)}
     n = len(cfg.scenes)
     for i, scene_yaml in enumerate(cfg.scenes, 1):
-        outcome = SceneOutcome(config=str(scene_yaml), status="failed")
         log.info("[%d/%d] scene %s", i, n, scene_yaml)
-        t0 = time.perf_counter()
-        for attempt in range(cfg.retries + 1):
-            outcome.attempts = attempt + 1
-            try:
-                scene_cfg = _scene_config_for_region(scene_yaml, cfg)
-                res = run_scene(scene_cfg, force=force, client=client)
-            except PipelineError as exc:  # bad input: retrying does not help, but for transient failures
-                outcome.error = str(exc)
-                if getattr(exc, "transient", False) and attempt < cfg.retries:
-                    log.warning("[%d/%d] %s failed (%s); retrying", i, n, scene_yaml, exc)
-                    continue
-                log.error("[%d/%d] %s failed: %s", i, n, scene_yaml, exc)
-                break
-            except Exception as exc:  # noqa: BLE001 - one scene must not stop the night
-                outcome.error = f"{type(exc).__name__}: {exc}"
-                if attempt < cfg.retries:
-                    log.warning("[%d/%d] %s failed (%s); retrying", i, n, scene_yaml, outcome.error)
-                    continue
-                log.error("[%d/%d] %s failed after %d attempt(s): %s", i, n, scene_yaml, attempt + 1, outcome.error)
-                break
-            else:
-                outcome.status = res.status
-                outcome.scene_id = res.scene_id
-                outcome.geopackage = str(res.geopackage)
-                outcome.n_polygons = res.n_polygons
-                outcome.error = None
-                break
-        outcome.seconds = round(time.perf_counter() - t0, 3)
+        outcome = _attempt_scene(scene_yaml, cfg, force, client, f"[{i}/{n}]")
         result.outcomes.append(outcome)
         state["scenes"][str(scene_yaml)] = outcome.__dict__
+        if outcome.status != "failed" and outcome.geopackage:
+            record_run(state["completed"], outcome, state["started"])
         write_json_atomic(state_file, state)
 
-    gpkgs = [Path(o.geopackage) for o in result.outcomes if o.status != "failed" and o.geopackage]
-    if gpkgs:
-        from pipeline.run.merge import merge_scene_layers
-
-        merged_path = out_dir / f"{cfg.name}.gpkg"
-        result.n_merged = merge_scene_layers(gpkgs, merged_path, region=cfg.name)
-        result.merged = merged_path
+    if completed_records(state["completed"]):
+        _rebuild_regional(cfg, state, result)
     state["finished"] = dt.datetime.now(dt.UTC).isoformat()
     state["merged"] = str(result.merged) if result.merged else None
     write_json_atomic(state_file, state)
     _write_region_page(cfg, result, state)
     return result
+
+
+def _attempt_scene(scene_yaml: Path, cfg: RegionConfig, force: bool, client: Any, tag: str) -> SceneOutcome:
+    """Run one scene, retrying transient failures (``cfg.retries``); never raises for the scene's failure."""
+    from pipeline.run.scene import run_scene
+
+    outcome = SceneOutcome(config=str(scene_yaml), status="failed")
+    t0 = time.perf_counter()
+    for attempt in range(cfg.retries + 1):
+        outcome.attempts = attempt + 1
+        try:
+            scene_cfg = _scene_config_for_region(scene_yaml, cfg)
+            res = run_scene(scene_cfg, force=force, client=client)
+        except PipelineError as exc:  # bad input: retrying does not help, but for transient failures
+            outcome.error = str(exc)
+            if getattr(exc, "transient", False) and attempt < cfg.retries:
+                log.warning("%s %s failed (%s); retrying", tag, scene_yaml, exc)
+                continue
+            log.error("%s %s failed: %s", tag, scene_yaml, exc)
+            break
+        except Exception as exc:  # noqa: BLE001 - one scene must not stop the night
+            outcome.error = f"{type(exc).__name__}: {exc}"
+            if attempt < cfg.retries:
+                log.warning("%s %s failed (%s); retrying", tag, scene_yaml, outcome.error)
+                continue
+            log.error("%s %s failed after %d attempt(s): %s", tag, scene_yaml, attempt + 1, outcome.error)
+            break
+        else:
+            outcome.status = res.status
+            outcome.scene_id = res.scene_id
+            outcome.geopackage = str(res.geopackage)
+            outcome.n_polygons = res.n_polygons
+            outcome.error = None
+            break
+    outcome.seconds = round(time.perf_counter() - t0, 3)
+    return outcome
+
+
+# -- the completed runs of every night, and the regional layers rebuilt from them
+def previous_completed(state_file: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """The completed scene runs recorded in the region's previous state (config -> run folder ->
+    record); from a state written before they were kept, its scenes that completed. An unreadable
+    state is kept aside (``<state>.unreadable``) with an error in the log, and the job starts afresh."""
+    import json
+
+    try:
+        old = json.loads(state_file.read_text(encoding="utf-8"))
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        aside = state_file.with_name(state_file.name + ".unreadable")
+        with suppress(OSError):
+            state_file.replace(aside)
+        log.error("%s is unreadable (%s), kept as %s: the regional layers start from this job's scenes",
+                  state_file, getattr(exc, "strerror", None) or exc, aside.name)
+        return {}
+    completed: dict[str, dict[str, dict[str, Any]]] = {}
+    for config, runs in (old.get("completed") or {}).items():
+        completed[str(config)] = {str(run_dir): dict(rec) for run_dir, rec in (runs or {}).items()}
+    when = str(old.get("started") or "")
+    for outcome in (old.get("scenes") or {}).values():
+        if isinstance(outcome, dict) and outcome.get("status") != "failed" and outcome.get("geopackage"):
+            record_run(completed, SceneOutcome(**{k: outcome.get(k) for k in ("config", "status", "scene_id",
+                                                                              "geopackage")}), when)
+    return completed
+
+
+def record_run(completed: dict[str, dict[str, dict[str, Any]]], outcome: SceneOutcome, when: str) -> None:
+    """Record ``outcome``'s run folder under its scene config in ``completed`` (a rerun of the same
+    run updates its record: one record per config and run folder)."""
+    run_dir = str(Path(str(outcome.geopackage)).parent)
+    runs = completed.setdefault(str(outcome.config), {})
+    rec = runs.setdefault(run_dir, {"first_recorded": when})
+    rec.update(scene_id=outcome.scene_id or rec.get("scene_id"), geopackage=str(outcome.geopackage),
+               last_recorded=max(when, str(rec.get("last_recorded") or "")))
+
+
+def completed_records(completed: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The records of ``completed`` as a flat list, each with its ``config`` and ``run_dir``."""
+    return [{**rec, "config": config, "run_dir": run_dir}
+            for config, runs in sorted(completed.items()) for run_dir, rec in sorted(runs.items())]
+
+
+def _rebuild_regional(cfg: RegionConfig, state: dict[str, Any], result: RegionResult) -> None:
+    """Rebuild ``<name>.gpkg`` from every recorded run; the counts go to ``result`` and ``state``."""
+    from pipeline.run.regional_gpkg import remove_stale_temporaries, write_regional_geopackage
+    from pipeline.run.tracking import build_layers
+
+    merged_path = cfg.output.dir / f"{cfg.name}.gpkg"
+    remove_stale_temporaries(merged_path)  # the region's lock is held
+    job = {o.scene_id for o in result.outcomes if o.status != "failed" and o.scene_id}
+    layers = build_layers(completed_records(state["completed"]), job)
+    write_regional_geopackage(layers, merged_path, region=cfg.name)
+    result.merged, result.n_merged, result.n_new = merged_path, len(layers.landslides), len(layers.new_landslides)
+    state["newest_night"] = layers.newest_night
+    state["layers"] = {"landslides": result.n_merged, "new_landslides": result.n_new,
+                       "not_observed": len(layers.not_observed)}
 
 
 def _write_region_page(cfg: RegionConfig, result: RegionResult, state: dict[str, Any]) -> None:
