@@ -27,7 +27,6 @@ import datetime as dt
 import json
 import logging
 import os
-import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -301,42 +300,23 @@ def _check_state(reference: Mapping[str, torch.Tensor], state: Mapping[str, torc
 
 
 # -- load ----------------------------------------------------------------------
-def _read_header(path: Path) -> dict[str, Any]:
-    """Parse the safetensors header without touching tensor data or pickle."""
+def _read_header_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, read with the safetensors library (no tensor data,
+    no pickle, no PyTorch). It refuses a file whose tensors do not fill it exactly (a truncated or
+    padded copy) from the header alone, before a run starts."""
+    from safetensors import SafetensorError, safe_open
+
     if not path.is_file():
         raise InputError(f"{path}: model artefact not found")
-    size = path.stat().st_size
-    not_st = (
-        f"{path}: not a safetensors model artefact (pickled/torch.save checkpoints are refused; "
-        "re-export the weights with pipeline.model.artefact.save_artefact)"
-    )
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ModelError(not_st)
-        (n,) = struct.unpack("<Q", head)
-        if n < 2 or n > _MAX_HEADER or n > size - 8:
-            raise ModelError(not_st)
-        blob = f.read(n)
     try:
-        header = json.loads(blob.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ModelError(not_st) from None
-    if not isinstance(header, dict):
-        raise ModelError(not_st)
-    # The tensors' byte ranges must fill the file exactly: a truncated copy is refused here, before a
-    # run starts, not when a worker loads the weights.
-    try:
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise ModelError(not_st) from None
-    declared = 8 + n + max(ends, default=0)
-    if declared != size:
+        with safe_open(path, framework="numpy") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(
-            f"{path}: model artefact is {size} bytes but its header declares {declared} "
-            f"({'truncated' if size < declared else 'trailing data'}); copy the file again"
-        )
-    return header
+            f"{path}: not a complete safetensors model artefact ({exc}): a truncated or padded copy (copy the "
+            "file again), or a pickled/torch.save checkpoint (refused: re-export the weights with "
+            "pipeline.model.artefact.save_artefact)"
+        ) from None
 
 
 def read_metadata(path: str | os.PathLike[str]) -> ModelArtefact:
@@ -345,8 +325,7 @@ def read_metadata(path: str | os.PathLike[str]) -> ModelArtefact:
     Cheap: use it to learn which channels to stack before inference.
     """
     path = Path(path)
-    header = _read_header(path)
-    info = header.get("__metadata__") or {}
+    info = _read_header_metadata(path)
     if info.get("format") != FORMAT:
         raise ModelError(
             f"{path}: safetensors file without model metadata (expected format {FORMAT!r} in the header); "
