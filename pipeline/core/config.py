@@ -123,17 +123,32 @@ class GridSection(Strict):
 
 
 class MaskSection(Strict):
-    """Which Sentinel-2 L2A scene classes are excluded from the valid-data mask."""
+    """What the valid-data mask excludes: Sentinel-2 L2A scene classes (SCL), and the clouds a detector
+    finds in L1C scenes, which have no SCL."""
 
-    cloud: bool = True
-    cloud_shadow: bool = True
-    cirrus: bool = True
-    snow: bool = True
-    water: bool = False
+    cloud: bool = Field(True, description="exclude the SCL cloud classes (8, 9: medium and high probability)")
+    cloud_shadow: bool = Field(True, description="exclude the SCL cloud shadow class (3)")
+    cirrus: bool = Field(True, description="exclude the SCL thin cirrus class (10)")
+    snow: bool = Field(True, description="exclude the SCL snow and ice class (11)")
+    water: bool = Field(False, description="exclude the SCL water class (6)")
     cloud_buffer_m: float = Field(
         40.0, ge=0, le=1000,
-        description="grow excluded cloud, cloud shadow and cirrus areas by this distance: cloud edges "
-        "are bright and hazy and are otherwise mistaken for fresh scars",
+        description="grow excluded cloud, cloud shadow and cirrus areas (SCL) and detected clouds by this "
+        "distance: cloud edges are bright and hazy and are otherwise mistaken for fresh scars",
+    )
+    cloud_detector: Literal["auto", "s2cloudless", "none"] = Field(
+        "auto",
+        description="cloud mask computed from the bands: auto = s2cloudless for L1C scenes that have its "
+        "bands (B01 B02 B04 B05 B08 B8A B09 B10 B11 B12; a warning and no cloud mask when one is missing), "
+        "the SCL classes above for L2A; s2cloudless = always (an error when a band is missing or the scene "
+        "is L2A); none = no detector (an SCL still excludes its classes). Detected clouds are the mean "
+        "s2cloudless probability over 220 m above cloud_probability, grown by 110 m + cloud_buffer_m; "
+        "cloud shadows are not detected",
+    )
+    cloud_probability: float = Field(
+        0.4, gt=0, lt=1, allow_inf_nan=False,
+        description="s2cloudless threshold: pixels whose cloud probability, averaged over 220 m, is above "
+        "this are clouds (lower masks more: haze and bright ground too)",
     )
 
     def buffered_scl_classes(self) -> list[int]:

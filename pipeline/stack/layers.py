@@ -16,8 +16,10 @@ Laziness
     one-pixel halo; blocks are independent tasks.
 
 Mask
-    :mod:`pipeline.stack.masks`: the DEM footprint, the SCL classes and the
-    area of interest, combined with the channels' own no-data into ``valid``.
+    :mod:`pipeline.stack.masks`: the DEM footprint, the SCL classes, the
+    clouds s2cloudless finds in L1C scenes (:mod:`pipeline.stack.clouds`,
+    ``mask.cloud_detector``) and the area of interest, combined with the
+    channels' own no-data into ``valid``.
 
 Compute ``data`` and ``valid`` in the same dask graph (``dask.compute(data,
 valid)`` or one ``map_blocks`` over both): ``valid`` is derived from the same
@@ -43,12 +45,13 @@ import xarray as xr
 from pipeline.core.channels import DEM, L4S_CHANNELS, S2_BANDS, SLOPE, canonical
 from pipeline.core.config import SceneConfig
 from pipeline.core.errors import ChannelError
+from pipeline.core.georeference import georeference, grid_coords
 from pipeline.core.grid import Grid
 from pipeline.io.dem import open_dem, open_slope
 from pipeline.io.raster_source import RasterSource
 from pipeline.io.safe_checksums import ChecksumCheck
 from pipeline.io.sentinel2 import SceneInputs, read_scene, verify_scene_files
-from pipeline.core.georeference import georeference, grid_coords
+from pipeline.stack.clouds import CLOUD_BANDS, cloud_layer, scene_level, use_detector
 from pipeline.stack.lazy_arrays import StackLayer
 from pipeline.stack.masks import scene_mask
 from pipeline.stack.scene_grid import build_grid, check_overlap
@@ -127,13 +130,15 @@ def check_channels(channels: Sequence[str], scene: SceneInputs) -> None:
 @dataclass(frozen=True)
 class _Sources:
     """The opened inputs of one stack: band sources by channel, the DEM, the slope layer when
-    one is given and asked for, and the scene classification layer when the product has one."""
+    one is given and asked for, the scene classification layer when the product has one, and the
+    bands of the cloud detector when it runs (``mask.cloud_detector``)."""
 
     scene: SceneInputs
     bands: dict[str, RasterSource]
     dem: RasterSource
     slope: RasterSource | None
     scl: RasterSource | None
+    cloud_bands: dict[str, RasterSource] | None = None
 
 
 def stack_scene(cfg: SceneConfig, channels: Sequence[str] | None = None) -> Stack:
@@ -141,9 +146,10 @@ def stack_scene(cfg: SceneConfig, channels: Sequence[str] | None = None) -> Stac
 
     ``channels`` defaults to ``cfg.channels``, then to the Landslide4Sense
     order. Raises :class:`ChannelError` when the inputs cannot supply a
-    channel, :class:`InputError` for missing or unusable files and
-    :class:`GridError` when layers or the AOI do not overlap the scene. No
-    pixel is read here.
+    channel, :class:`InputError` for missing or unusable files,
+    :class:`GridError` when layers or the AOI do not overlap the scene and
+    :class:`ConfigError` when ``mask.cloud_detector`` asks for s2cloudless on a
+    scene that cannot have it. No pixel is read here.
     """
     names = resolve_channels(channels if channels is not None else (cfg.channels or L4S_CHANNELS))
     src = _open_sources(cfg, names)
@@ -155,7 +161,10 @@ def stack_scene(cfg: SceneConfig, channels: Sequence[str] | None = None) -> Stac
     data = layer.to_dask(cfg.grid.block_size)
     # a channel from the DEM carries the DEM's footprint in its own no-data
     terrain_from_dem = DEM in names or (SLOPE in names and src.slope is None)
-    mask = scene_mask(cfg, grid, None if terrain_from_dem else src.dem, src.scl, aoi_geoms)
+    clouds = None
+    if src.cloud_bands is not None:
+        clouds = cloud_layer(cfg.mask, grid, src.cloud_bands, src.dem, cfg.grid.block_size)
+    mask = scene_mask(cfg, grid, None if terrain_from_dem else src.dem, src.scl, aoi_geoms, clouds)
     valid = ~da.isnan(data).any(axis=0)
     if mask is not None:
         valid = valid & mask
@@ -171,13 +180,19 @@ def _open_sources(cfg: SceneConfig, names: Sequence[str]) -> _Sources:
     """The inputs of channels ``names``, opened (metadata only) and checked against the product."""
     scene = read_scene(cfg.scene)
     check_channels(names, scene)
+    detect = use_detector(cfg.mask, scene, scene_level(scene, cfg.scene.level), str(cfg.source or ""))
+    read = [n for n in names if n in S2_BANDS]
+    if detect:
+        read += [b for b in CLOUD_BANDS if b not in read]
     # the files whose pixels are read, against the product's manifest.safe (a bit flip inside a JPEG
     # 2000 codestream decodes to wrong pixels without an error)
-    scene = verify_scene_files(scene, cfg.scene, [n for n in names if n in S2_BANDS])
-    bands = {n: scene.open_band(n) for n in names if n in S2_BANDS}
+    scene = verify_scene_files(scene, cfg.scene, read)
+    opened = {n: scene.open_band(n) for n in read}
+    bands = {n: opened[n] for n in names if n in S2_BANDS}
     dem = open_dem(cfg.dem)
     slope = open_slope(cfg.dem) if SLOPE in names else None
-    return _Sources(scene, bands, dem, slope, scene.open_scl())
+    clouds = {b: opened[b] for b in CLOUD_BANDS} if detect else None
+    return _Sources(scene, bands, dem, slope, scene.open_scl(), clouds)
 
 
 def _checked_grid(cfg: SceneConfig, src: _Sources) -> tuple[Grid, list[Any] | None]:

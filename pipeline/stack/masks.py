@@ -1,6 +1,7 @@
-"""The scene's mask: DEM footprint, excluded SCL classes (clouds grown by a buffer), area of interest.
+"""The scene's mask: DEM footprint, excluded SCL classes and detected clouds (grown by a buffer), area of interest.
 
-The stack combines it with the channels' own no-data into its ``valid``.
+The stack combines it with the channels' own no-data into its ``valid``. Clouds
+of L1C scenes, which have no SCL, come from :mod:`pipeline.stack.clouds`.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ log = logging.getLogger(__name__)
 
 
 def scene_mask(cfg: SceneConfig, grid: Grid, dem: RasterSource | None, scl: RasterSource | None,
-               aoi_geoms: Sequence[Any] | None) -> da.Array | None:
+               aoi_geoms: Sequence[Any] | None, clouds: da.Array | None = None) -> da.Array | None:
     """Lazy boolean mask of what the inputs other than the channels exclude, in blocks of
     ``cfg.grid.block_size``; None when nothing does.
 
     ``dem``: the DEM whose footprint bounds the scene (None when a channel from the DEM carries
     its no-data already). ``scl``: the scene classification, whose excluded classes and buffered
     (cloud) classes come from ``cfg.mask``. ``aoi_geoms``: the area of interest's geometries.
+    ``clouds``: detected clouds with their buffer (:func:`pipeline.stack.clouds.cloud_layer`), excluded.
     """
     block = cfg.grid.block_size
     masks = []
@@ -41,6 +43,8 @@ def scene_mask(cfg: SceneConfig, grid: Grid, dem: RasterSource | None, scl: Rast
         masks.append(~scl_exclusion(scl_arr, excluded, cfg.mask.buffered_scl_classes(),
                                     cfg.mask.cloud_buffer_m / grid.res[0]))
         log.info("valid mask excludes SCL classes %s (clouds grown by %g m)", excluded, cfg.mask.cloud_buffer_m)
+    if clouds is not None:
+        masks.append(~clouds)
     if aoi_geoms is not None:
         inside = GeometryLayer(aoi_geoms, grid)
         masks.append(da.from_array(inside, chunks=(block, block), asarray=False, lock=False,
