@@ -27,11 +27,17 @@ from pipeline.stack import clouds
 from pipeline.stack.clouds import (
     AVERAGE_RADIUS_M,
     CLOUD_BANDS,
+    COARSE_M,
     DILATION_RADIUS_M,
+    cell_means,
+    cloud_exclusion,
+    cloud_mask,
+    coarse_factor,
     footprints,
+    grow_clouds,
     mask_from_codes,
-    mask_from_codes_lazy,
     probability_codes,
+    to_grid,
     use_detector,
 )
 from pipeline.stack.layers import stack_scene
@@ -150,12 +156,12 @@ def test_clouds_are_masked_with_their_buffer(masks_by_block: dict[int, np.ndarra
     grown = DILATION_RADIUS_M + 40.0     # the detector's dilation + mask.cloud_buffer_m (default)
     assert cloud[dist <= grown - 10].all(), "a cloud or its buffer is not masked"
     # the averaging moves a sharp edge by a few pixels, a little more along the grid's edge (where the
-    # disk is cut, only pixels inside count); nothing far beyond the buffer is masked
+    # disk is cut, only pixels inside count), and a cell is masked whole: nothing far beyond the buffer
     inner = np.zeros_like(cloud)
     edge = int(AVERAGE_RADIUS_M / 10)
     inner[edge:-edge, edge:-edge] = True
-    assert not cloud[inner & (dist > grown + 0.2 * AVERAGE_RADIUS_M)].any()
-    assert not cloud[dist > grown + AVERAGE_RADIUS_M].any()
+    assert not cloud[inner & (dist > grown + 0.2 * AVERAGE_RADIUS_M + COARSE_M)].any()
+    assert not cloud[dist > grown + AVERAGE_RADIUS_M + COARSE_M].any()
     assert 0.05 < cloud.mean() < 0.1
 
 
@@ -174,37 +180,61 @@ def test_the_cloud_mask_does_not_depend_on_the_block_size(masks_by_block: dict[i
     np.testing.assert_array_equal(masks_by_block[256], masks_by_block[512])
 
 
-def test_block_wise_averaging_and_growth_equal_the_whole_array() -> None:
-    """Halo handling on blocks far smaller than the stack's (many seams, dask enlarging the smallest)."""
+def test_block_wise_mask_equals_the_whole_array() -> None:
+    """Cells from the grid's origin and halos on blocks far smaller than the stack's, whole cells or
+    not (many seams, a partial last cell, dask enlarging the smallest), and unknown pixels."""
     rng = np.random.default_rng(3)
-    codes = rng.integers(0, 1000, (300, 280)).astype(np.int16)
-    codes[rng.random(codes.shape) < 0.1] = -1   # unknown pixels
-    codes[100:160, 50:140] = 990                # a cloud
-    average, grow = footprints(10.0, 40.0)
-    whole = mask_from_codes(codes, average, grow, 0.4)
-    for chunks in ((64, 64), (100, 37), (300, 280)):
-        lazy = mask_from_codes_lazy(da.from_array(codes, chunks=chunks), 10.0, 0.4, 40.0)
+    bands = rng.uniform(0.02, 0.2, (len(CLOUD_BANDS), 301, 283)).astype(np.float32)
+    bands[:, 100:170, 50:150] = np.array([CLOUD[b] for b in CLOUD_BANDS], np.float32)[:, None, None]
+    bands[:, rng.random(bands.shape[1:]) < 0.1] = np.nan   # unknown pixels
+    bands[:, 200:230, 20:90] = np.nan                        # unknown cells
+    whole = cloud_mask(bands, 10.0, 0.4, 40.0)
+    assert 0.1 < whole.mean() < 0.5
+    for chunks in ((64, 64), (100, 37), (60, 42), (301, 283)):
+        lazy = cloud_exclusion(da.from_array(bands, chunks=(len(CLOUD_BANDS), *chunks)), 10.0, 0.4, 40.0, 128)
+        assert lazy.chunks[0][0] == 128
         np.testing.assert_array_equal(lazy.compute(), whole)
 
 
+def test_cells_are_means_of_the_known_pixels_from_the_origin() -> None:
+    assert coarse_factor(10.0) == 6 and coarse_factor(20.0) == 3 and coarse_factor(60.0) == coarse_factor(100.0) == 1
+    bands = np.arange(2 * 8 * 7, dtype=np.float32).reshape(2, 8, 7)
+    bands[1, 0, 0] = np.nan                      # unknown in one band: the pixel does not count
+    cells = cell_means(bands, 6)
+    assert cells.shape == (2, 2, 2)
+    np.testing.assert_allclose(cells[:, 1, 1], bands[:, 6:, 6:].mean(axis=(1, 2)))   # a partial cell
+    np.testing.assert_allclose(cells[0, 0, 0], (bands[0, :6, :6].sum() - bands[0, 0, 0]) / 35)
+    bands[:, :6, :6] = np.nan
+    assert np.isnan(cell_means(bands, 6)[:, 0, 0]).all()
+    np.testing.assert_array_equal(to_grid(np.array([[1, 2], [3, 4]]), 6, (8, 7))[[0, 7]][:, [5, 6]], [[1, 2], [3, 4]])
+
+
+def _flat_cloud_mask(cloud_10m: np.ndarray, buffer_m: float = 40.0) -> np.ndarray:
+    """The mask of a probability of 0.99 on ``cloud_10m`` and 0.02 elsewhere, each cell taking its
+    pixels' mean probability (as the detector sees a cell's mean reflectance)."""
+    codes = np.where(cloud_10m, 990.0, 20.0)[None]
+    cells = np.rint(cell_means(codes.astype(np.float32), 6)[0]).astype(np.int16)
+    average, grow = footprints(10.0, buffer_m, 6)
+    return grow_clouds(to_grid(mask_from_codes(cells, average, None, 0.4), 6, cloud_10m.shape), grow)
+
+
 def test_the_buffer_is_the_same_setting_as_for_scl_clouds() -> None:
-    """A flat cloud disk: the mask reaches its edge plus 110 m plus ``mask.cloud_buffer_m``."""
-    yy, xx = np.mgrid[:200, :200]
-    dist = np.hypot(yy - 100, xx - 100)
-    codes = np.where(dist <= 40, 1000, 0).astype(np.int16)
+    """A flat cloud disk: the mask reaches its edge plus 110 m plus ``mask.cloud_buffer_m``, give or
+    take a cell."""
+    yy, xx = np.mgrid[:240, :240]
+    dist = np.hypot(yy - 120, xx - 120)
+    cell = COARSE_M / 10
     for buffer_m in (0.0, 40.0, 200.0):
-        mask = mask_from_codes(codes, *footprints(10.0, buffer_m), 0.4)
-        reach = dist[mask].max()
-        assert 40 + (DILATION_RADIUS_M + buffer_m) / 10 <= reach <= 40 + (DILATION_RADIUS_M + buffer_m) / 10 + 3
+        reach = dist[_flat_cloud_mask(dist <= 40, buffer_m)].max()
+        grown = 40 + (DILATION_RADIUS_M + buffer_m) / 10
+        assert grown - cell <= reach <= grown + 1.5 * cell
 
 
 def test_a_cloud_smaller_than_the_averaging_disk_is_not_masked() -> None:
     """The known miss: a cloud under about 280 m across is averaged away (as a bright scar is)."""
-    yy, xx = np.mgrid[:100, :100]
-    average, grow = footprints(10.0, 40.0)
+    yy, xx = np.mgrid[:120, :120]
     for radius_px, masked in ((10, False), (16, True)):
-        codes = np.where(np.hypot(yy - 50, xx - 50) <= radius_px, 990, 20).astype(np.int16)
-        assert mask_from_codes(codes, average, grow, 0.4).any() == masked
+        assert _flat_cloud_mask(np.hypot(yy - 60, xx - 60) <= radius_px).any() == masked
 
 
 def test_none_turns_the_detector_off(l1c: Path) -> None:
@@ -311,12 +341,11 @@ def test_landslide4sense_landslides_stay_and_its_cloud_is_masked(shared_data: Pa
     from pipeline.training.patch_files import find_patches
     from pipeline.training.patch_readers import read_image, read_mask
 
-    average, grow = footprints(10.0, 40.0)
     for rec in find_patches(shared_data / "l4s" / "train", require_masks=True):
         patch = read_image(rec.image)
         ch = list(patch.channels)  # no B8A in these patches: B08 stands in
         x = np.stack([patch.image[ch.index("B08" if b == "B8A" else b)] for b in CLOUD_BANDS]).astype(np.float32)
-        masked = mask_from_codes(probability_codes(x), average, grow, 0.4)
+        masked = cloud_mask(x, 10.0, 0.4, 40.0)
         assert rec.mask is not None
         assert not (masked & (read_mask(rec.mask)[0] == 1)).any(), rec.image.name
         if rec.image.name == "image_902.h5":
