@@ -162,6 +162,11 @@ def _settle(client: object, futures: list[object], timeout: float = 30.0) -> Non
     futures.clear()
 
 
+def local_threads(section: DaskSection, n_workers: int | None = None) -> int:
+    """Threads per worker of a local cluster: ``dask.threads_per_worker``, else the cores per worker."""
+    return section.threads_per_worker or max(1, (os.cpu_count() or 1) // (n_workers or section.n_workers))
+
+
 @contextmanager
 def dask_client(section: DaskSection, imports: Sequence[str] = (), gpus: Sequence[str] = ()) -> Iterator[object]:
     """Yield a ``distributed.Client`` for ``section``; closes what it started. The workers of a local
@@ -191,7 +196,7 @@ def dask_client(section: DaskSection, imports: Sequence[str] = (), gpus: Sequenc
 
     gpus = list(gpus)
     n_workers = len(gpus) or section.n_workers
-    threads = section.threads_per_worker or max(1, (os.cpu_count() or 1) // n_workers)
+    threads = local_threads(section, n_workers)
     with _without_malloc_trim():
         cluster = gpu_cluster(gpus, threads, section.memory_limit) if gpus else LocalCluster(
             n_workers=n_workers,

@@ -40,8 +40,9 @@ from pipeline.core.config import SceneConfig
 from pipeline.core.errors import ModelError
 from pipeline.core.probability import PROB_NODATA
 from pipeline.run import folder, outputs
-from pipeline.run.cluster import RunCluster
+from pipeline.run.cluster import RunCluster, local_threads
 from pipeline.run.intermediates import open_stored
+from pipeline.run.memory import check_worker_memory
 from pipeline.run.plan import ScenePlan, inference_block, make_plan, model_channels
 from pipeline.run.summary import StageTimer, inference_figures, log_processing_level, package_versions, processing_level
 
@@ -102,6 +103,9 @@ def run_scene(cfg: SceneConfig, *, force: bool = False, client: Any = None) -> R
     level = processing_level(models, stack.product, cfg.scene.level)
     log_processing_level(level)
     plan = make_plan(cfg, models, key, stack, level["scene"])
+    if client is None and not cfg.dask.scheduler:  # a local cluster this run starts: refuse early
+        block = (min(plan.block, plan.grid.height), min(plan.block, plan.grid.width))
+        check_worker_memory(cfg.dask, block, len(model_channels(models)), local_threads(cfg.dask))
     folder.make_run_dir(plan.run_dir)
     with ExitStack() as resources:
         # held until everything below has ended (the cluster closed): first in, last out
