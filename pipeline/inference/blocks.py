@@ -1,21 +1,25 @@
 """The block task: run the windows whose origin lies in one block through the models and sum them.
 
 A block task gets the pixels of its block plus the strip its last windows
-reach into (cut from the stack's chunks, or read at once through a
-:class:`WindowReader`). A pixel is valid where the mask says so and every
-channel a model reads has a value; windows without a single valid pixel never
-reach a model. The others go through the models in batches: each model's
-channels picked by index, normalized with the artefact's own statistics
-(:func:`pipeline.model.normalization.normalize`), optionally augmented
-(flips and rotations, averaged), turned into probabilities with a sigmoid
-(:mod:`pipeline.inference.forward`), and ensemble members combined
-(:func:`pipeline.model.ensemble.ensemble_probability`; on a GPU, the same on
-the device). The window predictions are summed with their blend weights into
-:class:`tiling.stitch.BlockSums`.
+reach into (cut from the stack's chunks, or read through a
+:class:`WindowReader` in strips of window rows, so that it never holds the
+whole extent). A pixel is valid where the mask says so and every channel a
+model reads has a value; windows without a single valid pixel never reach a
+model. The others are cut into one reused batch buffer and go through the
+models batch by batch: each model's channels picked by index, normalized with
+the artefact's own statistics (:func:`pipeline.model.normalization.normalize`),
+optionally augmented (flips and rotations, averaged), turned into
+probabilities with a sigmoid (:mod:`pipeline.inference.forward`), and
+ensemble members combined (:func:`pipeline.model.ensemble.ensemble_probability`;
+on a GPU, the same on the device). The window predictions are summed with
+their blend weights into :class:`tiling.stitch.RollingSums`, which keeps float64
+sums only for the rows windows still reach.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -24,11 +28,12 @@ import numpy as np
 from rasterio.windows import Window
 
 from pipeline.inference.forward import combine_on_device, combines_on_host, forward_probs
+from pipeline.inference.heap import trim_heap
 from pipeline.inference.options import InferenceOptions
 from pipeline.inference.runtime import ModelRef, module_for, runtime_for
 from pipeline.model.ensemble import ensemble_probability
 from pipeline.model.normalization import normalize, validate_spec
-from tiling.stitch import BlockSums, window_weights
+from tiling.stitch import BlockSums, CompactSums, RollingSums, window_weights
 from tiling.windows import Span, WindowGrid, valid_counts
 
 if TYPE_CHECKING:
@@ -60,7 +65,7 @@ class BlockPlan:
 class BlockResult:
     """A block task's result: its window sums, and what it passes through from its input."""
 
-    sums: BlockSums
+    sums: BlockSums | CompactSums  # BlockSums without sums when no window ran
     kept: np.ndarray | None = None  # (n_keep, bh, bw) float32 input channels passed through
     coarse: np.ndarray | None = None  # (n_coarse, bh // f, bw // f) float32 means of the block's own pixels
 
@@ -76,12 +81,33 @@ class WindowReader(Protocol):
         ...
 
 
+#: Input a block task holds at once, roughly: a larger read extent is read and run in strips of
+#: window rows. Each pixel is read, checked and normalized on its own, and the windows run in the
+#: batches of one pass over the whole extent, so the results do not depend on it.
+STRIP_BYTES = 32 * 2**20
+
+
 def read_and_predict(reader: WindowReader, bands: Sequence[int], extent: tuple[Span, Span],
-                     valid: np.ndarray | None, block: tuple[Span, Span], plan: BlockPlan) -> BlockResult:
-    """:func:`predict_block` on the block's whole ``extent``, read here in one call."""
+                     valid: np.ndarray | None, block: tuple[Span, Span], plan: BlockPlan,
+                     kept: bool = True) -> BlockResult:
+    """:func:`predict_block` on the block's whole ``extent``, read here: in one call, or in strips
+    of window rows (:func:`strip_rows`). ``kept=False``: the kept channels are not passed through
+    (the caller reads them again)."""
     (ry0, ry1), (rx0, rx1) = extent
-    data = reader.read(list(bands), Window(rx0, ry0, rx1 - rx0, ry1 - ry0))
-    return predict_block(data, valid, block, plan, own=True)
+    task = _BlockTask(plan, block, (ry1 - ry0, rx1 - rx0), kept)
+    strips = strip_rows(plan, block, (ry1 - ry0, rx1 - rx0), len(bands))
+    # a stack's reader keeps its files open for the strips: their tiles are decoded once, not per strip
+    keep_open = getattr(reader, "files_open_in_thread", None) if len(strips) > 1 else None
+    with keep_open() if keep_open is not None else contextlib.nullcontext():
+        for y0, y1, own_end in strips:
+            # read straight into the task: no name here keeps a strip alive once its windows have run
+            task.add(reader.read(list(bands), Window(rx0, ry0 + y0, rx1 - rx0, y1 - y0)),
+                     None if valid is None else valid[y0:y1], y0, own_end, own=True)
+            trim_heap()  # the strips and batches that ran: the other thread's task may take their place
+    result = task.result()
+    del task
+    trim_heap()
+    return result
 
 
 def predict_block(data: np.ndarray, valid: np.ndarray | None, block: tuple[Span, Span], plan: BlockPlan,
@@ -89,51 +115,161 @@ def predict_block(data: np.ndarray, valid: np.ndarray | None, block: tuple[Span,
     """Run the windows whose origin lies in ``block`` (rows, cols); ``data``/``valid`` start at the
     block's origin (``valid`` None: every pixel with values in all channels). ``own``: ``data`` is this
     call's to change (read for it alone), so a per-pixel normalization is applied to it in place."""
-    rows, cols = block
+    task = _BlockTask(plan, block, (data.shape[1], data.shape[2]))
+    task.add(data, valid, 0, data.shape[1], own)
+    return task.result()
+
+
+def strip_rows(plan: BlockPlan, block: tuple[Span, Span], shape: tuple[int, int],
+               n_bands: int) -> list[tuple[int, int, int]]:
+    """The strips :func:`read_and_predict` reads a block's extent of ``shape`` (rows, cols) in, for
+    ``n_bands`` float32 bands: (first row, end row, end of its own rows) in the extent. Own rows,
+    those of the windows the strip runs, come in multiples of the stride (and of the coarse cells)
+    and hold about :data:`STRIP_BYTES` of input with the rows their windows reach below them."""
+    (rows, cols), (eh, ew), wg = block, shape, plan.windows
+    unit = math.lcm(wg.stride, plan.coarse_factor or 1)
+    step = max(unit, (STRIP_BYTES // max(1, 4 * n_bands * ew) - (wg.tile - wg.stride)) // unit * unit)
+    starts = list(range(0, max(1, rows[1] - rows[0]), step))
+    origins = wg.block_windows(rows, cols)[0] - rows[0]
+    out = []
+    for y0, own_end in zip(starts, [*starts[1:], eh], strict=True):
+        mine = origins[(origins >= y0) & (origins < own_end)]
+        out.append((y0, min(eh, max(own_end, int(mine[-1]) + wg.tile if len(mine) else own_end)), own_end))
+    return out
+
+
+class _BlockTask:
+    """One block's windows, fed strip by strip: consecutive rows of the read extent, each strip
+    with the windows whose origin row lies in its own rows. The windows run in the order and
+    batches of one pass over the whole extent; a strip is dropped once its windows are cut into
+    the batch being filled."""
+
+    def __init__(self, plan: BlockPlan, block: tuple[Span, Span], shape: tuple[int, int], kept: bool = True) -> None:
+        (rows, cols), f = block, plan.coarse_factor
+        self.keep_index = plan.keep_index if kept else ()
+        self.plan, self.origin, self.shape = plan, (rows[0], cols[0]), shape
+        self.bh, self.bw = rows[1] - rows[0], cols[1] - cols[0]
+        wr, wc = plan.windows.block_windows(rows, cols)
+        self.rr, self.cc = wr - rows[0], wc - cols[0]  # window origins in the extent
+        self.block_valid = np.zeros((self.bh, self.bw), bool)
+        self.kept = np.empty((len(self.keep_index), self.bh, self.bw), np.float32) if self.keep_index else None
+        self.coarse = (np.empty((len(plan.coarse_index), self.bh // f, self.bw // f), np.float32)
+                       if plan.coarse_index else None)
+        self.sums: RollingSums | None = None
+        self.batch: _Batch | None = None
+        self.normalized = False
+
+    def add(self, data: np.ndarray, valid: np.ndarray | None, y0: int, own_end: int, own: bool) -> None:
+        """Rows ``y0`` onwards of the extent: pass its own rows through, cut and run its windows."""
+        plan, tile = self.plan, self.plan.windows.tile
+        rows = min(own_end, self.bh) - y0  # of the block's own pixels
+        for o, k in enumerate(self.keep_index):  # copies: the kept channels never hold the input alive
+            self.kept[o, y0 : y0 + rows] = data[k, :rows, : self.bw]  # type: ignore[index]
+        if self.coarse is not None:
+            f = plan.coarse_factor
+            self.coarse[:, y0 // f : (y0 + rows) // f] = _coarse_means(data, rows, self.bw, plan)
+        valid = _valid_pixels(data, valid, plan)
+        self.block_valid[y0 : y0 + rows] = valid[:rows, : self.bw]
+        rr = self.rr[(self.rr >= y0) & (self.rr < own_end)] - y0
+        todo = _windows_to_run(valid, rr, self.cc, tile) if valid.any() else []
+        if not todo:
+            return
+        spec = _block_normalization(plan, data.shape[0]) if own and data.dtype == np.float32 else None
+        if spec is not None:  # after the kept channels were copied: those stay as read
+            normalize(data[None], valid[None], spec, copy=False, finite=True)
+        self.normalized = spec is not None
+        if self.sums is None:  # the first rows and columns that earlier blocks' windows reach
+            wg = plan.windows
+            top = _reach(wg.row_starts, self.origin[0], tile, wg.height)
+            self.sums = RollingSums(self.block_valid, plan.outputs, self.shape, top,
+                                    _reach(wg.col_starts, self.origin[1], tile, wg.width))
+        # windows reach past the extent only where the scene is smaller than a tile: pad with invalid pixels
+        ph, pw = max(0, int(rr[-1]) + tile - valid.shape[0]), max(0, int(self.cc[-1]) + tile - valid.shape[1])
+        if ph or pw:
+            data = np.pad(data, ((0, 0), (0, ph), (0, pw)))
+            valid = np.pad(valid, ((0, ph), (0, pw)))
+        self._cut(data, valid, y0, todo)
+        # rows before the next window to run, and before the next strip's windows, are complete
+        assert self.batch is not None
+        self.sums.settle(self.batch.origins[0][0] if self.batch.origins else own_end)
+
+    def _cut(self, data: np.ndarray, valid: np.ndarray, y0: int, todo: Sequence[tuple[int, int]]) -> None:
+        """Cut the windows ``todo`` of a strip (origins in it; its row ``y0`` in the extent) into the
+        batch, running the batch whenever it is full."""
+        if self.batch is None:  # the batch limit when the block's first windows run, for the whole block
+            rt = runtime_for(self.plan.options, self.plan.windows.tile)
+            self.batch = _Batch(max(1, rt.limit.size), data.shape[0], self.plan.windows.tile,
+                                rt.channels_last and rt.device.type == "cpu")
+        for r, c in todo:
+            if self.batch.cut(data, valid, r, c, y0):
+                self._run_batch()
+
+    def _run_batch(self) -> None:
+        batch = self.batch
+        if batch is None or not batch.origins:
+            return
+        n = len(batch.origins)
+        prob, unc = predict_windows(self.plan, batch.x[:n], batch.v[:n], normalized=self.normalized)
+        assert self.sums is not None
+        _add_windows(self.sums, self.plan, prob, unc, batch.origins, self.origin)
+        batch.origins = []
+
+    def result(self) -> BlockResult:
+        self._run_batch()  # the last, shorter batch
+        sums = self.sums.result() if self.sums is not None else BlockSums(self.block_valid, None, None)
+        return BlockResult(sums, self.kept, self.coarse)
+
+
+class _Batch:
+    """The batch being filled, in buffers reused for every batch of a block: values (size, C, tile,
+    tile) float32, valid pixels (size, tile, tile) and the windows' origins in the extent. ``nhwc``:
+    the values in the channels-last layout the model reads, in memory from PyTorch's allocator,
+    which the forward pass would otherwise copy them into."""
+
+    def __init__(self, size: int, channels: int, tile: int, nhwc: bool) -> None:
+        if nhwc:
+            import torch
+
+            self.x = torch.empty((size, tile, tile, channels), dtype=torch.float32).numpy().transpose(0, 3, 1, 2)
+        else:
+            self.x = np.empty((size, channels, tile, tile), np.float32)
+        self.v = np.empty((size, tile, tile), bool)
+        self.origins: list[tuple[int, int]] = []
+        self.tile = tile
+
+    def cut(self, data: np.ndarray, valid: np.ndarray, r: int, c: int, y0: int) -> bool:
+        """Add the window at (r, c) of ``data``/``valid`` (row ``y0 + r`` of the extent); True once full."""
+        n, t = len(self.origins), self.tile
+        self.x[n] = data[:, r : r + t, c : c + t]
+        self.v[n] = valid[r : r + t, c : c + t]
+        self.origins.append((y0 + r, c))
+        return len(self.origins) == len(self.v)
+
+
+def _reach(starts: np.ndarray, start: int, tile: int, length: int) -> int:
+    """How far past ``start`` the windows starting before it reach (0 when none does)."""
+    before = starts[starts < start]
+    return max(0, min(int(before[-1]) + tile, length) - start) if len(before) else 0
+
+
+def _add_windows(sums: RollingSums, plan: BlockPlan, prob: np.ndarray, unc: np.ndarray | None,
+                 group: Sequence[tuple[int, int]], origin: tuple[int, int]) -> None:
+    """Add a batch's predictions with their blend weights; ``origin``: the block's (row, col) in the scene."""
     wg, tile = plan.windows, plan.windows.tile
-    bh, bw = rows[1] - rows[0], cols[1] - cols[0]
-    # a list index copies: the kept channels never hold the block's input alive
-    kept = np.asarray(data[list(plan.keep_index), :bh, :bw], np.float32) if plan.keep_index else None
-    coarse = _coarse_means(data, bh, bw, plan) if plan.coarse_index else None
-    valid = _valid_pixels(data, valid, plan)
-    block_valid = valid[:bh, :bw]
-    wr, wc = wg.block_windows(rows, cols)
-    rr, cc = wr - rows[0], wc - cols[0]  # window origins in the slice
-    todo = _windows_to_run(valid, rr, cc, tile) if valid.any() else []
-    if not todo:
-        return BlockResult(BlockSums(block_valid, None, None), kept, coarse)
-    spec = _block_normalization(plan, data.shape[0]) if own and data.dtype == np.float32 else None
-    if spec is not None:  # after the kept channels were copied: those stay as read
-        normalize(data[None], valid[None], spec, copy=False, finite=True)
-    sums = BlockSums.zeros(block_valid, plan.outputs, valid.shape)
-    # windows reach past the slice only where the scene is smaller than a tile: pad with invalid pixels
-    need_h, need_w = int(rr[-1]) + tile, int(cc[-1]) + tile
-    ph, pw = max(0, need_h - valid.shape[0]), max(0, need_w - valid.shape[1])
-    if ph or pw:
-        data = np.pad(data, ((0, 0), (0, ph), (0, pw)))
-        valid = np.pad(valid, ((0, ph), (0, pw)))
-    chunk = max(1, runtime_for(plan.options, tile).limit.size)
-    for start in range(0, len(todo), chunk):
-        group = todo[start : start + chunk]
-        x = np.stack([data[:, r : r + tile, c : c + tile] for r, c in group])
-        v = np.stack([valid[r : r + tile, c : c + tile] for r, c in group])
-        prob, unc = predict_windows(plan, np.asarray(x, np.float32), v, normalized=spec is not None)
-        values = prob[:, None] if unc is None else np.stack([prob, unc], axis=1)
-        for k, (r, c) in enumerate(group):
-            w = window_weights(tile, wg.overlap, plan.margin, r + rows[0], c + cols[0], wg.height, wg.width)
-            sums.add(values[k], w, r, c)
-    return BlockResult(sums, kept, coarse)
+    values = prob[:, None] if unc is None else np.stack([prob, unc], axis=1)
+    for k, (r, c) in enumerate(group):
+        w = window_weights(tile, wg.overlap, plan.margin, r + origin[0], c + origin[1], wg.height, wg.width)
+        sums.add(values[k], w, r, c)
 
 
 def _valid_pixels(data: np.ndarray, valid: np.ndarray | None, plan: BlockPlan) -> np.ndarray:
     """Where the mask (when given) says valid and every channel a model reads has a finite value."""
+    # one band at a time: no (bands, rows, cols) temporary; channels kept for later stages only do
+    # not decide validity
     model_bands = sorted({i for r in plan.refs for i in r.channel_index})
-    if len(model_bands) == data.shape[0]:
-        finite = np.isfinite(data).all(axis=0)
-    else:  # channels kept for later stages only do not decide validity
-        finite = np.isfinite(data[model_bands[0]])
-        for i in model_bands[1:]:
-            finite &= np.isfinite(data[i])
+    finite = np.isfinite(data[model_bands[0]])
+    for i in model_bands[1:]:
+        finite &= np.isfinite(data[i])
     return finite if valid is None else np.asarray(valid, dtype=bool) & finite
 
 

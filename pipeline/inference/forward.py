@@ -13,7 +13,7 @@ under fp16/bf16 autocast (an overflow) send that chunk through the model again i
 worker logs a warning the first time (and at 10, 100, ... chunks, with the count), and the count
 goes to Dask's performance metrics with the prediction's label (unit :data:`REDONE_UNIT`), next
 to the samples run in each precision (unit ``samples-<precision>``), so that the run can record
-them (:func:`pipeline.inference.tiled.precision_figures`). Non-finite logits in float32 are a
+them (:func:`pipeline.inference.metrics.precision_figures`). Non-finite logits in float32 are a
 :class:`~pipeline.core.errors.ModelError` naming the model.
 """
 

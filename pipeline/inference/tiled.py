@@ -20,6 +20,7 @@ surface reflectance back to the radiometry the model was trained on.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import uuid
 from collections.abc import Sequence
@@ -30,10 +31,13 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from rasterio.windows import Window
 
 from pipeline.core.errors import ConfigError, GridError, InputError
 from pipeline.core.grid import Grid
-from pipeline.inference.blocks import BlockPlan, BlockResult, WindowReader, predict_block, read_and_predict
+from pipeline.inference.blocks import (BlockPlan, BlockResult, WindowReader, predict_block, read_and_predict,
+                                       strip_rows, trim_heap)
+from pipeline.inference.metrics import forward_seconds, precision_figures  # noqa: F401 - the run imports them from here
 from pipeline.inference.options import InferenceOptions, Prediction, inference_block_size, planned_precision
 from pipeline.inference.runtime import model_refs
 from pipeline.model.artefact import ModelArtefact
@@ -203,19 +207,32 @@ class _BlockGraph:
         owned: dict[tuple[int, int], Any] = {}
         strips: dict[tuple[int, int], list[Any]] = {(i, j): [] for i in range(len(self.rows))
                                                     for j in range(len(self.cols))}
+        reread: dict[tuple[int, int], Any] = {}
         for i, rows in enumerate(self.rows):
             for j, cols in enumerate(self.cols):
                 extent = self.plan.windows.block_read_extent(rows, cols)
-                owned[i, j] = self._owned(plan_d, reader_d, extent, (rows, cols))
+                reread[i, j] = self._reread(reader_d, extent, (rows, cols))
+                owned[i, j] = self._owned(plan_d, reader_d, extent, (rows, cols), reread[i, j] is None)
                 for (k, m), strip in self._strips(owned[i, j], extent, i, j):
                     strips[k, m].append(strip)
         n_keep = len(self.plan.keep_index)
-        out = da.block([[self._block(owned[i, j], strips[i, j], (rows, cols), n_keep)
+        out = da.block([[self._block(owned[i, j], strips[i, j], (rows, cols), n_keep, reread[i, j])
                          for j, cols in enumerate(self.cols)] for i, rows in enumerate(self.rows)])
         return out, self._coarse(owned) if self.plan.coarse_index else None
 
-    def _owned(self, plan_d: Any, reader_d: Any, extent: tuple[Span, Span], block: tuple[Span, Span]) -> Any:
-        """Stage 1 of one block: its window sums over its read extent (a :class:`BlockResult`)."""
+    def _reread(self, reader_d: Any, extent: tuple[Span, Span], block: tuple[Span, Span]) -> Any:
+        """(reader, bands, window) for a block whose second stage reads its kept channels again
+        (:func:`rereads_kept`), else None."""
+        if not rereads_kept(self.plan, reader_d is not None, len(self.inputs.bands), extent, block):
+            return None
+        rows, cols = block
+        return (reader_d, [self.inputs.bands[k] for k in self.plan.keep_index],
+                Window(cols[0], rows[0], cols[1] - cols[0], rows[1] - rows[0]))
+
+    def _owned(self, plan_d: Any, reader_d: Any, extent: tuple[Span, Span], block: tuple[Span, Span],
+               kept: bool) -> Any:
+        """Stage 1 of one block: its window sums over its read extent (a :class:`BlockResult`), with
+        the kept channels when ``kept``."""
         (ry0, ry1), (rx0, rx1) = extent
         (rows, cols) = block
         v = self.inputs.valid
@@ -223,7 +240,7 @@ class _BlockGraph:
         name = f"predict-windows-{self.token}-{rows[0]}-{cols[0]}"
         if reader_d is not None:
             return dask.delayed(read_and_predict, pure=True)(
-                reader_d, self.inputs.bands, extent, vpart, block, plan_d, dask_key_name=name)
+                reader_d, self.inputs.bands, extent, vpart, block, plan_d, kept, dask_key_name=name)
         x = _copied(self.inputs.x[:, ry0:ry1, rx0:rx1])
         return dask.delayed(predict_block, pure=True)(x, vpart, block, plan_d, dask_key_name=name)
 
@@ -246,11 +263,11 @@ class _BlockGraph:
                 out.append(((k, m), ((y0 - ty0, x0 - tx0), part)))
         return out
 
-    def _block(self, owned: Any, strips: list[Any], block: tuple[Span, Span], n_keep: int) -> da.Array:
+    def _block(self, owned: Any, strips: list[Any], block: tuple[Span, Span], n_keep: int, reread: Any) -> da.Array:
         """Stage 2 of one block: (outputs + kept, rows, cols) float32."""
         rows, cols = block
         task = dask.delayed(_finish_block, pure=True)(
-            self.plan.outputs, owned, *strips, dask_key_name=f"predict-block-{self.token}-{rows[0]}-{cols[0]}",
+            self.plan.outputs, owned, reread, *strips, dask_key_name=f"predict-block-{self.token}-{rows[0]}-{cols[0]}",
         )
         shape = (self.plan.outputs + n_keep, rows[1] - rows[0], cols[1] - cols[0])
         return da.from_delayed(task, shape=shape, dtype=np.float32)
@@ -270,12 +287,32 @@ def _strip(owned: BlockResult, rows: Span, cols: Span) -> tuple[np.ndarray, np.n
     return owned.sums.strip(rows, cols)
 
 
-def _finish_block(n_out: int, owned: BlockResult, *strips: Strip) -> np.ndarray:
-    """Output (n_out [+ kept], rows, cols) of a block: its blended window sums, then the kept input channels."""
-    out = blend_block(n_out, owned.sums, strips)
-    if owned.kept is None:
-        return out
-    return np.concatenate([out, owned.kept])
+def rereads_kept(plan: BlockPlan, has_reader: bool, n_bands: int, extent: tuple[Span, Span],
+                 block: tuple[Span, Span]) -> bool:
+    """Whether a block's kept channels are read again by its second stage rather than handed on by its
+    task: for a block the task reads in strips (a large one), whose result then holds its sums only."""
+    (ry0, ry1), (rx0, rx1) = extent
+    return bool(has_reader and plan.keep_index
+                and len(strip_rows(plan, block, (ry1 - ry0, rx1 - rx0), n_bands)) > 1)
+
+
+def _finish_block(n_out: int, owned: BlockResult, reread: tuple[WindowReader, list[int], Window] | None,
+                  *strips: Strip) -> np.ndarray:
+    """Output (n_out [+ kept], rows, cols) of a block: its blended window sums, then the kept input
+    channels, from its task or read here (``reread``: reader, bands, the block's window)."""
+    n_keep = len(reread[1]) if reread is not None else 0 if owned.kept is None else len(owned.kept)
+    out = np.empty((n_out + n_keep, *owned.sums.block_valid.shape), np.float32)
+    blend_block(n_out, owned.sums, strips, out=out[:n_out])
+    if reread is not None:
+        reader, bands, window = reread
+        if "out" in inspect.signature(reader.read).parameters:  # a stack's reader: straight into the output
+            reader.read(bands, window, out=out[n_out:])
+        else:
+            out[n_out:] = reader.read(bands, window)
+    elif owned.kept is not None:
+        out[n_out:] = owned.kept
+    trim_heap()
+    return out
 
 
 def _coarse_of(owned: BlockResult) -> np.ndarray:
@@ -323,55 +360,3 @@ def _raster(arr: da.Array, coords: dict[str, Any], grid: Grid, name: str) -> xr.
     except ImportError:  # pragma: no cover - rioxarray is a dependency
         pass
     return out
-
-
-async def _send_heartbeat(dask_worker: Any) -> None:  # runs on each worker
-    await dask_worker.heartbeat()
-
-
-def forward_seconds(client: Any, prediction: Prediction, *, flush: bool = False) -> float | None:
-    """Seconds the workers of ``client`` spent in the model's forward pass for ``prediction``
-    (summed over worker threads: with two threads fully busy, 2 s per second of wall time), from
-    Dask's performance metrics; None when the scheduler has no record of it.
-
-    Workers send their metrics with their heartbeats: read this when the prediction has been
-    computed for a while (the run does it at its very end). ``flush`` asks every worker for a
-    heartbeat first, so that the last tasks count as well.
-    """
-    metrics = _forward_metrics(client, prediction.meter, flush)
-    return float(metrics["seconds"]) if metrics and "seconds" in metrics else None
-
-
-def precision_figures(client: Any, prediction: Prediction, *, flush: bool = False) -> dict[str, Any]:
-    """What the workers of ``client`` ran ``prediction``'s models in, for the run's report:
-    ``precision`` (``bf16``, ``fp16``, ``fp32``; several joined by ``+`` when workers differed) and
-    ``chunks_redone_fp32`` (chunks whose outputs overflowed and were redone in float32), from Dask's
-    performance metrics (:mod:`pipeline.inference.forward`). Without a record of them:
-    :attr:`Prediction.precision` and None. ``flush`` as for :func:`forward_seconds`.
-    """
-    from pipeline.inference.forward import REDONE_UNIT, SAMPLES_UNIT
-
-    metrics = _forward_metrics(client, prediction.meter, flush) or {}
-    used = sorted(u[len(SAMPLES_UNIT):] for u, n in metrics.items() if u.startswith(SAMPLES_UNIT) and n > 0)
-    if not used:
-        return {"precision": prediction.precision, "chunks_redone_fp32": None}
-    return {"precision": "+".join(used), "chunks_redone_fp32": int(metrics.get(REDONE_UNIT, 0))}
-
-
-def _forward_metrics(client: Any, label: str, flush: bool) -> dict[str, float] | None:
-    """The workers' metrics recorded under ``label``, summed per unit; None when unavailable."""
-
-    def collect(dask_scheduler: Any) -> dict[str, float]:  # runs on the scheduler
-        out: dict[str, float] = {}
-        for k, v in dask_scheduler.cumulative_worker_metrics.items():
-            if isinstance(k, tuple) and len(k) == 4 and k[2] == label and isinstance(k[3], str):
-                out[k[3]] = out.get(k[3], 0.0) + float(v)
-        return out
-
-    try:
-        if flush:
-            client.run(_send_heartbeat)
-        return client.run_on_scheduler(collect)
-    except Exception as exc:  # noqa: BLE001 - figures for the report, never a reason to fail a run
-        log.debug("no forward-pass metrics from the scheduler: %s", exc)
-        return None

@@ -27,6 +27,7 @@ from rasterio.windows import Window
 
 from pipeline.core.channels import DEM, SLOPE
 from pipeline.core.grid import Grid
+from pipeline.io.allow_list import JP2_DRIVERS
 from pipeline.io.raster_source import Opener, RasterSource
 from pipeline.stack.terrain import horn_slope_padded
 
@@ -34,6 +35,8 @@ from pipeline.stack.terrain import horn_slope_padded
 CONTINUOUS_RESAMPLING = Resampling.bilinear
 #: Resampling of class layers (SCL).
 CLASS_RESAMPLING = Resampling.nearest
+#: Rows of slope computed at a time (the temporaries of Horn's method are a few times this many rows).
+SLOPE_ROWS = 256
 
 
 def _axis_index(key: Any, n: int) -> tuple[int, int, Any]:
@@ -163,9 +166,45 @@ class StackLayer:
         self.grid = grid
         self.shape = (len(self.names), grid.height, grid.width)
         self._opener: Opener | None = None
+        self._thread = threading.local()  # ``opener``: this thread's own (:meth:`files_open_in_thread`)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_opener": None}  # open files stay in the process that opened them
+        # open files stay in the process that opened them
+        return {**self.__dict__, "_opener": None, "_thread": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread = threading.local()
+
+    def _opener_for(self, source: RasterSource) -> Opener | None:
+        """How reads of ``source`` open its file: :meth:`files_kept_open`'s, this thread's for a JPEG
+        2000 file in :meth:`files_open_in_thread`, else None (each read opens it)."""
+        if self._opener is not None:
+            return self._opener
+        opener = getattr(self._thread, "opener", None)
+        return opener if source.driver in JP2_DRIVERS else None
+
+    @contextmanager
+    def files_open_in_thread(self) -> Iterator[None]:
+        """Reads of this layer in this thread (only) reuse one open dataset per JPEG 2000 file until
+        the block ends, then the files are closed: for a block read in strips, whose JPEG 2000 tiles
+        (slow to decode, and taller than a strip) GDAL then decodes once and keeps in its cache until
+        the end; other files are opened for each read, their tiles decoded again (cheaply) and not kept."""
+        drivers = {src.path: src.driver for src in [*self.sources.values(), self.dem.source]}
+        files: dict[Path, Any] = {}
+
+        def opener(path: Path) -> Any:
+            if path not in files:
+                files[path] = rasterio.open(path, driver=drivers.get(path))
+            return files[path]
+
+        self._thread.opener = opener
+        try:
+            yield
+        finally:
+            self._thread.opener = None
+            for ds in files.values():
+                ds.close()
 
     @contextmanager
     def files_kept_open(self) -> Iterator[None]:
@@ -196,7 +235,7 @@ class StackLayer:
     def _dem_with_halo(self, window: Window) -> np.ndarray:
         grown = self.grid.window(Window(window.col_off - 1, window.row_off - 1,
                                         window.width + 2, window.height + 2))
-        dem = self.dem.read(grown, self._opener)
+        dem = self.dem.read(grown, self._opener_for(self.dem.source))
         r0, c0 = int(window.row_off), int(window.col_off)
         if r0 == 0:
             dem[0, :] = np.nan
@@ -208,23 +247,28 @@ class StackLayer:
             dem[:, -1] = np.nan
         return dem
 
-    def read(self, bands: Sequence[int], window: Window) -> np.ndarray:
+    def read(self, bands: Sequence[int], window: Window, out: np.ndarray | None = None) -> np.ndarray:
+        """(len(bands), rows, cols) float32 values of ``bands`` in ``window`` (into ``out`` when given)."""
         sub = self.grid.window(window)
-        out = np.empty((len(bands), sub.height, sub.width), np.float32)
+        if out is None:
+            out = np.empty((len(bands), sub.height, sub.width), np.float32)
+        elif out.shape != (len(bands), sub.height, sub.width) or out.dtype != np.float32:
+            raise ValueError(f"out must be float32 of shape {(len(bands), sub.height, sub.width)}, got {out.dtype} {out.shape}")
         names = [self.names[b] for b in bands]
         padded = None
         if SLOPE in names and SLOPE not in self.layers:
             padded = self._dem_with_halo(window)
         for i, name in enumerate(names):
             if name in self.layers:
-                self.layers[name].read(sub, self._opener, out=out[i])
+                self.layers[name].read(sub, self._opener_for(self.layers[name].source), out=out[i])
             elif name == SLOPE:
                 assert padded is not None
-                out[i] = horn_slope_padded(padded, *self.grid.res)
+                for r in range(0, sub.height, SLOPE_ROWS):  # each pixel's slope depends on its neighbours alone
+                    out[i, r : r + SLOPE_ROWS] = horn_slope_padded(padded[r : r + SLOPE_ROWS + 2], *self.grid.res)
             elif name == DEM and padded is not None:
                 out[i] = padded[1:-1, 1:-1]
             else:
-                self.dem.read(sub, self._opener, out=out[i])
+                self.dem.read(sub, self._opener_for(self.dem.source), out=out[i])
         return out
 
     def to_dask(self, block: int) -> da.Array:
