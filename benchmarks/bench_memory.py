@@ -35,9 +35,9 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import tracemalloc  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -76,10 +76,13 @@ def reset_rss_peak() -> None:
 
 @dataclass
 class PhaseStats:
+    """Bytes over the block task's start: traced peak, traced still alive when the phase last
+    ended, resident peak."""
+
     calls: int = 0
-    traced_peak: int = 0  # over the traced bytes at the task's start
-    traced_after: int = 0  # traced bytes still alive when the phase last ended
-    rss_peak: int = 0  # over the resident bytes at the task's start
+    traced_peak: int = 0
+    traced_after: int = 0
+    rss_peak: int = 0
 
 
 @dataclass
@@ -87,46 +90,43 @@ class Phases:
     """Peak memory by (nested) phase: each phase resets the peaks and hands its own to its parent."""
 
     stats: dict[str, PhaseStats] = field(default_factory=dict)  # by "outermost phase / phase", in order of entry
-    _stack: list[list[int]] = field(default_factory=list)
-    _names: list[str] = field(default_factory=list)
+    _open: list[list[Any]] = field(default_factory=list)  # [name, traced peak, resident peak] of the open phases
     _base: tuple[int, int] = (0, 0)
 
-    def _traced(self) -> tuple[int, int]:
-        return tracemalloc.get_traced_memory() if tracemalloc.is_tracing() else (0, 0)
+    @staticmethod
+    def _peaks(reset: bool = False) -> tuple[int, int, int]:
+        """Traced bytes now, traced and resident peaks since the last reset (then reset them)."""
+        current, traced = tracemalloc.get_traced_memory() if tracemalloc.is_tracing() else (0, 0)
+        resident = rss_peak()
+        if reset:
+            if tracemalloc.is_tracing():
+                tracemalloc.reset_peak()
+            reset_rss_peak()
+        return current, traced, resident
 
     def start(self) -> None:
         self.stats.clear()
-        self._base = (self._traced()[0], rss())
-        if tracemalloc.is_tracing():
-            tracemalloc.reset_peak()
-        reset_rss_peak()
+        self._base = (self._peaks(reset=True)[0], rss())
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        if self._stack:  # the parent's peaks so far, before they are reset
-            self._stack[-1][0] = max(self._stack[-1][0], self._traced()[1])
-            self._stack[-1][1] = max(self._stack[-1][1], rss_peak())
-        key = f"{self._names[0]} / {name}" if self._names else name
-        st = self.stats.setdefault(key, PhaseStats())
-        if tracemalloc.is_tracing():
-            tracemalloc.reset_peak()
-        reset_rss_peak()
-        self._stack.append([0, 0])
-        self._names.append(name)
+        _, traced, resident = self._peaks(reset=True)
+        if self._open:  # the parent's peaks so far
+            self._open[-1][1:] = max(self._open[-1][1], traced), max(self._open[-1][2], resident)
+        st = self.stats.setdefault(f"{self._open[0][0]} / {name}" if self._open else name, PhaseStats())
+        self._open.append([name, 0, 0])
         try:
             yield
         finally:
-            own = self._stack.pop()
-            self._names.pop()
-            current, traced_peak = self._traced()
-            traced_peak, peak = max(own[0], traced_peak), max(own[1], rss_peak())
+            _, own_traced, own_resident = self._open.pop()
+            current, traced, resident = self._peaks()
+            traced, resident = max(own_traced, traced), max(own_resident, resident)
             st.calls += 1
-            st.traced_peak = max(st.traced_peak, traced_peak - self._base[0])
+            st.traced_peak = max(st.traced_peak, traced - self._base[0])
             st.traced_after = current - self._base[0]
-            st.rss_peak = max(st.rss_peak, peak - self._base[1])
-            if self._stack:
-                self._stack[-1][0] = max(self._stack[-1][0], traced_peak)
-                self._stack[-1][1] = max(self._stack[-1][1], peak)
+            st.rss_peak = max(st.rss_peak, resident - self._base[1])
+            if self._open:
+                self._open[-1][1:] = max(self._open[-1][1], traced), max(self._open[-1][2], resident)
 
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -157,8 +157,7 @@ def instrumented(phases: Phases) -> Iterator[None]:
     ]
     with contextlib.ExitStack() as stack:
         for owner, attr, name in targets:
-            if hasattr(owner, attr):
-                stack.enter_context(mock.patch.object(owner, attr, phases.wrap(name, getattr(owner, attr))))
+            stack.enter_context(mock.patch.object(owner, attr, phases.wrap(name, getattr(owner, attr))))
         yield
 
 
@@ -181,8 +180,25 @@ class Scene:
         return self.plan.windows.block_read_extent(*self.block)
 
     def input_bytes(self) -> int:
-        (y0, y1), (x0, x1) = self.extent
-        return len(self.bands) * (y1 - y0) * (x1 - x0) * 4
+        return len(self.bands) * int(np.diff(self.extent).prod()) * 4
+
+    @property
+    def reread(self) -> Any:
+        """What the block's second stage reads its kept channels with, as the graph has it (or None)."""
+        from rasterio.windows import Window
+
+        from pipeline.inference.tiled import rereads_kept
+
+        if not rereads_kept(self.plan, True, len(self.bands), self.extent, self.block):
+            return None
+        (y0, y1), (x0, x1) = self.block
+        return self.reader, [self.bands[k] for k in self.plan.keep_index], Window(x0, y0, x1 - x0, y1 - y0)
+
+    def task(self) -> Any:
+        """The block task (stage 1) on this block."""
+        from pipeline.inference.blocks import read_and_predict
+
+        return read_and_predict(self.reader, self.bands, self.extent, None, self.block, self.plan, self.reread is None)
 
 
 def load_scene(size: int, block: int, batch: str, workdir: Path, index: tuple[int, int]) -> Scene:
@@ -200,9 +216,8 @@ def load_scene(size: int, block: int, batch: str, workdir: Path, index: tuple[in
                                       "model": {"batch_size": batch if batch == "auto" else int(batch)}})
     art = load_artefact(DEFAULT_MODEL)
     stack = stack_scene(cfg, art.channels)
-    names = [str(b) for b in stack.data.coords["band"].values]
-    options = InferenceOptions.from_config(cfg.model, block_size=block)
-    plan, used, edge = _block_plan([art], options, stack.grid, names, [SLOPE, DEM], None,
+    plan, used, edge = _block_plan([art], InferenceOptions.from_config(cfg.model, block_size=block), stack.grid,
+                                   [str(b) for b in stack.data.coords["band"].values], [SLOPE, DEM], None,
                                    quicklook_coarse(stack.grid))
     spans = block_spans(stack.grid.height, edge), block_spans(stack.grid.width, edge)
     index = (min(index[0], len(spans[0]) - 1), min(index[1], len(spans[1]) - 1))
@@ -227,82 +242,55 @@ def incoming_strips(scene: Scene) -> list[Any]:
 
 def run_block(scene: Scene, phases: Phases) -> dict[str, int]:
     """One block task and what follows it on the worker; the bytes of what it hands back."""
-    from rasterio.windows import Window
-
-    from pipeline.inference.blocks import read_and_predict
-    from pipeline.inference.tiled import _finish_block, _strip, rereads_kept
+    from pipeline.inference.tiled import _finish_block, _strip
 
     phases.start()
-    extent = scene.extent
-    (ry0, ry1), (rx0, rx1) = extent
-    reread = None
-    if rereads_kept(scene.plan, True, len(scene.bands), extent, scene.block):
-        (y0, y1), (x0, x1) = scene.block
-        reread = (scene.reader, [scene.bands[k] for k in scene.plan.keep_index], Window(x0, y0, x1 - x0, y1 - y0))
-    with phases("block task"):
-        result = read_and_predict(scene.reader, scene.bands, extent, None, scene.block, scene.plan, reread is None)
+    (ry0, ry1), (rx0, rx1) = scene.extent
     (ty0, ty1), (tx0, tx1) = scene.block
-    handed = {"sums": _nbytes_of(result.sums), "kept": _nbytes(result.kept), "coarse": _nbytes(result.coarse)}
+    with phases("block task"):
+        result = scene.task()
+    handed = {"sums": _nbytes(result.sums), "kept": _nbytes(result.kept), "coarse": _nbytes(result.coarse)}
     with phases("strips for later blocks"):
         strips = [_strip(result, (y0 - ry0, y1 - ry0), (x0 - rx0, x1 - rx0))
                   for y0, y1, x0, x1 in ((ty0, ty1, tx1, rx1), (ty1, ry1, tx0, tx1), (ty1, ry1, tx1, rx1))
                   if y0 < y1 and x0 < x1]
-    handed["strips"] = sum(_nbytes(a) + _nbytes(w) for s in strips if s is not None for a, w in [s])
+    handed["strips"] = _nbytes(strips)
     with phases("blend of the block"):
-        out = _finish_block(scene.plan.outputs, result, reread, *incoming_strips(scene))
-    handed["output"] = out.nbytes
+        handed["output"] = _finish_block(scene.plan.outputs, result, scene.reread, *incoming_strips(scene)).nbytes
     return handed
 
 
-def _nbytes(a: np.ndarray | None) -> int:
-    return 0 if a is None else int(a.nbytes)
-
-
-def _nbytes_of(value: Any) -> int:
-    """Bytes of the arrays in ``value`` (an array, or a dataclass or tuple of them)."""
+def _nbytes(value: Any) -> int:
+    """Bytes of the arrays in ``value`` (an array, None, or a dataclass, tuple or list of them)."""
     if isinstance(value, np.ndarray):
         return int(value.nbytes)
     if isinstance(value, (tuple, list)):
-        return sum(_nbytes_of(v) for v in value)
-    return sum(_nbytes_of(v) for v in getattr(value, "__dict__", {}).values())
+        return sum(_nbytes(v) for v in value)
+    return sum(_nbytes(v) for v in getattr(value, "__dict__", {}).values())
 
 
 def concurrent_peak(scene: Scene, tasks: int) -> int:
     """Resident peak over the start of ``tasks`` copies of the block task run at once in threads."""
-    from pipeline.inference.blocks import read_and_predict
-
     base = rss()
     reset_rss_peak()
-    from pipeline.inference.tiled import rereads_kept
-
-    kept = not rereads_kept(scene.plan, True, len(scene.bands), scene.extent, scene.block)
-    threads = [threading.Thread(target=read_and_predict, args=(scene.reader, scene.bands, scene.extent, None,
-                                                               scene.block, scene.plan, kept)) for _ in range(tasks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(tasks) as pool:
+        list(pool.map(lambda _: scene.task(), range(tasks)))
     return rss_peak() - base
 
 
-def worker_baseline(model: Path) -> dict[str, float]:
+def worker_baseline(model: Path) -> dict[str, Any]:
     """Resident MiB of the worker of a one-worker local cluster started as the run starts it."""
     from pipeline.run.cluster import dask_client
 
     with dask_client(DaskSection(n_workers=1, threads_per_worker=2)) as client:
         imported = next(iter(client.run(rss).values()))  # type: ignore[attr-defined]
-        loaded = next(iter(client.run(_load_and_warm, str(model)).values()))  # type: ignore[attr-defined]
-    return {"after imports": imported / MIB, "after model + one batch": loaded / MIB}
+        loaded = next(iter(client.run(_forward_once, str(model)).values()))[1]  # type: ignore[attr-defined]
+    return {"after imports": round(imported / MIB, 1), "after model + one batch": round(loaded / MIB, 1)}
 
 
-def _load_and_warm(path: str, batch: int | str = "auto") -> int:
-    """Load the model as a block task does and run one batch of random windows; resident bytes."""
-    _forward_once(path, batch)
-    return rss()
-
-
-def _forward_once(path: str, batch: int | str) -> int:
-    """Resident peak over the start of one forward pass of a batch of random windows."""
+def _forward_once(path: str, batch: int | str = "auto") -> tuple[int, int]:
+    """Load the model as a block task does (once per process) and run one batch of random windows:
+    the resident peak over the start of the forward pass, and the resident bytes after it."""
     import torch
 
     from pipeline.inference.forward import forward_probs
@@ -318,7 +306,7 @@ def _forward_once(path: str, batch: int | str) -> int:
     base = rss()
     reset_rss_peak()
     forward_probs(module, x, rt, ("identity",))
-    return rss_peak() - base
+    return rss_peak() - base, rss()
 
 
 def report(scene: Scene, untraced: Phases, traced: Phases, handed: dict[str, int],
@@ -346,9 +334,8 @@ def print_table(result: dict[str, Any]) -> None:
         rss_txt = "-" if row["rss_peak_mib"] is None else f"{row['rss_peak_mib']:.1f}"
         print(f"{name:52} {row['calls']:>5} {row['traced_peak_mib']:>12.1f} {row['traced_left_mib']:>12.1f} {rss_txt:>10}")
     print("handed back (MiB):", result["handed_back_mib"])
-    for key in ("worker_rss_mib", "process_rss_mib", "forward_pass_rss_mib"):
-        if key in result:
-            print(f"{key}: {result[key]}")
+    print("\n".join(f"{k}: {result[k]}" for k in ("worker_rss_mib", "process_rss_mib", "forward_pass_rss_mib")
+                    if k in result))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,25 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "landslide-bench")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
-
-    extra: dict[str, Any] = {}
     if args.strip_mib is not None:
         from pipeline.inference import blocks
 
         blocks.STRIP_BYTES = int(args.strip_mib * MIB)
-    if not args.no_worker:
-        extra["worker_rss_mib"] = {k: round(v, 1) for k, v in worker_baseline(DEFAULT_MODEL).items()}
-    start = rss()
-    import torch
-
-    from pipeline.run.cluster import WORKER_IMPORTS
-
-    for name in WORKER_IMPORTS:
-        __import__(name)
-    torch.set_num_threads(1)
-    imported = rss()
-    warm = _load_and_warm(str(DEFAULT_MODEL), args.batch_size)
-    extra["forward_pass_rss_mib"] = round(_forward_once(str(DEFAULT_MODEL), args.batch_size) / MIB, 1)
+    extra = {} if args.no_worker else {"worker_rss_mib": worker_baseline(DEFAULT_MODEL)}
+    extra["process_rss_mib"] = prepare_process(args.batch_size)
+    extra["forward_pass_rss_mib"] = round(_forward_once(str(DEFAULT_MODEL), args.batch_size)[0] / MIB, 1)
     scene = load_scene(args.size, args.block, args.batch_size, args.workdir, (1, 1))
     if args.tasks:  # on its own: the first blocks of a fresh process, as in a new worker
         before = rss()
@@ -392,22 +367,33 @@ def main(argv: list[str] | None = None) -> int:
                           round(peak / MIB, 1), "rss_after_mib": round(rss() / MIB, 1), **extra}, indent=2))
         return 0
     untraced, traced = Phases(), Phases()
-    before_block = rss()
+    extra["process_rss_mib"]["before the block"] = round(rss() / MIB, 1)
     with instrumented(untraced):
         run_block(scene, untraced)  # the first block of this process, as in a fresh worker
     tracemalloc.start()
     with instrumented(traced):
         handed = run_block(scene, traced)
     tracemalloc.stop()
-    extra["process_rss_mib"] = {"start": round(start / MIB, 1), "after imports": round(imported / MIB, 1),
-                                "after model + one batch": round(warm / MIB, 1),
-                                "before the block": round(before_block / MIB, 1),
-                                "block task peak": round((before_block + untraced.stats["block task"].rss_peak) / MIB, 1)}
     result = report(scene, untraced, traced, handed, extra)
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
+
+
+def prepare_process(batch: str) -> dict[str, float]:
+    """Import what a worker imports and load the model; this process's resident MiB on the way."""
+    start = rss()
+    import torch
+
+    from pipeline.run.cluster import WORKER_IMPORTS
+
+    for name in WORKER_IMPORTS:
+        __import__(name)
+    torch.set_num_threads(1)
+    imported = rss()
+    return {"start": round(start / MIB, 1), "after imports": round(imported / MIB, 1),
+            "after model + one batch": round(_forward_once(str(DEFAULT_MODEL), batch)[1] / MIB, 1)}
 
 
 if __name__ == "__main__":

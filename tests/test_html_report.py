@@ -471,9 +471,17 @@ class _RecordingProxy:
             with conn:
                 conn.settimeout(2)
                 try:
-                    line = conn.recv(4096).split(b"\r\n", 1)[0].decode("latin-1")
-                    self.requests.append(line)
-                    conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                    data = b""
+                    while b"\r\n" not in data:  # the request line, however the bytes arrive
+                        chunk = conn.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                    # a connection opened and closed without a byte (the browser connecting to its
+                    # proxy ahead of need) carries no request: nothing was asked of any host
+                    if data:
+                        self.requests.append(data.split(b"\r\n", 1)[0].decode("latin-1"))
+                        conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
                 except OSError:
                     pass
 

@@ -23,7 +23,10 @@ Blocks: a scene processed in blocks sums each window once, in the block that
 holds its origin (:class:`BlockSums`, on the block plus the strip its windows
 reach into); the strips that fall on later blocks (:meth:`BlockSums.strip`)
 are added there before the division (:func:`blend_block`), so every block
-gets the sums a whole-scene accumulator would hold.
+gets the sums a whole-scene accumulator would hold. :class:`RollingSums`
+adds a block's windows row by row and keeps float64 sums only for the rows
+windows still reach; the rows done are divided at once, except where other
+blocks' strips still arrive (:class:`CompactSums`).
 
 Pure numpy; accumulators are float64 so the result does not depend on how
 many windows were added.
@@ -239,8 +242,9 @@ class RollingSums:
         self.row0 = 0  # the first row not settled: row 0 of the accumulators
         self.acc, self.wsum = _empty_sums(bands, 0, ew)
 
-    def _reach(self, end: int) -> None:
-        """Grow the accumulators down to row ``end`` of the extent (new rows at 0)."""
+    def reach(self, end: int) -> None:
+        """Grow the accumulators down to row ``end`` of the extent (new rows at 0): once for the
+        windows about to be added, rather than window by window."""
         rows = min(end, self.extent[0]) - self.row0
         if rows > self.wsum.shape[0]:
             acc, wsum = _empty_sums(self.acc.shape[0], rows, self.extent[1])
@@ -250,7 +254,7 @@ class RollingSums:
     def add(self, values: np.ndarray, weights: np.ndarray, row: int, col: int) -> None:
         """Add one window's ``values`` (k, tile, tile) with ``weights`` at (row, col) of the extent
         (``row`` at or past the rows settled)."""
-        self._reach(row + weights.shape[0])
+        self.reach(row + weights.shape[0])
         # the accumulators may reach past the extent's last row: windows are clipped to the extent
         acc, wsum = self.acc[:, : self.extent[0] - self.row0], self.wsum[: self.extent[0] - self.row0]
         add_window(acc, wsum, values, weights, row - self.row0, col)
@@ -260,7 +264,7 @@ class RollingSums:
         a, b = self.row0, min(end, self.extent[0])
         if b <= a:
             return
-        self._reach(b)
+        self.reach(b)
         (bh, bw), out = self.block_valid.shape, self.out
         top, left = out.top[1].shape[0], out.left[1].shape[1]
         acc, wsum = self.acc[:, : b - a], self.wsum[: b - a]

@@ -19,6 +19,9 @@ sums only for the rows windows still reach.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +31,6 @@ import numpy as np
 from rasterio.windows import Window
 
 from pipeline.inference.forward import combine_on_device, combines_on_host, forward_probs
-from pipeline.inference.heap import trim_heap
 from pipeline.inference.options import InferenceOptions
 from pipeline.inference.runtime import ModelRef, module_for, runtime_for
 from pipeline.model.ensemble import ensemble_probability
@@ -96,18 +98,36 @@ def read_and_predict(reader: WindowReader, bands: Sequence[int], extent: tuple[S
     (ry0, ry1), (rx0, rx1) = extent
     task = _BlockTask(plan, block, (ry1 - ry0, rx1 - rx0), kept)
     strips = strip_rows(plan, block, (ry1 - ry0, rx1 - rx0), len(bands))
-    # a stack's reader keeps its files open for the strips: their tiles are decoded once, not per strip
+    # a stack's reader keeps its JPEG 2000 files open for the strips: their tiles are decoded once
     keep_open = getattr(reader, "files_open_in_thread", None) if len(strips) > 1 else None
     with keep_open() if keep_open is not None else contextlib.nullcontext():
         for y0, y1, own_end in strips:
-            # read straight into the task: no name here keeps a strip alive once its windows have run
+            # read straight into the task: no name here keeps a strip alive once its windows are cut
             task.add(reader.read(list(bands), Window(rx0, ry0 + y0, rx1 - rx0, y1 - y0)),
                      None if valid is None else valid[y0:y1], y0, own_end, own=True)
-            trim_heap()  # the strips and batches that ran: the other thread's task may take their place
     result = task.result()
     del task
     trim_heap()
     return result
+
+
+def trim_heap() -> None:
+    """Hand the memory freed in this process back to the system (at the end of a block task). glibc
+    keeps freed allocations of up to 32 MiB (a strip, a batch, the model's activations) in the heap
+    of the thread that made them, so a worker's threads would each hold on to a block task's worth.
+    Not after every strip: the model's next activations would then fault their pages in again.
+    No-op without glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def predict_block(data: np.ndarray, valid: np.ndarray | None, block: tuple[Span, Span], plan: BlockPlan,
@@ -188,6 +208,7 @@ class _BlockTask:
         if ph or pw:
             data = np.pad(data, ((0, 0), (0, ph), (0, pw)))
             valid = np.pad(valid, ((0, ph), (0, pw)))
+        self.sums.reach(y0 + max(r for r, _ in todo) + tile)
         self._cut(data, valid, y0, todo)
         # rows before the next window to run, and before the next strip's windows, are complete
         assert self.batch is not None

@@ -13,8 +13,8 @@ under fp16/bf16 autocast (an overflow) send that chunk through the model again i
 worker logs a warning the first time (and at 10, 100, ... chunks, with the count), and the count
 goes to Dask's performance metrics with the prediction's label (unit :data:`REDONE_UNIT`), next
 to the samples run in each precision (unit ``samples-<precision>``), so that the run can record
-them (:func:`pipeline.inference.metrics.precision_figures`). Non-finite logits in float32 are a
-:class:`~pipeline.core.errors.ModelError` naming the model.
+them (:func:`precision_figures`, and the forward time: :func:`forward_seconds`). Non-finite
+logits in float32 are a :class:`~pipeline.core.errors.ModelError` naming the model.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from pipeline.inference.options import TTA_TRANSFORMS
 if TYPE_CHECKING:
     import torch
 
+    from pipeline.inference.options import Prediction
     from pipeline.inference.runtime import Runtime
     from pipeline.model.device import Precision
 
@@ -182,3 +183,54 @@ def combine_on_device(per_model: list[torch.Tensor], members: list[torch.Tensor]
         combined = (p * w).sum(dim=0) / w.sum()
     unc = torch.cat(members).std(dim=0, correction=0) if with_uncertainty else None
     return combined, unc
+
+
+# -- the figures the workers recorded, read back for the run's report -------------------
+async def _send_heartbeat(dask_worker: Any) -> None:  # runs on each worker
+    await dask_worker.heartbeat()
+
+
+def forward_seconds(client: Any, prediction: Prediction, *, flush: bool = False) -> float | None:
+    """Seconds the workers of ``client`` spent in the model's forward pass for ``prediction``
+    (summed over worker threads: with two threads fully busy, 2 s per second of wall time), from
+    Dask's performance metrics; None when the scheduler has no record of it.
+
+    Workers send their metrics with their heartbeats: read this when the prediction has been
+    computed for a while (the run does it at its very end). ``flush`` asks every worker for a
+    heartbeat first, so that the last tasks count as well.
+    """
+    metrics = _forward_metrics(client, prediction.meter, flush)
+    return float(metrics["seconds"]) if metrics and "seconds" in metrics else None
+
+
+def precision_figures(client: Any, prediction: Prediction, *, flush: bool = False) -> dict[str, Any]:
+    """What the workers of ``client`` ran ``prediction``'s models in, for the run's report:
+    ``precision`` (``bf16``, ``fp16``, ``fp32``; several joined by ``+`` when workers differed) and
+    ``chunks_redone_fp32`` (chunks whose outputs overflowed and were redone in float32), from Dask's
+    performance metrics (:mod:`pipeline.inference.forward`). Without a record of them:
+    :attr:`Prediction.precision` and None. ``flush`` as for :func:`forward_seconds`.
+    """
+    metrics = _forward_metrics(client, prediction.meter, flush) or {}
+    used = sorted(u[len(SAMPLES_UNIT):] for u, n in metrics.items() if u.startswith(SAMPLES_UNIT) and n > 0)
+    if not used:
+        return {"precision": prediction.precision, "chunks_redone_fp32": None}
+    return {"precision": "+".join(used), "chunks_redone_fp32": int(metrics.get(REDONE_UNIT, 0))}
+
+
+def _forward_metrics(client: Any, label: str, flush: bool) -> dict[str, float] | None:
+    """The workers' metrics recorded under ``label``, summed per unit; None when unavailable."""
+
+    def collect(dask_scheduler: Any) -> dict[str, float]:  # runs on the scheduler
+        out: dict[str, float] = {}
+        for k, v in dask_scheduler.cumulative_worker_metrics.items():
+            if isinstance(k, tuple) and len(k) == 4 and k[2] == label and isinstance(k[3], str):
+                out[k[3]] = out.get(k[3], 0.0) + float(v)
+        return out
+
+    try:
+        if flush:
+            client.run(_send_heartbeat)
+        return client.run_on_scheduler(collect)
+    except Exception as exc:  # noqa: BLE001 - figures for the report, never a reason to fail a run
+        log.debug("no forward-pass metrics from the scheduler: %s", exc)
+        return None

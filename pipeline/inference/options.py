@@ -116,7 +116,7 @@ class Prediction:
     #: same graph as the probability
     layers: dict[str, xr.DataArray] = field(default_factory=dict)
     #: label under which the block tasks report the time spent in the model's forward pass to Dask's
-    #: performance metrics (:func:`~pipeline.inference.metrics.forward_seconds`); unique per prediction
+    #: performance metrics (:func:`~pipeline.inference.forward.forward_seconds`); unique per prediction
     meter: str = "model-forward"
     #: ``coarse`` of :func:`~pipeline.inference.tiled.predict`: (channels, rows // factor,
     #: cols // factor) means, or None
@@ -124,7 +124,7 @@ class Prediction:
     coarse_factor: int = 0
     #: the precision the models run in, as far as the main process can tell without PyTorch
     #: (:func:`planned_precision`): ``auto`` when each GPU worker decides (bf16 or fp16);
-    #: :func:`~pipeline.inference.metrics.precision_figures` says what the workers used
+    #: :func:`~pipeline.inference.forward.precision_figures` says what the workers used
     precision: str = "fp32"
 
 

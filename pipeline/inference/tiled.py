@@ -5,12 +5,14 @@ global window grid (:class:`tiling.windows.WindowGrid`) runs exactly once,
 in the block that holds its origin: that task (:mod:`pipeline.inference.blocks`)
 reads the block plus the strip its last windows reach into (less than a tile
 below and to the right) and sums the weighted window predictions over that
-extent (:class:`tiling.stitch.BlockSums`). The parts that fall on later
+extent (:class:`tiling.stitch.RollingSums`). The parts that fall on later
 blocks are cut off and added to those blocks, which then divide by the
 summed weights (:func:`tiling.stitch.blend_block`). Because the window grid
 is global, the result does not depend on the block layout; memory depends on
-the block size, not the scene size. The output is float32 in [0, 1], NaN
-where the input is not valid.
+the block size, not the scene size. A block read in strips hands back its
+divided values and the sums other blocks still need, not its input: its
+kept channels are read again where the block is finished. The output is
+float32 in [0, 1], NaN where the input is not valid.
 
 Each model normalizes with the fixed statistics of its artefact, so a pixel's
 probability depends on its neighbourhood (the model's window) alone, not on
@@ -35,9 +37,16 @@ from rasterio.windows import Window
 
 from pipeline.core.errors import ConfigError, GridError, InputError
 from pipeline.core.grid import Grid
-from pipeline.inference.blocks import (BlockPlan, BlockResult, WindowReader, predict_block, read_and_predict,
-                                       strip_rows, trim_heap)
-from pipeline.inference.metrics import forward_seconds, precision_figures  # noqa: F401 - the run imports them from here
+from pipeline.inference.blocks import (
+    BlockPlan,
+    BlockResult,
+    WindowReader,
+    predict_block,
+    read_and_predict,
+    strip_rows,
+    trim_heap,
+)
+from pipeline.inference.forward import forward_seconds, precision_figures  # noqa: F401 - the run imports them from here
 from pipeline.inference.options import InferenceOptions, Prediction, inference_block_size, planned_precision
 from pipeline.inference.runtime import model_refs
 from pipeline.model.artefact import ModelArtefact
