@@ -54,15 +54,15 @@ from rasterio.crs import CRS
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.model.artefact import ModelArtefact, load_artefact  # noqa: E402
 from pipeline.core.channels import L4S_CHANNELS  # noqa: E402
-from pipeline.model.device import use_channels_last  # noqa: E402
 from pipeline.core.grid import Grid  # noqa: E402
 from pipeline.inference.options import InferenceOptions  # noqa: E402
 from pipeline.inference.runtime import clear_model_cache  # noqa: E402
 from pipeline.inference.tiled import predict  # noqa: E402
-from pipeline.model.registry import build_model  # noqa: E402
+from pipeline.model.artefact import ModelArtefact, load_artefact  # noqa: E402
+from pipeline.model.device import use_channels_last  # noqa: E402
 from pipeline.model.normalization import band_stats, fixed_spec, normalize  # noqa: E402
+from pipeline.model.registry import build_model  # noqa: E402
 from tiling.windows import WindowGrid  # noqa: E402
 
 TILE = 128

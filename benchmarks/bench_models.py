@@ -45,11 +45,11 @@ def level_cost(cfg: Any, dataset: Any, cv: Any) -> dict[str, float]:
     L2A scene), for the typical atmosphere and for ones half and 1.5 times as thick, and unharmonized."""
     import numpy as np
 
+    from pipeline.model.normalization import level_spec
     from pipeline.training.augmentation import surface_look
     from pipeline.training.datasets import normalize_patch
-    from pipeline.training.metrics import pixel_metrics
-    from pipeline.model.normalization import level_spec
     from pipeline.training.fit import build_network as _build
+    from pipeline.training.metrics import pixel_metrics
     from pipeline.training.predict import predict_probabilities
 
     out = {}

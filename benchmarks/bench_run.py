@@ -49,8 +49,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench_stack import PeakMemory, build_inputs  # noqa: E402
 
-from pipeline.model.artefact import ModelArtefact, load_artefact, save_artefact  # noqa: E402
 from pipeline.core.config import DEFAULT_MODEL, SceneConfig  # noqa: E402
+from pipeline.model.artefact import ModelArtefact, load_artefact, save_artefact  # noqa: E402
 from pipeline.model.device import auto_batch_size, use_channels_last  # noqa: E402
 from pipeline.model.registry import build_model  # noqa: E402
 from tiling.windows import WindowGrid  # noqa: E402

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import geopandas as gpd
+import numpy as np
 import pyogrio
 import pyogrio.errors
-import numpy as np
 import shapely
 import shapely.affinity
 

@@ -22,8 +22,8 @@ import xarray as xr
 
 from pipeline.core.config import PostprocessSection
 from pipeline.core.errors import ConfigError
-from pipeline.core.grid import Grid
 from pipeline.core.georeference import georeference, grid_coords
+from pipeline.core.grid import Grid
 from postprocess.attributes import build_attributes, empty_frame
 from postprocess.objects import CleanedObjects, ObjectLayers, OpenedMask, clean_objects
 from postprocess.vectorize import merge_pieces

@@ -13,13 +13,13 @@ import pytest
 import yaml
 from small_scene import X0, Y0, scene_yaml, write_scene
 
+from pipeline.cli.validate import BAD_INPUT, add_validate_arguments, cli_validate
 from pipeline.core.config import DEFAULT_MODEL, load_scene_config, model_tile_size
 from pipeline.core.errors import ConfigError, GridError, PipelineError
+from pipeline.run.validate import validate_scene
 from pipeline.stack.layers import stack_scene
 from pipeline.stack.masks import scl_exclusion
 from pipeline.stack.scene_grid import minimum_grid_size
-from pipeline.cli.validate import BAD_INPUT, add_validate_arguments, cli_validate
-from pipeline.run.validate import validate_scene
 
 SIZE = 64
 RGB_MODEL = DEFAULT_MODEL.parent / "rgb_terrain.safetensors"
@@ -253,7 +253,6 @@ def test_a_worker_death_outside_the_progress_computations_names_its_stage(
     written) fails the run with a :class:`WorkerDeathError` naming the stage, which the nightly job
     retries; no report marks the run complete."""
     import postprocess.gpkg
-
     from pipeline.core.progress import WorkerDeathError
     from pipeline.run.scene import run_scene
 

@@ -22,13 +22,15 @@ from pipeline.cli.config_docs import REGENERATE, config_files, generated_files, 
 from pipeline.core.yamlio import load_yaml
 
 DOCS = ROOT / "docs"
-# files starting with "_" are scratch copies, not examples
-EXAMPLES = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("_"))
+# files starting with "_" are scratch copies, not examples; scene templates of regions are checked apart
+EXAMPLES = sorted(p for p in (ROOT / "configs").glob("*.yaml")
+                  if not p.name.startswith("_") and not p.name.endswith("_template.yaml"))
+TEMPLATES = sorted((ROOT / "configs").glob("*_template.yaml"))
 
 
 def _kind(data: dict[str, Any]) -> str:
     """Which model an example config is for, from its top-level keys."""
-    if "scenes" in data:
+    if "scenes" in data or "products" in data:
         return "region"
     if "data" in data:
         return "train"
@@ -107,6 +109,16 @@ def test_scene_schema_keeps_user_keys_excluded_from_dumps() -> None:
 def test_examples_cover_every_kind() -> None:
     kinds = {_kind(load_yaml(p)) for p in EXAMPLES}
     assert kinds == {"scene", "region", "train"}
+
+
+def test_every_template_is_named_by_a_region_and_loads() -> None:
+    from pipeline.core.config import load_region_config
+    from pipeline.core.template import load_template
+
+    named = {load_region_config(p).template for p in EXAMPLES if _kind(load_yaml(p)) == "region"}
+    assert TEMPLATES and set(TEMPLATES) <= {t.resolve() for t in named if t is not None}
+    for path in TEMPLATES:
+        assert "dem" in load_template(path)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

@@ -14,7 +14,7 @@ from affine import Affine
 from pipeline.core.channels import L4S_CHANNELS, L4S_DIVISOR, S2_BANDS, physical_factors
 from pipeline.core.errors import ChannelError, InputError
 from pipeline.model.normalization import normalize, validate_spec
-from pipeline.training.augmentation import AugmentConfig, Augmentation, augment
+from pipeline.training.augmentation import Augmentation, AugmentConfig, augment
 from pipeline.training.datasets import PatchDataset
 from pipeline.training.patch_files import data_checksum, find_patches
 from pipeline.training.patch_readers import channel_indices, load_patch, read_image

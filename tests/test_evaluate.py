@@ -21,7 +21,12 @@ from pipeline.model.artefact import ModelArtefact, save_artefact
 from pipeline.model.registry import build_model
 from pipeline.training.baseline import RandomForestConfig, SVMConfig, feature_names, pixel_features
 from pipeline.training.comparison import Row, csv_table, markdown_table
-from pipeline.training.evaluate import baseline_row, cross_validate_config, evaluate_artefact, evaluate_objects
+from pipeline.training.evaluate import (
+    baseline_row,
+    cross_validate_config,
+    evaluate_artefact,
+    evaluate_objects,
+)
 from pipeline.training.folds import shared_folds
 from pipeline.training.patch_files import data_checksum, find_patches
 from pipeline.training.patch_readers import read_mask

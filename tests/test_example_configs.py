@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,23 @@ def test_scene_config_validates(name: str, shared_data: Path) -> None:
 def test_region_config_lists_the_scene_configs() -> None:
     cfg = load_region_config(ROOT / "configs" / "region.yaml")
     assert [p.name for p in cfg.scenes] == SCENE_CONFIGS
+
+
+def test_region_products_config_finds_the_demo_product(tmp_path: Path) -> None:
+    """The shipped region that finds its products, with the demo written where it looks (../demo)."""
+    import shutil
+
+    from pipeline.demo.write import write_demo_data
+    from pipeline.run.region_products import night_work
+
+    root = tmp_path / "project"
+    shutil.copytree(ROOT / "configs", root / "configs")
+    write_demo_data(root / "demo", size=186, seed=1)
+    cfg = load_region_config(root / "configs" / "region_products.yaml")
+    work, excluded = night_work(cfg, dt.date(2026, 12, 8))
+    assert excluded == [] and len(work) == 1 and work[0].product is not None
+    assert work[0].product.kind == "safe" and work[0].product.sensing.date() == dt.date(2023, 6, 15)
+    assert cfg.output.dir.resolve() == root / "output" / "region_products"
 
 
 @pytest.mark.slow

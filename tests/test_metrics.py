@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from shapely.geometry import box
 
-from pipeline.training.metrics import Counts, confusion, match_objects, object_metrics, object_scores, pixel_metrics
+from pipeline.training.metrics import (
+    Counts,
+    confusion,
+    match_objects,
+    object_metrics,
+    object_scores,
+    pixel_metrics,
+)
 from pipeline.training.thresholds import f1_by_threshold, select_threshold
 
 

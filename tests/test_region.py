@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import ROOT
 
-from pipeline.model.artefact import save_artefact
 from pipeline.core.channels import L4S_CHANNELS
 from pipeline.core.config import load_region_config
+from pipeline.model.artefact import save_artefact
 from pipeline.model.registry import build_model
 from pipeline.run.region import run_region, state_path
 
@@ -153,8 +153,8 @@ def test_local_workers_import_the_task_modules_as_they_start(monkeypatch: pytest
     (no task arrives during those imports)."""
     from distributed import wait
 
-    from pipeline.run import cluster as cluster_module
     from pipeline.core.config import DaskSection
+    from pipeline.run import cluster as cluster_module
 
     started: list[object] = []
     real = cluster_module._warm_workers
@@ -194,8 +194,8 @@ def test_local_cluster_workers_skip_the_slow_interpreter_teardown(tmp_path: Path
     the exit handlers registered earlier than its fast exit."""
     from distributed import wait
 
-    from pipeline.run import cluster as cluster_module
     from pipeline.core.config import DaskSection
+    from pipeline.run import cluster as cluster_module
 
     marker = tmp_path / "torn-down"
     with cluster_module.dask_client(DaskSection(n_workers=1, threads_per_worker=1)) as client:
@@ -235,8 +235,8 @@ def test_fast_exit_only_after_a_clean_close(tmp_path: Path, status: str, code: i
 
 def test_local_cluster_workers_keep_adaptive_malloc_and_one_thread_per_task(monkeypatch: pytest.MonkeyPatch) -> None:
     """Dask's default MALLOC_TRIM_THRESHOLD_ slows the model 1.6x: local workers start without it."""
-    from pipeline.run.cluster import dask_client
     from pipeline.core.config import DaskSection
+    from pipeline.run.cluster import dask_client
 
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # as an earlier nanny in this process leaves it
     with dask_client(DaskSection(n_workers=1, threads_per_worker=2)) as client:

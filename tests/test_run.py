@@ -14,9 +14,9 @@ import pytest
 import rasterio
 from conftest import ROOT, demo_config
 
-from pipeline.model.artefact import load_artefact
 from pipeline.core.config import DEFAULT_MODEL, load_scene_config
 from pipeline.core.errors import OutputError
+from pipeline.model.artefact import load_artefact
 from pipeline.run.folder import REPORT
 from pipeline.run.scene import run_scene
 
@@ -178,8 +178,8 @@ def test_weights_that_do_not_fit_the_architecture_fail_the_run_naming_the_file(
     file named) and leaves no report and no GeoPackage."""
     from safetensors.torch import save_file
 
-    from pipeline.model.artefact import FORMAT, FORMAT_VERSION, read_metadata
     from pipeline.core.errors import ModelError
+    from pipeline.model.artefact import FORMAT, FORMAT_VERSION, read_metadata
     from pipeline.model.registry import build_model
 
     meta = read_metadata(DEFAULT_MODEL).metadata()
@@ -334,11 +334,11 @@ def test_inference_reads_each_band_once_per_block(demo: Path, monkeypatch: pytes
     """The valid mask comes from the pixels the block reads, not from a second read of every band."""
     import dask
 
-    from pipeline.stack import layers as stack_module
     from pipeline.inference.options import InferenceOptions
     from pipeline.inference.tiled import predict
     from pipeline.run.plan import model_channels
     from pipeline.run.scene import load_models
+    from pipeline.stack import layers as stack_module
 
     reads = []
     original = stack_module.StackLayer.read
@@ -364,11 +364,11 @@ def test_inference_over_many_blocks_reads_each_pixel_about_once(demo: Path, monk
     import dask
     from rasterio.windows import Window
 
-    from pipeline.stack import layers as stack_module
     from pipeline.inference.options import InferenceOptions, inference_block_size
     from pipeline.inference.tiled import predict
     from pipeline.run.plan import model_channels
     from pipeline.run.scene import load_models
+    from pipeline.stack import layers as stack_module
     from tiling.windows import WindowGrid, block_spans
 
     areas: list[int] = []
@@ -454,8 +454,8 @@ def test_local_cluster_starts_while_the_inference_graphs_are_built(demo: Path, t
     from contextlib import contextmanager
 
     import pipeline.inference.tiled as inference_module
-    from pipeline.run import cluster as cluster_module
     from pipeline.core.errors import InputError
+    from pipeline.run import cluster as cluster_module
 
     events: list[tuple[str, str]] = []
     real_client = cluster_module.dask_client
@@ -611,7 +611,8 @@ def test_output_threads_run_at_the_lowest_priority_and_leave_the_caller_alone() 
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.io.cog import gdal_threads
-    from pipeline.run.outputs import BACKGROUND_NICE, submit as _submit
+    from pipeline.run.outputs import BACKGROUND_NICE
+    from pipeline.run.outputs import submit as _submit
 
     main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     with ThreadPoolExecutor(2) as pool:

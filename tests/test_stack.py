@@ -23,14 +23,14 @@ from rasterio.warp import transform_bounds
 from shapely.geometry import box
 from test_slope import gdaldem_slope
 
+from pipeline.cli.stack import add_stack_arguments, cli_stack
 from pipeline.core.channels import L4S_CHANNELS
 from pipeline.core.config import SceneConfig
 from pipeline.core.errors import ChannelError, InputError
 from pipeline.core.grid import Grid
-from pipeline.stack.terrain import horn_slope, horn_slope_dask
-from pipeline.stack.layers import Stack, save_stack, stack_scene
-from pipeline.cli.stack import add_stack_arguments, cli_stack
 from pipeline.run.validate import validate_scene
+from pipeline.stack.layers import Stack, save_stack, stack_scene
+from pipeline.stack.terrain import horn_slope, horn_slope_dask
 
 
 def scene_cfg(scene: dict[str, object], dem: str | Path, tmp_path: Path | None = None,
@@ -416,8 +416,8 @@ def test_cog_from_a_plain_tiled_intermediate(tmp_path: Path, monkeypatch: pytest
     no-data; the intermediate stays; a failed conversion leaves nothing at the final path."""
     import rasterio.shutil as rshutil
 
-    from pipeline.io.cog import RasterOutput, cog_from_tiff, write_rasters
     from pipeline.core.errors import OutputError
+    from pipeline.io.cog import RasterOutput, cog_from_tiff, write_rasters
 
     grid = Grid.from_bounds((500000, 4000000, 500000 + 9000, 4000000 + 6000), "EPSG:32633", 10)
     rng = np.random.default_rng(1)

@@ -20,12 +20,12 @@ import rasterio
 from affine import Affine
 from small_scene import X0, Y0, scene_yaml, write_raster, write_scene
 
-from pipeline.core.config import load_scene_config
-from pipeline.core.errors import ChannelError, GridError, InputError, PipelineError
-from pipeline.stack.layers import save_stack, stack_scene
 from pipeline.cli.stack import add_stack_arguments, cli_stack
 from pipeline.cli.validate import add_validate_arguments, cli_validate
+from pipeline.core.config import load_scene_config
+from pipeline.core.errors import ChannelError, GridError, InputError, PipelineError
 from pipeline.run.validate import validate_scene
+from pipeline.stack.layers import save_stack, stack_scene
 
 SIZE = 64
 

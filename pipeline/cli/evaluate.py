@@ -15,7 +15,12 @@ from typing import Any
 
 from pipeline.core.errors import InputError
 from pipeline.training.comparison import Row, markdown_table, write_tables
-from pipeline.training.evaluate import baseline_row, cross_validate_config, evaluate_artefact, evaluate_objects
+from pipeline.training.evaluate import (
+    baseline_row,
+    cross_validate_config,
+    evaluate_artefact,
+    evaluate_objects,
+)
 
 log = logging.getLogger(__name__)
 

@@ -75,6 +75,15 @@ def _format_validation(path: Path, data: Any, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def validate_data(model: type[Strict], data: Any, path: Path) -> Any:
+    """Validate ``data`` read from ``path`` into ``model`` (paths relative to the file's folder);
+    errors name the file, the line and the field."""
+    try:
+        return model.model_validate(data, context={"base_dir": Path(path).resolve().parent})
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(Path(path), data, exc)) from None
+
+
 def load_strict(model: type[Strict], path: Path, check: Callable[[Any], list[tuple[tuple[str, ...], str]]] | None = None
                 ) -> Any:
     """Read ``path`` (strict, safe YAML) into ``model``; errors name the file, the line and the field.
@@ -88,10 +97,7 @@ def load_strict(model: type[Strict], path: Path, check: Callable[[Any], list[tup
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     if "source" in data:
         raise ConfigError(f"{path}:{line_of(data, ('source',))}: source: unknown key")
-    try:
-        cfg = model.model_validate(data, context={"base_dir": path.resolve().parent})
-    except ValidationError as exc:
-        raise ConfigError(_format_validation(path, data, exc)) from None
+    cfg = validate_data(model, data, path)
     if check is not None:
         problems = [f"{path}:{line_of(data, loc) or '?'}: {'.'.join(loc)}: {msg}" for loc, msg in check(cfg)]
         if problems:

@@ -33,23 +33,27 @@ class SafeMetadata:
     offsets: dict[str, float] = field(default_factory=dict)
     image_files: tuple[str, ...] = ()
     source: Path | None = None        # the MTD_MSIL*.xml file these come from
+    cloud_cover: float | None = None  # Cloud_Coverage_Assessment, percent of the tile
+    #: the swath's outline (``Product_Footprint``) as (lon, lat) pairs; empty when not stated
+    footprint_lonlat: tuple[tuple[float, float], ...] = ()
 
     @property
     def acquisition_date(self) -> dt.date | None:
         return self.start_time.date() if self.start_time else None
 
 
-def parse_safe_metadata(xml_path: Path) -> SafeMetadata:
-    """Parse the product metadata file of an L1C or L2A SAFE product.
+def parse_safe_metadata(xml_path: Path, content: bytes | None = None) -> SafeMetadata:
+    """Parse the product metadata file of an L1C or L2A SAFE product (``content``: its bytes, read
+    from elsewhere, such as a zipped product; ``xml_path`` then only names it).
 
     Reads the product type, processing baseline, start time, the quantification
     value and the per-band additive offsets (``BOA_ADD_OFFSET`` for L2A,
     ``RADIO_ADD_OFFSET`` for L1C; products from baselines before 04.00 have
-    none, which means 0).
+    none, which means 0), the cloud cover and the footprint.
     """
     level = "L2A" if "L2A" in xml_path.name.upper() else "L1C"
     try:
-        root = ET.parse(xml_path).getroot()
+        root = ET.fromstring(content) if content is not None else ET.parse(xml_path).getroot()
     except (ET.ParseError, OSError) as exc:
         raise InputError(f"{xml_path}: cannot parse product metadata ({error_detail(exc)})") from None
     offsets = _offsets(root, level, xml_path)
@@ -67,7 +71,36 @@ def parse_safe_metadata(xml_path: Path) -> SafeMetadata:
         offsets=offsets,
         image_files=images,
         source=xml_path,
+        cloud_cover=_cloud_cover(root, xml_path),
+        footprint_lonlat=_footprint(root, xml_path),
     )
+
+
+def _cloud_cover(root: ET.Element, xml_path: Path) -> float | None:
+    """``Cloud_Coverage_Assessment`` (percent), None when missing or not a number (a warning)."""
+    text = find_text(root, "Cloud_Coverage_Assessment")
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        log.warning("%s: Cloud_Coverage_Assessment is not a number: %r", xml_path, text)
+        return None
+
+
+def _footprint(root: ET.Element, xml_path: Path) -> tuple[tuple[float, float], ...]:
+    """The ``Global_Footprint``'s ``EXT_POS_LIST`` (lat lon pairs in the file) as (lon, lat)."""
+    text = find_text(root, "EXT_POS_LIST")
+    if not text:
+        return ()
+    try:
+        values = [float(v) for v in text.split()]
+    except ValueError:
+        values = []
+    if len(values) < 6 or len(values) % 2:
+        log.warning("%s: EXT_POS_LIST is not a list of latitude/longitude pairs", xml_path)
+        return ()
+    return tuple((values[i + 1], values[i]) for i in range(0, len(values), 2))
 
 
 def _band_of_id(root: ET.Element, xml_path: Path) -> dict[str, str]:

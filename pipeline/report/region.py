@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 #: A region report is ``<safe region name><REGION_REPORT_SUFFIX>`` in the region's output folder.
 REGION_REPORT_SUFFIX = ".report.html"
 #: The colours of the scenes' footprints by outcome.
-STATUS_COLOURS = {"completed": "#2e7d32", "skipped": "#1565c0", "failed": "#c62828"}
+STATUS_COLOURS = {"completed": "#2e7d32", "skipped": "#1565c0", "failed": "#c62828", "excluded": "#757575"}
 DASH = "\u2014"
 
 
@@ -226,7 +226,8 @@ def _scene_row(entry: dict[str, Any]) -> str:
     scene = escape(str(o.get("scene_id") or r.get("scene_id") or DASH))
     if entry["link"]:
         scene = f'<a href="{escape(entry["link"])}">{scene}</a>'
-    reason = f'<div class="error">{escape(str(o["error"]))}</div>' if o.get("error") else ""
+    reason = f'<div class="error">{escape(str(o["error"]))}</div>' if o.get("error") else \
+        f'<div class="muted">not used: {escape(str(o["reason"]))}</div>' if o.get("reason") else ""
     footprint = "" if entry["footprint"] is not None else '<div class="muted">footprint unknown</div>'
     n_polygons = o.get("n_polygons") if o.get("n_polygons") is not None else DASH
     seconds = o.get("seconds")

@@ -7,6 +7,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping
+from contextlib import suppress
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,13 @@ def scene_entry(outcome: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
 
         if (run_dir / REPORT_HTML).is_file():
             entry["link"] = link_inside(run_dir / REPORT_HTML, out_dir)
-    if entry["footprint"] is None and outcome.get("config"):
+    if entry["footprint"] is None and isinstance(outcome.get("footprint"), dict):  # a product found
+        with suppress(Exception):
+            import shapely
+
+            entry["footprint"] = shapely.geometry.shape(outcome["footprint"])
+            entry["footprint_source"] = "the product's metadata"
+    if entry["footprint"] is None and outcome.get("config") and outcome.get("status") != "excluded":
         aoi = _aoi_footprint(Path(str(outcome["config"])))
         if aoi is not None:
             entry["footprint"], entry["footprint_source"] = aoi, "the AOI of the scene config"

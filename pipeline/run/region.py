@@ -23,14 +23,15 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import RegionConfig, SceneConfig, load_scene_config
 from pipeline.core.errors import OutputError, PipelineError
+from pipeline.run.products import Product
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +73,46 @@ def region_lock(cfg: RegionConfig) -> Iterator[None]:
         fsutil.release_lock(fd, path)
 
 
+def region_running(cfg: RegionConfig) -> bool:
+    """True while a job of the region holds its lock in its output folder."""
+    from pipeline.core import fsutil
+    from pipeline.run.folder import safe_name
+
+    path = cfg.output.dir / f".{safe_name(cfg.name)}.region.lock"
+    if not path.exists():
+        return False
+    try:
+        fd = fsutil.acquire_lock(path)
+    except fsutil.LockHeld:
+        return True
+    except (ImportError, OSError):
+        return False
+    fsutil.release_lock(fd, path)
+    return False
+
+
 @dataclass
 class SceneOutcome:
-    config: str
-    status: str  # completed | skipped | failed
+    config: str  # the scene YAML file, or where the product was found
+    status: str  # completed | skipped (up to date) | failed | excluded (a product not used: ``reason``)
     scene_id: str | None = None
     geopackage: str | None = None
     n_polygons: int | None = None
     seconds: float | None = None
     error: str | None = None
     attempts: int = 0
+    reason: str | None = None  # why a product found was not used
+    sensing: str | None = None  # products: the sensing time (ISO 8601)
+    footprint: dict[str, Any] | None = None  # products: the footprint their metadata states (GeoJSON, lon/lat)
+
+
+@dataclass
+class _Work:
+    """One scene of the night: a scene YAML file, or a product found (with the job's context)."""
+
+    source: str
+    yaml: Path | None = None
+    product: Product | None = None
 
 
 @dataclass
@@ -95,6 +126,10 @@ class RegionResult:
     @property
     def failed(self) -> list[SceneOutcome]:
         return [o for o in self.outcomes if o.status == "failed"]
+
+    @property
+    def excluded(self) -> list[SceneOutcome]:
+        return [o for o in self.outcomes if o.status == "excluded"]
 
 
 def _scene_config_for_region(path: Path, region: RegionConfig) -> SceneConfig:
@@ -120,19 +155,34 @@ def run_region(cfg: RegionConfig, *, force: bool = False, client: Any = None) ->
 def _run_scenes(cfg: RegionConfig, force: bool, client: Any) -> RegionResult:
     """Run the region's scenes on ``client``, record each outcome, rebuild the regional layers."""
     from pipeline.run.folder import write_json_atomic
+    from pipeline.run.region_products import ProductJobs, night_work
 
     result = RegionResult()
     state_file = state_path(cfg)
-    state: dict[str, Any] = {"region": cfg.name, "started": dt.datetime.now(dt.UTC).isoformat(), "scenes": {},
+    now = dt.datetime.now(dt.UTC)
+    state: dict[str, Any] = {"region": cfg.name, "started": now.isoformat(), "scenes": {},
                              "completed": previous_completed(state_file)}
-    n = len(cfg.scenes)
-    for i, scene_yaml in enumerate(cfg.scenes, 1):
-        log.info("[%d/%d] scene %s", i, n, scene_yaml)
-        outcome = _attempt_scene(scene_yaml, cfg, force, client, f"[{i}/{n}]")
+    work, excluded = night_work(cfg, now.date())
+    for outcome in excluded:
         result.outcomes.append(outcome)
-        state["scenes"][str(scene_yaml)] = outcome.__dict__
+        state["scenes"][outcome.config] = outcome.__dict__
+    jobs = ProductJobs(cfg, state["completed"]) if cfg.products is not None else None
+    n = len(work)
+    for i, item in enumerate(work, 1):
+        log.info("[%d/%d] %s %s", i, n, "product" if item.product else "scene", item.source)
+        if item.product is not None:
+            assert jobs is not None
+            outcome = jobs.attempt(item.product, force, client, f"[{i}/{n}]")
+        else:
+            assert item.yaml is not None
+            outcome = _attempt_scene(lambda y=item.yaml: nullcontext(_scene_config_for_region(y, cfg)),
+                                     item.source, cfg, force, client, f"[{i}/{n}]")
+        result.outcomes.append(outcome)
+        state["scenes"][item.source] = outcome.__dict__
         if outcome.status != "failed" and outcome.geopackage:
             record_run(state["completed"], outcome, state["started"])
+            if jobs is not None and item.product is not None:
+                jobs.remember(item.product, outcome)
         write_json_atomic(state_file, state)
 
     if completed_records(state["completed"]):
@@ -144,17 +194,20 @@ def _run_scenes(cfg: RegionConfig, force: bool, client: Any) -> RegionResult:
     return result
 
 
-def _attempt_scene(scene_yaml: Path, cfg: RegionConfig, force: bool, client: Any, tag: str) -> SceneOutcome:
-    """Run one scene, retrying transient failures (``cfg.retries``); never raises for the scene's failure."""
+def _attempt_scene(scene: Callable[[], AbstractContextManager[SceneConfig]], source: str, cfg: RegionConfig,
+                   force: bool, client: Any, tag: str) -> SceneOutcome:
+    """Run one scene (``scene`` gives its config for one attempt), retrying transient failures
+    (``cfg.retries``); never raises for the scene's failure."""
     from pipeline.run.scene import run_scene
 
-    outcome = SceneOutcome(config=str(scene_yaml), status="failed")
+    scene_yaml = source
+    outcome = SceneOutcome(config=source, status="failed")
     t0 = time.perf_counter()
     for attempt in range(cfg.retries + 1):
         outcome.attempts = attempt + 1
         try:
-            scene_cfg = _scene_config_for_region(scene_yaml, cfg)
-            res = run_scene(scene_cfg, force=force, client=client)
+            with scene() as scene_cfg:
+                res = run_scene(scene_cfg, force=force, client=client)
         except PipelineError as exc:  # bad input: retrying does not help, but for transient failures
             outcome.error = str(exc)
             if getattr(exc, "transient", False) and attempt < cfg.retries:
@@ -234,7 +287,7 @@ def _rebuild_regional(cfg: RegionConfig, state: dict[str, Any], result: RegionRe
 
     merged_path = cfg.output.dir / f"{cfg.name}.gpkg"
     remove_stale_temporaries(merged_path)  # the region's lock is held
-    job = {o.scene_id for o in result.outcomes if o.status != "failed" and o.scene_id}
+    job = {o.scene_id for o in result.outcomes if o.status in ("completed", "skipped") and o.scene_id}
     layers = build_layers(completed_records(state["completed"]), job)
     write_regional_geopackage(layers, merged_path, region=cfg.name)
     result.merged, result.n_merged, result.n_new = merged_path, len(layers.landslides), len(layers.new_landslides)

@@ -44,7 +44,13 @@ from pipeline.run.cluster import RunCluster, local_threads
 from pipeline.run.intermediates import open_stored
 from pipeline.run.memory import check_worker_memory
 from pipeline.run.plan import ScenePlan, inference_block, make_plan, model_channels
-from pipeline.run.summary import StageTimer, inference_figures, log_processing_level, package_versions, processing_level
+from pipeline.run.summary import (
+    StageTimer,
+    inference_figures,
+    log_processing_level,
+    package_versions,
+    processing_level,
+)
 
 log = logging.getLogger(__name__)
 
@@ -185,14 +191,14 @@ def _infer(plan: ScenePlan, stack: Any, timer: StageTimer, cluster: RunCluster, 
     the count of valid pixels. A local cluster may still be starting while the graphs are built:
     the run waits for it right before it computes."""
     import dask
-    from postprocess.areas import OpenedSummaries
-    from postprocess.packed_mask import unpack_mask
 
     from pipeline.core.progress import before_first_compute
     from pipeline.inference.options import InferenceOptions
     from pipeline.inference.tiled import predict
     from pipeline.inference.write import write_prediction
     from pipeline.run.gpus import GPU_RESOURCE
+    from postprocess.areas import OpenedSummaries
+    from postprocess.packed_mask import unpack_mask
 
     grid, post = plan.grid, plan.cfg.postprocess
     # a GPU run's inference tasks (read, predict, blend, store) go to the GPU workers only
@@ -250,10 +256,9 @@ def _postprocess_and_write(plan: ScenePlan, stack: Any, inferred: _Inferred, tim
     This process mostly waits for the workers here: it makes the probability COG and reads the
     quicklook's background while the postprocessing runs, and the workers compute the mask raster
     while this process builds and merges the polygons. Returns the polygons."""
+    from pipeline.io.cog import cog_from_tiff, write_cog
     from postprocess.gpkg import write_geopackage
     from postprocess.raster_style import write_raster_styles
-
-    from pipeline.io.cog import cog_from_tiff, write_cog
 
     cfg, grid, run_dir = plan.cfg, plan.grid, plan.run_dir
     probability, uncertainty, layers = _stored_layers(plan, stack, inferred)

@@ -45,7 +45,7 @@ class PatchDataset(Dataset):  # type: ignore[type-arg]
         channels: Sequence[str],
         normalization: dict[str, object] | None,
         augmentation: Augmentation = NO_AUGMENTATION,
-        patch_format: PatchFormat = PatchFormat(),
+        patch_format: PatchFormat = PatchFormat(),  # noqa: B008 - frozen, shared safely
         seed: int = 0,
         cache: bool = True,
         require_masks: bool = True,
