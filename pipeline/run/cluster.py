@@ -186,6 +186,15 @@ def dask_client(section: DaskSection, imports: Sequence[str] = (), gpus: Sequenc
             raise ClusterError(
                 f"cannot reach the Dask scheduler at {section.scheduler} (dask.scheduler in the config): {exc}"
             ) from None
+        except TypeError as exc:  # distributed's words for a tls:// address without TLS settings
+            if not section.scheduler.startswith("tls://"):
+                raise
+            raise ClusterError(
+                f"cannot connect to the Dask scheduler at {section.scheduler}: no TLS settings for the client "
+                f"({exc}); give Dask's distributed.comm.tls.ca-file, .client.cert and .client.key (for example "
+                "DASK_DISTRIBUTED__COMM__TLS__CA_FILE, DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT and "
+                "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY): see docs/deployment.md"
+            ) from None
         try:
             yield client
         finally:
