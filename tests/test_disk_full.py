@@ -243,6 +243,38 @@ def test_a_run_that_fills_the_disk_leaves_the_earlier_run_as_it_was(demo: Path,
     assert proc.returncode == 0 and "already up to date" in proc.stdout, proc.stderr
 
 
+def test_a_region_night_on_a_full_disk_leaves_the_earlier_night_as_it_was(
+        demo: Path, small_disk: Callable[[str], Path]) -> None:
+    """A night of one scene completes; the next night, with a second scene, fills the disk: the job
+    stops there (every later scene would fail the same way) with one line naming the output folder,
+    and the earlier night's regional GeoPackage, report and run folder keep every byte; the state
+    records the failure."""
+    disk = small_disk("3600k")
+    first = _scene(demo, disk, "night-first")
+    second = demo.parent / "night-second.yaml"
+    second.write_text(first.read_text() + "postprocess:\n  min_area_m2: 400\n")
+    region = demo.parent / "night-region.yaml"
+    region.write_text(f"name: nights\nscenes: [{first}]\noutput:\n  dir: {disk}\n")
+    proc = _cli("region", str(region))
+    assert proc.returncode == 0, proc.stderr
+    before = {p.relative_to(disk): _sha(p) for p in disk.rglob("*") if p.is_file()}
+    assert {"nights.gpkg", "nights.region_state.json", "nights.report.html"} <= {p.name for p in before}
+    region.write_text(f"name: nights\nscenes: [{first}, {second}]\noutput:\n  dir: {disk}\n")
+    _fill(disk, 1_200_000)
+    proc = _cli("region", str(region))
+    assert proc.returncode != 0, proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and NO_SPACE in errors[0] and errors[0].startswith(f"error: {disk}"), proc.stderr
+    assert not _tracebacks(proc.stderr + proc.stdout), proc.stderr
+    after = {p.relative_to(disk): _sha(p) for p in disk.rglob("*") if p.is_file() and p.name != "filler"}
+    state = Path("nights.region_state.json")
+    assert {k: v for k, v in after.items() if k in before and k != state} == \
+        {k: v for k, v in before.items() if k != state}
+    assert _hidden(disk) == []
+    recorded = json.loads((disk / state).read_text())["scenes"][str(second)]
+    assert recorded["status"] == "failed" and NO_SPACE in recorded["error"]
+
+
 # -- each writer, in this process, on a disk with little room left --------------------------------
 def _grid(size: int) -> Grid:
     return Grid.from_bounds((500000, 4000000, 500000 + 10 * size, 4000000 + 10 * size), "EPSG:32633", 10)

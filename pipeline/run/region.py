@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import RegionConfig, SceneConfig, load_scene_config
-from pipeline.core.errors import OutputError, PipelineError
+from pipeline.core.errors import DiskFull, FileSizeLimit, OutputError, PipelineError
 from pipeline.run.products import Product
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,14 @@ class SceneOutcome:
     footprint: dict[str, Any] | None = None  # products: the footprint their metadata states (GeoJSON, lon/lat)
 
 
+class NightStopped(Exception):
+    """A scene failed in a way that stops the night (the output folder's disk is full)."""
+
+    def __init__(self, outcome: SceneOutcome, error: PipelineError) -> None:
+        super().__init__(str(error))
+        self.outcome, self.error = outcome, error
+
+
 @dataclass
 class _Work:
     """One scene of the night: a scene YAML file, or a product found (with the job's context)."""
@@ -170,13 +178,20 @@ def _run_scenes(cfg: RegionConfig, force: bool, client: Any) -> RegionResult:
     n = len(work)
     for i, item in enumerate(work, 1):
         log.info("[%d/%d] %s %s", i, n, "product" if item.product else "scene", item.source)
-        if item.product is not None:
-            assert jobs is not None
-            outcome = jobs.attempt(item.product, force, client, f"[{i}/{n}]")
-        else:
-            assert item.yaml is not None
-            outcome = _attempt_scene(lambda y=item.yaml: nullcontext(_scene_config_for_region(y, cfg)),
-                                     item.source, cfg, force, client, f"[{i}/{n}]")
+        try:
+            if item.product is not None:
+                assert jobs is not None
+                outcome = jobs.attempt(item.product, force, client, f"[{i}/{n}]")
+            else:
+                assert item.yaml is not None
+                outcome = _attempt_scene(lambda y=item.yaml: nullcontext(_scene_config_for_region(y, cfg)),
+                                         item.source, cfg, force, client, f"[{i}/{n}]")
+        except NightStopped as stop:  # recorded where there is room for it; the regional layers stay
+            log.error("%s %s failed: %s; the night stops", f"[{i}/{n}]", item.source, stop.error)
+            state["scenes"][item.source] = stop.outcome.__dict__
+            with suppress(OSError):
+                write_json_atomic(state_file, state)
+            raise stop.error from None
         result.outcomes.append(outcome)
         state["scenes"][item.source] = outcome.__dict__
         if outcome.status != "failed" and outcome.geopackage:
@@ -210,6 +225,9 @@ def _attempt_scene(scene: Callable[[], AbstractContextManager[SceneConfig]], sou
                 res = run_scene(scene_cfg, force=force, client=client)
         except PipelineError as exc:  # bad input: retrying does not help, but for transient failures
             outcome.error = str(exc)
+            if isinstance(exc, (DiskFull, FileSizeLimit)):  # every later scene would meet it too
+                outcome.seconds = round(time.perf_counter() - t0, 3)
+                raise NightStopped(outcome, exc) from None
             if getattr(exc, "transient", False) and attempt < cfg.retries:
                 log.warning("%s %s failed (%s); retrying", tag, scene_yaml, exc)
                 continue
