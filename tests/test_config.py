@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from pipeline.core.config import load_region_config, load_scene_config
+from pipeline.core.config import load_scene_config
 from pipeline.core.errors import ConfigError
+from pipeline.core.region_config import load_region_config
 
 MINIMAL = """\
 scene:

@@ -112,7 +112,7 @@ def test_examples_cover_every_kind() -> None:
 
 
 def test_every_template_is_named_by_a_region_and_loads() -> None:
-    from pipeline.core.config import load_region_config
+    from pipeline.core.region_config import load_region_config
     from pipeline.core.template import load_template
 
     named = {load_region_config(p).template for p in EXAMPLES if _kind(load_yaml(p)) == "region"}

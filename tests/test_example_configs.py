@@ -11,7 +11,8 @@ import pyogrio
 import pytest
 from conftest import ROOT
 
-from pipeline.core.config import load_region_config, load_scene_config
+from pipeline.core.config import load_scene_config
+from pipeline.core.region_config import load_region_config
 from pipeline.run.scene import run_scene
 
 SCENE_CONFIGS = ["slovenia.yaml", "iburi_2018.yaml"]

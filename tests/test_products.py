@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core.config import load_region_config
 from pipeline.core.errors import ConfigError, InputError
+from pipeline.core.region_config import load_region_config
 from pipeline.demo.product_layers import scene_layers, scene_summary
 from pipeline.demo.safe_writer import write_safe
 from pipeline.demo.scene import make_scene
@@ -128,7 +128,7 @@ def test_products_are_found_and_skipped_with_their_reasons(incoming: Path) -> No
 
 
 def test_a_window_of_the_last_days_ends_today_or_at_end(tmp_path: Path) -> None:
-    from pipeline.core.config import ProductSearch
+    from pipeline.core.region_config import ProductSearch
 
     search = ProductSearch(paths=[tmp_path], last_days=3)
     assert search.window(dt.date(2026, 12, 8)) == (dt.date(2026, 12, 6), dt.date(2026, 12, 8))

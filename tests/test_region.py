@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT
 
 from pipeline.core.channels import L4S_CHANNELS
-from pipeline.core.config import load_region_config
+from pipeline.core.region_config import load_region_config
 from pipeline.model.artefact import save_artefact
 from pipeline.model.registry import build_model
 from pipeline.run.region import run_region, state_path
@@ -301,3 +301,31 @@ def test_a_second_job_of_the_same_region_refuses_while_the_first_runs(tmp_path: 
     with region_lock(cfg):  # released by the first holder: the next job may run
         pass
     assert not list((tmp_path / "out").glob("*.region_state.json"))
+
+
+def test_two_scenes_in_flight_give_the_layers_of_one_at_a_time(region: Path, tmp_path: Path) -> None:
+    """With scenes_in_flight: 2 the two demo scenes run at the same time on the 2 workers, and the
+    regional layers are those of the same night run one scene at a time."""
+    import datetime as dt
+
+    import geopandas as gpd
+
+    layers = {}
+    outcomes = {}
+    for width in (1, 2):
+        out = tmp_path / f"out{width}"
+        text = region.read_text().replace(f"  dir: {region.parent / 'out'}\n", f"  dir: {out}\n")
+        config = tmp_path / f"region{width}.yaml"
+        config.write_text(text + f"scenes_in_flight: {width}\n")
+        result = run_region(load_region_config(config))
+        outcomes[width] = [o for o in result.outcomes if o.status == "completed"]
+        assert len(outcomes[width]) == 2 and len(result.failed) == 1
+        frame = gpd.read_file(result.merged, layer="landslides").drop(columns=["run_id"])
+        layers[width] = frame.sort_values("landslide_id").reset_index(drop=True)
+    spans = [(dt.datetime.fromisoformat(o.started), o.seconds) for o in outcomes[2]]
+    (a, sa), (b, sb) = spans
+    assert a < b + dt.timedelta(seconds=sb) and b < a + dt.timedelta(seconds=sa), spans  # they overlapped
+    (c, sc), (d, _) = [(dt.datetime.fromisoformat(o.started), o.seconds) for o in outcomes[1]]
+    assert d >= c + dt.timedelta(seconds=sc)  # one after the other
+    assert layers[1].drop(columns="geometry").equals(layers[2].drop(columns="geometry"))
+    assert layers[1].geometry.to_wkb().tolist() == layers[2].geometry.to_wkb().tolist()

@@ -18,7 +18,7 @@ import pyogrio
 import pytest
 from conftest import ROOT
 
-from pipeline.core.config import load_region_config
+from pipeline.core.region_config import load_region_config
 from pipeline.demo.product_layers import scene_layers, scene_summary
 from pipeline.demo.safe_writer import write_safe
 from pipeline.demo.scene import make_scene

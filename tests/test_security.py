@@ -21,10 +21,11 @@ import rasterio
 import yaml
 from small_scene import X0, Y0, write_raster, write_scene
 
-from pipeline.core.config import load_region_config, load_scene_config
+from pipeline.core.config import load_scene_config
 from pipeline.core.configbase import scene_id_from_name
 from pipeline.core.errors import ConfigError, InputError
 from pipeline.core.grid import Grid
+from pipeline.core.region_config import load_region_config
 from pipeline.io.allow_list import VrtPolicy
 from pipeline.io.dem import open_dem, open_slope
 from pipeline.io.gdal import GDAL_SAFETY_OPTIONS

@@ -5,7 +5,7 @@ writes
 
 * ``docs/configuration.md``: every section and key of ``scene.yaml``
   (:class:`pipeline.core.config.SceneConfig`), ``region.yaml``
-  (:class:`pipeline.core.config.RegionConfig`) and the training YAML
+  (:class:`pipeline.core.region_config.RegionConfig`) and the training YAML
   (:class:`pipeline.training.config.TrainConfig`) with its type, default and the
   ``Field`` description of the model (empty where the model has none);
 * ``docs/schema/{scene,region,train}.schema.json``: ``Model.model_json_schema()``
@@ -36,7 +36,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
-from pipeline.core.config import RegionConfig, SceneConfig
+from pipeline.core.config import SceneConfig
+from pipeline.core.region_config import RegionConfig
 
 REGENERATE = "python -m pipeline config-docs --out docs/"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]

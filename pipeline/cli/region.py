@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import RegionConfig, load_region_config
 from pipeline.core.errors import InputError, OutputError
+from pipeline.core.region_config import RegionConfig, load_region_config
 from pipeline.run.region import region_running, run_region, state_path
 
 

@@ -23,8 +23,9 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pipeline.core.config import RegionConfig, SceneConfig
+from pipeline.core.config import SceneConfig
 from pipeline.core.errors import InputError, OutputError
+from pipeline.core.region_config import RegionConfig
 from pipeline.run.products import Product
 
 log = logging.getLogger(__name__)

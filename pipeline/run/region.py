@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import RegionConfig, SceneConfig, load_scene_config
+from pipeline.core.config import SceneConfig, load_scene_config
 from pipeline.core.errors import DiskFull, FileSizeLimit, OutputError, PipelineError
+from pipeline.core.region_config import RegionConfig
 from pipeline.run.products import Product
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class SceneOutcome:
     reason: str | None = None  # why a product found was not used
     sensing: str | None = None  # products: the sensing time (ISO 8601)
     footprint: dict[str, Any] | None = None  # products: the footprint their metadata states (GeoJSON, lon/lat)
+    started: str | None = None  # when its run started (ISO 8601, UTC)
 
 
 class NightStopped(Exception):
@@ -163,6 +165,7 @@ def run_region(cfg: RegionConfig, *, force: bool = False, client: Any = None) ->
 def _run_scenes(cfg: RegionConfig, force: bool, client: Any) -> RegionResult:
     """Run the region's scenes on ``client``, record each outcome, rebuild the regional layers."""
     from pipeline.run.folder import write_json_atomic
+    from pipeline.run.in_flight import for_each_in_flight, scenes_in_flight
     from pipeline.run.region_products import ProductJobs, night_work
 
     result = RegionResult()
@@ -176,29 +179,46 @@ def _run_scenes(cfg: RegionConfig, force: bool, client: Any) -> RegionResult:
         state["scenes"][outcome.config] = outcome.__dict__
     jobs = ProductJobs(cfg, state["completed"]) if cfg.products is not None else None
     n = len(work)
-    for i, item in enumerate(work, 1):
+
+    def run_item(i: int, item: _Work) -> SceneOutcome | NightStopped:
         log.info("[%d/%d] %s %s", i, n, "product" if item.product else "scene", item.source)
         try:
             if item.product is not None:
                 assert jobs is not None
-                outcome = jobs.attempt(item.product, force, client, f"[{i}/{n}]")
-            else:
-                assert item.yaml is not None
-                outcome = _attempt_scene(lambda y=item.yaml: nullcontext(_scene_config_for_region(y, cfg)),
-                                         item.source, cfg, force, client, f"[{i}/{n}]")
-        except NightStopped as stop:  # recorded where there is room for it; the regional layers stay
-            log.error("%s %s failed: %s; the night stops", f"[{i}/{n}]", item.source, stop.error)
-            state["scenes"][item.source] = stop.outcome.__dict__
+                return jobs.attempt(item.product, force, client, f"[{i}/{n}]")
+            assert item.yaml is not None
+            return _attempt_scene(lambda y=item.yaml: nullcontext(_scene_config_for_region(y, cfg)),
+                                  item.source, cfg, force, client, f"[{i}/{n}]")
+        except NightStopped as stop:
+            return stop
+
+    stopped: list[PipelineError] = []
+    finished: dict[int, SceneOutcome] = {}
+
+    def record(i: int, item: _Work, outcome: SceneOutcome | NightStopped) -> bool:
+        if isinstance(outcome, NightStopped):  # recorded where there is room; the regional layers stay
+            log.error("[%d/%d] %s failed: %s; the night stops", i, n, item.source, outcome.error)
+            state["scenes"][item.source] = outcome.outcome.__dict__
+            stopped.append(outcome.error)
             with suppress(OSError):
                 write_json_atomic(state_file, state)
-            raise stop.error from None
-        result.outcomes.append(outcome)
+            return False
+        finished[i] = outcome
         state["scenes"][item.source] = outcome.__dict__
         if outcome.status != "failed" and outcome.geopackage:
             record_run(state["completed"], outcome, state["started"])
             if jobs is not None and item.product is not None:
                 jobs.remember(item.product, outcome)
         write_json_atomic(state_file, state)
+        return True
+
+    width = scenes_in_flight(cfg.scenes_in_flight, client)
+    if width > 1:
+        log.info("region %s: up to %d scenes in flight", cfg.name, width)
+    for_each_in_flight(work, run_item, width, record)
+    if stopped:
+        raise stopped[0]
+    result.outcomes += [finished[i] for i in sorted(finished)]
 
     if completed_records(state["completed"]):
         _rebuild_regional(cfg, state, result)
@@ -216,7 +236,7 @@ def _attempt_scene(scene: Callable[[], AbstractContextManager[SceneConfig]], sou
     from pipeline.run.scene import run_scene
 
     scene_yaml = source
-    outcome = SceneOutcome(config=source, status="failed")
+    outcome = SceneOutcome(config=source, status="failed", started=dt.datetime.now(dt.UTC).isoformat())
     t0 = time.perf_counter()
     for attempt in range(cfg.retries + 1):
         outcome.attempts = attempt + 1

@@ -13,8 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import RegionConfig, SceneConfig
+from pipeline.core.config import SceneConfig
 from pipeline.core.errors import PipelineError
+from pipeline.core.region_config import RegionConfig
 from pipeline.run.products import Filters, Product, find_products
 from pipeline.run.region import SceneOutcome, _attempt_scene, _Work
 
