@@ -450,37 +450,30 @@ SUMMARY_PARAMS = {
 }
 
 
-def record_passes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Names of the block functions of the passes :func:`clean_objects` makes from now on."""
-    import postprocess.areas as areas
-    import postprocess.objects as objects
+class CountComputations:
+    """Counts the computations dask's local schedulers start (``dask.callbacks.Callback``): each
+    pass of the cleaning steps over the mask's blocks is one computation."""
 
-    seen: list[str] = []
-    original = areas.run_blocks
+    def __init__(self) -> None:
+        from dask.callbacks import Callback
 
-    def recording(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        seen.append(fn.__name__)
-        return original(fn, *args, **kwargs)
+        self.count = 0
+        self._callback = Callback(start=self._started)
 
-    for module in (areas, objects):  # the size and hole passes, and the final one
-        monkeypatch.setattr(module, "run_blocks", recording)
-    return seen
+    def _started(self, dsk) -> None:  # noqa: ANN001
+        self.count += 1
 
+    def __enter__(self) -> CountComputations:
+        self._callback.__enter__()
+        return self
 
-def _with_summaries(prob, valid, grid, params, chunks, summary_chunks=None):  # noqa: ANN001, ANN202
-    p = da.from_array(prob, chunks=summary_chunks or chunks)
-    v = da.from_array(valid, chunks=summary_chunks or chunks)
-    opened = opened_mask(p, v, grid, params, 0.5)
-    opened_np, computed = dask.compute(opened, opened_summaries(opened, v))
-    summaries = OpenedSummaries.collect(opened.chunks, computed)
-    opened = da.from_array(opened_np, chunks=summary_chunks or chunks)
-    return clean_objects(da.from_array(prob, chunks=chunks), da.from_array(valid, chunks=chunks), grid, params,
-                         threshold=0.5, opened=OpenedMask(opened, summaries))
+    def __exit__(self, *exc: object) -> None:
+        self._callback.__exit__(*exc)
 
 
 @pytest.mark.parametrize("case", list(SUMMARY_PARAMS))
 def test_size_and_hole_steps_from_the_opened_masks_summaries_equal_their_passes(
-        nepal_scene, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+        nepal_scene, case: str) -> None:
     """Summaries made with the opened mask give the same objects, statistics and mask; a step that
     changes nothing makes no pass over the mask, one that removes objects redoes the hole step's
     summaries on the smaller mask."""
@@ -489,20 +482,27 @@ def test_size_and_hole_steps_from_the_opened_masks_summaries_equal_their_passes(
     chunks = (64, 77)
     expected = reference_labels(s["prob"], s["valid"], s["grid"], params, 0.5)
     assert expected.max() > 10
-    passes = record_passes(monkeypatch)
-    objects = _with_summaries(s["prob"], s["valid"], s["grid"], params, chunks)
+    p = da.from_array(s["prob"], chunks=chunks)
+    v = da.from_array(s["valid"], chunks=chunks)
+    opened = opened_mask(p, v, s["grid"], params, 0.5)
+    opened_np, computed = dask.compute(opened, opened_summaries(opened, v))
+    given = OpenedMask(da.from_array(opened_np, chunks=chunks), OpenedSummaries.collect(opened.chunks, computed))
+    with CountComputations() as passes:
+        objects = clean_objects(p, v, s["grid"], params, threshold=0.5, opened=given)
     np.testing.assert_array_equal(objects.labels.compute(), expected)
     np.testing.assert_array_equal(objects.mask.compute(), expected > 0)
-    made = list(passes)
     plain = clean_objects(da.from_array(s["prob"], chunks=chunks), da.from_array(s["valid"], chunks=chunks),
                           s["grid"], params, threshold=0.5)
     assert plain.stats.keys() == objects.stats.keys()
     for name in plain.stats:
         np.testing.assert_array_equal(plain.stats[name], objects.stats[name], err_msg=name)
-    # what each case does to the opened mask decides which passes remain
-    expected_passes = {"removes and fills": ["_background", "_final_block"], "changes nothing": ["_final_block"],
-                       "fills only": ["_final_block"], "removes only": ["_final_block"]}[case]
-    assert made == expected_passes, made
+    # what each case does to the opened mask decides which computations remain: the final labelling
+    # alone when the steps change nothing; the hole step's summaries again when the size step removed
+    # objects; the changed mask's own computation when a step changed it
+    assert passes.count == {"removes and fills": 3, "changes nothing": 1, "fills only": 2, "removes only": 2}[case]
+    with CountComputations() as without:  # without the summaries: a pass for each step that runs
+        clean_objects(p, v, s["grid"], params, threshold=0.5)
+    assert without.count >= passes.count + 2  # the size and hole steps' passes, saved
 
 
 def test_the_cases_do_what_their_names_say(nepal_scene) -> None:
@@ -519,13 +519,22 @@ def test_the_cases_do_what_their_names_say(nepal_scene) -> None:
                                     "fills only": (False, True), "removes only": (True, False)}[case], case
 
 
-def test_summaries_in_other_chunks_are_not_used(nepal_scene, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_summaries_in_other_chunks_are_not_used(nepal_scene) -> None:
     s = nepal_scene
     expected = reference_labels(s["prob"], s["valid"], s["grid"], PARAMS, 0.5)
-    passes = record_passes(monkeypatch)
-    objects = _with_summaries(s["prob"], s["valid"], s["grid"], PARAMS, (64, 77), summary_chunks=(100, 90))
+    chunks, other = (64, 77), (100, 90)
+    p, v = da.from_array(s["prob"], chunks=chunks), da.from_array(s["valid"], chunks=chunks)
+    opened_other = opened_mask(da.from_array(s["prob"], chunks=other), da.from_array(s["valid"], chunks=other),
+                               s["grid"], PARAMS, 0.5)
+    computed = opened_summaries(opened_other, da.from_array(s["valid"], chunks=other)).compute()
+    summaries = OpenedSummaries.collect(opened_other.chunks, computed)
+    mask = da.from_array(opened_other.compute(), chunks=chunks)
+    with CountComputations() as passes:
+        objects = clean_objects(p, v, s["grid"], PARAMS, threshold=0.5, opened=OpenedMask(mask, summaries))
     np.testing.assert_array_equal(objects.labels.compute(), expected)
-    assert passes == ["_object_sizes", "_background", "_final_block"]
+    with CountComputations() as without:
+        clean_objects(p, v, s["grid"], PARAMS, threshold=0.5, opened=OpenedMask(mask, None))
+    assert passes.count == without.count  # every pass made, as without summaries
 
 
 def test_summaries_must_match_their_layout() -> None:
