@@ -23,6 +23,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
+from pipeline.core.arrays import as_dask
 from pipeline.core.config import PostprocessSection
 from postprocess.label_stats import border_labels, pixel_stats
 from postprocess.labels import (
@@ -30,7 +31,6 @@ from postprocess.labels import (
     BlockSummary,
     Components,
     apply_block_luts,
-    as_dask,
     block_tasks,
     faces_of,
     label_local,

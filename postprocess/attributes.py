@@ -34,9 +34,10 @@ import shapely
 from pyproj import Transformer
 from rasterio.crs import CRS
 
+from pipeline.core.arrays import as_dask
 from pipeline.core.grid import Grid
 from postprocess.label_stats import pixel_stats, reduce_by, stat_max, stat_mean
-from postprocess.labels import BlockLayout, as_dask
+from postprocess.labels import BlockLayout
 
 #: Attribute columns and their pandas dtypes, in output order.
 COLUMNS: dict[str, str] = {

@@ -279,16 +279,6 @@ def apply_block_luts(
     return da.block(rows)
 
 
-def as_dask(array: Any, chunks: tuple[tuple[int, ...], ...]) -> da.Array:
-    """``array`` (dask, xarray or numpy) as a dask array in ``chunks``."""
-    data = getattr(array, "data", array)
-    if not isinstance(data, da.Array):
-        data = da.from_array(np.asarray(data), chunks=chunks)
-    if data.chunks != chunks:
-        data = data.rechunk(chunks)
-    return data
-
-
 def order_by_first_pixel(first: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """Global ids 1..N for kept components in row-major order of their first pixel; 0 elsewhere."""
     ids = np.zeros(first.size, dtype=np.int32)

@@ -29,6 +29,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
+from pipeline.core.arrays import as_dask
 from pipeline.core.config import PostprocessSection
 from pipeline.core.grid import Grid
 from postprocess import morphology
@@ -39,7 +40,6 @@ from postprocess.labels import (
     BlockSummary,
     Components,
     apply_block_luts,
-    as_dask,
     faces_of,
     label_local,
     order_by_first_pixel,

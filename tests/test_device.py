@@ -230,3 +230,23 @@ def test_uploads_and_streams_are_free_on_the_cpu() -> None:
     assert t.data_ptr() == a.ctypes.data  # shared, not copied
     with device_stream(torch.device("cpu")):
         assert upload(a, torch.device("cpu")).sum() == a.sum()
+
+
+def test_auto_batch_size_on_a_gpu_shares_the_memory_among_the_threads(monkeypatch) -> None:
+    """Each thread of a GPU worker runs its own batch: the auto batch size divides the budget (half
+    the free memory) by the threads, so that they do not all run out of memory at once."""
+    import torch
+
+    gib = 1024**3
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * gib, 80 * gib))
+    cuda = torch.device("cuda")
+    one = auto_batch_size(cuda, 256, threads=1)
+    four = auto_batch_size(cuda, 256, threads=4)
+    assert one > 4 and four == pytest.approx(one / 4, abs=1)
+
+
+def test_the_runtime_counts_the_threads_of_its_worker(client) -> None:
+    from pipeline.inference.runtime import worker_threads
+
+    assert worker_threads() == 1  # not in a worker
+    assert client.submit(worker_threads, pure=False).result() == 2  # the module's worker has 2 threads

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +252,17 @@ def test_weight_average_is_what_training_keeps(shared_data: Path, tmp_path: Path
 
     assert dist(strong, init) < 0.7 * dist(plain, init)
     assert dist(strong, plain) > 0
+
+
+def test_data_loader_workers_on_each_device() -> None:
+    """auto: none on the CPU (they would compete with the model for the cores), up to 4 on a GPU,
+    one core left to the training process; an explicit number is kept."""
+    import torch
+
+    from pipeline.training.fit import loader_workers
+
+    assert loader_workers("auto", torch.device("cpu")) == 0
+    assert loader_workers("auto", torch.device("mps")) == 0
+    on_gpu = loader_workers("auto", torch.device("cuda"))
+    assert 1 <= on_gpu <= 4 and on_gpu <= max(1, (os.cpu_count() or 2) - 1)
+    assert loader_workers(3, torch.device("cpu")) == 3 and loader_workers(0, torch.device("cuda")) == 0

@@ -124,7 +124,8 @@ def runtime_for(opts: InferenceOptions, tile: int) -> Runtime:
             device = resolve_device(opts.device)
             precision = resolve_precision(opts.precision, device)
             cl = use_channels_last(device, precision) if opts.channels_last == "auto" else bool(opts.channels_last)
-            size = opts.batch_size if opts.batch_size != "auto" else auto_batch_size(device, tile)
+            size = opts.batch_size if opts.batch_size != "auto" else \
+                auto_batch_size(device, tile, threads=worker_threads())
             rt = Runtime(device, precision, cl, BatchLimit(int(size)))
             _RUNTIMES[key] = rt
             if device.type == "cuda":
@@ -134,6 +135,16 @@ def runtime_for(opts: InferenceOptions, tile: int) -> Runtime:
             torch.set_num_threads(opts.torch_threads)
             _THREADS_SET.add(os.getpid())
         return rt
+
+
+def worker_threads() -> int:
+    """The threads of the Dask worker this runs in (each may run the model at once); 1 elsewhere."""
+    try:
+        from distributed import get_worker
+
+        return max(1, int(get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):  # not in a worker
+        return 1
 
 
 def module_for(ref: ModelRef, rt: Runtime) -> torch.nn.Module:

@@ -35,6 +35,7 @@ import numpy as np
 import xarray as xr
 from rasterio.windows import Window
 
+from pipeline.core.arrays import as_dask
 from pipeline.core.errors import ConfigError, GridError, InputError
 from pipeline.core.grid import Grid
 from pipeline.inference.blocks import (
@@ -94,10 +95,10 @@ def predict(
     _check_shapes(data, valid, grid)
     bands = [str(b) for b in data.coords["band"].values] if "band" in data.coords else []
     plan, used, block = _block_plan(models, opts, grid, bands, keep, level, coarse)
-    x = _as_dask(data, (-1, block, block))
+    x = as_dask(data, (-1, block, block), rechunk=False)
     x = x[used] if used != list(range(x.shape[0])) else x
     _check_reader(reader, data, bands)
-    v = None if valid is None else _as_dask(valid, (block, block))
+    v = None if valid is None else as_dask(valid, (block, block), rechunk=False)
     v = v if v is None or v.dtype == bool else v.astype(bool)
     token = _token(plan, data, da.ones(grid.shape, chunks=(block, block), dtype=bool) if valid is None else valid.data)
     graph = _BlockGraph(plan, _Inputs(x, v, reader, used), block_spans(grid.height, block),
@@ -327,13 +328,6 @@ def _finish_block(n_out: int, owned: BlockResult, reread: tuple[WindowReader, li
 def _coarse_of(owned: BlockResult) -> np.ndarray:
     assert owned.coarse is not None
     return owned.coarse
-
-
-def _as_dask(arr: xr.DataArray, chunks: tuple[int, ...]) -> da.Array:
-    data = arr.data
-    if isinstance(data, da.Array):
-        return data
-    return da.from_array(np.asarray(data), chunks=chunks)
 
 
 def _copied(arr: da.Array) -> da.Array:

@@ -35,6 +35,7 @@ import xarray as xr
 from rasterio.errors import RasterioError
 
 from pipeline.core import fsutil
+from pipeline.core.arrays import as_dask
 from pipeline.core.errors import OutputError
 from pipeline.core.grid import Grid
 from pipeline.core.progress import about_to_compute, compute
@@ -51,9 +52,7 @@ DEFLATE_LEVEL = 1
 
 
 def _as_dask(arr: xr.DataArray | da.Array | np.ndarray, grid: Grid) -> da.Array:
-    data = arr.data if isinstance(arr, xr.DataArray) else arr
-    if not isinstance(data, da.Array):
-        data = da.from_array(np.asarray(data), chunks=(-1,) * (np.ndim(data) - 2) + (2048, 2048))
+    data = as_dask(arr, (-1,) * (np.ndim(getattr(arr, "data", arr)) - 2) + (2048, 2048), rechunk=False)
     if data.ndim not in (2, 3):
         raise OutputError(f"write_cog expects (band, y, x) or (y, x), got {data.ndim} dimensions")
     if tuple(data.shape[-2:]) != grid.shape:

@@ -142,8 +142,9 @@ def autocast(device: torch.device, precision: Precision) -> Iterator[None]:
         yield
 
 
-def auto_batch_size(device: torch.device, tile: int, in_channels: int = 14) -> int:
-    """A sensible batch size: from free memory on CUDA, a fixed small batch elsewhere."""
+def auto_batch_size(device: torch.device, tile: int, in_channels: int = 14, threads: int = 1) -> int:
+    """A sensible batch size: on CUDA from half the free memory, shared by the ``threads`` that may
+    run the model at once (each holds its own batch's activations); a fixed small batch elsewhere."""
     pixels = tile * tile
     if device.type == "cuda":
         try:
@@ -151,7 +152,7 @@ def auto_batch_size(device: torch.device, tile: int, in_channels: int = 14) -> i
         except RuntimeError:  # pragma: no cover - driver without mem_get_info
             free = 4 * 1024**3
         per_sample = pixels * (_CUDA_BYTES_PER_PIXEL + 8 * in_channels)
-        return int(max(1, min(_MAX_AUTO_BATCH, (0.5 * free) // per_sample)))
+        return int(max(1, min(_MAX_AUTO_BATCH, (0.5 * free / max(1, threads)) // per_sample)))
     return int(max(1, min(_MAX_AUTO_BATCH, CPU_AUTO_BATCH * (128 * 128) // pixels)))
 
 

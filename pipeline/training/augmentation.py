@@ -105,7 +105,7 @@ def augment(
             valid = np.rot90(valid, k, axes=(-2, -1))
     image = np.ascontiguousarray(image, dtype=np.float32)
     if cfg.noise_std > 0:
-        noise = rng.normal(0.0, cfg.noise_std, size=image.shape).astype(np.float32)
+        noise = rng.standard_normal(image.shape, dtype=np.float32) * np.float32(cfg.noise_std)
         image = image + noise * valid[None]
     return image, np.ascontiguousarray(mask), np.ascontiguousarray(valid)
 

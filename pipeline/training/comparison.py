@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from pipeline.core import fsutil
-from pipeline.core.errors import OutputError
 
 TABLE_COLUMNS = ("name", "kind", "protocol", "channels", "threshold", "precision", "recall", "f1", "iou",
                  "f1_per_patch", "patches", "note")
@@ -80,15 +78,7 @@ def csv_table(rows: Sequence[Row]) -> str:
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = fsutil.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write: {exc}") from None
+    fsutil.write_atomic(path, text.encode("utf-8"))
 
 
 def _jsonable(value: Any) -> Any:

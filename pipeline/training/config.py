@@ -155,8 +155,19 @@ class TrainConfig(Strict):
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: bool = Field(False, description="mixed precision on CUDA")
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | Literal["auto"] = Field(
+        "auto",
+        description="data loader processes: auto = none on the CPU (the patches are held in memory), up to 4 "
+        "on a GPU so that augmentation keeps up with it; 0 = in the training process",
+    )
     output: OutputSection
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"must be 0 or more, or 'auto', got {value}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

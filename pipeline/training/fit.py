@@ -66,6 +66,16 @@ def training_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def loader_workers(setting: int | str, device: torch.device) -> int:
+    """Data loader processes for ``setting`` on ``device`` (``auto``: 0 on the CPU, where they would
+    compete with the model for the cores; on a GPU up to 4, leaving a core to the training process)."""
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
 def build_network(cfg: TrainConfig) -> nn.Module:
     """The untrained network of the config's ``model`` section (one output channel)."""
     from pipeline.model.registry import build_model
@@ -158,7 +168,9 @@ def _start_run(cfg: TrainConfig, train_ds: PatchDataset, seed: int, schedule_epo
         batch_size=cfg.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
-        num_workers=cfg.num_workers,
+        # not persistent: each epoch's workers get the dataset with that epoch's augmentation draw
+        num_workers=loader_workers(cfg.num_workers, device),
+        pin_memory=device.type == "cuda",
         drop_last=len(train_ds) > cfg.batch_size and len(train_ds) % cfg.batch_size == 1,
     )
     use_amp = cfg.amp and device.type == "cuda"
@@ -175,11 +187,14 @@ def _train_epoch(run: _Run) -> float:
     import torch
 
     run.module.train()
-    total, count = 0.0, 0
+    # the loss summed on the device: read once per epoch, not once per step (each read waits for the GPU)
+    total = torch.zeros((), dtype=torch.float32 if run.device.type == "mps" else torch.float64, device=run.device)
+    count = 0
+    async_copy = run.device.type == "cuda"  # from pinned batches: the copy overlaps the previous step's work
     for batch in run.loader:
-        x = batch["image"].to(run.device)
-        y = batch["mask"].to(run.device)
-        v = batch["valid"].to(run.device)
+        x = batch["image"].to(run.device, non_blocking=async_copy)
+        y = batch["mask"].to(run.device, non_blocking=async_copy)
+        v = batch["valid"].to(run.device, non_blocking=async_copy)
         run.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(run.device.type, enabled=run.use_amp):
             logits = run.module(x)
@@ -189,9 +204,9 @@ def _train_epoch(run: _Run) -> float:
         run.scaler.update()
         if run.ema is not None:
             run.ema.update_parameters(run.module)
-        total += float(loss.detach()) * x.shape[0]
+        total += loss.detach().to(total.dtype) * x.shape[0]
         count += x.shape[0]
-    return total / max(count, 1)
+    return float(total) / max(count, 1)
 
 
 def _validate(run: _Run, val: tuple[np.ndarray, np.ndarray, np.ndarray], batch_size: int,

@@ -124,10 +124,11 @@ def _final_threshold(
 ) -> tuple[float, dict[str, Any], dict[str, Any]]:
     """The final model's threshold (``cv.final_threshold``), the policy record, and the model's
     fit on its own training patches (a sanity figure, not a score)."""
+    device = training_device(cfg.device)
     module = build_network(cfg)
     module.load_state_dict(state)
     x, y, v = dataset.subset(range(len(dataset)), NO_AUGMENTATION).arrays()
-    final_prob = predict_probabilities(module, x)
+    final_prob = predict_probabilities(module.to(device), x, cfg.batch_size, device)
     share = float((cv.oof_prob[cv.valid] >= cv.threshold).mean())
     threshold = cv.threshold
     if cfg.cv.final_threshold == "match_share":
