@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -86,6 +87,7 @@ def jobs(size: int, per_night: int, work: Path) -> None:
     print("| worker processes | command | wall time | peak RSS, process tree | largest worker |")
     print("|---|---|---|---|---|")
     for workers in (1, 2):
+        shutil.rmtree(work / f"out_{workers}", ignore_errors=True)  # night 1 starts from nothing
         for what, day in (("night 1", NIGHTS[0]), ("night 2 (new products only)", NIGHTS[1]),
                           ("night 2 again (nothing to do)", NIGHTS[1])):
             figures = _command(_region(work, incoming, dem, workers, day))

@@ -167,3 +167,24 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(nights, 
         write_regional_geopackage(layers, path, region="r")
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["T33_20240501", "T33_20240506", "r.gpkg"]
+
+
+def test_a_recorded_run_whose_geopackage_changed_is_left_out(nights, caplog) -> None:
+    """The rebuild reads only what the runs wrote: a GeoPackage that is no longer the bytes its
+    report.json records (edited, cut short) leaves its run out, with a warning, instead of
+    failing the night or merging what someone changed."""
+    from pipeline.core.fsutil import file_record
+
+    for rec in nights:  # the reports record their outputs, as a real run's do
+        run_dir, gpkg = Path(rec["run_dir"]), Path(rec["geopackage"])
+        report = json.loads((run_dir / "report.json").read_text())
+        report["output_files"] = {gpkg.name: file_record(gpkg), "probability.tif": file_record(run_dir / "probability.tif")}
+        (run_dir / "report.json").write_text(json.dumps(report))
+    both = build_layers(nights, [])
+    assert set(both.landslides["scene_ids"].str.split(",").explode()) == {"T33_20240501", "T33_20240506"}
+    with open(nights[1]["geopackage"], "ab") as fh:
+        fh.write(b"\0" * 4096)
+    with caplog.at_level("WARNING"):
+        first_only = build_layers(nights, [])
+    assert set(first_only.landslides["scene_ids"]) == {"T33_20240501"}
+    assert "is not what its report.json records" in caplog.text

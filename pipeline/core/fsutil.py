@@ -230,6 +230,20 @@ def write_failure(path: str | os.PathLike[str], detail: str, exc: BaseException 
     return OutputError(f"{path}: {what} ({detail})")
 
 
+def _sync_folder(folder: Path) -> None:
+    """Flush a rename in ``folder`` to the disk (best effort: not every file system can)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def folder_failure(exc: OSError, path: str | os.PathLike[str], message: str) -> OutputError:
     """The error for ``exc``, raised while preparing to write ``path`` (creating its folder or a
     temporary file): :func:`write_failure`'s when the device is full, else ``message``."""
@@ -241,7 +255,8 @@ def folder_failure(exc: OSError, path: str | os.PathLike[str], message: str) -> 
 def write_atomic(path: str | os.PathLike[str], data: bytes, *, prefix: str | None = None,
                  suffix: str = ".tmp") -> None:
     """Write ``data`` to a temporary file beside ``path``, check that the file holds all of it,
-    and rename it into place. Raises :class:`~pipeline.core.errors.DiskFull`,
+    flush it to the disk (``fsync``: after a power cut ``path`` holds the old or the new bytes, not
+    an empty file), and rename it into place. Raises :class:`~pipeline.core.errors.DiskFull`,
     :class:`~pipeline.core.errors.FileSizeLimit` or :class:`~pipeline.core.errors.OutputError` (see
     :func:`write_failure`); then the temporary file is gone and ``path`` untouched."""
     path = Path(path)
@@ -257,10 +272,12 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, prefix: str | Non
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
+                os.fsync(fh.fileno())
                 size = os.fstat(fh.fileno()).st_size
             if size != len(data):
                 raise WriteCheckFailed(f"the file holds {size} of the {len(data)} bytes written")
             os.replace(tmp, path)
+            _sync_folder(path.parent)
         except (OSError, WriteCheckFailed) as exc:
             failure = write_failure(path, str(exc), exc, needed=len(data), written=[tmp])
     except BaseException:

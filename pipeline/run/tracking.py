@@ -115,6 +115,10 @@ def load_runs(records: Iterable[Mapping[str, Any]]) -> list[SceneRun]:
             log.warning("recorded run %s has no readable report.json or GeoPackage any more; left out of "
                         "the regional layers", run_dir)
             continue
+        if (changed := _changed_since_recorded(run_dir, gpkg, report)) is not None:
+            log.warning("recorded run %s: %s; left out of the regional layers (run its scene again)", run_dir,
+                        changed)
+            continue
         scene_id = str(report.get("scene_id") or rec.get("scene_id") or run_dir.parent.name)
         run = SceneRun(scene_id, night_of(report.get("acquisition_date")), run_dir, gpkg, report)
         key = (scene_id, json.dumps(report["grid"], sort_keys=True))
@@ -122,6 +126,27 @@ def load_runs(records: Iterable[Mapping[str, Any]]) -> list[SceneRun]:
         if key not in by_coverage or rank > by_coverage[key][0]:
             by_coverage[key] = (rank, run)
     return sorted((run for _, run in by_coverage.values()), key=lambda r: r.order)
+
+
+def _changed_since_recorded(run_dir: Path, gpkg: Path, report: Mapping[str, Any]) -> str | None:
+    """What the rebuild reads of a run that is no longer what its ``report.json`` records: the
+    GeoPackage (size and SHA-256: a few MB) and the probability raster (size: it can be large);
+    None when both are as recorded, or the report records no checksums."""
+    from pipeline.core.fsutil import file_record
+
+    recorded = report.get("output_files")
+    if not isinstance(recorded, Mapping):
+        return None
+    try:
+        rec = recorded.get(gpkg.name)
+        if isinstance(rec, Mapping) and file_record(gpkg) != {"bytes": rec.get("bytes"), "sha256": rec.get("sha256")}:
+            return f"{gpkg.name} is not what its report.json records"
+        prob = recorded.get("probability.tif")
+        if isinstance(prob, Mapping) and (run_dir / "probability.tif").stat().st_size != prob.get("bytes"):
+            return "probability.tif does not have the size its report.json records"
+    except OSError as exc:
+        return f"its outputs cannot be read ({exc.strerror or exc})"
+    return None
 
 
 def read_detections(run: SceneRun) -> gpd.GeoDataFrame:
