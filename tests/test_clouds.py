@@ -302,6 +302,16 @@ def test_missing_bands_are_an_error_when_asked_for_and_a_warning_with_auto(
     assert stack.mask.values.all()
 
 
+def test_validate_names_the_detectors_missing_bands(tmp_path: Path) -> None:
+    """``validate`` reports what the run would refuse: s2cloudless asked for on a scene without B10."""
+    from pipeline.run.validate import validate_scene
+
+    cfg = load_scene_config(write_l1c(tmp_path, size=60, skip=("B10",)))
+    assert not any("cloud_detector" in p for p in validate_scene(cfg, ["B04"]))
+    problems = validate_scene(with_mask(cfg, cloud_detector="s2cloudless"), ["B04"])
+    assert any("mask.cloud_detector: s2cloudless needs bands" in p and "lacks B10" in p for p in problems), problems
+
+
 def test_auto_warns_when_the_level_is_unknown(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = write_l1c(tmp_path, size=60, level=None)
     with caplog.at_level(logging.WARNING, logger="pipeline.stack.clouds"):

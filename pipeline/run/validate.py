@@ -19,11 +19,11 @@ from pipeline.core.errors import PipelineError
 from pipeline.io.dem import open_dem, open_slope
 from pipeline.io.raster_source import RasterSource
 from pipeline.io.sentinel2 import read_scene, verify_scene_files
+from pipeline.stack.clouds import scene_level, use_detector
 from pipeline.stack.layers import check_channels, resolve_channels
 from pipeline.stack.scene_grid import build_grid, check_overlap
 
 log = logging.getLogger(__name__)
-
 
 
 def validate_scene(cfg: SceneConfig, channels: Sequence[str] | None = None, *,
@@ -58,6 +58,8 @@ def validate_scene(cfg: SceneConfig, channels: Sequence[str] | None = None, *,
         return problems
     if names is not None:
         attempt(check_channels, names, scene)
+    # the cloud detector's bands and level, as the stack checks them (mask.cloud_detector)
+    attempt(use_detector, cfg.mask, scene, scene_level(scene, cfg.scene.level), str(cfg.source or ""))
     wanted = [n for n in (names or ()) if n in scene.bands and n in S2_BANDS]
     # the files a run reads, against the product's manifest.safe, as the run checks them (reads their
     # bytes, decodes no pixels)
