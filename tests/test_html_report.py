@@ -583,3 +583,12 @@ def test_region_report_in_a_browser(tmp_path: Path) -> None:
     # three footprints and the six merged polygons
     assert len(re.findall(r'<path[^>]*class="leaflet-interactive"', dom)) == 3 + 6
     assert "leaflet-control-layers" in dom
+
+
+def test_every_status_has_its_badge_style() -> None:
+    """Each status a region page can show has a coloured badge (white text on nothing otherwise)."""
+    from pipeline.report.region import STATUS_COLOURS
+
+    css = (Path(__file__).resolve().parents[1] / "pipeline" / "report" / "static" / "report.css").read_text()
+    for status, colour in STATUS_COLOURS.items():
+        assert f".status.{status} {{ background: {colour}; }}" in css, status
