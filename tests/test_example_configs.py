@@ -71,3 +71,21 @@ def test_fourteen_channel_model_is_refused_on_iburi_naming_the_missing_bands(sha
     assert DEFAULT_MODEL.is_file()
     problems = validate_scene(cfg, ["B01", "B02", "B03", "B04", "B05", "B08", "SLOPE", "DEM"])
     assert any("B01" in p and "B05" in p and "B08" in p for p in problems), problems
+
+
+def test_the_readmes_region_is_a_valid_region_config(tmp_path: Path) -> None:
+    """The region YAML the README shows (products found by the job) is one the job accepts."""
+    import re
+
+    from pipeline.core.configbase import validate_data
+    from pipeline.core.region_config import RegionConfig
+    from pipeline.core.yamlio import load_yaml
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## The nightly regional job"):]
+    block = re.search(r"```yaml\n(.*?)```", section, re.DOTALL)
+    assert block is not None
+    (tmp_path / "region.yaml").write_text(block.group(1))
+    cfg = validate_data(RegionConfig, load_yaml(tmp_path / "region.yaml"), tmp_path / "region.yaml")
+    assert cfg.products is not None and cfg.products.last_days == 10 and cfg.template is not None
+    assert cfg.dask.scheduler == "tcp://scheduler:8786"
