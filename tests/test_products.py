@@ -260,3 +260,23 @@ def test_a_night_runs_the_products_it_found_and_a_rerun_leaves_zips_packed(night
     zipped = next(again.outcomes[i] for i in range(len(again.outcomes)) if again.outcomes[i].config.endswith(".zip")
                   and again.outcomes[i].status == "skipped")
     assert zipped.scene_id in rows["skipped 2018-09-12"] and rows["skipped 2018-09-12"].endswith(".zip")
+
+
+def test_the_plan_lists_what_tonight_would_run_and_not_use(incoming: Path, tmp_path: Path) -> None:
+    from conftest import ROOT
+
+    inc = incoming / "incoming"
+    (tmp_path / "template.yaml").write_text("dem:\n  path: dem.tif\n")
+    (tmp_path / "region.yaml").write_text(
+        f"name: plan\ntemplate: template.yaml\nproducts:\n  paths: ['{inc}/S2*.SAFE']\n"
+        "  start: 2018-09-05\n  end: 2018-09-30\n  max_cloud_cover: 50\n"
+        f"output:\n  dir: {tmp_path / 'out'}\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "region", str(tmp_path / "region.yaml"), "--plan"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "region plan: products sensed 2018-09-05 to 2018-09-30 (UTC days)"
+    assert lines[1] == "would run 2 scene(s) and product(s), would not use 2"
+    assert [line.split()[0] for line in lines[2:4]] == ["run:", "run:"] and "2018-09-10 01:56" in lines[2]
+    assert any("cloud cover 80.0 % above max_cloud_cover 50 %" in line for line in lines[4:])
+    assert not (tmp_path / "out").exists()  # nothing run, nothing written

@@ -17,6 +17,9 @@ def add_region_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="region YAML file")
     parser.add_argument("--force", action="store_true", help="recompute scenes whose outputs already exist")
     parser.add_argument("--scheduler", help="address of an existing Dask scheduler (overrides dask.scheduler)")
+    parser.add_argument("--plan", action="store_true",
+                        help="list the scenes and products tonight's job would run, and the products it would "
+                        "not use with the reason; runs nothing")
     parser.add_argument("--status", action="store_true",
                         help="print the last job's table of scenes and products (status, reason, polygons) "
                         "and whether a job runs now; runs nothing")
@@ -26,6 +29,8 @@ def cli_region(args: argparse.Namespace) -> int:
     cfg = load_region_config(args.config)
     if args.status:
         return print_status(cfg)
+    if args.plan:
+        return print_plan(cfg)
     if args.scheduler:
         cfg = cfg.model_copy(update={"dask": cfg.dask.model_copy(update={"scheduler": args.scheduler})})
     t0 = time.perf_counter()
@@ -49,6 +54,27 @@ def cli_region(args: argparse.Namespace) -> int:
             return 0
         raise OutputError("no scenes were run")
     return 1 if result.failed else 0
+
+
+def print_plan(cfg: RegionConfig) -> int:
+    """Print what tonight's job would run and what it would not use (with the reasons)."""
+    import datetime as dt
+
+    from pipeline.run.region_products import night_work
+
+    today = dt.datetime.now(dt.UTC).date()
+    work, excluded = night_work(cfg, today)
+    if cfg.products is not None:
+        start, end = cfg.products.window(today)
+        print(f"region {cfg.name}: products sensed {start or 'any time'} to {end or 'now'} (UTC days)")
+    print(f"would run {len(work)} scene(s) and product(s), would not use {len(excluded)}")
+    for item in work:
+        product = item.product
+        when = f"  {product.sensing:%Y-%m-%d %H:%M}" if product is not None and product.sensing else ""
+        print(f"  run: {item.source}{when}")
+    for o in excluded:
+        print(f"  not used: {o.config}: {o.reason}")
+    return 0
 
 
 #: columns of ``--status``: heading, outcome key, width (None: the rest of the line)
