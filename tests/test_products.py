@@ -86,10 +86,15 @@ def incoming(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for jp2 in sorted(first.rglob("*_B0[234].jp2")):
         shutil.copy(jp2, bands / jp2.name)
     footprint = scene_summary(make_scene(SIZE, 1)).footprint_lonlat
-    b = {band: str(next(first.rglob(f"*_{band}.jp2"))) for band in ("B02", "B03", "B04")}
+    # every band of the day-10 product, under Earth Search's keys (B8A and B10 under their own names)
+    from pipeline.run.stac import EARTH_SEARCH_KEYS
+
+    key_of = {band: key for key, band in EARTH_SEARCH_KEYS.items()} | {"B8A": "B8A", "B10": "B10"}
+    b = {key_of[band]: str(next(first.rglob(f"*_{band}.jp2")))
+         for band in ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")}
     _stac(root / "items.json", [
         _item("S2B_MSIL1C_20180916T015651_N0510_R060_T54TWN_20180916T045350", 16,
-              {"blue": b["B02"], "green": b["B03"], "red": b["B04"]}, footprint),
+              b, footprint),
         _item("S2B_MSIL1C_20180917T015651_N0510_R060_T54TWN_20180917T045350", 17,
               {"B04": "https://example.invalid/B04.tif"}, footprint),
     ])
@@ -109,7 +114,8 @@ def test_products_are_found_and_skipped_with_their_reasons(incoming: Path) -> No
     assert [(p.kind, p.sensing.day) for p in kept] == [("safe", 10), ("safe_zip", 12), ("bands_dir", 15),
                                                        ("stac", 16)]
     assert kept[0].id.startswith("S2") and kept[0].level == "L1C" and kept[0].cloud_cover == 5.0
-    assert kept[3].bands.keys() == {"B02", "B03", "B04"} and kept[3].dn_offset == -1000.0
+    assert len(kept[3].bands) == 13 and kept[3].bands["B8A"].name.endswith("_B8A.jp2")
+    assert kept[3].bands["B04"].name.endswith("_B04.jp2") and kept[3].dn_offset == -1000.0
     assert kept[3].level == "L1C"
     reasons = {Path(s.source.split("#")[0]).name + ("#" + s.source.split("#")[1][-6:] if "#" in s.source else ""):
                s.reason for s in skipped}
@@ -205,7 +211,7 @@ def night(incoming: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     inc = incoming / "incoming"
     (root / "region.yaml").write_text(
         "name: night\ntemplate: template.yaml\n"
-        f"products:\n  paths: ['{inc}/S2*.SAFE', '{inc}/S2*.zip']\n"
+        f"products:\n  paths: ['{inc}/S2*.SAFE', '{inc}/S2*.zip']\n  stac: ['{incoming}/items.json']\n"
         "  start: 2018-09-05\n  end: 2018-09-30\n  max_cloud_cover: 50\n"
         f"output:\n  dir: {root / 'out'}\n  quicklook: false\n")
     return root / "region.yaml"
@@ -230,9 +236,12 @@ def test_a_night_runs_the_products_it_found_and_a_rerun_leaves_zips_packed(night
     result = run_region(cfg, client=client)
     statuses = sorted((o.status, (o.reason or "")[:18]) for o in result.outcomes)
     # the product elsewhere is used too: this region has no area of interest
-    assert statuses == [("completed", "")] * 3 + [("excluded", "cloud cover 80.0 %"),
-                                                  ("excluded", "sensed on 2018-09-"),
-                                                  ("excluded", "unreadable: " + str(cfg.source)[:6])], statuses
+    # and the STAC item whose assets are the day-10 product's band files, as a per-band scene
+    assert statuses == [("completed", "")] * 4 + [
+        ("excluded", "asset B04 is not a"), ("excluded", "cloud cover 80.0 %"), ("excluded", "sensed on 2018-09-"),
+        ("excluded", "unreadable: " + str(cfg.source)[:6])], statuses
+    stac = next(o for o in result.outcomes if "#" in o.config and o.status == "completed")
+    assert stac.scene_id.startswith("S2B_MSIL1C_20180916") and stac.n_polygons >= 1
     assert len(unpacked) == 1 and not any((cfg.output.dir / ".products" / "night").iterdir())
     state = json.loads(state_path(cfg).read_text())
     done = [o for o in state["scenes"].values() if o["status"] == "completed"]
@@ -242,7 +251,7 @@ def test_a_night_runs_the_products_it_found_and_a_rerun_leaves_zips_packed(night
     assert "cloud cover 80.0 % above max_cloud_cover 50 %" in page and "excluded" in page
 
     again = run_region(cfg, client=client)
-    assert sorted(o.status for o in again.outcomes if o.status != "excluded") == ["skipped"] * 3
+    assert sorted(o.status for o in again.outcomes if o.status != "excluded") == ["skipped"] * 4
     assert len(unpacked) == 1  # the zip's recorded run was still valid: not unpacked again
     assert [o.n_polygons for o in again.outcomes if o.status == "skipped"] == \
         [o.n_polygons for o in result.outcomes if o.status == "completed"]
@@ -254,7 +263,7 @@ def test_a_night_runs_the_products_it_found_and_a_rerun_leaves_zips_packed(night
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[3] == "scenes: 3 excluded, 3 skipped" and lines[4].split()[:3] == ["status", "sensed", "(UTC)"]
+    assert lines[3] == "scenes: 4 excluded, 4 skipped" and lines[4].split()[:3] == ["status", "sensed", "(UTC)"]
     rows = {line.split()[0] + " " + line.split()[1]: line for line in lines[5:]}
     assert rows["excluded 2018-09-11"].endswith("cloud cover 80.0 % above max_cloud_cover 50 %")
     zipped = next(again.outcomes[i] for i in range(len(again.outcomes)) if again.outcomes[i].config.endswith(".zip")
