@@ -81,12 +81,12 @@ def _command(region: Path) -> dict[str, float]:
             "worker_gib": max(mem.child_peaks.values(), default=0) / 2**30, "line": out.strip().splitlines()[0]}
 
 
-def jobs(size: int, per_night: int, work: Path) -> None:
+def jobs(size: int, per_night: int, work: Path, worker_counts: tuple[int, ...] = (1, 2)) -> None:
     incoming, dem = _products(work, size, per_night)
     print(f"\n{per_night} product(s) of {size} px per night, two nights; 2 threads in all; {time.strftime('%Y-%m-%d')}")
     print("| worker processes | command | wall time | peak RSS, process tree | largest worker |")
     print("|---|---|---|---|---|")
-    for workers in (1, 2):
+    for workers in worker_counts:
         shutil.rmtree(work / f"out_{workers}", ignore_errors=True)  # night 1 starts from nothing
         for what, day in (("night 1", NIGHTS[0]), ("night 2 (new products only)", NIGHTS[1]),
                           ("night 2 again (nothing to do)", NIGHTS[1])):
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("part", nargs="?", choices=("jobs", "merge", "both"), default="both")
     parser.add_argument("--size", type=int, default=10980, help="product side in 10 m pixels")
     parser.add_argument("--products", type=int, default=2, help="products per night")
+    parser.add_argument("--workers", default="1,2", help="local worker processes to compare (2 threads in all)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench_region",
                         help="work folder (the synthetic scene is kept there between runs)")
     args = parser.parse_args(argv)
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("merge", "both"):
         merge(args.work)
     if args.part in ("jobs", "both"):
-        jobs(args.size, args.products, args.work)
+        jobs(args.size, args.products, args.work, tuple(int(w) for w in args.workers.split(",")))
     return 0
 
 
