@@ -78,7 +78,7 @@ class RegionConfig(Strict):
     scenes_in_flight: int | Literal["auto"] = Field(
         "auto",
         description="scenes run at once (each scene's blocks use every worker; a second scene keeps them busy "
-        "while the first writes its outputs in the job's process, up to 1 GB there per scene in flight): a "
+        "while the first writes its outputs in the job's process, about 1.2 GB there per full-size scene in flight): a "
         "positive integer, or auto: half the cluster's worker processes, 1 to 4",
     )
     source: Path | None = Field(None, exclude=True)
