@@ -19,6 +19,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.core.configbase import (
     SCENE_ID_RULE,
+    PositiveOrAuto,
     RelPath,
     Strict,
     is_remote_path,
@@ -175,19 +176,12 @@ class ModelSection(Strict):
     weights: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(None, description="ensemble member weights")
     ensemble: Literal["mean", "vote"] = "mean"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    batch_size: int | Literal["auto"] = Field(
+    batch_size: PositiveOrAuto = Field(
         "auto", description="windows per forward pass (a positive integer), or auto: the device's policy")
     overlap: int = Field(32, ge=0, description="px shared by neighbouring windows; smaller than the model's tile size")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     tta: bool = False
     uncertainty: bool = False
-
-    @field_validator("batch_size")
-    @classmethod
-    def _positive_batch(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"must be a positive integer or 'auto', got {value}")
-        return value
 
     @property
     def paths(self) -> list[Path]:

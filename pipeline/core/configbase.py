@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo
 
@@ -23,6 +23,34 @@ def _relative_to_config(value: Path, info: ValidationInfo) -> Path:
 
 
 RelPath = Annotated[Path, AfterValidator(_relative_to_config)]
+
+
+def int_or_auto(minimum: int) -> Any:
+    """The type of a setting that is an integer of at least ``minimum`` or ``auto``."""
+    what = "a positive integer" if minimum == 1 else f"{minimum} or more,"
+
+    def check(value: int | str) -> int | str:
+        if isinstance(value, int) and value < minimum:
+            raise ValueError(f"must be {what} or 'auto', got {value}")
+        return value
+
+    return Annotated[int | Literal["auto"], AfterValidator(check)]
+
+
+#: a positive integer or ``auto``
+PositiveOrAuto = int_or_auto(1)
+#: 0 or more, or ``auto``
+CountOrAuto = int_or_auto(0)
+
+
+def has_glob(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` holds a glob pattern (``*``, ``?``, ``[``)."""
+    return any(ch in os.fspath(path) for ch in "*?[")
+
+
+def glob_matches(pattern: Path) -> list[Path]:
+    """The paths matching the absolute ``pattern``, sorted."""
+    return sorted(Path(pattern.anchor).glob(str(pattern.relative_to(pattern.anchor))))
 
 
 def is_remote_path(text: str | os.PathLike[str]) -> bool:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from pipeline.core.config import AoiSection, DaskSection, OutputSection
-from pipeline.core.configbase import RelPath, Strict, load_strict
+from pipeline.core.configbase import PositiveOrAuto, RelPath, Strict, glob_matches, has_glob, load_strict
 from pipeline.core.errors import ConfigError
 
 
@@ -75,20 +74,13 @@ class RegionConfig(Strict):
     output: OutputSection = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
     dask: DaskSection = DaskSection()
     retries: int = Field(1, ge=0)
-    scenes_in_flight: int | Literal["auto"] = Field(
+    scenes_in_flight: PositiveOrAuto = Field(
         "auto",
         description="scenes run at once (each scene's blocks use every worker; a second scene keeps them busy "
         "while the first writes its outputs in the job's process, about 1.2 GB there per full-size scene in flight): a "
         "positive integer, or auto: half the cluster's worker processes, 1 to 4",
     )
     source: Path | None = Field(None, exclude=True)
-
-    @field_validator("scenes_in_flight")
-    @classmethod
-    def _positive(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"must be a positive integer or 'auto', got {value}")
-        return value
 
     @model_validator(mode="after")
     def _work(self) -> RegionConfig:
@@ -108,8 +100,8 @@ def load_region_config(path: Path) -> RegionConfig:
         load_template(cfg.template, path)
     expanded: list[Path] = []
     for p in cfg.scenes:
-        if any(ch in str(p) for ch in "*?["):
-            matches = sorted(Path(p.anchor).glob(str(p.relative_to(p.anchor))))
+        if has_glob(p):
+            matches = glob_matches(p)
             if not matches:
                 raise ConfigError(f"{path}: scenes: pattern {p} matches no file")
             expanded += matches

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.configbase import scene_id_from_name
+from pipeline.core.configbase import glob_matches, has_glob, scene_id_from_name
 from pipeline.core.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -123,10 +123,9 @@ def skip_reason(product: Product, filters: Filters) -> str | None:
 
 
 def _glob(pattern: Path) -> list[Path]:
-    text = str(pattern)
-    if not any(ch in text for ch in "*?["):
+    if not has_glob(pattern):
         return [pattern] if pattern.exists() else []
-    return sorted(Path(pattern.anchor).glob(str(pattern.relative_to(pattern.anchor))))
+    return glob_matches(pattern)
 
 
 # -- one product on disk ------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import SceneConfig, load_scene_config
-from pipeline.core.errors import DiskFull, FileSizeLimit, OutputError, PipelineError
+from pipeline.core.errors import DiskFull, OutputError, PipelineError
 from pipeline.core.region_config import RegionConfig
 from pipeline.run.products import Product
 
@@ -51,13 +51,19 @@ class RegionBusy(OutputError):
     """Another job of the same region is running in the same output folder."""
 
 
+def _lock_path(cfg: RegionConfig) -> Path:
+    """The region's lock file in its output folder."""
+    from pipeline.run.folder import safe_name
+
+    return cfg.output.dir / f".{safe_name(cfg.name)}.region.lock"
+
+
 @contextmanager
 def region_lock(cfg: RegionConfig) -> Iterator[None]:
     """Hold the region's lock for the job; a second job of the same region refuses clearly."""
     from pipeline.core import fsutil
-    from pipeline.run.folder import safe_name
 
-    path = cfg.output.dir / f".{safe_name(cfg.name)}.region.lock"
+    path = _lock_path(cfg)
     try:
         fd = fsutil.acquire_lock(path)
     except fsutil.LockHeld:
@@ -77,9 +83,8 @@ def region_lock(cfg: RegionConfig) -> Iterator[None]:
 def region_running(cfg: RegionConfig) -> bool:
     """True while a job of the region holds its lock in its output folder."""
     from pipeline.core import fsutil
-    from pipeline.run.folder import safe_name
 
-    path = cfg.output.dir / f".{safe_name(cfg.name)}.region.lock"
+    path = _lock_path(cfg)
     if not path.exists():
         return False
     try:
@@ -235,7 +240,6 @@ def _attempt_scene(scene: Callable[[], AbstractContextManager[SceneConfig]], sou
     (``cfg.retries``); never raises for the scene's failure."""
     from pipeline.run.scene import run_scene
 
-    scene_yaml = source
     outcome = SceneOutcome(config=source, status="failed", started=dt.datetime.now(dt.UTC).isoformat())
     t0 = time.perf_counter()
     for attempt in range(cfg.retries + 1):
@@ -245,20 +249,20 @@ def _attempt_scene(scene: Callable[[], AbstractContextManager[SceneConfig]], sou
                 res = run_scene(scene_cfg, force=force, client=client)
         except PipelineError as exc:  # bad input: retrying does not help, but for transient failures
             outcome.error = str(exc)
-            if isinstance(exc, (DiskFull, FileSizeLimit)):  # every later scene would meet it too
+            if isinstance(exc, DiskFull):  # (a file size limit too) every later scene would meet it
                 outcome.seconds = round(time.perf_counter() - t0, 3)
                 raise NightStopped(outcome, exc) from None
             if getattr(exc, "transient", False) and attempt < cfg.retries:
-                log.warning("%s %s failed (%s); retrying", tag, scene_yaml, exc)
+                log.warning("%s %s failed (%s); retrying", tag, source, exc)
                 continue
-            log.error("%s %s failed: %s", tag, scene_yaml, exc)
+            log.error("%s %s failed: %s", tag, source, exc)
             break
         except Exception as exc:  # noqa: BLE001 - one scene must not stop the night
             outcome.error = f"{type(exc).__name__}: {exc}"
             if attempt < cfg.retries:
-                log.warning("%s %s failed (%s); retrying", tag, scene_yaml, outcome.error)
+                log.warning("%s %s failed (%s); retrying", tag, source, outcome.error)
                 continue
-            log.error("%s %s failed after %d attempt(s): %s", tag, scene_yaml, attempt + 1, outcome.error)
+            log.error("%s %s failed after %d attempt(s): %s", tag, source, attempt + 1, outcome.error)
             break
         else:
             outcome.status = res.status

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipeline.core.channels import L4S_CHANNELS, canonical
-from pipeline.core.configbase import RelPath, Strict
+from pipeline.core.configbase import CountOrAuto, RelPath, Strict
 from pipeline.core.errors import ConfigError
 from pipeline.core.yamlio import line_of, load_yaml
 from pipeline.training.augmentation import AugmentConfig, RadiometricConfig
@@ -155,19 +155,12 @@ class TrainConfig(Strict):
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: bool = Field(False, description="mixed precision on CUDA")
-    num_workers: int | Literal["auto"] = Field(
+    num_workers: CountOrAuto = Field(
         "auto",
         description="data loader processes: auto = none on the CPU (the patches are held in memory), up to 4 "
         "on a GPU so that augmentation keeps up with it; 0 = in the training process",
     )
     output: OutputSection
-
-    @field_validator("num_workers")
-    @classmethod
-    def _workers(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 0:
-            raise ValueError(f"must be 0 or more, or 'auto', got {value}")
-        return value
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
