@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import html
 import json
 import shutil
 import stat
@@ -15,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import rasterio
 
 from pipeline.core.errors import ConfigError, InputError
 from pipeline.core.region_config import load_region_config
@@ -289,3 +291,20 @@ def test_the_plan_lists_what_tonight_would_run_and_not_use(incoming: Path, tmp_p
     assert [line.split()[0] for line in lines[2:4]] == ["run:", "run:"] and "2018-09-10 01:56" in lines[2]
     assert any("cloud cover 80.0 % above max_cloud_cover 50 %" in line for line in lines[4:])
     assert not (tmp_path / "out").exists()  # nothing run, nothing written
+
+
+def test_a_band_folders_footprint_is_read_only_from_allowed_files(incoming: Path, tmp_path: Path) -> None:
+    """Finding products opens band files as the run does (the input allow-list): a GDAL VRT
+    disguised as a band file is not opened to describe the folder."""
+    real = next((incoming / "incoming" / "S2_20180915_L1C_bands").glob("*_B02.jp2"))
+    assert describe_path(real.parent).footprint is not None
+    folder = tmp_path / "S2_20180915_L1C_vrt"
+    folder.mkdir()
+    with rasterio.open(real) as src:  # a VRT GDAL would open with its georeferencing
+        width, height, wkt, gt = src.width, src.height, src.crs.to_wkt(), src.transform.to_gdal()
+    (folder / "T54TWN_20180915T015651_B02.tif").write_text(
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{html.escape(wkt)}</SRS>'
+        f'<GeoTransform>{", ".join(map(repr, gt))}</GeoTransform><VRTRasterBand dataType="UInt16" band="1">'
+        f'<SimpleSource><SourceFilename relativeToVRT="0">{real}</SourceFilename><SourceBand>1</SourceBand>'
+        "</SimpleSource></VRTRasterBand></VRTDataset>")
+    assert describe_path(folder).footprint is None

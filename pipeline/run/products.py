@@ -209,15 +209,14 @@ def _band_folder(path: Path) -> Product:
 
 
 def raster_footprint(path: Path) -> Any:
-    """The bounds of a raster file as a lon/lat polygon; None when they cannot be read."""
-    import rasterio
+    """The bounds of a band file as a lon/lat polygon, opened as the run opens inputs (the input
+    allow-list, metadata only); None when it cannot be used (the run then says why)."""
     import shapely
-    from rasterio.warp import transform_bounds
+    from rasterio.crs import CRS
+
+    from pipeline.io.raster_source import open_raster
 
     try:
-        with rasterio.open(path) as src:
-            if src.crs is None:
-                return None
-            return shapely.box(*transform_bounds(src.crs, "EPSG:4326", *src.bounds, densify_pts=21))
-    except Exception:  # noqa: BLE001 - the run reads the files and reports what is wrong with them
+        return shapely.box(*open_raster(path, "band file").bounds_in(CRS.from_epsg(4326)))
+    except (InputError, ValueError):
         return None
